@@ -1,0 +1,1 @@
+"""Input pipelines, demo data, degradations and modality extraction."""

@@ -1,0 +1,1 @@
+"""Flax (Linen) model definitions."""
