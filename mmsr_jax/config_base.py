@@ -1,0 +1,105 @@
+"""The full set of configuration fields, with defaults; ``configs/*.py`` start from here.
+
+Every field a run can read is declared here, so ``--config.some.field=value`` on the command line
+is checked against this tree (a field that does not exist is an error before anything starts).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 16  # global batch, split over all devices
+  c.num_train_steps = 1000
+  c.log_every = 25
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3
+  c.compute_dtype = "float32"  # "bfloat16" on accelerators; master weights stay float32
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: all devices on the data axis
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.lr = 1e-4
+  c.optimizer.warmup_steps = 100
+  c.optimizer.decay = "cosine"  # "cosine" or "constant" after warm-up
+  c.optimizer.final_lr_fraction = 0.1
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.grad_clip = 1.0
+  c.optimizer.ema_decay = 0.9999
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "demo"
+  c.data.hr_size = 512  # training crop (HR pixels)
+  c.data.scale = 4
+  c.data.map_size = 256  # modality maps fed to the VQ tokenizer
+  c.data.eval_size = 512
+  c.data.num_workers = 0
+
+  c.text = ml_collections.ConfigDict()
+  c.text.tokenizer = "byte"  # "byte" or a local folder / hub id of a transformers tokenizer
+  c.text.max_length = 77
+  c.text.params = ""  # frozen text-encoder weights (safetensors from mmsr_jax.convert); "" = random
+  c.text.encoder = ml_collections.ConfigDict(dict(
+      vocab_size=259, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+      relative_attention_num_buckets=32, relative_attention_max_distance=128,
+      layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu"))
+
+  c.vq = ml_collections.ConfigDict()
+  c.vq.params = ""  # frozen VQGAN weights; "" = random (a trained tokenizer replaces it)
+  c.vq.arch = ml_collections.ConfigDict(dict(
+      in_channels=3, out_channels=3, block_out_channels=(128, 128, 256, 256, 512),
+      layers_per_block=2, latent_channels=256, num_vq_embeddings=1024, vq_embed_dim=256,
+      norm_num_groups=32))
+
+  c.autoencoder = ml_collections.ConfigDict()
+  c.autoencoder.kind = "vae"  # "pixel" (space-to-depth) or "vae" (SD-compatible KL-f8)
+  c.autoencoder.factor = 8
+  c.autoencoder.scaling_factor = 0.18215
+  c.autoencoder.params = ""
+
+  c.model = ml_collections.ConfigDict()
+  c.model.width = 1024
+  c.model.depth = 24
+  c.model.num_heads = 16
+  c.model.patch_size = 2
+  c.model.mlp_ratio = 4.0
+  c.model.remat = False
+  c.model.context_latents = 128
+  c.model.context_depth = 2
+  c.model.context_heads = 16
+  c.model.init_from = ""  # converted PixArt weights to start from
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.num_timesteps = 1000
+  c.diffusion.schedule = "scaled_linear"
+  c.diffusion.beta_start = 0.00085
+  c.diffusion.beta_end = 0.012
+  c.diffusion.prediction = "epsilon"
+  c.diffusion.rescale_zero_snr = False
+  c.diffusion.min_snr_gamma = 0.0  # 0 disables min-SNR weighting
+
+  c.cond_dropout = ml_collections.ConfigDict()
+  c.cond_dropout.modality = 0.1  # each spatial modality -> null block, independently
+  c.cond_dropout.text = 0.1  # caption -> empty caption
+
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.steps = 50
+  c.sampling.eta = 0.0
+  c.sampling.spacing = "leading"
+  c.sampling.guidance = "mcfg"
+  c.sampling.scale = 2.0
+  c.sampling.negative_prompt = ""
+  c.sampling.clip_x0 = 0.0  # > 0 clips predicted x0 (pixel autoencoder only)
+  c.sampling.seed = 0
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.steps = 50
+  c.eval.scale = 0.0  # guidance scale for the held-out report (0 = conditional only)
+  c.eval.val_batches = 4  # noise draws per held-out example for val_loss
+  return c

@@ -1,0 +1,184 @@
+"""Discrete-time diffusion: schedules, the training loss and the jitted DDIM sampler.
+
+Conventions (as in DDPM/DDIM and diffusers): ``T`` discrete steps ``t = 0 .. T-1``,
+``alpha_bar[t]`` the cumulative product of ``1 - beta``; ``x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps``.
+The model predicts ``eps`` or ``v = sqrt(ab) eps - sqrt(1 - ab) x_0``.
+
+Guidance (the three modes of MMSR; ``w`` the guidance scale, ``c`` the LR latent, ``m`` the
+modalities, ``m0`` the null modality blocks, ``pos``/``neg`` the caption / negative prompt,
+``null`` the empty caption)::
+
+  eps = (1 + w) * eps(z_t, c, pos, m) - w * eps(z_t, c, NEG)
+  cfg:    NEG = (null, m0)     -- only null text and null modalities
+  m0cfg:  NEG = (neg,  m0)     -- the negative prompt with null modalities
+  mcfg:   NEG = (neg,  m)      -- modalities kept in both branches, only the text changes
+
+With ``w = 0`` every mode is the plain conditional prediction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+GUIDANCE_MODES = ("cfg", "m0cfg", "mcfg")
+
+
+def make_betas(schedule: str, num_timesteps: int, beta_start: float = 0.00085,
+               beta_end: float = 0.012) -> np.ndarray:
+  """Beta schedules: ``scaled_linear`` (Stable Diffusion / PixArt), ``linear``, ``cosine``."""
+  if schedule == "scaled_linear":
+    return np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_timesteps, dtype=np.float64) ** 2
+  if schedule == "linear":
+    return np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
+  if schedule == "cosine":  # Nichol & Dhariwal, s = 0.008, betas capped at 0.999
+    f = lambda t: np.cos((t / num_timesteps + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731
+    t = np.arange(num_timesteps, dtype=np.float64)
+    return np.minimum(1 - f(t + 1) / f(t), 0.999)
+  raise ValueError(f"config.diffusion.schedule={schedule!r}: expected scaled_linear, linear or "
+                   "cosine")
+
+
+def rescale_zero_terminal_snr(alphas_cumprod: np.ndarray) -> np.ndarray:
+  """Shifts and scales sqrt(alpha_bar) so that the last step has SNR exactly 0 (Lin et al.)."""
+  s = np.sqrt(alphas_cumprod)
+  s0, s_last = s[0], s[-1]
+  s = (s - s_last) * s0 / (s0 - s_last)
+  return s ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """The fixed quantities of one noise schedule (a static, hashable object)."""
+
+  alphas_cumprod: tuple[float, ...]
+  prediction: str = "epsilon"
+
+  @classmethod
+  def from_config(cls, cfg) -> "Schedule":
+    betas = make_betas(cfg.schedule, cfg.num_timesteps, cfg.beta_start, cfg.beta_end)
+    ab = np.cumprod(1.0 - betas)
+    if cfg.rescale_zero_snr:
+      ab = rescale_zero_terminal_snr(ab)
+    if cfg.prediction not in ("epsilon", "v"):
+      raise ValueError(f"config.diffusion.prediction={cfg.prediction!r}: expected epsilon or v")
+    return cls(tuple(float(a) for a in ab), cfg.prediction)
+
+  @property
+  def num_timesteps(self) -> int:
+    return len(self.alphas_cumprod)
+
+  def ab(self, t):
+    return jnp.asarray(self.alphas_cumprod, jnp.float32)[t]
+
+  def add_noise(self, x0, noise, t):
+    ab = self.ab(t).reshape(-1, *([1] * (x0.ndim - 1)))
+    return jnp.sqrt(ab) * x0 + jnp.sqrt(1 - ab) * noise
+
+  def target(self, x0, noise, t):
+    if self.prediction == "epsilon":
+      return noise
+    ab = self.ab(t).reshape(-1, *([1] * (x0.ndim - 1)))
+    return jnp.sqrt(ab) * noise - jnp.sqrt(1 - ab) * x0
+
+  def to_x0_eps(self, model_out, x_t, t):
+    """Converts a model output at ``x_t`` into the implied ``(x0, eps)`` pair."""
+    ab = self.ab(t).reshape(-1, *([1] * (x_t.ndim - 1)))
+    a, s = jnp.sqrt(ab), jnp.sqrt(1 - ab)
+    if self.prediction == "epsilon":
+      eps = model_out
+      return (x_t - s * eps) / a, eps
+    x0 = a * x_t - s * model_out
+    return x0, s * x_t + a * model_out
+
+
+def diffusion_loss(schedule: Schedule, apply_fn: Callable, x0, rng, *,
+                   min_snr_gamma: float | None = None, t=None):
+  """Mean-squared error of the prediction at a random timestep (per-example weighted mean).
+
+  ``apply_fn(x_t, t) -> prediction``. ``min_snr_gamma`` enables min-SNR-gamma weighting
+  (Hang et al.), expressed for the configured prediction type. Returns ``(loss, per_example)``.
+  """
+  rng_t, rng_n = jax.random.split(rng)
+  b = x0.shape[0]
+  if t is None:
+    t = jax.random.randint(rng_t, (b,), 0, schedule.num_timesteps)
+  noise = jax.random.normal(rng_n, x0.shape, jnp.float32)
+  x_t = schedule.add_noise(x0, noise, t)
+  pred = apply_fn(x_t, t)
+  per_example = jnp.mean(jnp.square(pred - schedule.target(x0, noise, t)),
+                         axis=tuple(range(1, x0.ndim)))
+  if min_snr_gamma is not None:
+    ab = schedule.ab(t)
+    snr = ab / (1 - ab)
+    clipped = jnp.minimum(snr, min_snr_gamma)
+    weight = clipped / snr if schedule.prediction == "epsilon" else clipped / (snr + 1)
+    per_example = per_example * weight
+  return jnp.mean(per_example), per_example
+
+
+def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "leading") -> np.ndarray:
+  """Descending DDIM timesteps. ``leading`` as Stable Diffusion (offset 1), ``trailing`` ends at T-1
+  (use it with zero-terminal-SNR schedules)."""
+  if not 1 <= steps <= num_timesteps:
+    raise ValueError(f"sampling steps={steps}: expected 1..{num_timesteps}")
+  if spacing == "leading":
+    ratio = num_timesteps // steps
+    ts = np.arange(steps) * ratio + 1
+  elif spacing == "trailing":
+    ts = np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)).astype(np.int64)[::-1] - 1
+  else:
+    raise ValueError(f"timestep spacing {spacing!r}: expected leading or trailing")
+  return np.minimum(ts, num_timesteps - 1)[::-1].astype(np.int32)
+
+
+def guided_prediction(model_out_pos, model_out_neg, scale):
+  """The guidance combination shared by the three modes: ``(1 + w) pos - w neg``."""
+  return (1.0 + scale) * model_out_pos - scale * model_out_neg
+
+
+def ddim_sample(schedule: Schedule, denoise: Callable, x_T, rng, *, steps: int,
+                eta: float | jax.Array = 0.0, scale: float | jax.Array = 0.0,
+                guided: bool = True, spacing: str = "leading", clip_x0: float | None = None):
+  """DDIM from ``x_T``; the whole loop is one ``lax.fori_loop`` (call it inside ``jax.jit``).
+
+  Args:
+    denoise: ``denoise(x, t) -> model output``. With ``guided=True`` it receives the positive and
+      negative branches stacked along the batch (``[2B, ...]``, positive first) in one call,
+      and the two halves are combined with :func:`guided_prediction`.
+    x_T: initial noise ``[B, ...]``.
+    eta: DDIM stochasticity (0 = deterministic DDIM, 1 = DDPM-like).
+    scale: the guidance scale ``w``; traced, so changing it does not recompile.
+    clip_x0: clip the predicted ``x0`` to ``[-clip_x0, clip_x0]`` (pixel-space models).
+  """
+  ts_np = ddim_timesteps(schedule.num_timesteps, steps, spacing)
+  ts = jnp.asarray(ts_np)
+  ts_prev = jnp.asarray(np.append(ts_np[1:], -1).astype(np.int32))  # -1: alpha_bar = 1 (x_0)
+  ab_all = jnp.asarray(schedule.alphas_cumprod, jnp.float32)
+  b = x_T.shape[0]
+
+  def body(i, x):
+    t = ts[i]
+    t_prev = ts_prev[i]
+    ab_t = ab_all[t]
+    ab_prev = jnp.where(t_prev >= 0, ab_all[jnp.maximum(t_prev, 0)], 1.0)
+    tb = jnp.full((b,), t, jnp.int32)
+    if guided:
+      out = denoise(jnp.concatenate([x, x]), jnp.concatenate([tb, tb]))
+      out = guided_prediction(out[:b], out[b:], scale)
+    else:
+      out = denoise(x, tb)
+    x0, eps = schedule.to_x0_eps(out, x, tb)
+    if clip_x0 is not None:
+      x0 = jnp.clip(x0, -clip_x0, clip_x0)
+      eps = (x - jnp.sqrt(ab_t) * x0) / jnp.sqrt(1 - ab_t)
+    sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab_t)) * jnp.sqrt(1 - ab_t / ab_prev)
+    noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
+    dir_xt = jnp.sqrt(jnp.maximum(1 - ab_prev - sigma ** 2, 0.0)) * eps
+    return jnp.sqrt(ab_prev) * x0 + dir_xt + sigma * noise
+
+  return jax.lax.fori_loop(0, steps, body, x_T)

@@ -1,0 +1,120 @@
+"""Multimodal context: modality tokens and the Multimodal Latent Connector (MMLC).
+
+Context groups, in this order everywhere (temperatures, switches, token layout):
+``text``, then the spatial modalities ``depth``, ``seg``, ``edge``.
+
+* text: frozen text-encoder states, projected to the model width (PixArt caption projection);
+* each spatial modality: its VQ token ids -> a learned code embedding + a per-modality type
+  embedding + a fixed 2D sin-cos position embedding. A learned **null block** (one vector per
+  token position) replaces the whole block where the modality is missing, dropped in training or
+  switched off at sampling;
+* the MMLC: ``num_latents`` learned latent tokens pass through blocks of
+  cross-attention (to the concatenated context) -> self-attention -> MLP. Its output is the DiT's
+  cross-attention context, so the denoiser's cost does not grow with the number of context tokens.
+
+Per-modality temperature scales the *keys* of that group's tokens in every MMLC cross-attention:
+``K* = K / delta`` (``delta < 1`` sharpens attention on that group, ``delta = 1`` is the identity).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmsr_jax.models import layers
+
+SPATIAL_MODALITIES = ("depth", "seg", "edge")
+CONTEXT_GROUPS = ("text",) + SPATIAL_MODALITIES
+
+
+class ConnectorBlock(nn.Module):
+  """Latents cross-attend to the context, then self-attend, then an MLP (pre-norm residuals)."""
+
+  width: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, latents, context, context_mask, key_scale):
+    ln = lambda name: layers.layer_norm(name, dtype=self.dtype)  # noqa: E731
+    attn = lambda name: layers.Attention(self.width, self.num_heads, self.dtype, name=name)  # noqa: E731
+    latents = latents + attn("cross_attn")(ln("norm_cross")(latents), context,
+                                           mask=context_mask, key_scale=key_scale)
+    latents = latents + attn("self_attn")(ln("norm_self")(latents))
+    hidden = int(self.width * self.mlp_ratio)
+    return latents + layers.Mlp(self.width, hidden, self.dtype, name="mlp")(ln("norm_mlp")(latents))
+
+
+class MultimodalContext(nn.Module):
+  """Builds the 845-token (for the paper's sizes) multimodal context and compresses it to latents."""
+
+  width: int
+  codebook_size: int
+  token_grid: tuple[int, int]  # VQ ids per map, (h, w)
+  num_latents: int = 128
+  depth: int = 2
+  num_heads: int = 8
+  mlp_ratio: float = 4.0
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, text_states, text_mask, ids, present, temperature=None):
+    """Returns the ``[B, num_latents, width]`` context.
+
+    Args:
+      text_states: ``[B, L, D_text]`` frozen text-encoder states.
+      text_mask: ``[B, L]``, 1 for real tokens.
+      ids: ``[B, 3, h, w]`` int VQ ids of depth, seg, edge.
+      present: ``[B, 3]`` bool; False selects the modality's null block.
+      temperature: ``None`` or ``[B, 4]`` per-group temperature (text, depth, seg, edge).
+    """
+    b = text_states.shape[0]
+    gh, gw = self.token_grid
+    if ids.shape[1:] != (len(SPATIAL_MODALITIES), gh, gw):
+      raise ValueError(f"modality ids have shape {ids.shape}, expected [B, 3, {gh}, {gw}]")
+    n = gh * gw
+    type_embed = layers.param_with_axes(
+        self, "type_embed", nn.initializers.normal(0.02), (len(CONTEXT_GROUPS), self.width),
+        (None, "embed"))
+
+    # Text: PixArt-style caption projection (Linear -> GELU(tanh) -> Linear).
+    txt = layers.dense(self.width, (None, "embed"), name="caption_projection_1",
+                       dtype=self.dtype)(text_states.astype(self.dtype))
+    txt = nn.gelu(txt, approximate=True)
+    txt = layers.dense(self.width, ("embed", "embed_out"), name="caption_projection_2",
+                       dtype=self.dtype)(txt)
+    blocks = [txt + type_embed[0]]
+    masks = [text_mask.astype(bool)]
+
+    pos = jnp.asarray(layers.sincos_2d(self.width, gh, gw), self.dtype)
+    for m, name in enumerate(SPATIAL_MODALITIES):
+      embed = nn.Embed(
+          self.codebook_size, self.width, name=f"{name}_embed", dtype=self.dtype,
+          embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                      ("vocab", "embed")))
+      tok = embed(ids[:, m].reshape(b, n)) + type_embed[1 + m] + pos[None]
+      null = layers.param_with_axes(self, f"{name}_null", nn.initializers.normal(0.02),
+                                    (n, self.width), ("tokens", "embed"))
+      tok = jnp.where(present[:, m, None, None], tok, null[None].astype(self.dtype))
+      blocks.append(tok)
+      masks.append(jnp.ones((b, n), bool))
+    context = jnp.concatenate(blocks, axis=1)
+    context_mask = jnp.concatenate(masks, axis=1)
+
+    key_scale = None
+    if temperature is not None:
+      sizes = [text_states.shape[1]] + [n] * len(SPATIAL_MODALITIES)
+      key_scale = jnp.concatenate(
+          [jnp.broadcast_to(1.0 / temperature[:, g, None], (b, s)) for g, s in enumerate(sizes)],
+          axis=1)
+
+    context = layers.layer_norm("context_norm", dtype=self.dtype)(context)
+    latents = layers.param_with_axes(self, "latents", nn.initializers.normal(0.02),
+                                     (self.num_latents, self.width), ("latents", "embed"))
+    x = jnp.broadcast_to(latents[None].astype(self.dtype), (b, self.num_latents, self.width))
+    for i in range(self.depth):
+      x = ConnectorBlock(self.width, self.num_heads, self.mlp_ratio, self.dtype,
+                         name=f"blocks_{i}")(x, context, context_mask, key_scale)
+    return layers.layer_norm("norm_out", dtype=self.dtype)(x)

@@ -1,0 +1,121 @@
+"""PixArt-alpha style diffusion transformer (the SR denoiser).
+
+Input: the noisy latent concatenated with the LR latent along channels, ``[B, H, W, C_in]``.
+Structure (the PixArt-alpha design, diffusers ``PixArtTransformer2DModel``):
+
+* patch embedding (a ``p x p`` stride-``p`` convolution) plus a fixed 2D sin-cos position table;
+* **adaLN-single**: one timestep MLP produces six modulation vectors shared by all blocks, and each
+  block adds its own learned ``scale_shift_table`` (``[6, D]``) to them;
+* each block: modulated LayerNorm -> self-attention (gated), cross-attention to the context
+  (no norm, ungated), modulated LayerNorm -> GELU MLP (gated);
+* final layer: LayerNorm modulated by the timestep embedding and a ``[2, D]`` table, a linear
+  projection to ``p * p * C_out`` and unpatchify.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmsr_jax.models import layers
+
+
+class TimestepEmbedder(nn.Module):
+  """Sinusoidal features (256) -> Linear -> SiLU -> Linear (diffusers ``TimestepEmbedding``)."""
+
+  width: int
+  freq_dim: int = 256
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, t):
+    x = layers.timestep_sinusoids(t, self.freq_dim).astype(self.dtype)
+    x = layers.dense(self.width, (None, "embed"), name="linear_1", dtype=self.dtype)(x)
+    x = nn.silu(x)
+    return layers.dense(self.width, ("embed", "embed_out"), name="linear_2", dtype=self.dtype)(x)
+
+
+class DiTBlock(nn.Module):
+  """One PixArt block with adaLN-single modulation."""
+
+  width: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, t_mod, context, context_mask=None):
+    table = layers.param_with_axes(
+        self, "scale_shift_table",
+        lambda key, shape: jax.random.normal(key, shape) / self.width ** 0.5,
+        (6, self.width), (None, "embed"))
+    mod = table[None].astype(self.dtype) + t_mod.reshape(-1, 6, self.width)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = [
+        mod[:, i][:, None] for i in range(6)]
+
+    norm = lambda name: layers.layer_norm(name, affine=False, dtype=self.dtype)  # noqa: E731
+    h = norm("norm1")(x) * (1 + scale_msa) + shift_msa
+    x = x + gate_msa * layers.Attention(self.width, self.num_heads, self.dtype, name="attn1")(h)
+    x = x + layers.Attention(self.width, self.num_heads, self.dtype, name="attn2")(
+        x, context, mask=context_mask)
+    h = norm("norm2")(x) * (1 + scale_mlp) + shift_mlp
+    hidden = int(self.width * self.mlp_ratio)
+    return x + gate_mlp * layers.Mlp(self.width, hidden, self.dtype, name="ff")(h)
+
+
+class DiT(nn.Module):
+  """The denoiser. ``__call__(x, t, context) -> prediction`` with the same H, W as ``x``."""
+
+  out_channels: int
+  width: int
+  depth: int
+  num_heads: int
+  patch_size: int = 2
+  mlp_ratio: float = 4.0
+  pos_base_size: int | None = None  # training grid (tokens per side); None = integer positions
+  pos_interpolation_scale: float = 1.0
+  remat: bool = False
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, t, context, context_mask=None):
+    b, h, w, _ = x.shape
+    p = self.patch_size
+    if h % p or w % p:
+      raise ValueError(f"DiT input {h}x{w} is not divisible by patch_size={p}")
+    gh, gw = h // p, w // p
+
+    tokens = nn.Conv(
+        self.width, (p, p), strides=(p, p), padding="VALID", name="patch_embed", dtype=self.dtype,
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.xavier_uniform(), (None, None, "conv_in", "embed")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+    )(x.astype(self.dtype))
+    pos = layers.sincos_2d(self.width, gh, gw, self.pos_base_size, self.pos_interpolation_scale)
+    tokens = tokens.reshape(b, gh * gw, self.width) + jnp.asarray(pos, self.dtype)[None]
+
+    # adaLN-single: one shared projection of the timestep embedding to six modulations.
+    t_emb = TimestepEmbedder(self.width, dtype=self.dtype, name="timestep_embedder")(t)
+    t_mod = layers.dense(6 * self.width, ("embed", "embed_out"), name="adaln_single",
+                         dtype=self.dtype, kernel_init=nn.initializers.zeros)(nn.silu(t_emb))
+
+    context = context.astype(self.dtype)
+    block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
+    for i in range(self.depth):
+      tokens = block_cls(self.width, self.num_heads, self.mlp_ratio, self.dtype,
+                         name=f"blocks_{i}")(tokens, t_mod, context, context_mask)
+
+    table = layers.param_with_axes(
+        self, "scale_shift_table",
+        lambda key, shape: jax.random.normal(key, shape) / self.width ** 0.5,
+        (2, self.width), (None, "embed"))
+    mod = table[None].astype(self.dtype) + t_emb[:, None]  # [B, 2, D]
+    shift, scale = mod[:, 0:1], mod[:, 1:2]
+    tokens = layers.layer_norm("norm_out", affine=False, dtype=self.dtype)(tokens)
+    tokens = tokens * (1 + scale) + shift
+    out = layers.dense(p * p * self.out_channels, ("embed", "conv_out"), name="proj_out",
+                       dtype=self.dtype, kernel_init=nn.initializers.zeros)(tokens)
+    # Unpatchify: [B, gh*gw, p*p*C] -> [B, H, W, C].
+    out = out.reshape(b, gh, gw, p, p, self.out_channels).transpose(0, 1, 3, 2, 4, 5)
+    return out.reshape(b, h, w, self.out_channels).astype(jnp.float32)

@@ -1,0 +1,136 @@
+"""Shared building blocks: embeddings, attention and dense layers with logical axis names.
+
+Every parameter carries logical axis names (``nn.with_logical_partitioning``) so that the
+trainer can map them onto any mesh with a table of rules (see ``mmsr_jax/sharding.py``).
+Names used here: ``embed`` (model width), ``mlp`` (MLP hidden), ``heads`` (attention
+projections), ``vocab`` (embedding tables), ``latents`` / ``tokens`` (learned token blocks),
+``conv_in`` / ``conv_out`` (patch embedding kernels).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+default_kernel_init = nn.initializers.xavier_uniform()
+
+
+def dense(features: int, axes: tuple[str, str], *, name: str, dtype: Dtype = jnp.float32,
+          use_bias: bool = True, kernel_init=default_kernel_init,
+          bias_init=nn.initializers.zeros) -> nn.Dense:
+  """A Dense layer whose kernel and bias carry logical axis names."""
+  return nn.Dense(
+      features, name=name, dtype=dtype, use_bias=use_bias,
+      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+      bias_init=nn.with_logical_partitioning(bias_init, (axes[1],)))
+
+
+def param_with_axes(module: nn.Module, name: str, init, shape: Sequence[int],
+                    axes: tuple[str | None, ...]):
+  """Declares a raw parameter with logical axis names."""
+  return module.param(name, nn.with_logical_partitioning(init, axes), tuple(shape))
+
+
+def layer_norm(name: str, *, affine: bool = True, eps: float = 1e-6,
+               dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=eps, use_bias=affine, use_scale=affine, name=name, dtype=dtype,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+
+
+def timestep_sinusoids(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal timestep features, ``[cos | sin]`` order (diffusers ``flip_sin_to_cos=True``)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+  """1D sin-cos embedding of positions ``pos`` (any shape) -> ``[..., dim]``, ``[sin | cos]``."""
+  omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+  out = pos.reshape(-1)[:, None] * omega[None]
+  return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_2d(dim: int, grid_h: int, grid_w: int, base_size: int | None = None,
+              interpolation_scale: float = 1.0) -> np.ndarray:
+  """2D sin-cos position embedding ``[grid_h * grid_w, dim]`` (row-major tokens).
+
+  Positions follow PixArt: ``pos = arange(n) / (n / base_size) / interpolation_scale``, so a grid
+  larger than the training grid samples the same range more densely. ``base_size=None`` means
+  plain integer positions. The first half of the channels encodes the column (width) position,
+  the second half the row, as in the PixArt/DiT reference embedding.
+  """
+  if dim % 4:
+    raise ValueError(f"2D sin-cos embedding needs a width divisible by 4, got {dim}")
+  def positions(n):
+    p = np.arange(n, dtype=np.float64)
+    if base_size is not None:
+      p = p / (n / base_size)
+    return p / interpolation_scale
+  gy, gx = np.meshgrid(positions(grid_h), positions(grid_w), indexing="ij")
+  emb = np.concatenate([sincos_1d(dim // 2, gx), sincos_1d(dim // 2, gy)], axis=1)
+  return emb.astype(np.float32)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
+              key_scale: jax.Array | None = None) -> jax.Array:
+  """Multi-head attention on ``[B, T, N, H]`` tensors through ``jax.nn.dot_product_attention``.
+
+  ``key_scale`` (``[B, S]``) multiplies each key before the softmax. It is how per-modality
+  temperature enters (``K* = K / delta``): a factor of exactly 1 leaves the call unchanged, and
+  the fused attention kernel (cuDNN / flash) still applies because no bias is materialised.
+  ``mask`` is ``[B, S]`` (True = attend) and is broadcast over heads and queries.
+  """
+  if key_scale is not None:
+    k = k * key_scale[:, :, None, None].astype(k.dtype)
+  if mask is not None:
+    mask = mask[:, None, None, :].astype(bool)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+
+class Attention(nn.Module):
+  """Multi-head attention with q/k/v/out projections (diffusers ``Attention`` layout)."""
+
+  width: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  qk_norm: bool = False
+
+  @nn.compact
+  def __call__(self, x, context=None, *, mask=None, key_scale=None):
+    context = x if context is None else context
+    head_dim = self.width // self.num_heads
+    def proj(name, inp):
+      y = dense(self.width, ("embed", "heads"), name=name, dtype=self.dtype)(inp)
+      return y.reshape(*y.shape[:-1], self.num_heads, head_dim)
+    q, k, v = proj("to_q", x), proj("to_k", context), proj("to_v", context)
+    if self.qk_norm:
+      q = nn.RMSNorm(name="norm_q", dtype=self.dtype)(q)
+      k = nn.RMSNorm(name="norm_k", dtype=self.dtype)(k)
+    out = attention(q, k, v, mask=mask, key_scale=key_scale)
+    out = out.reshape(*out.shape[:-2], self.width)
+    return dense(self.width, ("heads", "embed"), name="to_out", dtype=self.dtype)(out)
+
+
+class Mlp(nn.Module):
+  """Two-layer GELU(tanh) MLP (PixArt / diffusers ``FeedForward`` with ``gelu-approximate``)."""
+
+  width: int
+  hidden: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = dense(self.hidden, ("embed", "mlp"), name="fc1", dtype=self.dtype)(x)
+    x = nn.gelu(x, approximate=True)
+    return dense(self.width, ("mlp", "embed"), name="fc2", dtype=self.dtype)(x)

@@ -1,0 +1,172 @@
+"""The MMSR model: frozen condition encoders plus the trainable context connector and DiT.
+
+* :class:`MMSR` (trainable, one Flax module): ``encode_context`` (modality tokens + MMLC) and
+  ``denoise`` (the DiT on ``[z_t ++ LR latent]``). The context does not depend on the timestep,
+  so the sampler computes it once per image, not once per step.
+* :class:`Conditioner` (frozen): the autoencoder, the T5 text encoder and the VQGAN tokenizer,
+  with their parameters loaded from the paths in the config (or, where a path is empty, a
+  deterministic random initialisation, which only the tiny configuration uses).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmsr_jax import params_io
+from mmsr_jax.models import autoencoder as ae_lib
+from mmsr_jax.models import context as context_lib
+from mmsr_jax.models import dit as dit_lib
+from mmsr_jax.models import t5 as t5_lib
+from mmsr_jax.models import vqgan as vqgan_lib
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def compute_dtype(config):
+  if config.compute_dtype not in DTYPES:
+    raise ValueError(f"config.compute_dtype={config.compute_dtype!r}: expected one of "
+                     f"{sorted(DTYPES)}")
+  return DTYPES[config.compute_dtype]
+
+
+class MMSR(nn.Module):
+  """The trainable part: multimodal context connector and the DiT denoiser."""
+
+  latent_channels: int
+  width: int
+  depth: int
+  num_heads: int
+  patch_size: int
+  mlp_ratio: float
+  pos_base_size: int
+  codebook_size: int
+  token_grid: tuple[int, int]
+  context_latents: int
+  context_depth: int
+  context_heads: int
+  remat: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    self.context = context_lib.MultimodalContext(
+        width=self.width, codebook_size=self.codebook_size, token_grid=self.token_grid,
+        num_latents=self.context_latents, depth=self.context_depth,
+        num_heads=self.context_heads, mlp_ratio=self.mlp_ratio, dtype=self.dtype)
+    self.dit = dit_lib.DiT(
+        out_channels=self.latent_channels, width=self.width, depth=self.depth,
+        num_heads=self.num_heads, patch_size=self.patch_size, mlp_ratio=self.mlp_ratio,
+        pos_base_size=self.pos_base_size, remat=self.remat, dtype=self.dtype)
+
+  def encode_context(self, text_states, text_mask, ids, present, temperature=None):
+    return self.context(text_states, text_mask, ids, present, temperature)
+
+  def denoise(self, z_t, t, lr_latent, context):
+    return self.dit(jnp.concatenate([z_t, lr_latent.astype(z_t.dtype)], axis=-1), t, context)
+
+  def __call__(self, z_t, t, lr_latent, text_states, text_mask, ids, present, temperature=None):
+    return self.denoise(z_t, t, lr_latent,
+                        self.encode_context(text_states, text_mask, ids, present, temperature))
+
+
+@dataclasses.dataclass(frozen=True)
+class Conditioner:
+  """The frozen encoders and how to turn a batch into the model's inputs."""
+
+  autoencoder: object
+  text_encoder: t5_lib.T5Encoder
+  vq: vqgan_lib.VQGAN
+  vq_downsample: int
+  scale: int  # LR -> HR factor
+
+  @classmethod
+  def from_config(cls, config) -> "Conditioner":
+    vq_cfg = vqgan_lib.VQGANConfig(**_as_dict(config.vq.arch))
+    return cls(
+        autoencoder=ae_lib.make_autoencoder(config.autoencoder),
+        text_encoder=t5_lib.T5Encoder(t5_lib.T5Config(**_as_dict(config.text.encoder))),
+        vq=vqgan_lib.VQGAN(vq_cfg),
+        vq_downsample=2 ** (len(vq_cfg.block_out_channels) - 1),
+        scale=config.data.scale)
+
+  def init_params(self, config, rng) -> dict:
+    """Loads frozen weights from the configured paths, else initialises them from ``rng``."""
+    r_ae, r_txt, r_vq = jax.random.split(rng, 3)
+    l = config.text.max_length
+    m = config.data.map_size
+    def load_or_init(path, field, init_fn):
+      abstract = jax.eval_shape(init_fn)
+      if path:
+        return params_io.load_params(path, abstract, field=field)
+      return jax.jit(init_fn)()
+    return {
+        "ae": self.autoencoder.init_params(r_ae),
+        "text": load_or_init(
+            config.text.params, "config.text.params",
+            lambda: self.text_encoder.init(r_txt, jnp.zeros((1, l), jnp.int32),
+                                           jnp.ones((1, l), jnp.int32))["params"]),
+        "vq": load_or_init(
+            config.vq.params, "config.vq.params",
+            lambda: self.vq.init(r_vq, jnp.zeros((1, m, m, 3)))["params"]),
+    }
+
+  def text_states(self, params, ids, mask):
+    return self.text_encoder.apply({"params": params["text"]}, ids, mask)
+
+  def modality_ids(self, params, maps):
+    """``maps [B, 3, M, M, 3]`` in [-1, 1] -> VQ ids ``[B, 3, M/f, M/f]``."""
+    b, k = maps.shape[:2]
+    ids = self.vq.apply({"params": params["vq"]}, maps.reshape(b * k, *maps.shape[2:]),
+                        method=vqgan_lib.VQGAN.encode_ids)
+    return ids.reshape(b, k, *ids.shape[1:])
+
+  def encode_image(self, params, x):
+    return self.autoencoder.encode(params["ae"], x)
+
+  def decode(self, params, z):
+    return self.autoencoder.decode(params["ae"], z)
+
+  def lr_latent(self, params, lr, out_hw):
+    """Bicubic-upsample the LR image to the output size and encode it."""
+    return self.encode_image(params, ae_lib.upsample_bicubic(lr, *out_hw))
+
+  def __call__(self, params, batch):
+    """Frozen part of a step: batch -> (x0 latent or None, LR latent, text states, mask, ids)."""
+    out_hw = (batch["lr"].shape[1] * self.scale, batch["lr"].shape[2] * self.scale)
+    maps = jnp.stack([batch[k] for k in context_lib.SPATIAL_MODALITIES], axis=1)
+    return dict(
+        lr_latent=self.lr_latent(params, batch["lr"], out_hw),
+        text_states=self.text_states(params, batch["text_ids"], batch["text_mask"]),
+        text_mask=batch["text_mask"],
+        ids=self.modality_ids(params, maps),
+    )
+
+
+def build_model(config) -> MMSR:
+  """The trainable module for a config (checks the sizes that must agree)."""
+  mc = config.model
+  latent_size = config.data.hr_size // config.autoencoder.factor
+  if latent_size % mc.patch_size:
+    raise ValueError(f"config.data.hr_size={config.data.hr_size} gives a {latent_size}px latent, "
+                     f"not divisible by config.model.patch_size={mc.patch_size}")
+  vq_down = 2 ** (len(config.vq.arch.block_out_channels) - 1)
+  if config.data.map_size % vq_down:
+    raise ValueError(f"config.data.map_size={config.data.map_size} is not divisible by the VQ "
+                     f"downsampling factor {vq_down}")
+  grid = config.data.map_size // vq_down
+  latent_channels = ae_lib.make_autoencoder(config.autoencoder).latent_channels
+  return MMSR(
+      latent_channels=latent_channels, width=mc.width, depth=mc.depth, num_heads=mc.num_heads,
+      patch_size=mc.patch_size, mlp_ratio=mc.mlp_ratio,
+      pos_base_size=latent_size // mc.patch_size,
+      codebook_size=config.vq.arch.num_vq_embeddings, token_grid=(grid, grid),
+      context_latents=mc.context_latents, context_depth=mc.context_depth,
+      context_heads=mc.context_heads, remat=mc.remat, dtype=compute_dtype(config))
+
+
+def _as_dict(cfg) -> dict:
+  d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
