@@ -1,0 +1,107 @@
+"""Spatial modality maps: on-the-fly Canny edges and rendering maps as 3-channel images.
+
+Every map is rendered to ``size x size x 3`` float32 in [-1, 1], the input format of the VQ
+tokenizer: depth and edges as grey replicated over 3 channels, segmentation label maps through a
+fixed deterministic colour palette (label 0 is black).
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from mmsr_jax.data.degrade import bicubic_upsample
+
+MODALITIES: tuple[str, ...] = ("depth", "seg", "edge")
+CANNY_THRESHOLDS = (100, 200)
+PALETTE_SEED = 20250318
+PALETTE_SIZE = 256
+
+
+def _make_palette() -> np.ndarray:
+  rng = np.random.default_rng(PALETTE_SEED)
+  palette = rng.integers(0, 256, size=(PALETTE_SIZE, 3), dtype=np.int64).astype(np.uint8)
+  palette[0] = 0
+  palette.setflags(write=False)
+  return palette
+
+
+SEG_PALETTE: np.ndarray = _make_palette()  # uint8 [256, 3], row 0 black.
+
+
+def _to_uint8(img: np.ndarray) -> np.ndarray:
+  img = np.asarray(img)
+  if img.dtype == np.uint8:
+    return img
+  return np.round(np.clip(img.astype(np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def canny_edges(lr: np.ndarray, size: int) -> np.ndarray:
+  """Canny edges of an LR image, computed after bicubic upsampling to ``size x size``.
+
+  Args:
+    lr: uint8 HxWx3 or float HxWx3 in [0, 1] (HxW grey also accepted).
+    size: the side of the square output.
+
+  Returns:
+    float32 [size, size] with values in {0, 1}.
+  """
+  up = bicubic_upsample(_to_uint8(lr), size)
+  grey = cv2.cvtColor(up, cv2.COLOR_RGB2GRAY) if up.ndim == 3 else up
+  edges = cv2.Canny(np.ascontiguousarray(grey), *CANNY_THRESHOLDS)
+  return (edges > 0).astype(np.float32)
+
+
+def colorize_seg(labels: np.ndarray) -> np.ndarray:
+  """Maps an integer label map to uint8 RGB with the fixed palette.
+
+  Label 0 is black; labels >= 256 wrap onto colours 1..255 (never onto black).
+  """
+  labels = np.asarray(labels)
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"segmentation maps must be integer label maps, got dtype {labels.dtype}")
+  labels = labels.astype(np.int64)
+  if (labels < 0).any():
+    raise ValueError("segmentation labels must be >= 0")
+  idx = np.where(labels == 0, 0, (labels - 1) % (PALETTE_SIZE - 1) + 1)
+  return SEG_PALETTE[idx]
+
+
+def _resize(x: np.ndarray, size: int, nearest: bool) -> np.ndarray:
+  h, w = x.shape[:2]
+  if (h, w) == (size, size):
+    return x
+  if nearest:
+    interp = cv2.INTER_NEAREST
+  elif h >= size and w >= size:
+    interp = cv2.INTER_AREA
+  else:
+    interp = cv2.INTER_LINEAR
+  return cv2.resize(x, (size, size), interpolation=interp)
+
+
+def render_map(kind: str, array: np.ndarray, size: int) -> np.ndarray:
+  """Renders one modality map as a ``size x size x 3`` float32 image in [-1, 1].
+
+  Args:
+    kind: 'depth' (float HxW in [0, 1]), 'edge' (float HxW in [0, 1], e.g. {0, 1}) or 'seg'
+      (integer HxW label map).
+    array: the map.
+    size: output side; depth/edge are resized with area (down) or bilinear (up), seg with
+      nearest neighbour (before colouring, so no colour mixing).
+
+  Returns:
+    float32 [size, size, 3] in [-1, 1].
+  """
+  if kind not in MODALITIES:
+    raise ValueError(f"render_map: kind={kind!r}, expected one of {MODALITIES}")
+  array = np.asarray(array)
+  if array.ndim != 2:
+    raise ValueError(f"render_map({kind!r}) expects an HxW map, got shape {array.shape}")
+  if kind == "seg":
+    labels = _resize(array.astype(np.int32), size, nearest=True)
+    rgb = colorize_seg(labels).astype(np.float32)
+    return rgb / np.float32(127.5) - np.float32(1.0)
+  grey = _resize(np.clip(array.astype(np.float32), 0.0, 1.0), size, nearest=False)
+  grey = np.clip(grey, 0.0, 1.0) * np.float32(2.0) - np.float32(1.0)
+  return np.repeat(grey[..., None], 3, axis=-1).astype(np.float32)

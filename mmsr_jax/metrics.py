@@ -1,0 +1,183 @@
+"""Full-reference metrics (PSNR / SSIM on the Y channel) with the diffusion-SR conventions.
+
+Conventions (DEGRADATION_AND_METRICS.md section 2, those of pyiqa as used by OSEDiff & co.):
+
+* RGB uint8 -> float in [0, 1]; no border crop.
+* Y of MATLAB's YCbCr: Y = (16 + 65.481 R + 128.553 G + 24.966 B) / 255, in [0, 1].
+* PSNR on float Y (data range 1): 10 log10(1 / MSE), per image. Identical images give +inf.
+* SSIM on round(Y * 255) (integers), 11x11 Gaussian window with sigma 1.5, 'valid' region (no
+  padding: the map is (H - 10) x (W - 10)), C1 = (0.01 * 255)^2, C2 = (0.03 * 255)^2, the
+  contrast-structure term clamped at >= 0, mean over the map.
+
+The per-image functions ``psnr_y`` / ``ssim_y`` run jitted float32 JAX code (no x64 needed). The
+float32 path is made accurate by (a) doing the window sums as explicit shifted adds (exact
+float32 multiply-adds, no matmul / conv precision modes) and (b) centring the integer Y values
+before the second moments, which keeps the variance cancellation small; its SSIM agrees with a
+float64 computation to about 1e-6 per image. ``psnr_y_np`` / ``ssim_y_np`` are float64 NumPy
+versions of the same formulas, for cross-checks.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Y_WEIGHTS = (65.481, 128.553, 24.966)
+Y_OFFSET = 16.0
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_C1 = (0.01 * 255.0) ** 2
+SSIM_C2 = (0.03 * 255.0) ** 2
+_CENTER = 128.0  # subtracted from Y*255 before the second moments (shift-invariant stats).
+
+
+def gaussian_window_1d(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> np.ndarray:
+  """The normalised 1D Gaussian (float64); its outer product is the 2D SSIM window."""
+  x = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
+  k = np.exp(-(x**2) / (2.0 * sigma**2))
+  return k / k.sum()
+
+
+def _as_float01(img) -> jax.Array | np.ndarray:
+  """uint8 -> float32 / 255; float inputs are taken as [0, 1] already."""
+  if isinstance(img, np.ndarray) and img.dtype == np.uint8:
+    return img.astype(np.float32) / np.float32(255.0)
+  if isinstance(img, jax.Array) and img.dtype == jnp.uint8:
+    return img.astype(jnp.float32) / 255.0
+  return img
+
+
+def rgb_to_y(img) -> jax.Array:
+  """MATLAB YCbCr luma of an RGB image, in [0, 1].
+
+  Args:
+    img: HxWx3 (or ...x3) RGB, uint8 or float in [0, 1].
+
+  Returns:
+    float32 Y of shape img.shape[:-1], (16 + 65.481 R + 128.553 G + 24.966 B) / 255.
+  """
+  x = jnp.asarray(_as_float01(img), jnp.float32)
+  if x.shape[-1] != 3:
+    raise ValueError(f"rgb_to_y expects ...x3 RGB, got shape {x.shape}")
+  w = jnp.asarray(Y_WEIGHTS, jnp.float32)
+  return (Y_OFFSET + jnp.sum(x * w, axis=-1)) / 255.0
+
+
+def _check_pair(pred, gt) -> None:
+  if pred.shape != gt.shape:
+    raise ValueError(f"pred shape {pred.shape} != gt shape {gt.shape}")
+  if pred.ndim != 3 or pred.shape[-1] != 3:
+    raise ValueError(f"expected HxWx3 RGB images, got shape {pred.shape}")
+
+
+def _mean_2d(x: jax.Array) -> jax.Array:
+  """Mean of an HxW float32 array in two stages (rows, then columns) for less rounding."""
+  return jnp.mean(jnp.mean(x, axis=1))
+
+
+@jax.jit
+def _psnr_y_jit(pred: jax.Array, gt: jax.Array) -> jax.Array:
+  # Y is affine in RGB, so the Y difference is the weighted RGB difference: exact zero for
+  # identical inputs and no cancellation of the +16 offset.
+  w = jnp.asarray(Y_WEIGHTS, jnp.float32) / 255.0
+  d = jnp.sum((pred.astype(jnp.float32) - gt.astype(jnp.float32)) * w, axis=-1)
+  mse = _mean_2d(d * d)
+  return jnp.where(mse > 0, -10.0 * jnp.log10(jnp.maximum(mse, 1e-30)), jnp.inf)
+
+
+def psnr_y(pred, gt) -> float:
+  """PSNR (dB) on the Y channel, data range 1; +inf for identical Y.
+
+  Args:
+    pred: HxWx3 RGB, uint8 or float in [0, 1].
+    gt: same shape and convention as pred.
+  """
+  _check_pair(pred, gt)
+  return float(_psnr_y_jit(_as_float01(pred), _as_float01(gt)))
+
+
+def _filter_valid(x: jax.Array, k: np.ndarray) -> jax.Array:
+  """Separable 'valid' correlation of HxW x with the window k (explicit shifted adds)."""
+  n = len(k)
+  h, w = x.shape
+  rows = sum(float(k[i]) * x[i:h - n + 1 + i, :] for i in range(n))
+  return sum(float(k[j]) * rows[:, j:w - n + 1 + j] for j in range(n))
+
+
+def _ssim_map_from_y255(y1: jax.Array, y2: jax.Array) -> jax.Array:
+  """SSIM map of two integer-valued Y*255 images (float32), 'valid' region."""
+  k = gaussian_window_1d()
+  a = y1 - _CENTER
+  b = y2 - _CENTER
+  ma = _filter_valid(a, k)
+  mb = _filter_valid(b, k)
+  saa = _filter_valid(a * a, k) - ma * ma
+  sbb = _filter_valid(b * b, k) - mb * mb
+  sab = _filter_valid(a * b, k) - ma * mb
+  mu1 = ma + _CENTER
+  mu2 = mb + _CENTER
+  lum = (2.0 * mu1 * mu2 + SSIM_C1) / (mu1 * mu1 + mu2 * mu2 + SSIM_C1)
+  cs = jnp.maximum((2.0 * sab + SSIM_C2) / (saa + sbb + SSIM_C2), 0.0)
+  return lum * cs
+
+
+@jax.jit
+def _ssim_y_jit(pred: jax.Array, gt: jax.Array) -> jax.Array:
+  y1 = jnp.round(rgb_to_y(pred) * 255.0)
+  y2 = jnp.round(rgb_to_y(gt) * 255.0)
+  return _mean_2d(_ssim_map_from_y255(y1, y2))
+
+
+def ssim_y(pred, gt) -> float:
+  """SSIM on round(Y * 255) with the conventions in the module docstring.
+
+  Args:
+    pred: HxWx3 RGB, uint8 or float in [0, 1]; H, W >= 11.
+    gt: same shape and convention as pred.
+  """
+  _check_pair(pred, gt)
+  if min(pred.shape[:2]) < SSIM_WINDOW:
+    raise ValueError(f"ssim_y needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, "
+                     f"got {pred.shape}")
+  return float(_ssim_y_jit(_as_float01(pred), _as_float01(gt)))
+
+
+# ----------------------------------------------------------------------------------------------
+# float64 NumPy reference versions.
+
+
+def rgb_to_y_np(img: np.ndarray) -> np.ndarray:
+  """float64 NumPy version of ``rgb_to_y``."""
+  img = np.asarray(img)
+  x = img.astype(np.float64) / 255.0 if img.dtype == np.uint8 else img.astype(np.float64)
+  return (Y_OFFSET + x @ np.asarray(Y_WEIGHTS, np.float64)) / 255.0
+
+
+def psnr_y_np(pred: np.ndarray, gt: np.ndarray) -> float:
+  """float64 NumPy version of ``psnr_y``."""
+  _check_pair(pred, gt)
+  mse = float(np.mean((rgb_to_y_np(pred) - rgb_to_y_np(gt)) ** 2))
+  return float("inf") if mse == 0 else -10.0 * float(np.log10(mse))
+
+
+def _filter_valid_np(x: np.ndarray) -> np.ndarray:
+  k = gaussian_window_1d()
+  n = len(k)
+  h, w = x.shape
+  rows = sum(k[i] * x[i:h - n + 1 + i, :] for i in range(n))
+  return sum(k[j] * rows[:, j:w - n + 1 + j] for j in range(n))
+
+
+def ssim_y_np(pred: np.ndarray, gt: np.ndarray) -> float:
+  """float64 NumPy version of ``ssim_y``."""
+  _check_pair(pred, gt)
+  y1 = np.round(rgb_to_y_np(pred) * 255.0)
+  y2 = np.round(rgb_to_y_np(gt) * 255.0)
+  mu1, mu2 = _filter_valid_np(y1), _filter_valid_np(y2)
+  s11 = _filter_valid_np(y1 * y1) - mu1 * mu1
+  s22 = _filter_valid_np(y2 * y2) - mu2 * mu2
+  s12 = _filter_valid_np(y1 * y2) - mu1 * mu2
+  lum = (2 * mu1 * mu2 + SSIM_C1) / (mu1**2 + mu2**2 + SSIM_C1)
+  cs = np.maximum((2 * s12 + SSIM_C2) / (s11 + s22 + SSIM_C2), 0.0)
+  return float(np.mean(lum * cs))
