@@ -1,0 +1,327 @@
+"""T5 text encoder (T5 v1.1 / Flan-T5 and original T5), Flax Linen.
+
+MMSR feeds 77 caption tokens from a frozen T5 encoder into its multimodal
+connector. This is the encoder stack only, laid out like transformers'
+`T5EncoderModel` so that public checkpoints import with
+`t5_params_from_torch_state_dict`:
+
+  shared/embedding                       <- shared.weight
+  block_i/layer_0/SelfAttention/{q,k,v,o}/kernel
+      <- encoder.block.i.layer.0.SelfAttention.{q,k,v,o}.weight (transposed)
+  block_0/layer_0/SelfAttention/relative_attention_bias/embedding
+  block_i/layer_0/layer_norm/scale       <- encoder.block.i.layer.0.layer_norm
+  block_i/layer_1/DenseReluDense/{wi_0,wi_1,wo}/kernel  (`wi` when not gated)
+  block_i/layer_1/layer_norm/scale
+  final_layer_norm/scale                 <- encoder.final_layer_norm.weight
+
+T5 details kept here: RMS norm (no mean, no bias), no biases anywhere, no
+1/sqrt(d) attention scaling, and a bucketed relative position bias that the
+first layer computes and all layers share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "relu": nn.relu,
+    "gelu": functools.partial(nn.gelu, approximate=False),
+    "gelu_new": functools.partial(nn.gelu, approximate=True),
+    "silu": nn.silu,
+    "swish": nn.silu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """Encoder hyper-parameters (names follow transformers' `T5Config`)."""
+
+  vocab_size: int
+  d_model: int
+  d_kv: int
+  d_ff: int
+  num_layers: int
+  num_heads: int
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  layer_norm_epsilon: float = 1e-6
+  # 'gated-gelu' (T5 v1.1, Flan-T5), 'relu' (original T5), or any
+  # '[gated-]{relu,gelu,gelu_new,silu}'.
+  feed_forward_proj: str = "gated-gelu"
+  # Compute dtype; parameters stay float32 and norms run in float32.
+  dtype: str = "float32"
+
+  @classmethod
+  def tiny(cls, vocab_size: int = 259) -> "T5Config":
+    """A small encoder for tests and CPU demos (259 = byte-level vocab)."""
+    return cls(vocab_size=vocab_size, d_model=64, d_kv=16, d_ff=128,
+               num_layers=2, num_heads=4)
+
+  @classmethod
+  def t5_v1_1_xxl(cls) -> "T5Config":
+    """google/t5-v1_1-xxl encoder (the PixArt text encoder)."""
+    return cls(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240,
+               num_layers=24, num_heads=64)
+
+  @classmethod
+  def flan_t5_xl(cls) -> "T5Config":
+    """google/flan-t5-xl encoder."""
+    return cls(vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120,
+               num_layers=24, num_heads=32)
+
+  @classmethod
+  def flan_t5_base(cls) -> "T5Config":
+    """google/flan-t5-base encoder."""
+    return cls(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048,
+               num_layers=12, num_heads=12)
+
+  @property
+  def is_gated(self) -> bool:
+    return self.feed_forward_proj.startswith("gated-")
+
+  @property
+  def activation(self) -> Callable[[Array], Array]:
+    name = self.feed_forward_proj.split("-")[-1]
+    if self.feed_forward_proj == "gated-gelu":
+      name = "gelu_new"  # transformers maps gated-gelu to the tanh GELU
+    if name not in _ACTIVATIONS or self.feed_forward_proj.count("-") > 1:
+      raise ValueError(f"Unsupported feed_forward_proj "
+                       f"'{self.feed_forward_proj}'.")
+    return _ACTIVATIONS[name]
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+
+def relative_position_buckets(query_len: int, key_len: int, num_buckets: int,
+                              max_distance: int) -> np.ndarray:
+  """Bidirectional T5 bucket ids [query_len, key_len] (static, numpy).
+
+  Half of the buckets are for keys after the query. Within each half, small
+  distances get one bucket each and larger ones share log-spaced buckets up to
+  `max_distance`. Float32 arithmetic as in the reference implementation, so
+  that boundary cases fall into the same bucket.
+  """
+  rel = np.arange(key_len)[None, :] - np.arange(query_len)[:, None]
+  half = num_buckets // 2
+  buckets = (rel > 0).astype(np.int64) * half
+  dist = np.abs(rel)
+  max_exact = half // 2
+  with np.errstate(divide="ignore"):
+    log_ratio = np.log(dist.astype(np.float32) / np.float32(max_exact))
+  large = log_ratio / np.float32(math.log(max_distance / max_exact))
+  large = large * np.float32(half - max_exact)
+  large = np.where(dist < max_exact, 0, large)  # avoid casting -inf
+  large = np.minimum(max_exact + large.astype(np.int64), half - 1)
+  return buckets + np.where(dist < max_exact, dist, large)
+
+
+def _dense(features: int, dtype: Any, name: str) -> nn.Dense:
+  return nn.Dense(features, use_bias=False, dtype=dtype, name=name)
+
+
+def _rms_norm(cfg: T5Config, name: str) -> nn.RMSNorm:
+  return nn.RMSNorm(epsilon=cfg.layer_norm_epsilon, dtype=cfg.compute_dtype,
+                    use_fast_variance=False, name=name)
+
+
+class T5SelfAttention(nn.Module):
+  """Multi-head self-attention with an additive position bias, unscaled."""
+
+  config: T5Config
+  has_relative_attention_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array,
+               position_bias: Array | None) -> tuple[Array, Array]:
+    cfg = self.config
+    dt = cfg.compute_dtype
+    b, length, _ = x.shape
+    inner = cfg.num_heads * cfg.d_kv
+    heads = lambda t: t.reshape(b, length, cfg.num_heads, cfg.d_kv)
+    q = heads(_dense(inner, dt, "q")(x))
+    k = heads(_dense(inner, dt, "k")(x))
+    v = heads(_dense(inner, dt, "v")(x))
+    if position_bias is None:
+      if not self.has_relative_attention_bias:
+        raise ValueError("The first layer must own the position bias.")
+      table = nn.Embed(cfg.relative_attention_num_buckets, cfg.num_heads,
+                       name="relative_attention_bias")
+      ids = relative_position_buckets(
+          length, length, cfg.relative_attention_num_buckets,
+          cfg.relative_attention_max_distance)
+      # [L, L, heads] -> [1, heads, L, L]
+      position_bias = jnp.transpose(table(jnp.asarray(ids)), (2, 0, 1))[None]
+      position_bias = position_bias.astype(jnp.float32)
+    out = jax.nn.dot_product_attention(
+        q, k, v, bias=position_bias.astype(q.dtype), mask=mask, scale=1.0)
+    out = _dense(cfg.d_model, dt, "o")(out.reshape(b, length, inner))
+    return out, position_bias
+
+
+class T5FeedForward(nn.Module):
+  """(Gated) MLP: wo(act(wi_0 x) * wi_1 x), or wo(act(wi x)) when not gated."""
+
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    dt = cfg.compute_dtype
+    act = cfg.activation
+    if cfg.is_gated:
+      gate = act(_dense(cfg.d_ff, dt, "wi_0")(x))
+      h = gate * _dense(cfg.d_ff, dt, "wi_1")(x)
+    else:
+      h = act(_dense(cfg.d_ff, dt, "wi")(x))
+    return _dense(cfg.d_model, dt, "wo")(h)
+
+
+class T5LayerSelfAttention(nn.Module):
+  """x + SelfAttention(RMSNorm(x))."""
+
+  config: T5Config
+  has_relative_attention_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array,
+               position_bias: Array | None) -> tuple[Array, Array]:
+    h = _rms_norm(self.config, "layer_norm")(x)
+    h, position_bias = T5SelfAttention(
+        self.config, self.has_relative_attention_bias,
+        name="SelfAttention")(h, mask, position_bias)
+    return x + h.astype(x.dtype), position_bias
+
+
+class T5LayerFF(nn.Module):
+  """x + DenseReluDense(RMSNorm(x))."""
+
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    h = _rms_norm(self.config, "layer_norm")(x)
+    h = T5FeedForward(self.config, name="DenseReluDense")(h)
+    return x + h.astype(x.dtype)
+
+
+class T5Block(nn.Module):
+  """Self-attention sub-layer (layer_0), then feed-forward (layer_1)."""
+
+  config: T5Config
+  has_relative_attention_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array,
+               position_bias: Array | None) -> tuple[Array, Array]:
+    x, position_bias = T5LayerSelfAttention(
+        self.config, self.has_relative_attention_bias,
+        name="layer_0")(x, mask, position_bias)
+    return T5LayerFF(self.config, name="layer_1")(x), position_bias
+
+
+class T5Encoder(nn.Module):
+  """Token ids -> contextual embeddings (after the final RMS norm)."""
+
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, input_ids: Array,
+               attention_mask: Array | None = None) -> Array:
+    """input_ids [B,L] int; attention_mask [B,L] (1 = token, 0 = padding)."""
+    cfg = self.config
+    x = nn.Embed(cfg.vocab_size, cfg.d_model, name="shared")(input_ids)
+    x = x.astype(cfg.compute_dtype)
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.bool_)
+    mask = attention_mask.astype(jnp.bool_)[:, None, None, :]  # [B,1,1,L]
+    position_bias = None
+    for i in range(cfg.num_layers):
+      x, position_bias = T5Block(cfg, has_relative_attention_bias=(i == 0),
+                                 name=f"block_{i}")(x, mask, position_bias)
+    return _rms_norm(cfg, "final_layer_norm")(x)
+
+
+# ---------------------------------------------------------------------------
+# Importing transformers `T5EncoderModel` (or full T5) weights.
+# ---------------------------------------------------------------------------
+
+
+def t5_param_shapes(config: T5Config) -> dict[str, Any]:
+  """Abstract variables ({'params': tree of ShapeDtypeStruct}) of an encoder."""
+  ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  return jax.eval_shape(
+      lambda i: T5Encoder(config).init(jax.random.key(0), i), ids)
+
+
+def _t5_torch_key(path: tuple[str, ...]) -> str:
+  if path[0] == "shared":
+    return "shared.weight"
+  if path[0] == "final_layer_norm":
+    return "encoder.final_layer_norm.weight"
+  block, layer, *inner = path[:-1]
+  b, l = block.split("_")[1], layer.split("_")[1]
+  return ".".join(["encoder.block", b, "layer", l, *inner, "weight"])
+
+
+def t5_params_from_torch_state_dict(
+    state_dict: Mapping[str, Any], config: T5Config,
+    ignore_prefixes: tuple[str, ...] = ("decoder.", "lm_head.")
+) -> dict[str, Any]:
+  """Converts a transformers T5 state dict to `T5Encoder` variables.
+
+  Args:
+    state_dict: torch key -> array (numpy or anything `np.asarray` takes), from
+      `T5EncoderModel` or a full `T5ForConditionalGeneration` checkpoint.
+    config: the encoder architecture the weights belong to.
+    ignore_prefixes: keys skipped silently (the decoder of a full model).
+
+  Returns:
+    {'params': tree} for `T5Encoder(config).apply`; float32 numpy leaves.
+
+  Raises:
+    ValueError: on a shape mismatch (naming the key and both shapes) or on
+      missing / unexpected keys (listing them).
+  """
+  sd = {k: v for k, v in state_dict.items()
+        if not k.startswith(tuple(ignore_prefixes))}
+  # The token embedding is tied: accept either name, or both.
+  alias = "encoder.embed_tokens.weight"
+  if alias in sd:
+    tied = sd.pop(alias)
+    sd.setdefault("shared.weight", tied)
+  expected = flax.traverse_util.flatten_dict(t5_param_shapes(config)["params"])
+
+  out, missing, used = {}, [], set()
+  for path, spec in expected.items():
+    key = _t5_torch_key(path)
+    if key not in sd:
+      missing.append(key)
+      continue
+    used.add(key)
+    src = np.asarray(sd[key], dtype=np.float32)
+    arr = src.T if path[-1] == "kernel" and src.ndim == 2 else src
+    if arr.shape != spec.shape:
+      raise ValueError(
+          f"Shape mismatch for '{key}': checkpoint has {src.shape} "
+          f"(-> {arr.shape} in Flax layout), model expects {spec.shape} "
+          f"(Flax path {'/'.join(path)}).")
+    out[path] = np.ascontiguousarray(arr)
+  unexpected = sorted(set(sd) - used)
+  if missing or unexpected:
+    raise ValueError(
+        f"State dict does not match T5 config: missing keys {missing}, "
+        f"unexpected keys {unexpected}.")
+  return {"params": flax.traverse_util.unflatten_dict(out)}

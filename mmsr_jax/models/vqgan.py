@@ -1,0 +1,441 @@
+"""VQGAN tokenizer: taming-transformers architecture, diffusers `VQModel` tree.
+
+MMSR turns each spatial modality map (depth, segmentation, edges rendered as
+3-channel images) into 16x16 discrete tokens with a frozen VQGAN (f16,
+codebook 1024 x 256). This module re-implements that autoencoder in Flax Linen
+with the module tree of diffusers' `VQModel` so that its public weights can be
+imported with `vqgan_params_from_torch_state_dict`.
+
+Layout: NHWC everywhere, images as floats in [-1, 1].
+
+Parameter tree (Flax names; `_i` suffix where diffusers uses a `.i` list index):
+  encoder/{conv_in, down_blocks_i/{resnets_j, downsamplers_0/conv}, mid_block,
+           conv_norm_out, conv_out}
+  quant_conv, quantize/embedding/embedding, post_quant_conv
+  decoder/{conv_in, mid_block, up_blocks_i/{resnets_j, upsamplers_0/conv},
+           conv_norm_out, conv_out}
+  mid_block = {resnets_0, attentions_0/{group_norm, to_q, to_k, to_v, to_out_0},
+               resnets_1}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+_NORM_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class VQGANConfig:
+  """Hyper-parameters of the VQGAN (names follow diffusers `VQModel`).
+
+  The spatial downsampling factor is 2 ** (len(block_out_channels) - 1).
+  """
+
+  in_channels: int = 3
+  out_channels: int = 3
+  block_out_channels: tuple[int, ...] = (128, 128, 256, 256, 512)
+  layers_per_block: int = 2
+  latent_channels: int = 256
+  num_vq_embeddings: int = 1024
+  vq_embed_dim: int = 256
+  norm_num_groups: int = 32
+  mid_block_attention: bool = True
+  # Compute dtype of convolutions / matmuls; parameters stay float32 and the
+  # codebook search always runs in float32.
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    # Configs may hand over lists; keep the dataclass hashable.
+    object.__setattr__(self, "block_out_channels",
+                       tuple(int(c) for c in self.block_out_channels))
+
+  @classmethod
+  def tiny(cls) -> "VQGANConfig":
+    """A small f4 model for tests and CPU demos."""
+    return cls(
+        block_out_channels=(32, 32, 64),
+        layers_per_block=1,
+        latent_channels=32,
+        vq_embed_dim=32,
+        num_vq_embeddings=64,
+        norm_num_groups=8,
+    )
+
+  @property
+  def downsample_factor(self) -> int:
+    return 2 ** (len(self.block_out_channels) - 1)
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+
+def _conv(features: int, kernel: int, dtype: Any, name: str,
+          strides: int = 1, padding: Any = "SAME") -> nn.Conv:
+  if kernel == 3 and padding == "SAME":
+    padding = ((1, 1), (1, 1))  # explicit, like torch padding=1
+  return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
+                 padding=padding, dtype=dtype, name=name)
+
+
+def _group_norm(groups: int, dtype: Any, name: str) -> nn.GroupNorm:
+  # Two-pass variance: matches torch more closely than E[x^2] - E[x]^2.
+  return nn.GroupNorm(num_groups=groups, epsilon=_NORM_EPS, dtype=dtype,
+                      use_fast_variance=False, name=name)
+
+
+class ResnetBlock(nn.Module):
+  """Pre-norm residual block: (GN, SiLU, conv3x3) x 2 plus a 1x1 shortcut."""
+
+  out_channels: int
+  groups: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    h = _group_norm(self.groups, self.dtype, "norm1")(x)
+    h = _conv(self.out_channels, 3, self.dtype, "conv1")(nn.silu(h))
+    h = _group_norm(self.groups, self.dtype, "norm2")(h)
+    h = _conv(self.out_channels, 3, self.dtype, "conv2")(nn.silu(h))
+    if x.shape[-1] != self.out_channels:
+      x = _conv(self.out_channels, 1, self.dtype, "conv_shortcut")(x)
+    return x + h
+
+
+class SpatialSelfAttention(nn.Module):
+  """Single-head self-attention over all pixels with a residual connection."""
+
+  groups: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    b, h, w, c = x.shape
+    y = _group_norm(self.groups, self.dtype, "group_norm")(x)
+    y = y.reshape(b, h * w, c)
+    dense = lambda name: nn.Dense(c, dtype=self.dtype, name=name)
+    q, k, v = (dense(n)(y)[:, :, None, :] for n in ("to_q", "to_k", "to_v"))
+    # One head of width c; the default scale is 1/sqrt(c).
+    o = jax.nn.dot_product_attention(q, k, v)
+    o = dense("to_out_0")(o.reshape(b, h * w, c))
+    return x + o.reshape(b, h, w, c)
+
+
+class MidBlock(nn.Module):
+  """resnet -> (attention) -> resnet at the lowest resolution."""
+
+  groups: int
+  attention: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    c = x.shape[-1]
+    x = ResnetBlock(c, self.groups, self.dtype, name="resnets_0")(x)
+    if self.attention:
+      x = SpatialSelfAttention(self.groups, self.dtype, name="attentions_0")(x)
+    return ResnetBlock(c, self.groups, self.dtype, name="resnets_1")(x)
+
+
+class Downsample(nn.Module):
+  """Stride-2 3x3 conv after padding one pixel on the right and bottom only."""
+
+  channels: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+    return _conv(self.channels, 3, self.dtype, "conv", strides=2,
+                 padding="VALID")(x)
+
+
+class Upsample(nn.Module):
+  """Nearest-neighbour x2 upsampling followed by a 3x3 conv."""
+
+  channels: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return _conv(self.channels, 3, self.dtype, "conv")(x)
+
+
+class DownBlock(nn.Module):
+  """`layers_per_block` resnets, then an optional downsampler."""
+
+  out_channels: int
+  num_layers: int
+  groups: int
+  add_downsample: bool
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    for j in range(self.num_layers):
+      x = ResnetBlock(self.out_channels, self.groups, self.dtype,
+                      name=f"resnets_{j}")(x)
+    if self.add_downsample:
+      x = Downsample(self.out_channels, self.dtype, name="downsamplers_0")(x)
+    return x
+
+
+class UpBlock(nn.Module):
+  """`layers_per_block + 1` resnets, then an optional upsampler."""
+
+  out_channels: int
+  num_layers: int
+  groups: int
+  add_upsample: bool
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    for j in range(self.num_layers):
+      x = ResnetBlock(self.out_channels, self.groups, self.dtype,
+                      name=f"resnets_{j}")(x)
+    if self.add_upsample:
+      x = Upsample(self.out_channels, self.dtype, name="upsamplers_0")(x)
+    return x
+
+
+class Encoder(nn.Module):
+  """Image -> latent (before quant_conv), downsampling by 2**(n_blocks-1)."""
+
+  config: VQGANConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    dt = cfg.compute_dtype
+    chans = cfg.block_out_channels
+    g = cfg.norm_num_groups
+    x = _conv(chans[0], 3, dt, "conv_in")(x.astype(dt))
+    for i, ch in enumerate(chans):
+      x = DownBlock(ch, cfg.layers_per_block, g, i != len(chans) - 1, dt,
+                    name=f"down_blocks_{i}")(x)
+    x = MidBlock(g, cfg.mid_block_attention, dt, name="mid_block")(x)
+    x = nn.silu(_group_norm(g, dt, "conv_norm_out")(x))
+    return _conv(cfg.latent_channels, 3, dt, "conv_out")(x)
+
+
+class Decoder(nn.Module):
+  """Latent (after post_quant_conv) -> image; channels in reversed order."""
+
+  config: VQGANConfig
+
+  @nn.compact
+  def __call__(self, z: Array) -> Array:
+    cfg = self.config
+    dt = cfg.compute_dtype
+    chans = tuple(reversed(cfg.block_out_channels))
+    g = cfg.norm_num_groups
+    x = _conv(chans[0], 3, dt, "conv_in")(z.astype(dt))
+    x = MidBlock(g, cfg.mid_block_attention, dt, name="mid_block")(x)
+    for i, ch in enumerate(chans):
+      x = UpBlock(ch, cfg.layers_per_block + 1, g, i != len(chans) - 1, dt,
+                  name=f"up_blocks_{i}")(x)
+    x = nn.silu(_group_norm(g, dt, "conv_norm_out")(x))
+    return _conv(cfg.out_channels, 3, dt, "conv_out")(x)
+
+
+class VectorQuantizer(nn.Module):
+  """Nearest-neighbour codebook lookup with a straight-through estimator."""
+
+  num_embeddings: int
+  embed_dim: int
+
+  def setup(self):
+    n = self.num_embeddings
+    init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+        key, shape, dtype, -1.0 / n, 1.0 / n)
+    # Flax path quantize/embedding/embedding <-> torch quantize.embedding.weight
+    self.embedding = nn.Embed(n, self.embed_dim, embedding_init=init)
+
+  def codebook(self) -> Array:
+    return self.embedding.embedding
+
+  def lookup(self, ids: Array) -> Array:
+    return jnp.take(self.codebook(), ids, axis=0)
+
+  def nearest_ids(self, z: Array) -> Array:
+    """argmin_k ||z - e_k||^2 over the last axis of z (float32)."""
+    e = self.codebook().astype(jnp.float32)
+    zf = z.astype(jnp.float32).reshape(-1, z.shape[-1])
+    # ||z||^2 is the same for every code of a row, so it is left out.
+    scores = jnp.sum(e * e, axis=-1)[None, :] - 2.0 * jnp.matmul(
+        zf, e.T, precision=jax.lax.Precision.HIGHEST)
+    ids = jnp.argmin(scores, axis=-1).astype(jnp.int32)
+    return ids.reshape(z.shape[:-1])
+
+  def __call__(self, z: Array) -> tuple[Array, Array, dict[str, Array]]:
+    ids = self.nearest_ids(z)
+    z_q = self.lookup(ids).astype(jnp.float32)
+    zf = z.astype(jnp.float32)
+    sg = jax.lax.stop_gradient
+    aux = {
+        # Pulls the encoder output towards its code (weighted by beta later).
+        "commitment_loss": jnp.mean(jnp.square(sg(z_q) - zf)),
+        # Pulls the codes towards the encoder outputs.
+        "codebook_loss": jnp.mean(jnp.square(z_q - sg(zf))),
+        "perplexity": _perplexity(ids, self.num_embeddings),
+    }
+    z_st = zf + sg(z_q - zf)  # value of z_q, gradient of z
+    return z_st.astype(z.dtype), ids, aux
+
+
+def _perplexity(ids: Array, n: int) -> Array:
+  counts = jnp.bincount(ids.reshape(-1), length=n).astype(jnp.float32)
+  p = counts / jnp.maximum(counts.sum(), 1.0)
+  return jnp.exp(-jnp.sum(p * jnp.log(p + 1e-10)))
+
+
+class VQGAN(nn.Module):
+  """VQGAN autoencoder. Use `apply(..., method=...)` for the parts."""
+
+  config: VQGANConfig
+
+  def setup(self):
+    cfg = self.config
+    dt = cfg.compute_dtype
+    self.encoder = Encoder(cfg)
+    self.quant_conv = _conv(cfg.vq_embed_dim, 1, dt, None)
+    # Attribute `vq` so that `quantize` can be a method; the scope keeps the
+    # diffusers name.
+    self.vq = VectorQuantizer(cfg.num_vq_embeddings, cfg.vq_embed_dim,
+                              name="quantize")
+    self.post_quant_conv = _conv(cfg.latent_channels, 1, dt, None)
+    self.decoder = Decoder(cfg)
+
+  def encode(self, x: Array) -> Array:
+    """[B,H,W,C] in [-1,1] -> continuous latent [B,H/f,W/f,vq_embed_dim]."""
+    return self.quant_conv(self.encoder(x))
+
+  def quantize(self, z: Array) -> tuple[Array, Array, dict[str, Array]]:
+    """Returns (straight-through z_q, int32 ids [B,h,w], aux losses).
+
+    aux holds the raw (unweighted) 'commitment_loss' and 'codebook_loss' MSE
+    terms and the codebook 'perplexity' of this batch.
+    """
+    return self.vq(z)
+
+  def encode_ids(self, x: Array) -> Array:
+    """Image -> token ids [B,h,w] int32."""
+    return self.vq.nearest_ids(self.encode(x))
+
+  def decode(self, z_q: Array) -> Array:
+    """Quantized latent [B,h,w,vq_embed_dim] -> image [B,H,W,out_channels]."""
+    return self.decoder(self.post_quant_conv(z_q))
+
+  def decode_ids(self, ids: Array) -> Array:
+    """Token ids [B,h,w] -> image."""
+    return self.decode(self.vq.lookup(ids))
+
+  def __call__(self, x: Array) -> tuple[Array, dict[str, Array]]:
+    """Encode, quantize, decode. Returns (reconstruction, aux)."""
+    z_q, ids, aux = self.vq(self.encode(x))
+    aux = dict(aux, ids=ids)
+    return self.decode(z_q), aux
+
+
+# ---------------------------------------------------------------------------
+# Importing diffusers `VQModel` weights.
+# ---------------------------------------------------------------------------
+
+# Older diffusers checkpoints name the attention projections differently.
+_LEGACY_ATTENTION_NAMES = {
+    ".query.": ".to_q.",
+    ".key.": ".to_k.",
+    ".value.": ".to_v.",
+    ".proj_attn.": ".to_out.0.",
+}
+
+
+def vqgan_param_shapes(config: VQGANConfig) -> dict[str, Any]:
+  """Abstract variables ({'params': tree of ShapeDtypeStruct}) of a VQGAN."""
+  f = config.downsample_factor
+  x = jax.ShapeDtypeStruct((1, f, f, config.in_channels), jnp.float32)
+  return jax.eval_shape(lambda x: VQGAN(config).init(jax.random.key(0), x), x)
+
+
+def _flax_path_to_torch_key(path: tuple[str, ...]) -> str:
+  parts = []
+  for name in path:
+    m = re.fullmatch(r"(.*)_(\d+)", name)
+    parts.extend([m.group(1), m.group(2)] if m else [name])
+  leaf = parts[-1]
+  parts[-1] = "bias" if leaf == "bias" else "weight"  # kernel/scale/embedding
+  return ".".join(parts)
+
+
+def _torch_to_flax_array(leaf: str, arr: np.ndarray,
+                         expected: tuple[int, ...]) -> np.ndarray:
+  """Reorders a torch tensor into the Flax layout of `expected` rank."""
+  if leaf == "kernel" and len(expected) == 4 and arr.ndim == 4:
+    return arr.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+  if leaf == "kernel" and len(expected) == 2:
+    if arr.ndim == 4 and arr.shape[2:] == (1, 1):
+      arr = arr[:, :, 0, 0]  # a 1x1 conv used as a linear layer
+    if arr.ndim == 2:
+      return arr.T  # (out, in) -> (in, out)
+  return arr
+
+
+def vqgan_params_from_torch_state_dict(
+    state_dict: Mapping[str, Any], config: VQGANConfig) -> dict[str, Any]:
+  """Converts a diffusers `VQModel` state dict to VQGAN variables.
+
+  Args:
+    state_dict: torch key -> array (numpy, or anything `np.asarray` takes),
+      e.g. from `safetensors.numpy.load_file`.
+    config: the architecture the weights belong to.
+
+  Returns:
+    {'params': tree} ready for `VQGAN(config).apply(variables, ...)`; all
+    leaves are float32 numpy arrays.
+
+  Raises:
+    ValueError: on a shape mismatch (naming the key and both shapes) or on
+      missing / unexpected keys (listing them).
+  """
+  sd = {}
+  for key, value in state_dict.items():
+    for old, new in _LEGACY_ATTENTION_NAMES.items():
+      key = key.replace(old, new)
+    sd[key] = value
+  expected = flax.traverse_util.flatten_dict(
+      vqgan_param_shapes(config)["params"])
+
+  out, missing, used = {}, [], set()
+  for path, spec in expected.items():
+    key = _flax_path_to_torch_key(path)
+    if key not in sd:
+      missing.append(key)
+      continue
+    used.add(key)
+    src = np.asarray(sd[key], dtype=np.float32)
+    arr = _torch_to_flax_array(path[-1], src, spec.shape)
+    if arr.shape != spec.shape:
+      raise ValueError(
+          f"Shape mismatch for '{key}': checkpoint has {src.shape} "
+          f"(-> {arr.shape} in Flax layout), model expects {spec.shape} "
+          f"(Flax path {'/'.join(path)}).")
+    out[path] = np.ascontiguousarray(arr)
+  unexpected = sorted(set(sd) - used)
+  if missing or unexpected:
+    raise ValueError(
+        f"State dict does not match VQGAN config: missing keys {missing}, "
+        f"unexpected keys {unexpected}.")
+  return {"params": flax.traverse_util.unflatten_dict(out)}
