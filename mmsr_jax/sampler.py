@@ -12,6 +12,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmsr_jax import diffusion
 from mmsr_jax.models import context as context_lib
@@ -95,3 +96,36 @@ def default_temperature(batch: int, overrides: dict[str, float] | None = None):
       raise ValueError(f"temperature {name}={value}: must be > 0")
     values[context_lib.CONTEXT_GROUPS.index(name)] = float(value)
   return jnp.tile(jnp.asarray(values, jnp.float32)[None], (batch, 1))
+
+
+def make_inputs(examples: list[dict], tokenizer, config, *, negative_prompt: str | None = None,
+                temperature: dict[str, float] | None = None,
+                enabled: dict[str, bool] | None = None) -> dict:
+  """Stacks example dicts (``lr``, ``text_ids``, ``text_mask``, maps, ``present``) into sampler
+  inputs, adding the negative / empty caption ids, temperatures and modality switches.
+
+  ``enabled`` switches groups off (``{"depth": False}`` -> the depth null block; ``{"text":
+  False}`` -> the empty caption).
+  """
+  b, length = len(examples), config.text.max_length
+  neg = tokenizer.encode(config.sampling.negative_prompt if negative_prompt is None
+                         else negative_prompt, length)
+  null = tokenizer.encode("", length)
+  enabled = dict(enabled or {})
+  for name in enabled:
+    if name not in context_lib.CONTEXT_GROUPS:
+      raise ValueError(f"modality switch {name!r}: expected one of {context_lib.CONTEXT_GROUPS}")
+  stack = lambda key: np.stack([np.asarray(e[key]) for e in examples])  # noqa: E731
+  text_ids, text_mask = stack("text_ids"), stack("text_mask")
+  if not enabled.get("text", True):
+    text_ids, text_mask = np.tile(null[0], (b, 1)), np.tile(null[1], (b, 1))
+  switch = np.asarray([enabled.get(m, True) for m in context_lib.SPATIAL_MODALITIES])
+  return {
+      "lr": stack("lr").astype(np.float32),
+      "text_ids": text_ids, "text_mask": text_mask,
+      "neg_ids": np.tile(neg[0], (b, 1)), "neg_mask": np.tile(neg[1], (b, 1)),
+      "null_ids": np.tile(null[0], (b, 1)), "null_mask": np.tile(null[1], (b, 1)),
+      "maps": np.stack([stack(m) for m in context_lib.SPATIAL_MODALITIES], axis=1),
+      "present": stack("present").astype(bool) & switch[None],
+      "temperature": np.asarray(default_temperature(b, temperature)),
+  }

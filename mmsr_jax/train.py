@@ -1,0 +1,266 @@
+r"""Trains MMSR: ``python -m mmsr_jax.train --config=configs/tiny.py --workdir=DIR``.
+
+One readable trainer in the big_vision manner: config -> mesh -> input -> model -> sharded state
+-> jitted update step -> loop with logging and checkpoints -> the held-out report. Resume is the
+default: a workdir that holds checkpoints continues from the newest one (same data position,
+same RNG stream, so the result equals an uninterrupted run).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+from flax import struct
+from ml_collections import config_flags
+
+from mmsr_jax import checkpoint as ckpt_lib
+from mmsr_jax import diffusion
+from mmsr_jax import report as report_lib
+from mmsr_jax import sharding
+from mmsr_jax.data import pipeline
+from mmsr_jax.models.context import SPATIAL_MODALITIES
+from mmsr_jax.models.mmsr import MMSR, Conditioner, build_model
+from mmsr_jax.text_tokenizer import make_tokenizer
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Any
+
+
+def log(msg: str) -> None:
+  """Progress line on stdout (primary process only)."""
+  if jax.process_index() == 0:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  oc = config.optimizer
+  warmup = max(1, min(oc.warmup_steps, config.num_train_steps))
+  if oc.decay == "cosine":
+    lr = optax.warmup_cosine_decay_schedule(
+        0.0, oc.lr, warmup, max(config.num_train_steps, warmup + 1),
+        end_value=oc.lr * oc.final_lr_fraction)
+  elif oc.decay == "constant":
+    lr = optax.join_schedules(
+        [optax.linear_schedule(0.0, oc.lr, warmup), optax.constant_schedule(oc.lr)], [warmup])
+  else:
+    raise ValueError(f"config.optimizer.decay={oc.decay!r}: expected cosine or constant")
+  tx = optax.chain(
+      optax.clip_by_global_norm(oc.grad_clip) if oc.grad_clip > 0 else optax.identity(),
+      optax.adamw(lr, b1=oc.b1, b2=oc.b2, weight_decay=oc.weight_decay))
+  return tx, lr
+
+
+def dummy_inputs(config, conditioner: Conditioner, batch: int = 1):
+  """Zero inputs of the right shapes for ``MMSR.init``."""
+  lat = config.data.hr_size // conditioner.autoencoder.downsample
+  c = conditioner.autoencoder.latent_channels
+  grid = config.data.map_size // conditioner.vq_downsample
+  return (jnp.zeros((batch, lat, lat, c)), jnp.zeros((batch,), jnp.int32),
+          jnp.zeros((batch, lat, lat, c)),
+          jnp.zeros((batch, config.text.max_length, config.text.encoder.d_model)),
+          jnp.ones((batch, config.text.max_length), jnp.int32),
+          jnp.zeros((batch, len(SPATIAL_MODALITIES), grid, grid), jnp.int32),
+          jnp.ones((batch, len(SPATIAL_MODALITIES)), bool))
+
+
+def ema_decay(config, step):
+  """EMA decay with warm-up: ``min(decay, (1 + step) / (10 + step))``."""
+  step = step.astype(jnp.float32)
+  return jnp.minimum(config.optimizer.ema_decay, (1.0 + step) / (10.0 + step))
+
+
+def make_train_step(config, model: MMSR, conditioner: Conditioner, schedule, tx, lr_fn,
+                    empty_text: tuple[np.ndarray, np.ndarray]):
+  """The update step: frozen encoders -> condition dropout -> loss -> AdamW -> EMA."""
+  base_rng = jax.random.key(config.seed)
+  p_mod, p_txt = config.cond_dropout.modality, config.cond_dropout.text
+  min_snr = config.diffusion.min_snr_gamma or None
+
+  def step_fn(state: TrainState, frozen, batch):
+    rng = jax.random.fold_in(base_rng, state.step)
+    r_mod, r_txt, r_loss = jax.random.split(rng, 3)
+    b = batch["hr"].shape[0]
+    present = batch["present"] & jax.random.bernoulli(r_mod, 1.0 - p_mod, batch["present"].shape)
+    drop_text = jax.random.bernoulli(r_txt, p_txt, (b,))[:, None]
+    batch = dict(batch,
+                 text_ids=jnp.where(drop_text, empty_text[0][None], batch["text_ids"]),
+                 text_mask=jnp.where(drop_text, empty_text[1][None], batch["text_mask"]))
+    cond = jax.lax.stop_gradient(conditioner(frozen, batch))
+    x0 = jax.lax.stop_gradient(conditioner.encode_image(frozen, batch["hr"]))
+
+    def loss_fn(params):
+      ctx = model.apply({"params": params}, cond["text_states"], cond["text_mask"], cond["ids"],
+                        present, method=MMSR.encode_context)
+      apply = lambda z, t: model.apply({"params": params}, z, t, cond["lr_latent"], ctx,  # noqa: E731
+                                       method=MMSR.denoise)
+      loss, _ = diffusion.diffusion_loss(schedule, apply, x0, r_loss, min_snr_gamma=min_snr)
+      return loss
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    d = ema_decay(config, state.step)
+    ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema_params, params)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+               "param_norm": optax.global_norm(params), "lr": lr_fn(state.step)}
+    return TrainState(state.step + 1, params, opt_state, ema), metrics
+
+  return step_fn
+
+
+def create_state_fn(config, model, conditioner, tx):
+  """``init(rng) -> TrainState`` (params unboxed) and the boxed abstract params for shardings."""
+  inputs = dummy_inputs(config, conditioner)
+
+  def init(rng):
+    params = nn.unbox(model.init(rng, *inputs)["params"])
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), params)
+
+  boxed = jax.eval_shape(lambda r: model.init(r, *inputs)["params"], jax.random.key(0))
+  return init, boxed
+
+
+def state_shardings(init, boxed_params, tx, mesh):
+  abstract = jax.eval_shape(init, jax.random.key(0))
+  p_sh = sharding.param_shardings(boxed_params, mesh)
+  return TrainState(step=sharding.replicated(mesh), params=p_sh,
+                    opt_state=sharding.opt_state_shardings(tx, abstract.opt_state, p_sh, mesh),
+                    ema_params=p_sh), abstract
+
+
+class Trainer:
+  """Everything a run builds once: mesh, model, frozen encoders, sharded state, jitted step."""
+
+  def __init__(self, config, workdir: str, devices=None):
+    self.config, self.workdir = config, workdir
+    # --- Mesh.
+    self.mesh = sharding.make_mesh(config, devices)
+    # --- Model and frozen encoders.
+    self.model = build_model(config)
+    self.conditioner = Conditioner.from_config(config)
+    self.schedule = diffusion.Schedule.from_config(config.diffusion)
+    self.tokenizer = make_tokenizer(config.text.tokenizer)
+    self.tx, self.lr_fn = make_optimizer(config)
+    repl = sharding.replicated(self.mesh)
+    self.frozen = jax.device_put(
+        self.conditioner.init_params(config, jax.random.key(config.seed + 1)), repl)
+    # --- Sharded state, created already placed.
+    init, boxed = create_state_fn(config, self.model, self.conditioner, self.tx)
+    self.state_sharding, self.abstract_state = state_shardings(init, boxed, self.tx, self.mesh)
+    self._init = jax.jit(init, out_shardings=self.state_sharding)
+    # --- Update step.
+    empty = self.tokenizer.encode("", config.text.max_length)
+    step_fn = make_train_step(config, self.model, self.conditioner, self.schedule, self.tx,
+                              self.lr_fn, empty)
+    self.train_step = jax.jit(
+        step_fn, in_shardings=(self.state_sharding, repl, sharding.batch_sharding(self.mesh)),
+        out_shardings=(self.state_sharding, repl), donate_argnums=(0,))
+
+  def init_state(self) -> TrainState:
+    return self._init(jax.random.key(self.config.seed))
+
+  def abstract_with_shardings(self):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        self.abstract_state, self.state_sharding)
+
+
+def train(config, workdir: str, *, devices=None, stop_at: int | None = None,
+          write_report: bool = True) -> TrainState:
+  """Trains to ``config.num_train_steps`` (or stops after ``stop_at``, saving a checkpoint)."""
+  os.makedirs(workdir, exist_ok=True)
+  if os.path.exists(ckpt_lib.config_path(workdir)):
+    ckpt_lib.check_compatible(ckpt_lib.load_config(workdir), config, f"--workdir={workdir}")
+  trainer = Trainer(config, workdir, devices)
+  if ckpt_lib.is_primary():
+    ckpt_lib.save_config(workdir, config)
+
+  # --- Input.
+  loader = pipeline.make_train_loader(config, trainer.tokenizer)
+  data_iter = iter(loader)
+
+  # --- Checkpoint / resume.
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  start = ckpt.latest_step()
+  if start is not None:
+    log(f"resuming from {ckpt.directory}/{start}")
+    state = ckpt.restore(start, trainer.abstract_with_shardings(), data_iter)
+  else:
+    start = 0
+    state = trainer.init_state()
+
+  # --- Loop.
+  total = config.num_train_steps
+  end = total if stop_at is None else min(stop_at, total)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  pending, t_window, steps_in_window = [], time.time(), 0
+  step = start
+  for step in range(start + 1, end + 1):
+    batch = sharding.global_batch(next(data_iter), trainer.mesh)
+    state, metrics = trainer.train_step(state, trainer.frozen, batch)
+    pending.append(metrics)
+    steps_in_window += 1
+    if step % config.log_every == 0 or step == end:
+      host = jax.device_get(pending)
+      loss = float(np.mean([m["loss"] for m in host]))
+      grad_norm = float(np.mean([m["grad_norm"] for m in host]))
+      if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        bad = next(start + 1 + i for i, m in enumerate(host)
+                   if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])))
+        raise FloatingPointError(f"non-finite loss or gradient norm at step {bad}; the last good "
+                                 f"checkpoint in {ckpt.directory} is kept")
+      dt = time.time() - t_window
+      sps = steps_in_window / max(dt, 1e-9)
+      record = {"step": step, "loss": loss, "grad_norm": grad_norm,
+                "param_norm": float(host[-1]["param_norm"]), "lr": float(host[-1]["lr"]),
+                "steps_per_s": sps, "images_per_s": sps * config.batch_size,
+                "window": steps_in_window}
+      log(f"step {step}/{total}  loss {loss:.4f}  grad_norm {grad_norm:.3f}  "
+          f"lr {record['lr']:.2e}  {sps:.2f} steps/s  ETA {(total - step) / max(sps, 1e-9):.0f}s")
+      if ckpt_lib.is_primary():
+        with open(metrics_path, "a") as f:
+          f.write(json.dumps(record) + "\n")
+      pending, t_window, steps_in_window = [], time.time(), 0
+    if step % config.checkpoint_every == 0 or step == end:
+      ckpt.save(step, state, data_iter, force=True)
+  ckpt.wait()
+  ckpt.close()
+
+  if write_report and end == total and ckpt_lib.is_primary():
+    report = report_lib.write_report(config, workdir, trainer, state)
+    log("report: " + json.dumps({k: v for k, v in report.items() if k != "per_image"}))
+  return state
+
+
+# ---------------------------------------------------------------------------------------------
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/tiny.py", "Config file (ml_collections); override fields with "
+    "--config.field=value.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the report.")
+
+
+def main(argv):
+  del argv
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required")
+  logging.set_verbosity(logging.WARNING)  # library chatter off; progress goes to stdout
+  train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  from mmsr_jax import cli
+  cli.run(main)

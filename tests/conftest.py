@@ -1,0 +1,42 @@
+"""Test set-up: 8 fake CPU devices (set before JAX is imported) and small configs."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+
+def small_config(**overrides):
+  """The tiny config shrunk further so that a train step compiles and runs in seconds."""
+  from configs import tiny
+  c = tiny.get_config()
+  c.batch_size = 8
+  c.num_train_steps = 6
+  c.log_every = 2
+  c.checkpoint_every = 3
+  c.optimizer.warmup_steps = 2
+  c.data.hr_size = 32
+  c.data.eval_size = 32
+  c.data.map_size = 16
+  c.text.max_length = 16
+  c.model.width = 64
+  c.model.depth = 2
+  c.model.num_heads = 4
+  c.model.context_latents = 8
+  c.model.context_heads = 4
+  c.eval.steps = 2
+  c.eval.val_batches = 1
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.fixture
+def config():
+  return small_config()
