@@ -1,0 +1,179 @@
+"""Noise schedules, prediction types, DDIM on a Gaussian toy, and the three guidance modes."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from mmsr_jax import diffusion, sampler
+from mmsr_jax.models.mmsr import MMSR, Conditioner, build_model
+from mmsr_jax.text_tokenizer import ByteTokenizer
+
+
+def _sched_cfg(**kw):
+  c = dict(num_timesteps=1000, schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+           prediction="epsilon", rescale_zero_snr=False)
+  c.update(kw)
+  return ml_collections.ConfigDict(c)
+
+
+def test_schedules_match_their_definitions():
+  b = diffusion.make_betas("scaled_linear", 1000, 0.00085, 0.012)
+  assert b[0] == pytest.approx(0.00085) and b[-1] == pytest.approx(0.012)
+  assert b[500] == pytest.approx((0.00085 ** 0.5 + 500 / 999 * (0.012 ** 0.5 - 0.00085 ** 0.5)) ** 2)
+  lin = diffusion.make_betas("linear", 1000, 1e-4, 0.02)
+  assert lin[1] - lin[0] == pytest.approx((0.02 - 1e-4) / 999)
+  cos = diffusion.make_betas("cosine", 1000)
+  ab = np.cumprod(1 - cos)
+  f = lambda t: np.cos((t / 1000 + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731
+  np.testing.assert_allclose(ab[:900], (f(np.arange(1, 1001)) / f(0))[:900], rtol=1e-6)
+  zs = diffusion.Schedule.from_config(_sched_cfg(rescale_zero_snr=True))
+  assert zs.alphas_cumprod[-1] == 0.0
+  assert zs.alphas_cumprod[0] == pytest.approx(1 - 0.00085)
+  with pytest.raises(ValueError, match="config.diffusion.schedule"):
+    diffusion.make_betas("sigmoid", 10)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_prediction_targets_invert(prediction):
+  s = diffusion.Schedule.from_config(_sched_cfg(prediction=prediction))
+  k = jax.random.split(jax.random.key(0), 2)
+  x0, eps = jax.random.normal(k[0], (4, 3)), jax.random.normal(k[1], (4, 3))
+  t = jnp.array([0, 10, 500, 999])
+  x_t = s.add_noise(x0, eps, t)
+  x0_hat, eps_hat = s.to_x0_eps(s.target(x0, eps, t), x_t, t)
+  np.testing.assert_allclose(x0_hat, x0, atol=2e-3 if prediction == "epsilon" else 1e-5)
+  np.testing.assert_allclose(eps_hat, eps, atol=1e-5)
+
+
+def test_ddim_timesteps():
+  np.testing.assert_array_equal(diffusion.ddim_timesteps(1000, 4), [751, 501, 251, 1])
+  np.testing.assert_array_equal(diffusion.ddim_timesteps(1000, 4, "trailing"), [999, 749, 499, 249])
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_ddim_gaussian_toy_reaches_the_data_distribution(eta, prediction):
+  """x0 ~ N(mu, s^2): the optimal predictor is known in closed form; DDIM must recover mu, s."""
+  mu, s = 1.5, 0.5
+  sched = diffusion.Schedule.from_config(_sched_cfg(prediction=prediction))
+  ab_all = jnp.asarray(sched.alphas_cumprod, jnp.float32)
+
+  def optimal(x_t, t):
+    ab = ab_all[t].reshape(-1, 1)
+    var = ab * s ** 2 + 1 - ab
+    eps = jnp.sqrt(1 - ab) * (x_t - jnp.sqrt(ab) * mu) / var
+    x0 = (x_t - jnp.sqrt(1 - ab) * eps) / jnp.sqrt(ab)
+    return eps if prediction == "epsilon" else jnp.sqrt(ab) * eps - jnp.sqrt(1 - ab) * x0
+
+  n = 20000
+  # Start from the exact marginal at the first DDIM timestep (pure N(0, 1) would carry the
+  # schedule's non-zero terminal SNR into the result; that case is tested with zero-SNR below).
+  # 250 steps: DDIM's discretisation shrinks the variance with few steps (0.40 at 10 steps,
+  # 0.47 at 50, 0.49 at 200 for s = 0.5), converging to s as steps grow.
+  steps = 250
+  ab0 = float(ab_all[diffusion.ddim_timesteps(1000, steps)[0]])
+  x_T = (np.sqrt(ab0) * mu + np.sqrt(ab0 * s ** 2 + 1 - ab0)
+         * jax.random.normal(jax.random.key(1), (n, 1)))
+  out = jax.jit(lambda x, r: diffusion.ddim_sample(sched, optimal, x, r, steps=steps, eta=eta,
+                                                   guided=False))(x_T, jax.random.key(2))
+  out = np.asarray(out)
+  assert abs(out.mean() - mu) < 0.02
+  assert abs(out.std() - s) < 0.02
+
+
+def test_ddim_zero_terminal_snr_from_pure_noise():
+  mu, s = -0.7, 0.3
+  sched = diffusion.Schedule.from_config(_sched_cfg(prediction="v", rescale_zero_snr=True))
+  ab_all = jnp.asarray(sched.alphas_cumprod, jnp.float32)
+
+  def optimal_v(x_t, t):
+    ab = ab_all[t].reshape(-1, 1)
+    x0 = mu + jnp.sqrt(ab) * s ** 2 * (x_t - jnp.sqrt(ab) * mu) / (ab * s ** 2 + 1 - ab)
+    eps = (x_t - jnp.sqrt(ab) * x0) / jnp.sqrt(1 - ab)
+    return jnp.sqrt(ab) * eps - jnp.sqrt(1 - ab) * x0
+
+  x_T = jax.random.normal(jax.random.key(1), (20000, 1))
+  out = np.asarray(diffusion.ddim_sample(sched, optimal_v, x_T, jax.random.key(2), steps=250,
+                                         guided=False, spacing="trailing"))
+  assert abs(out.mean() - mu) < 0.02 and abs(out.std() - s) < 0.02
+
+
+def test_loss_is_zero_for_the_true_target_and_min_snr_weights():
+  sched = diffusion.Schedule.from_config(_sched_cfg(prediction="v"))
+  x0 = jnp.ones((3, 2, 2, 1))
+  # A model that returns exactly the target has zero loss (target depends on the noise drawn).
+  t = jnp.array([5, 300, 900])
+  rng = jax.random.key(0)
+  noise = jax.random.normal(jax.random.split(rng)[1], x0.shape)
+  loss, _ = diffusion.diffusion_loss(sched, lambda z, tt: sched.target(x0, noise, tt), x0, rng, t=t)
+  assert float(loss) == pytest.approx(0.0, abs=1e-10)
+  loss_w, per = diffusion.diffusion_loss(sched, lambda z, tt: jnp.zeros_like(z), x0, rng, t=t,
+                                         min_snr_gamma=5.0)
+  _, per_plain = diffusion.diffusion_loss(sched, lambda z, tt: jnp.zeros_like(z), x0, rng, t=t)
+  ab = np.asarray(sched.ab(t))
+  snr = ab / (1 - ab)
+  np.testing.assert_allclose(per, per_plain * np.minimum(snr, 5.0) / (snr + 1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["cfg", "m0cfg", "mcfg"])
+def test_guidance_modes_match_their_formulas(config, mode):
+  """One DDIM step (eta=0, prev alpha_bar=1) returns decode(x0) of the guided prediction; build
+  the negative branch by hand for each mode and compare."""
+  config.diffusion.prediction = "epsilon"
+  config.sampling.clip_x0 = 0.0
+  model, cond = build_model(config), Conditioner.from_config(config)
+  sched = diffusion.Schedule.from_config(config.diffusion)
+  tok = ByteTokenizer()
+  from mmsr_jax.train import dummy_inputs
+  params = model.init(jax.random.key(0), *dummy_inputs(config, cond))["params"]
+  # Give the zero-initialised output layer weights, so predictions depend on the conditions.
+  params = jax.tree.map(lambda x: x, params)
+  proj = params["dit"]["proj_out"]["kernel"]
+  params["dit"]["proj_out"]["kernel"] = proj.replace_boxed(
+      jax.random.normal(jax.random.key(3), proj.value.shape) * 0.2)
+  params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
+                        is_leaf=lambda x: hasattr(x, "value"))
+  frozen = cond.init_params(config, jax.random.key(1))
+  rng = np.random.default_rng(0)
+  m, lr_size, L = config.data.map_size, config.data.hr_size // 4, config.text.max_length
+  ex = []
+  for i in range(2):
+    ids, mask = tok.encode(["a cat", "red wall"][i], L)
+    ex.append({"lr": rng.uniform(-1, 1, (lr_size, lr_size, 3)).astype(np.float32),
+               "text_ids": ids, "text_mask": mask,
+               "depth": rng.uniform(-1, 1, (m, m, 3)).astype(np.float32),
+               "seg": np.zeros((m, m, 3), np.float32),
+               "edge": rng.uniform(-1, 1, (m, m, 3)).astype(np.float32),
+               "present": np.array([True, False, True])})
+  inputs = sampler.make_inputs(ex, tok, config, negative_prompt="blurry")
+  w = 3.0
+  fn = sampler.make_sample_fn(model, cond, sched, steps=1, guidance=mode)
+  got = fn(params, frozen, inputs, jax.random.key(7), w, 0.0)
+
+  # By hand.
+  b = 2
+  lr_lat = cond.lr_latent(frozen, jnp.asarray(inputs["lr"]), (config.data.hr_size,) * 2)
+  ids = cond.modality_ids(frozen, jnp.asarray(inputs["maps"]))
+  def eps_for(text_ids, text_mask, present, z, t):
+    states = cond.text_states(frozen, text_ids, text_mask)
+    ctx = model.apply({"params": params}, states, text_mask, ids, present,
+                      inputs["temperature"], method=MMSR.encode_context)
+    return model.apply({"params": params}, z, t, lr_lat, ctx, method=MMSR.denoise)
+  r_init, _ = jax.random.split(jax.random.key(7))
+  lat = config.data.hr_size // 4
+  z = jax.random.normal(r_init, (b, lat, lat, 48))
+  t = jnp.full((b,), diffusion.ddim_timesteps(1000, 1)[0])
+  present = inputs["present"]
+  neg = {"cfg": (inputs["null_ids"], inputs["null_mask"], np.zeros_like(present)),
+         "m0cfg": (inputs["neg_ids"], inputs["neg_mask"], np.zeros_like(present)),
+         "mcfg": (inputs["neg_ids"], inputs["neg_mask"], present)}[mode]
+  e_pos = eps_for(inputs["text_ids"], inputs["text_mask"], present, z, t)
+  e_neg = eps_for(*neg, z, t)
+  eps = (1 + w) * e_pos - w * e_neg
+  ab = sched.ab(t)[:, None, None, None]
+  x0 = (z - jnp.sqrt(1 - ab) * eps) / jnp.sqrt(ab)
+  want = jnp.clip(cond.decode(frozen, x0), -1, 1)
+  np.testing.assert_allclose(got, want, atol=2e-4)
+  assert float(jnp.abs(e_pos - e_neg).max()) > 1e-3  # the branches really differ
