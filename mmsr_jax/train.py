@@ -247,20 +247,21 @@ def train(config, workdir: str, *, devices=None, stop_at: int | None = None,
 
 
 # ---------------------------------------------------------------------------------------------
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/tiny.py", "Config file (ml_collections); override fields with "
-    "--config.field=value.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the report.")
-
-
 def main(argv):
   del argv
-  if not _WORKDIR.value:
+  if not flags.FLAGS.workdir:
     raise app.UsageError("--workdir is required")
   logging.set_verbosity(logging.WARNING)  # library chatter off; progress goes to stdout
-  train(_CONFIG.value, _WORKDIR.value)
+  train(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+def define_flags() -> None:
+  config_flags.DEFINE_config_file(
+      "config", "configs/tiny.py", "Config file (ml_collections); override fields with "
+      "--config.field=value.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the report.")
 
 
 if __name__ == "__main__":
   from mmsr_jax import cli
-  cli.run(main)
+  cli.run(main, define_flags)
