@@ -1,0 +1,139 @@
+"""The trainer: sharded step equality, exact resume, end-to-end train -> report -> sample, and
+clear errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmsr_jax import sharding, train
+from mmsr_jax.data import pipeline
+from tests.conftest import small_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _params(state):
+  return jax.device_get(state.params)
+
+
+def _assert_trees_close(a, b, atol):
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, atol=atol, rtol=0, err_msg=jax.tree_util.keystr(path))
+
+
+def test_step_on_8_devices_equals_1_device(config):
+  assert len(jax.devices()) == 8
+  batch = next(iter(pipeline.make_train_loader(config, train.make_tokenizer("byte"))))
+  results = {}
+  for n in (8, 1):
+    trainer = train.Trainer(config, "/unused", devices=jax.devices()[:n])
+    state = trainer.init_state()
+    assert len(state.params["dit"]["patch_embed"]["kernel"].sharding.device_set) == n
+    for _ in range(2):
+      state, metrics = trainer.train_step(state, trainer.frozen,
+                                          sharding.global_batch(batch, trainer.mesh))
+    results[n] = (_params(state), jax.device_get(state.ema_params), float(metrics["loss"]))
+  _assert_trees_close(results[8][0], results[1][0], atol=1e-5)
+  _assert_trees_close(results[8][1], results[1][1], atol=1e-5)
+  assert results[8][2] == pytest.approx(results[1][2], abs=1e-5)
+  # The step really changed the parameters.
+  init = jax.device_get(train.Trainer(config, "/unused", devices=jax.devices()[:1]).init_state())
+  assert np.abs(results[1][0]["dit"]["proj_out"]["kernel"]
+                - init.params["dit"]["proj_out"]["kernel"]).max() > 1e-6
+
+
+def test_resume_continues_exactly(config, tmp_path):
+  devices = jax.devices()[:2]
+  straight = train.train(config, str(tmp_path / "a"), devices=devices, write_report=False)
+  first = train.train(config, str(tmp_path / "b"), devices=devices, stop_at=4, write_report=False)
+  assert int(first.step) == 4
+  resumed = train.train(config, str(tmp_path / "b"), devices=devices, write_report=False)
+  assert int(resumed.step) == int(straight.step) == config.num_train_steps
+  _assert_trees_close(_params(resumed), _params(straight), atol=0)
+  _assert_trees_close(jax.device_get(resumed.opt_state), jax.device_get(straight.opt_state), atol=0)
+  _assert_trees_close(jax.device_get(resumed.ema_params), jax.device_get(straight.ema_params),
+                      atol=0)
+
+
+def test_resume_refuses_an_incompatible_config(config, tmp_path):
+  train.train(config, str(tmp_path), devices=jax.devices()[:1], stop_at=1, write_report=False)
+  config.model.width = 32
+  with pytest.raises(ValueError, match="model.width"):
+    train.train(config, str(tmp_path), devices=jax.devices()[:1], write_report=False)
+
+
+def test_end_to_end_train_report_and_sample(config, tmp_path):
+  from mmsr_jax.sample import SuperResolver
+  workdir = str(tmp_path / "run")
+  train.train(config, workdir, devices=jax.devices()[:1])
+  report = json.load(open(os.path.join(workdir, "report.json")))
+  for key in ("first_train_loss", "final_train_loss", "psnr_sr", "ssim_sr", "psnr_bicubic",
+              "ssim_bicubic"):
+    assert np.isfinite(report[key]), key
+  assert set(report["val_loss"]) >= {"all", "none"}
+  assert report["val_loss"]["all"] != report["val_loss"]["none"]
+  assert 20 < report["psnr_bicubic"] < 40 and 0 < report["ssim_bicubic"] <= 1
+  assert os.path.exists(os.path.join(workdir, "loss_curve.png"))
+  grids = os.listdir(os.path.join(workdir, "samples"))
+  assert sorted(grids) == ["chelsea.png", "coffee.png"]
+  grid = np.asarray(Image.open(os.path.join(workdir, "samples", "chelsea.png")))
+  assert grid.shape == (32, 4 * 32 + 3 * 4, 3)
+
+  sr = SuperResolver.from_workdir(workdir)
+  img = np.random.default_rng(0).integers(0, 256, (9, 13, 3), dtype=np.uint8)  # odd sizes
+  a = sr(img, caption="a cat", steps=2)
+  assert a.shape == (36, 52, 3) and a.dtype == np.uint8
+  b = sr(img, caption="a cat", steps=2)
+  np.testing.assert_array_equal(a, b)  # same seed, same output
+  c = sr(img, caption="a cat", steps=2, temperature={"depth": 1.0, "seg": 1.0, "edge": 1.0,
+                                                      "text": 1.0})
+  np.testing.assert_array_equal(a, c)
+  d = sr(img, caption="a cat", steps=2, seed=1)
+  assert np.abs(a.astype(int) - d).max() > 0
+
+
+def _run(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=300)
+
+
+def test_cli_errors_are_one_clear_line(tmp_path):
+  bad = tmp_path / "bad.png"
+  bad.write_text("not an image")
+  r = _run("mmsr_jax.train", f"--workdir={tmp_path}/w", "--config.model.no_such_field=1")
+  assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+      "error: --config.model.no_such_field: no such config field ('no_such_field' is not in "
+      "the config file's fields)"]
+  assert not os.path.exists(tmp_path / "w")
+
+  (tmp_path / "empty_run").mkdir()
+  r = _run("mmsr_jax.sample", f"--workdir={tmp_path}/empty_run", f"--input={bad}",
+           f"--output={tmp_path}/out")
+  assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+  assert "bad.png: not a readable image" in r.stderr
+  assert not os.path.exists(tmp_path / "out")
+
+  good = tmp_path / "good.png"
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(good)
+  r = _run("mmsr_jax.sample", f"--workdir={tmp_path}/empty_run", f"--input={good}",
+           f"--output={tmp_path}/out")
+  assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+  assert "config.json not found" in r.stderr
+
+
+  # A run folder with its config but no checkpoint yet.
+  from mmsr_jax import checkpoint
+  checkpoint.save_config(str(tmp_path / "no_ckpt"), small_config())
+  r = _run("mmsr_jax.sample", f"--workdir={tmp_path}/no_ckpt", f"--input={good}",
+           f"--output={tmp_path}/out")
+  assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+  assert "no checkpoints" in r.stderr
+  assert not os.path.exists(tmp_path / "out")
