@@ -83,6 +83,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.diffusion.prediction = "epsilon"
   c.diffusion.rescale_zero_snr = False
   c.diffusion.min_snr_gamma = 0.0  # 0 disables min-SNR weighting
+  # Residual diffusion: diffuse residual_scale * (z_HR - z_LR) instead of z_HR; the sampler adds
+  # the LR latent back. The LR latent is still concatenated to the input either way.
+  c.diffusion.residual = False
+  c.diffusion.residual_scale = 1.0
 
   c.cond_dropout = ml_collections.ConfigDict()
   c.cond_dropout.modality = 0.1  # each spatial modality -> null block, independently
@@ -97,9 +101,65 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampling.negative_prompt = ""
   c.sampling.clip_x0 = 0.0  # > 0 clips predicted x0 (pixel autoencoder only)
   c.sampling.seed = 0
+  # 1.0 starts DDIM from pure noise; < 1 starts from the upsampled LR noised to strength * T
+  # (fewer invented details, more fidelity).
+  c.sampling.strength = 1.0
 
   c.eval = ml_collections.ConfigDict()
   c.eval.steps = 50
   c.eval.scale = 0.0  # guidance scale for the held-out report (0 = conditional only)
   c.eval.val_batches = 4  # noise draws per held-out example for val_loss
+  return c
+
+
+def full_size_config(*, width: int, depth: int, num_heads: int, lr: float,
+                     init_from: str = "") -> ml_collections.ConfigDict:
+  """The research configuration of MMSR.md at a given denoiser size (``configs/dit_*.py``).
+
+  SD-compatible KL-f8 VAE, T5 v1.1 XXL (77 tokens), VQGAN f16 tokenizers (256x256 maps -> 16x16
+  ids, codebook 1024 x 256), a 128-latent MMLC, 512x512 crops from 128x128 LR, bf16 compute.
+  The frozen components are read from the ``weights/`` paths below (written by the converter).
+  """
+  c = base_config()
+  c.batch_size = 256
+  c.num_train_steps = 200_000
+  c.log_every = 100
+  c.checkpoint_every = 2_000
+  c.compute_dtype = "bfloat16"
+  c.optimizer.lr = lr
+  c.optimizer.warmup_steps = 1_000
+  c.optimizer.weight_decay = 0.03
+  c.optimizer.ema_decay = 0.9999
+
+  c.data.hr_size = 512
+  c.data.map_size = 256
+  c.data.eval_size = 512
+
+  c.text.tokenizer = "google/t5-v1_1-xxl"
+  c.text.max_length = 77
+  c.text.params = "weights/t5_v1_1_xxl.safetensors"
+  c.text.encoder = dict(
+      vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+      relative_attention_num_buckets=32, relative_attention_max_distance=128,
+      layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu")
+  c.vq.params = "weights/vqgan_f16_modalities.safetensors"
+
+  c.autoencoder.kind = "vae"
+  c.autoencoder.factor = 8
+  c.autoencoder.scaling_factor = 0.18215
+  c.autoencoder.params = "weights/sd_vae_ft_ema.safetensors"
+
+  c.model.width = width
+  c.model.depth = depth
+  c.model.num_heads = num_heads
+  c.model.patch_size = 2
+  c.model.remat = True
+  c.model.context_latents = 128
+  c.model.context_depth = 2
+  c.model.context_heads = num_heads
+  c.model.init_from = init_from
+
+  c.sampling.steps = 50
+  c.sampling.guidance = "mcfg"
+  c.sampling.scale = 2.0
   return c

@@ -143,7 +143,8 @@ def guided_prediction(model_out_pos, model_out_neg, scale):
 
 def ddim_sample(schedule: Schedule, denoise: Callable, x_T, rng, *, steps: int,
                 eta: float | jax.Array = 0.0, scale: float | jax.Array = 0.0,
-                guided: bool = True, spacing: str = "leading", clip_x0: float | None = None):
+                guided: bool = True, spacing: str = "leading", clip_x0: float | None = None,
+                first_step: int = 0):
   """DDIM from ``x_T``; the whole loop is one ``lax.fori_loop`` (call it inside ``jax.jit``).
 
   Args:
@@ -154,6 +155,8 @@ def ddim_sample(schedule: Schedule, denoise: Callable, x_T, rng, *, steps: int,
     eta: DDIM stochasticity (0 = deterministic DDIM, 1 = DDPM-like).
     scale: the guidance scale ``w``; traced, so changing it does not recompile.
     clip_x0: clip the predicted ``x0`` to ``[-clip_x0, clip_x0]`` (pixel-space models).
+    first_step: start at ``ddim_timesteps(...)[first_step]`` instead of the noisiest step;
+      ``x_T`` must then be a sample of that timestep (see :func:`start_step`).
   """
   ts_np = ddim_timesteps(schedule.num_timesteps, steps, spacing)
   ts = jnp.asarray(ts_np)
@@ -181,4 +184,11 @@ def ddim_sample(schedule: Schedule, denoise: Callable, x_T, rng, *, steps: int,
     dir_xt = jnp.sqrt(jnp.maximum(1 - ab_prev - sigma ** 2, 0.0)) * eps
     return jnp.sqrt(ab_prev) * x0 + dir_xt + sigma * noise
 
-  return jax.lax.fori_loop(0, steps, body, x_T)
+  return jax.lax.fori_loop(first_step, steps, body, x_T)
+
+
+def start_step(steps: int, strength: float) -> int:
+  """The DDIM step to start from for a ``strength`` in (0, 1] (1 = from pure noise)."""
+  if not 0.0 < strength <= 1.0:
+    raise ValueError(f"sampling strength={strength}: expected a value in (0, 1]")
+  return min(steps - 1, int(round(steps * (1.0 - strength))))

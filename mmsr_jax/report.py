@@ -53,7 +53,8 @@ def val_losses(config, trainer, params, examples) -> dict[str, float]:
                       method=MMSR.encode_context)
     apply = lambda z, t: model.apply({"params": params}, z, t, c["lr_latent"], ctx,  # noqa: E731
                                      method=MMSR.denoise)
-    return diffusion.diffusion_loss(schedule, apply, cond.encode_image(frozen, hr), rng)[0]
+    x0 = cond.diffusion_target(frozen, hr, c["lr_latent"])
+    return diffusion.diffusion_loss(schedule, apply, x0, rng)[0]
 
   settings = {
       "all": (inputs["present"], inputs["text_ids"], inputs["text_mask"]),
@@ -69,12 +70,13 @@ def val_losses(config, trainer, params, examples) -> dict[str, float]:
 
 
 def super_resolve(config, trainer, params, examples, *, steps: int, scale: float,
-                  guidance: str, seed: int = 0) -> np.ndarray:
+                  guidance: str, strength: float = 1.0, seed: int = 0) -> np.ndarray:
   """SR of a list of same-size examples -> uint8 ``[B, H, W, 3]``."""
   inputs = sampler.make_inputs(examples, trainer.tokenizer, config)
   sample = sampler.make_sample_fn(trainer.model, trainer.conditioner, trainer.schedule,
                                   steps=steps, guidance=guidance if scale else "none",
-                                  spacing=config.sampling.spacing, clip_x0=config.sampling.clip_x0)
+                                  spacing=config.sampling.spacing, clip_x0=config.sampling.clip_x0,
+                                  strength=strength)
   out = sample(params, trainer.frozen, inputs, jax.random.key(seed), scale, config.sampling.eta)
   return to_uint8(out)
 
@@ -114,9 +116,10 @@ def write_report(config, workdir: str, trainer, state) -> dict:
       "final_train_loss": records[-1]["loss"] if records else None,
       "val_loss": val_losses(config, trainer, ema, examples),
   }
-  sr = super_resolve(config, trainer, ema, examples, steps=config.eval.steps,
-                     scale=config.eval.scale, guidance=config.sampling.guidance,
-                     seed=config.sampling.seed)
+  settings = dict(steps=config.eval.steps, scale=config.eval.scale,
+                  guidance=config.sampling.guidance, seed=config.sampling.seed)
+  sr = super_resolve(config, trainer, ema, examples, strength=config.sampling.strength,
+                     **settings)
   os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
   per_image = []
   for ex, sr_u8 in zip(examples, sr):
@@ -129,11 +132,19 @@ def write_report(config, workdir: str, trainer, state) -> dict:
         "ssim_bicubic": metrics.ssim_y(bic_u8, hr_u8)})
     Image.fromarray(grid_image(lr_u8, bic_u8, sr_u8, hr_u8)).save(
         os.path.join(workdir, "samples", f"{ex['name']}.png"))
-  for key in ("psnr_sr", "ssim_sr", "psnr_bicubic", "ssim_bicubic"):
-    report[key] = float(np.mean([p[key] for p in per_image]))
+  if config.sampling.strength < 1.0:  # also score sampling from pure noise, for comparison
+    pure = super_resolve(config, trainer, ema, examples, strength=1.0, **settings)
+    for p, ex, out in zip(per_image, examples, pure):
+      hr_u8 = to_uint8(ex["hr"])
+      p["psnr_sr_from_noise"] = metrics.psnr_y(out, hr_u8)
+      p["ssim_sr_from_noise"] = metrics.ssim_y(out, hr_u8)
+  for key in per_image[0]:
+    if key != "name":
+      report[key] = float(np.mean([p[key] for p in per_image]))
   report["per_image"] = per_image
   report["eval"] = {"steps": config.eval.steps, "guidance_scale": config.eval.scale,
-                    "size": int(examples[0]["hr"].shape[0])}
+                    "strength": config.sampling.strength, "eta": config.sampling.eta,
+                    "size": int(examples[0]["hr"].shape[0]), "images": len(examples)}
   if records:
     plot_losses(records, os.path.join(workdir, "loss_curve.png"))
   with open(os.path.join(workdir, "report.json"), "w") as f:

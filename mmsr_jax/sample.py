@@ -93,17 +93,19 @@ class SuperResolver:
     need = self._t.conditioner.autoencoder.downsample * self.config.model.patch_size
     return max(1, math.ceil(need / self.config.data.scale))
 
-  def _sample_fn(self, guidance: str, steps: int):
-    key = (guidance, steps)
+  def _sample_fn(self, guidance: str, steps: int, strength: float):
+    key = (guidance, steps, strength)
     if key not in self._fns:
       self._fns[key] = sampler.make_sample_fn(
           self._t.model, self._t.conditioner, self._t.schedule, steps=steps, guidance=guidance,
-          spacing=self.config.sampling.spacing, clip_x0=self.config.sampling.clip_x0)
+          spacing=self.config.sampling.spacing, clip_x0=self.config.sampling.clip_x0,
+          strength=strength)
     return self._fns[key]
 
   def __call__(self, image: np.ndarray, *, caption: str = "", negative_prompt: str | None = None,
                guidance: str | None = None, scale: float | None = None, steps: int | None = None,
                eta: float | None = None, seed: int | None = None,
+               strength: float | None = None,
                temperature: dict[str, float] | None = None,
                enabled: dict[str, bool] | None = None,
                maps: dict[str, np.ndarray] | None = None) -> np.ndarray:
@@ -125,7 +127,9 @@ class SuperResolver:
     inputs = sampler.make_inputs([example], self._t.tokenizer, self.config,
                                  negative_prompt=negative_prompt, temperature=temperature,
                                  enabled=enabled)
-    fn = self._sample_fn(guidance if scale else "none", steps)
+    strength = sc.strength if strength is None else strength
+    diffusion.start_step(steps, strength)  # validates the value before any work
+    fn = self._sample_fn(guidance if scale else "none", steps, strength)
     out = fn(self.params, self._t.frozen, inputs,
              jax.random.key(sc.seed if seed is None else seed), float(scale),
              float(sc.eta if eta is None else eta))
@@ -185,6 +189,7 @@ def define_flags() -> None:
   d.DEFINE_integer("steps", None, "DDIM steps.")
   d.DEFINE_float("eta", None, "DDIM eta.")
   d.DEFINE_integer("seed", None, "Noise seed.")
+  d.DEFINE_float("strength", None, "1 = from pure noise; < 1 = from the noised upsampled LR.")
   d.DEFINE_string("temperature", "", "Per-group temperature, e.g. depth=0.5,edge=2.")
   d.DEFINE_list("disable", [], "Groups to switch off: text, depth, seg, edge.")
   for k in SPATIAL_MODALITIES:
@@ -218,7 +223,7 @@ def main(argv):
   sr = SuperResolver.from_workdir(F.workdir)
   os.makedirs(F.output, exist_ok=True)
   settings = dict(caption=F.caption, negative_prompt=F.negative_prompt, guidance=F.guidance,
-                  scale=F.scale, steps=F.steps, eta=F.eta, seed=F.seed,
+                  scale=F.scale, steps=F.steps, eta=F.eta, seed=F.seed, strength=F.strength,
                   temperature=temperature, enabled=enabled)
   for i, (f, img) in enumerate(images.items()):
     out = sr(img, maps=maps, **settings)

@@ -101,7 +101,8 @@ def make_train_step(config, model: MMSR, conditioner: Conditioner, schedule, tx,
                  text_ids=jnp.where(drop_text, empty_text[0][None], batch["text_ids"]),
                  text_mask=jnp.where(drop_text, empty_text[1][None], batch["text_mask"]))
     cond = jax.lax.stop_gradient(conditioner(frozen, batch))
-    x0 = jax.lax.stop_gradient(conditioner.encode_image(frozen, batch["hr"]))
+    x0 = jax.lax.stop_gradient(
+        conditioner.diffusion_target(frozen, batch["hr"], cond["lr_latent"]))
 
     def loss_fn(params):
       ctx = model.apply({"params": params}, cond["text_states"], cond["text_mask"], cond["ids"],
@@ -148,6 +149,10 @@ class Trainer:
 
   def __init__(self, config, workdir: str, devices=None):
     self.config, self.workdir = config, workdir
+    if config.model.init_from:
+      raise ValueError(
+          f"config.model.init_from={config.model.init_from!r}: starting from converted PixArt "
+          "weights is not part of this build yet; set it to '' to train from scratch")
     # --- Mesh.
     self.mesh = sharding.make_mesh(config, devices)
     # --- Model and frozen encoders.
@@ -214,7 +219,10 @@ def train(config, workdir: str, *, devices=None, stop_at: int | None = None,
     state, metrics = trainer.train_step(state, trainer.frozen, batch)
     pending.append(metrics)
     steps_in_window += 1
-    if step % config.log_every == 0 or step == end:
+    save_now = step % config.checkpoint_every == 0 or step == end
+    # Metrics are fetched (and checked for non-finite values) at every logging step and before
+    # every save, so a checkpoint never holds a state past a non-finite step.
+    if step % config.log_every == 0 or save_now:
       host = jax.device_get(pending)
       loss = float(np.mean([m["loss"] for m in host]))
       grad_norm = float(np.mean([m["grad_norm"] for m in host]))
@@ -235,7 +243,7 @@ def train(config, workdir: str, *, devices=None, stop_at: int | None = None,
         with open(metrics_path, "a") as f:
           f.write(json.dumps(record) + "\n")
       pending, t_window, steps_in_window = [], time.time(), 0
-    if step % config.checkpoint_every == 0 or step == end:
+    if save_now:
       ckpt.save(step, state, data_iter, force=True)
   ckpt.wait()
   ckpt.close()

@@ -146,3 +146,21 @@ def test_bad_sizes_are_named(config):
   config.data.hr_size = 36  # 9px latent, patch 2
   with pytest.raises(ValueError, match="config.data.hr_size=36"):
     build_model(config)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_diffusion_target_round_trips(config, residual):
+  config.diffusion.residual = residual
+  config.diffusion.residual_scale = 4.0
+  cond = Conditioner.from_config(config)
+  frozen = cond.init_params(config, jax.random.key(0))
+  k = jax.random.split(jax.random.key(1))
+  hr = jax.random.uniform(k[0], (2, 32, 32, 3), minval=-1, maxval=1)
+  lr = jax.random.uniform(k[1], (2, 8, 8, 3), minval=-1, maxval=1)
+  lr_lat = cond.lr_latent(frozen, lr, (32, 32))
+  x0 = cond.diffusion_target(frozen, hr, lr_lat)
+  np.testing.assert_allclose(cond.decode_sample(frozen, x0, lr_lat), hr, atol=1e-6)
+  if residual:  # an HR equal to the upsampled LR is the zero residual
+    up = autoencoder.upsample_bicubic(lr, 32, 32)
+    np.testing.assert_allclose(cond.diffusion_target(frozen, up, lr_lat), 0.0, atol=1e-6)
+    np.testing.assert_allclose(x0, 4.0 * (cond.encode_image(frozen, hr) - lr_lat), atol=1e-6)

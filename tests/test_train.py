@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -137,3 +138,24 @@ def test_cli_errors_are_one_clear_line(tmp_path):
   assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
   assert "no checkpoints" in r.stderr
   assert not os.path.exists(tmp_path / "out")
+
+
+def test_condition_dropout_selects_the_null_blocks(config):
+  """With modality dropout 1 every map is replaced by its null block, so the maps no longer
+  change the loss; with dropout 0 they do."""
+  batch = next(iter(pipeline.make_train_loader(config, train.make_tokenizer("byte"))))
+  changed = dict(batch, edge=-batch["edge"], depth=np.ones_like(batch["depth"]),
+                 present=np.ones_like(batch["present"]))
+  losses = {}
+  for p in (1.0, 0.0):
+    config.cond_dropout.modality = p
+    trainer = train.Trainer(config, "/unused", devices=jax.devices()[:1])
+    # One step first: the zero-initialised output layer ignores every input at init.
+    state, _ = trainer.train_step(trainer.init_state(), trainer.frozen,
+                                  sharding.global_batch(batch, trainer.mesh))
+    for name, b in (("orig", batch), ("changed", changed)):
+      _, metrics = trainer.train_step(jax.tree.map(jnp.copy, state), trainer.frozen,
+                                      sharding.global_batch(b, trainer.mesh))
+      losses[p, name] = float(metrics["loss"])
+  assert losses[1.0, "orig"] == losses[1.0, "changed"]
+  assert abs(losses[0.0, "orig"] - losses[0.0, "changed"]) > 1e-7

@@ -19,7 +19,6 @@ Per-modality temperature scales the *keys* of that group's tokens in every MMLC 
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from mmsr_jax.models import layers

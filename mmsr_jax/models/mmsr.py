@@ -81,6 +81,8 @@ class Conditioner:
   vq: vqgan_lib.VQGAN
   vq_downsample: int
   scale: int  # LR -> HR factor
+  residual: bool = False  # diffuse residual_scale * (z_HR - z_LR) instead of z_HR
+  residual_scale: float = 1.0
 
   @classmethod
   def from_config(cls, config) -> "Conditioner":
@@ -90,7 +92,9 @@ class Conditioner:
         text_encoder=t5_lib.T5Encoder(t5_lib.T5Config(**_as_dict(config.text.encoder))),
         vq=vqgan_lib.VQGAN(vq_cfg),
         vq_downsample=2 ** (len(vq_cfg.block_out_channels) - 1),
-        scale=config.data.scale)
+        scale=config.data.scale,
+        residual=config.diffusion.residual,
+        residual_scale=config.diffusion.residual_scale)
 
   def init_params(self, config, rng) -> dict:
     """Loads frozen weights from the configured paths, else initialises them from ``rng``."""
@@ -132,6 +136,16 @@ class Conditioner:
   def lr_latent(self, params, lr, out_hw):
     """Bicubic-upsample the LR image to the output size and encode it."""
     return self.encode_image(params, ae_lib.upsample_bicubic(lr, *out_hw))
+
+  def diffusion_target(self, params, hr, lr_latent):
+    """The clean sample ``x0`` the diffusion learns: ``z_HR``, or the scaled residual."""
+    z = self.encode_image(params, hr)
+    return (z - lr_latent) * self.residual_scale if self.residual else z
+
+  def decode_sample(self, params, x0, lr_latent):
+    """Inverse of :meth:`diffusion_target`, then the decoder: a sampled ``x0`` -> image."""
+    z = x0 / self.residual_scale + lr_latent if self.residual else x0
+    return self.decode(params, z)
 
   def __call__(self, params, batch):
     """Frozen part of a step: batch -> (x0 latent or None, LR latent, text states, mask, ids)."""

@@ -26,11 +26,12 @@ import functools
 import math
 from typing import Any, Callable, Mapping
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mmsr_jax.models import torch_import
 
 Array = jax.Array
 
@@ -302,26 +303,7 @@ def t5_params_from_torch_state_dict(
   if alias in sd:
     tied = sd.pop(alias)
     sd.setdefault("shared.weight", tied)
-  expected = flax.traverse_util.flatten_dict(t5_param_shapes(config)["params"])
-
-  out, missing, used = {}, [], set()
-  for path, spec in expected.items():
-    key = _t5_torch_key(path)
-    if key not in sd:
-      missing.append(key)
-      continue
-    used.add(key)
-    src = np.asarray(sd[key], dtype=np.float32)
-    arr = src.T if path[-1] == "kernel" and src.ndim == 2 else src
-    if arr.shape != spec.shape:
-      raise ValueError(
-          f"Shape mismatch for '{key}': checkpoint has {src.shape} "
-          f"(-> {arr.shape} in Flax layout), model expects {spec.shape} "
-          f"(Flax path {'/'.join(path)}).")
-    out[path] = np.ascontiguousarray(arr)
-  unexpected = sorted(set(sd) - used)
-  if missing or unexpected:
-    raise ValueError(
-        f"State dict does not match T5 config: missing keys {missing}, "
-        f"unexpected keys {unexpected}.")
-  return {"params": flax.traverse_util.unflatten_dict(out)}
+  return torch_import.convert_state_dict(
+      sd, t5_param_shapes(config)["params"], torch_key=_t5_torch_key,
+      to_flax=lambda path, src, shape: src.T if path[-1] == "kernel" and src.ndim == 2 else src,
+      model_name="T5")

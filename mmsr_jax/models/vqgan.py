@@ -24,11 +24,12 @@ import dataclasses
 import re
 from typing import Any, Mapping
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mmsr_jax.models import torch_import
 
 Array = jax.Array
 
@@ -415,27 +416,7 @@ def vqgan_params_from_torch_state_dict(
     for old, new in _LEGACY_ATTENTION_NAMES.items():
       key = key.replace(old, new)
     sd[key] = value
-  expected = flax.traverse_util.flatten_dict(
-      vqgan_param_shapes(config)["params"])
-
-  out, missing, used = {}, [], set()
-  for path, spec in expected.items():
-    key = _flax_path_to_torch_key(path)
-    if key not in sd:
-      missing.append(key)
-      continue
-    used.add(key)
-    src = np.asarray(sd[key], dtype=np.float32)
-    arr = _torch_to_flax_array(path[-1], src, spec.shape)
-    if arr.shape != spec.shape:
-      raise ValueError(
-          f"Shape mismatch for '{key}': checkpoint has {src.shape} "
-          f"(-> {arr.shape} in Flax layout), model expects {spec.shape} "
-          f"(Flax path {'/'.join(path)}).")
-    out[path] = np.ascontiguousarray(arr)
-  unexpected = sorted(set(sd) - used)
-  if missing or unexpected:
-    raise ValueError(
-        f"State dict does not match VQGAN config: missing keys {missing}, "
-        f"unexpected keys {unexpected}.")
-  return {"params": flax.traverse_util.unflatten_dict(out)}
+  return torch_import.convert_state_dict(
+      sd, vqgan_param_shapes(config)["params"], torch_key=_flax_path_to_torch_key,
+      to_flax=lambda path, src, shape: _torch_to_flax_array(path[-1], src, shape),
+      model_name="VQGAN")
