@@ -39,19 +39,21 @@ def get_config():
   c.autoencoder.scaling_factor = 1.0
 
   c.model.width = 192
-  c.model.depth = 6
+  c.model.depth = 4
   c.model.num_heads = 6
   c.model.patch_size = 2
   c.model.context_latents = 16
   c.model.context_depth = 1
   c.model.context_heads = 4
 
-  c.diffusion.schedule = "linear"
-  c.diffusion.beta_start = 0.0001
-  c.diffusion.beta_end = 0.02
-  c.diffusion.prediction = "v"
+  # Residual diffusion on 4 * (HR - bicubic LR), epsilon prediction, SD's scaled-linear betas.
+  c.diffusion.residual = True
+  c.diffusion.residual_scale = 4.0
+  c.diffusion.prediction = "epsilon"
 
-  c.sampling.steps = 20
-  c.sampling.clip_x0 = 1.0
-  c.eval.steps = 20
+  # Fidelity-first sampling: start from the upsampled LR noised to t = 0.2 T, 10 DDIM steps.
+  c.sampling.steps = 10
+  c.sampling.strength = 0.2
+  c.sampling.clip_x0 = 8.0  # the residual's valid range: 4 * 2
+  c.eval.steps = 10
   return c

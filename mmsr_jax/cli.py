@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app
+from absl import app, logging
 
 # Errors that describe bad input or a bad setting: printed as one line, exit status 2.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError)
@@ -19,6 +19,7 @@ def run(main, define_flags=None) -> None:
   """Defines the flags and runs ``main`` under absl, reporting bad flags and inputs as one line
   (exit status 2)."""
   def guarded(argv):
+    logging.set_verbosity(logging.WARNING)  # library chatter off; progress goes to stdout
     try:
       return main(argv)
     except USER_ERRORS as e:

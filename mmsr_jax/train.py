@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import app, flags
 from flax import struct
 from ml_collections import config_flags
 
@@ -259,7 +259,6 @@ def main(argv):
   del argv
   if not flags.FLAGS.workdir:
     raise app.UsageError("--workdir is required")
-  logging.set_verbosity(logging.WARNING)  # library chatter off; progress goes to stdout
   train(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

@@ -150,9 +150,12 @@ def test_condition_dropout_selects_the_null_blocks(config):
   for p in (1.0, 0.0):
     config.cond_dropout.modality = p
     trainer = train.Trainer(config, "/unused", devices=jax.devices()[:1])
-    # One step first: the zero-initialised output layer ignores every input at init.
-    state, _ = trainer.train_step(trainer.init_state(), trainer.frozen,
-                                  sharding.global_batch(batch, trainer.mesh))
+    # Two steps first (the first has lr 0 under warm-up): the zero-initialised output layer
+    # ignores every input at init.
+    state = trainer.init_state()
+    for _ in range(2):
+      state, _ = trainer.train_step(state, trainer.frozen,
+                                    sharding.global_batch(batch, trainer.mesh))
     for name, b in (("orig", batch), ("changed", changed)):
       _, metrics = trainer.train_step(jax.tree.map(jnp.copy, state), trainer.frozen,
                                       sharding.global_batch(b, trainer.mesh))
