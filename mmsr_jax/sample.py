@@ -225,6 +225,8 @@ def main(argv):
   settings = dict(caption=F.caption, negative_prompt=F.negative_prompt, guidance=F.guidance,
                   scale=F.scale, steps=F.steps, eta=F.eta, seed=F.seed, strength=F.strength,
                   temperature=temperature, enabled=enabled)
+  sc = sr.config.sampling  # unset flags take the run's config values; the sidecar shows them
+  settings = {k: (sc[k] if v is None and k in sc else v) for k, v in settings.items()}
   for i, (f, img) in enumerate(images.items()):
     out = sr(img, maps=maps, **settings)
     Image.fromarray(out).save(targets[f])
