@@ -1,0 +1,169 @@
+"""Imports diffusers ``PixArtTransformer2DModel`` weights into our ``DiT`` (and caption projection).
+
+The DiT in ``mmsr_jax/models/dit.py`` is the PixArt-alpha transformer with ``norm_type=
+'ada_norm_single'`` and ``use_additional_conditions=False``; the caption projection
+(``Linear -> GELU(tanh) -> Linear``) lives in ``MultimodalContext`` as ``caption_projection_1/2``.
+``tests/test_pixart_parity.py`` checks that a converted model computes the same function as the
+diffusers one.
+
+Layouts: conv ``OIHW -> HWIO``, linear ``(out, in) -> (in, out)``; tables are copied as they are.
+``widen_patch_embed`` adds zero-initialised input channels (for the LR latent) to the patch
+embedding, which leaves the function of the model unchanged on those extra channels.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmsr_jax.models import layers, torch_import
+from mmsr_jax.models.dit import DiT
+
+# Flax sub-module name -> diffusers sub-module name, inside one transformer block.
+_BLOCK_NAMES = {"fc1": "net.0.proj", "fc2": "net.2", "to_out": "to_out.0"}
+_TOP_NAMES = {
+    "patch_embed": "pos_embed.proj",
+    "adaln_single": "adaln_single.linear",
+    "timestep_embedder": "adaln_single.emb.timestep_embedder",
+    "caption_projection_1": "caption_projection.linear_1",
+    "caption_projection_2": "caption_projection.linear_2",
+}
+
+
+class CaptionProjection(nn.Module):
+  """PixArt caption projection ``Linear -> GELU(tanh) -> Linear``.
+
+  Same parameter names and maths as the text branch of ``MultimodalContext``
+  (``caption_projection_1/2``), so the converted parameters fit either.
+  """
+
+  width: int
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, text: jax.Array) -> jax.Array:
+    x = layers.dense(self.width, (None, "embed"), name="caption_projection_1",
+                     dtype=self.dtype)(text.astype(self.dtype))
+    x = nn.gelu(x, approximate=True)
+    return layers.dense(self.width, ("embed", "embed_out"), name="caption_projection_2",
+                        dtype=self.dtype)(x)
+
+
+def _torch_key(path: tuple[str, ...]) -> str:
+  """The diffusers state-dict key of a Flax parameter path."""
+  *mods, leaf = path
+  parts = []
+  for m in mods:
+    if m.startswith("blocks_"):
+      parts.append(f"transformer_blocks.{m[len('blocks_'):]}")
+    elif m in _TOP_NAMES and not parts:
+      parts.append(_TOP_NAMES[m])
+    else:
+      parts.append(_BLOCK_NAMES.get(m, m))
+  if leaf == "scale_shift_table":
+    parts.append(leaf)
+  else:
+    parts.append("bias" if leaf == "bias" else "weight")
+  return ".".join(parts)
+
+
+def _to_flax(path: tuple[str, ...], arr: np.ndarray, expected: tuple[int, ...]) -> np.ndarray:
+  """Reorders a torch tensor into the Flax layout."""
+  if path[-1] == "kernel" and arr.ndim == 4 and len(expected) == 4:
+    return arr.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+  if path[-1] == "kernel" and arr.ndim == 2:
+    return arr.T  # (out, in) -> (in, out)
+  return arr
+
+
+def _shape(sd: Mapping[str, np.ndarray], key: str) -> tuple[int, ...]:
+  if key not in sd:
+    raise ValueError(f"PixArt state dict has no '{key}' (needed to infer the architecture).")
+  return tuple(np.shape(sd[key]))
+
+
+def pixart_params_from_torch_state_dict(
+    state_dict: Mapping[str, Any], *, depth: int,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+  """Converts a diffusers ``PixArtTransformer2DModel`` state dict.
+
+  The widths (model width, MLP hidden, patch size, in/out channels, caption channels) are read
+  from the state dict; ``depth`` is the number of transformer blocks expected (a different count
+  shows up as missing or unexpected keys). Attention heads do not change parameter shapes: pass
+  the checkpoint's ``num_attention_heads`` to ``DiT``. Learned-sigma checkpoints simply have
+  ``out_channels = 2 * in_channels``.
+
+  Args:
+    state_dict: torch key -> array (numpy, or anything ``np.asarray`` takes), e.g. from
+      ``safetensors.numpy.load_file`` or ``{k: v.numpy() for k, v in model.state_dict().items()}``.
+    depth: number of transformer blocks.
+
+  Returns:
+    ``(dit_variables, caption_variables)``, each ``{"params": tree}`` of float32 numpy arrays:
+    the first for ``DiT(...).apply``, the second for ``CaptionProjection(width).apply`` (the same
+    tree fits ``MultimodalContext``'s ``caption_projection_1/2``), or ``None`` when the checkpoint
+    has no caption projection.
+
+  Raises:
+    ValueError: on a shape mismatch (naming the key and both shapes) or on missing / unexpected
+      keys (listing them).
+  """
+  sd = {k: np.asarray(v) for k, v in state_dict.items()}
+  sd.pop("pos_embed.pos_embed", None)  # a fixed buffer; recomputed by ``layers.sincos_2d``
+  width, in_channels, p, _ = _shape(sd, "pos_embed.proj.weight")
+  out_features = _shape(sd, "proj_out.weight")[0]
+  if out_features % (p * p):
+    raise ValueError(f"'proj_out.weight' has {out_features} outputs, not a multiple of "
+                     f"patch_size**2 = {p * p}.")
+  hidden = _shape(sd, "transformer_blocks.0.ff.net.0.proj.weight")[0] if depth else 4 * width
+  dit = DiT(out_channels=out_features // (p * p), width=width, depth=depth, num_heads=1,
+            patch_size=p, mlp_ratio=hidden / width)
+  cap_keys = {k for k in sd if k.startswith("caption_projection.")}
+  context_len = 1
+  dit_shapes = jax.eval_shape(
+      dit.init, jax.random.PRNGKey(0), jnp.zeros((1, p, p, in_channels)), jnp.zeros((1,)),
+      jnp.zeros((1, context_len, width)))
+  dit_vars = torch_import.convert_state_dict(
+      {k: v for k, v in sd.items() if k not in cap_keys}, nn.unbox(dit_shapes["params"]),
+      torch_key=_torch_key, to_flax=_to_flax, model_name="PixArt DiT")
+  if not cap_keys:
+    return dit_vars, None
+  caption_channels = _shape(sd, "caption_projection.linear_1.weight")[1]
+  cap_shapes = jax.eval_shape(CaptionProjection(width).init, jax.random.PRNGKey(0),
+                              jnp.zeros((1, 1, caption_channels)))
+  cap_vars = torch_import.convert_state_dict(
+      {k: sd[k] for k in cap_keys}, nn.unbox(cap_shapes["params"]), torch_key=_torch_key,
+      to_flax=_to_flax, model_name="PixArt caption projection")
+  return dit_vars, cap_vars
+
+
+def widen_patch_embed(dit_params: dict[str, Any], extra_in_channels: int) -> dict[str, Any]:
+  """Appends ``extra_in_channels`` zero input channels to the patch-embedding kernel.
+
+  The widened model on ``concat([x, anything], -1)`` computes exactly what the original model
+  computes on ``x``; training then learns to use the new channels (e.g. the LR latent).
+
+  Args:
+    dit_params: ``{"params": tree}`` or a bare params tree of a ``DiT``.
+    extra_in_channels: number of input channels to add (>= 0).
+
+  Returns:
+    A new tree of the same form; only ``patch_embed/kernel`` changes (``[p, p, C + extra, D]``).
+  """
+  if extra_in_channels < 0:
+    raise ValueError(f"extra_in_channels must be >= 0, got {extra_in_channels}")
+  wrapped = "params" in dit_params
+  params = dict(dit_params["params"] if wrapped else dit_params)
+  embed = dict(params["patch_embed"])
+  kernel = embed["kernel"]
+  boxed = isinstance(kernel, nn.meta.AxisMetadata)  # e.g. LogicallyPartitioned from ``init``
+  value = kernel.unbox() if boxed else kernel
+  pad = [(0, 0), (0, 0), (0, extra_in_channels), (0, 0)]
+  value = np.pad(value, pad) if isinstance(value, np.ndarray) else jnp.pad(value, pad)
+  embed["kernel"] = kernel.replace_boxed(value) if boxed else value
+  params["patch_embed"] = embed
+  return {**dit_params, "params": params} if wrapped else params
