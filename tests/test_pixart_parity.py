@@ -9,7 +9,10 @@ import pytest
 
 from mmsr_jax.models.dit import DiT
 from mmsr_jax.models.pixart_import import (
-    CaptionProjection, pixart_params_from_torch_state_dict, widen_patch_embed)
+  CaptionProjection,
+  pixart_params_from_torch_state_dict,
+  widen_patch_embed,
+)
 
 torch = pytest.importorskip("torch", reason="PixArt parity tests need torch")
 diffusers = pytest.importorskip("diffusers", reason="PixArt parity tests need diffusers")

@@ -13,7 +13,8 @@ embedding, which leaves the function of the model unchanged on those extra chann
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
