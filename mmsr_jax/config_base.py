@@ -61,7 +61,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.autoencoder.kind = "vae"  # "pixel" (space-to-depth) or "vae" (SD-compatible KL-f8)
   c.autoencoder.factor = 8
   c.autoencoder.scaling_factor = 0.18215
-  c.autoencoder.params = ""
+  c.autoencoder.shift_factor = 0.0  # latent = (mean - shift) * scale (0 for the SD VAE)
+  c.autoencoder.params = ""  # kind 'vae': safetensors of the Flax tree; "" = random init
+  # kind 'vae': fields of mmsr_jax.models.vae.VAEConfig (SD KL-f8 by default)
+  c.autoencoder.arch = ml_collections.ConfigDict(dict(
+      in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512),
+      layers_per_block=2, latent_channels=4, norm_num_groups=32))
 
   c.model = ml_collections.ConfigDict()
   c.model.width = 1024

@@ -213,9 +213,15 @@ class UpBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-  """Image -> latent (before quant_conv), downsampling by 2**(n_blocks-1)."""
+  """Image -> latent (before quant_conv), downsampling by 2**(n_blocks-1).
+
+  `config` needs the fields of `VQGANConfig` used here (the KL VAE passes its
+  own config). `double_z` doubles the output channels (mean and log-variance
+  of a diagonal Gaussian, as diffusers' `Encoder(double_z=True)`).
+  """
 
   config: VQGANConfig
+  double_z: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -229,7 +235,8 @@ class Encoder(nn.Module):
                     name=f"down_blocks_{i}")(x)
     x = MidBlock(g, cfg.mid_block_attention, dt, name="mid_block")(x)
     x = nn.silu(_group_norm(g, dt, "conv_norm_out")(x))
-    return _conv(cfg.latent_channels, 3, dt, "conv_out")(x)
+    out = cfg.latent_channels * (2 if self.double_z else 1)
+    return _conv(out, 3, dt, "conv_out")(x)
 
 
 class Decoder(nn.Module):
