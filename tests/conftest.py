@@ -28,13 +28,18 @@ def small_config(**overrides):
   c.model.context_heads = 4
   c.eval.steps = 2
   c.eval.val_batches = 1
+  return apply_overrides(c, overrides)
+
+
+def apply_overrides(cfg, overrides: dict):
+  """Sets dotted fields (``{"data.hr_size": 32}``) on a ConfigDict; returns it."""
   for key, value in overrides.items():
-    node = c
+    node = cfg
     *parents, leaf = key.split(".")
     for p in parents:
       node = node[p]
     node[leaf] = value
-  return c
+  return cfg
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from mmsr_jax.data import demo, pipeline
 from mmsr_jax.data.degrade import bicubic_upsample, simple_degrade
 from mmsr_jax.data.modalities import MODALITIES, SEG_PALETTE, canny_edges, render_map
 from mmsr_jax.text_tokenizer import make_tokenizer
+from tests.conftest import apply_overrides
 
 HR, SCALE, MAP, TEXT_LEN = 64, 4, 64, 32
 
@@ -27,13 +28,7 @@ def _config(**overrides) -> ml_collections.ConfigDict:
                "num_workers": 0, "eval_size": 128},
       "text": {"max_length": TEXT_LEN},
   })
-  for key, value in overrides.items():
-    node = cfg
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return cfg
+  return apply_overrides(cfg, overrides)
 
 
 @pytest.fixture(scope="module")

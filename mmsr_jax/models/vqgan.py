@@ -174,13 +174,14 @@ class Upsample(nn.Module):
     return _conv(self.channels, 3, self.dtype, "conv")(x)
 
 
-class DownBlock(nn.Module):
-  """`layers_per_block` resnets, then an optional downsampler."""
+class ResnetStage(nn.Module):
+  """``num_layers`` resnets, then an optional resampler (diffusers ``DownEncoderBlock2D`` with a
+  ``downsamplers_0``, or ``UpDecoderBlock2D`` with an ``upsamplers_0``)."""
 
   out_channels: int
   num_layers: int
   groups: int
-  add_downsample: bool
+  resample: str | None  # "down", "up" or None
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -188,26 +189,9 @@ class DownBlock(nn.Module):
     for j in range(self.num_layers):
       x = ResnetBlock(self.out_channels, self.groups, self.dtype,
                       name=f"resnets_{j}")(x)
-    if self.add_downsample:
+    if self.resample == "down":
       x = Downsample(self.out_channels, self.dtype, name="downsamplers_0")(x)
-    return x
-
-
-class UpBlock(nn.Module):
-  """`layers_per_block + 1` resnets, then an optional upsampler."""
-
-  out_channels: int
-  num_layers: int
-  groups: int
-  add_upsample: bool
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    for j in range(self.num_layers):
-      x = ResnetBlock(self.out_channels, self.groups, self.dtype,
-                      name=f"resnets_{j}")(x)
-    if self.add_upsample:
+    elif self.resample == "up":
       x = Upsample(self.out_channels, self.dtype, name="upsamplers_0")(x)
     return x
 
@@ -231,8 +215,8 @@ class Encoder(nn.Module):
     g = cfg.norm_num_groups
     x = _conv(chans[0], 3, dt, "conv_in")(x.astype(dt))
     for i, ch in enumerate(chans):
-      x = DownBlock(ch, cfg.layers_per_block, g, i != len(chans) - 1, dt,
-                    name=f"down_blocks_{i}")(x)
+      resample = "down" if i != len(chans) - 1 else None
+      x = ResnetStage(ch, cfg.layers_per_block, g, resample, dt, name=f"down_blocks_{i}")(x)
     x = MidBlock(g, cfg.mid_block_attention, dt, name="mid_block")(x)
     x = nn.silu(_group_norm(g, dt, "conv_norm_out")(x))
     out = cfg.latent_channels * (2 if self.double_z else 1)
@@ -253,8 +237,8 @@ class Decoder(nn.Module):
     x = _conv(chans[0], 3, dt, "conv_in")(z.astype(dt))
     x = MidBlock(g, cfg.mid_block_attention, dt, name="mid_block")(x)
     for i, ch in enumerate(chans):
-      x = UpBlock(ch, cfg.layers_per_block + 1, g, i != len(chans) - 1, dt,
-                  name=f"up_blocks_{i}")(x)
+      resample = "up" if i != len(chans) - 1 else None
+      x = ResnetStage(ch, cfg.layers_per_block + 1, g, resample, dt, name=f"up_blocks_{i}")(x)
     x = nn.silu(_group_norm(g, dt, "conv_norm_out")(x))
     return _conv(cfg.out_channels, 3, dt, "conv_out")(x)
 
