@@ -2,8 +2,8 @@
 
   python -m mmsr_jax.train --config=configs/tiny.py --workdir=runs/tiny
 
-Measured on a 2-core CPU: 7.6 minutes including compilation (about 3.5 steps/s); report.json with
-first_train_loss 0.966 -> final_train_loss 0.117, and on the two held-out 128x128 crops
+Measured on a 2-core CPU: 7.5 to 8 minutes including compilation (about 3.5 steps/s);
+report.json with first_train_loss 0.966 -> final_train_loss 0.117, and on the two held-out 128x128 crops
 psnr_sr 27.68 / ssim_sr 0.676 against psnr_bicubic 28.01 / ssim_bicubic 0.711.
 Space-to-depth ("pixel") autoencoder, a 4-block width-192 DiT, random frozen T5 and VQ encoders.
 Override any field, e.g. ``--config.num_train_steps=30``.
