@@ -20,6 +20,7 @@ import numpy as np
 
 from mmsr_jax import diffusion, metrics, sampler
 from mmsr_jax.data import degrade, pipeline
+from mmsr_jax.models.context import SPATIAL_MODALITIES
 from mmsr_jax.models.mmsr import MMSR
 
 VAL_SETTINGS = ("all", "none", "no_text")
@@ -47,7 +48,7 @@ def val_losses(config, trainer, params, examples) -> dict[str, float]:
   @jax.jit
   def loss_at(params, frozen, present, text_ids, text_mask, rng):
     batch = {"lr": inputs["lr"], "text_ids": text_ids, "text_mask": text_mask}
-    batch.update({m: inputs["maps"][:, i] for i, m in enumerate(("depth", "seg", "edge"))})
+    batch.update({m: inputs["maps"][:, i] for i, m in enumerate(SPATIAL_MODALITIES)})
     c = cond(frozen, batch)
     ctx = model.apply({"params": params}, c["text_states"], c["text_mask"], c["ids"], present,
                       method=MMSR.encode_context)

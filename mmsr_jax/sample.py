@@ -27,7 +27,7 @@ from PIL import Image, ImageOps
 
 from mmsr_jax import checkpoint as ckpt_lib
 from mmsr_jax import diffusion, sampler
-from mmsr_jax.data import modalities
+from mmsr_jax.data import pipeline
 from mmsr_jax.models.context import CONTEXT_GROUPS, SPATIAL_MODALITIES
 from mmsr_jax.report import to_uint8
 
@@ -137,19 +137,9 @@ class SuperResolver:
     return to_uint8(out[0])[: h * s, : w * s]
 
   def _example(self, lr_u8: np.ndarray, caption: str, maps: dict[str, np.ndarray]) -> dict:
-    size, L = self.config.data.map_size, self.config.text.max_length
-    for name in maps:
-      if name not in SPATIAL_MODALITIES:
-        raise ValueError(f"map {name!r}: expected one of {SPATIAL_MODALITIES}")
-    if "edge" not in maps:
-      maps = dict(maps, edge=modalities.canny_edges(lr_u8, size))
-    ids, mask = self._t.tokenizer.encode(caption, L)
-    ex = {"lr": lr_u8.astype(np.float32) / 127.5 - 1.0, "text_ids": ids, "text_mask": mask,
-          "present": np.array([k in maps for k in SPATIAL_MODALITIES])}
-    for k in SPATIAL_MODALITIES:
-      ex[k] = (modalities.render_map(k, maps[k], size) if k in maps
-               else np.zeros((size, size, 3), np.float32))
-    return ex
+    return pipeline.conditioning_example(
+        lr_u8.astype(np.float32) / 255.0, maps, caption, map_size=self.config.data.map_size,
+        text_len=self.config.text.max_length, tokenizer=self._t.tokenizer)
 
 
 def parse_temperature(text: str) -> dict[str, float]:

@@ -11,8 +11,9 @@ import cv2
 import numpy as np
 
 from mmsr_jax.data.degrade import bicubic_upsample
+from mmsr_jax.models.context import SPATIAL_MODALITIES
 
-MODALITIES: tuple[str, ...] = ("depth", "seg", "edge")
+MODALITIES = SPATIAL_MODALITIES  # one definition of the order, shared with the model
 CANNY_THRESHOLDS = (100, 200)
 PALETTE_SEED = 20250318
 PALETTE_SIZE = 256

@@ -108,28 +108,43 @@ def _crop(x: np.ndarray | None, top: int, left: int, size: int) -> np.ndarray | 
   return None if x is None else x[top:top + size, left:left + size]
 
 
+def conditioning_example(lr: np.ndarray, maps: dict[str, np.ndarray], caption: str, *,
+                         map_size: int, text_len: int,
+                         tokenizer: Tokenizer) -> dict[str, np.ndarray]:
+  """The model's conditioning for one LR image, shared by training and sampling.
+
+  ``lr`` is float HxWx3 in [0, 1]; ``maps`` holds the raw modality maps that exist (``depth``
+  HxW in [0, 1], ``seg`` HxW labels, ``edge`` HxW in [0, 1]); a missing edge map is computed by
+  Canny on ``lr``. Returns ``lr`` in [-1, 1], the rendered maps (zeros when absent), ``present``
+  and the caption's ``text_ids`` / ``text_mask``.
+  """
+  for name in maps:
+    if name not in MODALITIES:
+      raise ValueError(f"map {name!r}: expected one of {MODALITIES}")
+  if "edge" not in maps:
+    maps = dict(maps, edge=canny_edges(lr, map_size))
+  ids, mask = tokenizer.encode(caption, text_len)
+  example = {
+      "lr": np.asarray(lr, np.float32) * np.float32(2.0) - np.float32(1.0),
+      **{k: (render_map(k, maps[k], map_size) if k in maps
+             else np.zeros((map_size, map_size, 3), np.float32)) for k in MODALITIES},
+      "present": np.array([k in maps for k in MODALITIES], np.bool_),
+      "text_ids": np.asarray(ids, np.int32).reshape(text_len),
+      "text_mask": np.asarray(mask, np.int32).reshape(text_len),
+  }
+  return example
+
+
 def _build_example(image: np.ndarray, depth: np.ndarray | None, seg: np.ndarray | None,
                    caption: str, rng: np.random.Generator, *, scale: int, map_size: int,
                    text_len: int, tokenizer: Tokenizer) -> dict[str, np.ndarray]:
   """Degrades an HR crop and assembles the example dict (see the module docstring)."""
   hr = image.astype(np.float32) / np.float32(255.0)
   lr = simple_degrade(hr, rng, scale=scale)
-  zeros = np.zeros((map_size, map_size, 3), np.float32)
-  maps = {
-      "depth": zeros if depth is None else render_map("depth", depth, map_size),
-      "seg": zeros if seg is None else render_map("seg", seg, map_size),
-      "edge": render_map("edge", canny_edges(lr, map_size), map_size),
-  }
-  present = np.array([depth is not None, seg is not None, True], np.bool_)
-  ids, mask = tokenizer.encode(caption, text_len)
-  example = {
-      "hr": hr * np.float32(2.0) - np.float32(1.0),
-      "lr": lr * np.float32(2.0) - np.float32(1.0),
-      **{k: maps[k] for k in MODALITIES},
-      "present": present,
-      "text_ids": np.asarray(ids, np.int32).reshape(text_len),
-      "text_mask": np.asarray(mask, np.int32).reshape(text_len),
-  }
+  maps = {k: v for k, v in (("depth", depth), ("seg", seg)) if v is not None}
+  example = conditioning_example(lr, maps, caption, map_size=map_size, text_len=text_len,
+                                 tokenizer=tokenizer)
+  example["hr"] = hr * np.float32(2.0) - np.float32(1.0)
   return example
 
 
