@@ -1,0 +1,273 @@
+r"""Offline modality annotator: edges, depth, segmentation and a caption per image -> ArrayRecord.
+
+  python -m mmsr_jax.annotate --input=DIR_OR_tfds:NAME[:SPLIT] --output=DIR \
+      --depth=depth-anything/Depth-Anything-V2-Small-hf \
+      --seg=facebook/mask2former-swin-tiny-ade-semantic \
+      --caption=Salesforce/blip-image-captioning-base --caption_kind=blip
+
+Per image it computes the Canny edge map (OpenCV), a depth map (Depth Anything through
+transformers), a semantic label map (Mask2Former through transformers) and a caption (BLIP,
+Florence-2 or Qwen2.5-VL through transformers), and writes ArrayRecord shards that
+``mmsr_jax.data.sources.ArrayRecordSource`` (``config.data.source='arrayrecord'``) reads.
+
+As in MMSR, the modalities are extracted from a *degraded LR version* of each image by default
+(the model sees LR-derived maps at inference); ``--from_hr`` extracts them from the HR image. The
+LR version is made with the Real-ESRGAN pipeline (``--preset``) seeded by the image's position, so
+it is reproducible. The stored maps have the size of the image they were computed on (the LR for
+the default); the training source resizes them onto the HR image.
+
+Models are given as local folders (``save_pretrained`` output, safetensors) or hub ids; a model
+that is left out is skipped (edges are always computed). The torch-side requirements are in
+``requirements-annotate.txt``.
+
+Resumable: inputs are split into fixed shards listed in ``DIR/manifest.json``; each shard is
+written to a temporary name and renamed when complete, and a rerun skips finished shards. A rerun
+with different inputs or settings is an error (never a silent overwrite).
+
+Record format (one ArrayRecord record per image): an ``.npz`` archive (read with
+``allow_pickle=False``) whose entries are uint8 byte arrays: ``image`` (PNG of the HR image),
+``edge`` / ``depth`` (16-bit PNG, value / 65535), ``seg`` (16-bit PNG of labels; 0 = no label,
+class ``c`` stored as ``c + 1``), ``caption`` (UTF-8) and ``meta`` (UTF-8 JSON: name, source,
+sizes, which image the maps came from, the model ids). Missing modalities have no entry.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+from absl import flags, logging
+
+CAPTION_KINDS = ("blip", "florence2", "qwen2_5_vl")
+RECORD_VERSION = 1
+SHARD_PATTERN = "annotations-{:05d}-of-{:05d}.array_record"
+MANIFEST = "manifest.json"
+DEFAULT_VLM_PROMPTS = {
+    "florence2": "<MORE_DETAILED_CAPTION>",
+    "qwen2_5_vl": "Describe this image in one sentence.",
+}
+
+
+# ------------------------------------------------------------------------------ record encoding
+def _png(array: np.ndarray) -> bytes:
+  ok, buf = cv2.imencode(".png", array)
+  if not ok:
+    raise RuntimeError(f"PNG encoding failed for an array of shape {array.shape}")
+  return buf.tobytes()
+
+
+def _unit_to_png16(x: np.ndarray) -> bytes:
+  return _png(np.round(np.clip(x, 0.0, 1.0) * 65535.0).astype(np.uint16))
+
+
+def encode_record(image: np.ndarray, maps: dict[str, Any], meta: dict[str, Any]) -> bytes:
+  """Serialises one annotated image (see the module docstring for the format)."""
+  entries = {"image": _png(np.ascontiguousarray(image[..., ::-1]))}  # cv2 wants BGR
+  for k in ("edge", "depth"):
+    if maps.get(k) is not None:
+      entries[k] = _unit_to_png16(np.asarray(maps[k], np.float32))
+  if maps.get("seg") is not None:
+    labels = np.asarray(maps["seg"], np.int64) + 1
+    if labels.max() > 65535:
+      raise ValueError(f"segmentation label {labels.max() - 1} does not fit 16 bits")
+    entries["seg"] = _png(labels.astype(np.uint16))
+  if maps.get("caption") is not None:
+    entries["caption"] = maps["caption"].encode("utf-8")
+  entries["meta"] = json.dumps(dict(meta, version=RECORD_VERSION), sort_keys=True).encode()
+  buf = io.BytesIO()
+  np.savez(buf, **{k: np.frombuffer(v, np.uint8) for k, v in entries.items()})
+  return buf.getvalue()
+
+
+def decode_record(data: bytes) -> dict[str, Any]:
+  """Inverse of ``encode_record``: ``image`` uint8 HxWx3, ``edge``/``depth`` float32 in [0, 1],
+  ``seg`` int32 labels (-1 = no label), ``caption`` str, ``meta`` dict; absent maps are None."""
+  with np.load(io.BytesIO(data), allow_pickle=False) as z:
+    raw = {k: z[k].tobytes() for k in z.files}
+  def img(b, flag=cv2.IMREAD_UNCHANGED):
+    out = cv2.imdecode(np.frombuffer(b, np.uint8), flag)
+    if out is None:
+      raise ValueError("undecodable PNG entry in an annotation record")
+    return out
+  out: dict[str, Any] = {"image": img(raw["image"], cv2.IMREAD_COLOR)[..., ::-1].copy()}
+  for k in ("edge", "depth"):
+    out[k] = img(raw[k]).astype(np.float32) / 65535.0 if k in raw else None
+  out["seg"] = img(raw["seg"]).astype(np.int32) - 1 if "seg" in raw else None
+  out["caption"] = raw["caption"].decode("utf-8") if "caption" in raw else None
+  out["meta"] = json.loads(raw["meta"].decode("utf-8"))
+  return out
+
+
+# ------------------------------------------------------------------------------------ annotator
+def _normalise(x: np.ndarray) -> np.ndarray:
+  lo, hi = float(x.min()), float(x.max())
+  if hi <= lo:
+    return np.zeros(x.shape, np.float32)
+  return ((x - lo) / (hi - lo)).astype(np.float32)
+
+
+def edge_map(image: np.ndarray) -> np.ndarray:
+  """Canny edges (the project's thresholds) of a uint8 RGB image at its own size, {0, 1}."""
+  from mmsr_jax.data.modalities import CANNY_THRESHOLDS
+  grey = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
+  return (cv2.Canny(grey, *CANNY_THRESHOLDS) > 0).astype(np.float32)
+
+
+def import_transformers():
+  """Imports transformers (with torch) for the annotators.
+
+  A torchvision wheel that does not match the installed torch fails on import and would make
+  transformers refuse to load any vision model; such a broken torchvision is hidden (transformers
+  then uses its PIL image processors), with a warning.
+  """
+  import sys
+  import torch  # noqa: F401  (fails early, with the name, when torch is missing)
+  if "transformers" not in sys.modules and "torchvision" not in sys.modules:
+    try:
+      import torchvision  # noqa: F401
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("ignoring the installed torchvision, which fails to import: %s", e)
+      sys.modules["torchvision"] = None
+  import transformers
+  return transformers
+
+
+def _check_model_path(field: str, path: str | None) -> None:
+  """A local path must be an existing folder; anything else is taken as a hub id."""
+  if not path:
+    return
+  if os.path.exists(path):
+    if not os.path.isdir(path):
+      raise NotADirectoryError(f"annotator {field} model {path!r} is not a folder")
+  elif path.startswith((".", "/", "~")) or path.count("/") > 1:
+    raise FileNotFoundError(f"annotator {field} model folder {path!r} does not exist")
+
+
+class Annotator:
+  """Extracts the MMSR context modalities from RGB images with transformers models.
+
+  Args:
+    depth: local folder or hub id of a depth-estimation model (Depth Anything), or None.
+    seg: local folder or hub id of a Mask2Former (semantic) model, or None.
+    caption: local folder or hub id of an image-to-text model, or None.
+    caption_kind: 'blip' (BLIP captioning), 'florence2' or 'qwen2_5_vl' (prompted VLMs).
+    device: torch device string.
+    caption_prompt: prompt for the prompted VLMs (a default per kind).
+    max_new_tokens: caption length limit.
+  """
+
+  def __init__(self, depth: str | None = None, seg: str | None = None,
+               caption: str | None = None, caption_kind: str = "blip", device: str = "cpu",
+               caption_prompt: str | None = None, max_new_tokens: int = 40):
+    if caption_kind not in CAPTION_KINDS:
+      raise ValueError(f"caption_kind={caption_kind!r}: expected one of {CAPTION_KINDS}")
+    for field, path in (("depth", depth), ("seg", seg), ("caption", caption)):
+      _check_model_path(field, path)
+    tr = import_transformers()
+    self.device = device
+    self.caption_kind = caption_kind
+    self.max_new_tokens = int(max_new_tokens)
+    self.model_ids = {"depth": depth, "seg": seg, "caption": caption}
+    self._depth = self._seg = self._cap = None
+    if depth:
+      self._depth = (tr.AutoImageProcessor.from_pretrained(depth),
+                     tr.AutoModelForDepthEstimation.from_pretrained(depth).to(device).eval())
+    if seg:
+      self._seg = (tr.AutoImageProcessor.from_pretrained(seg),
+                   tr.Mask2FormerForUniversalSegmentation.from_pretrained(seg).to(device).eval())
+    if caption:
+      if caption_kind == "blip":
+        model = tr.BlipForConditionalGeneration.from_pretrained(caption)
+        proc = tr.BlipProcessor.from_pretrained(caption)
+      else:
+        model = tr.AutoModelForImageTextToText.from_pretrained(caption)
+        proc = tr.AutoProcessor.from_pretrained(caption)
+      self._cap = (proc, model.to(device).eval())
+    self.caption_prompt = caption_prompt or DEFAULT_VLM_PROMPTS.get(caption_kind)
+
+  @property
+  def modalities(self) -> tuple[str, ...]:
+    """The outputs this annotator produces (edge always)."""
+    names = ["edge"]
+    names += [n for n, m in (("depth", self._depth), ("seg", self._seg), ("caption", self._cap))
+              if m is not None]
+    return tuple(names)
+
+  def annotate_one(self, image: np.ndarray) -> dict[str, Any]:
+    """Annotates one uint8 HxWx3 RGB image (typically the LR input); see ``annotate_batch``."""
+    return self.annotate_batch([image])[0]
+
+  def annotate_batch(self, images: Sequence[np.ndarray]) -> list[dict[str, Any]]:
+    """Annotates a batch of uint8 RGB images (sizes may differ).
+
+    Returns one dict per image with ``'edge'`` (float32 HxW in {0, 1}, Canny), and, for the
+    configured models, ``'depth'`` (float32 HxW in [0, 1], nearer = brighter, normalised per
+    image), ``'seg'`` (int32 HxW class labels) and ``'caption'`` (str).
+    """
+    images = [self._check(i, x) for i, x in enumerate(images)]
+    out = [{"edge": edge_map(x)} for x in images]
+    if self._depth is not None:
+      for o, d in zip(out, self._run_depth(images)):
+        o["depth"] = d
+    if self._seg is not None:
+      for o, s in zip(out, self._run_seg(images)):
+        o["seg"] = s
+    if self._cap is not None:
+      for o, c in zip(out, self._run_caption(images)):
+        o["caption"] = c
+    return out
+
+  @staticmethod
+  def _check(i: int, x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x)
+    if x.dtype != np.uint8 or x.ndim != 3 or x.shape[-1] != 3:
+      raise ValueError(f"annotator image {i}: expected uint8 HxWx3 RGB, got {x.dtype} {x.shape}")
+    return x
+
+  def _run_depth(self, images):
+    import torch
+    proc, model = self._depth
+    inputs = proc(images=list(images), return_tensors="pt").to(self.device)
+    with torch.no_grad():
+      pred = model(**inputs).predicted_depth  # [B, h, w], relative inverse depth (near = high)
+    res = []
+    for x, p in zip(images, pred):
+      p = torch.nn.functional.interpolate(p[None, None].float(), size=x.shape[:2],
+                                          mode="bilinear", align_corners=False)[0, 0]
+      res.append(_normalise(p.cpu().numpy()))
+    return res
+
+  def _run_seg(self, images):
+    import torch
+    proc, model = self._seg
+    inputs = proc(images=list(images), return_tensors="pt").to(self.device)
+    with torch.no_grad():
+      outputs = model(**inputs)
+    maps = proc.post_process_semantic_segmentation(
+        outputs, target_sizes=[x.shape[:2] for x in images])
+    return [m.cpu().numpy().astype(np.int32) for m in maps]
+
+  def _run_caption(self, images):
+    import torch
+    proc, model = self._cap
+    if self.caption_kind == "blip":
+      inputs = proc(images=list(images), return_tensors="pt").to(self.device)
+    elif self.caption_kind == "florence2":
+      inputs = proc(text=[self.caption_prompt] * len(images), images=list(images),
+                    return_tensors="pt").to(self.device)
+    else:  # qwen2_5_vl: chat template with one image and the prompt
+      msgs = [{"role": "user", "content": [{"type": "image"},
+                                           {"type": "text", "text": self.caption_prompt}]}]
+      text = proc.apply_chat_template(msgs, add_generation_prompt=True)
+      inputs = proc(text=[text] * len(images), images=list(images), padding=True,
+                    return_tensors="pt").to(self.device)
+    with torch.no_grad():
+      ids = model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+    if self.caption_kind != "blip" and "input_ids" in inputs:
+      ids = ids[:, inputs["input_ids"].shape[1]:]  # drop the prompt
+    texts = proc.batch_decode(ids, skip_special_tokens=True)
+    return [" ".join(t.split()) for t in texts]
