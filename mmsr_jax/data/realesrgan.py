@@ -1,0 +1,517 @@
+"""The Real-ESRGAN second-order degradation (and the lighter SeeSR preset), blur/resize/noise in JAX.
+
+The pipeline (Wang et al. 2021, default "x4plus" ranges; figures in DEGRADATION_AND_METRICS.md):
+
+  HR -> blur(k1) -> resize(up/down/keep) -> noise(Gaussian | Poisson, colour | grey) -> clamp
+     -> JPEG -> [blur(k2) with p] -> resize -> noise -> final, one of two orders with p = 0.5:
+     (a) resize to H/s x W/s -> sinc -> clamp -> JPEG, or (b) clamp -> JPEG -> resize -> sinc
+     -> quantise to multiples of 1/255.
+
+Where each part runs, and why:
+
+* **Host, per example** (``sample_params``, inside the Grain worker): every random choice
+  (kernel family and shape, sinc cutoffs, resize direction / factor / mode, noise kind and level,
+  JPEG qualities, final order, a noise seed) is drawn from the example's own
+  ``np.random.Generator``, which Grain derives from (seed, global example index). So an example's
+  degradation never depends on the batch it lands in, the worker count or the process sharding.
+  Kernels are built here (small 21x21 arrays), as the reference builds them in its data workers.
+* **Device, batched and jitted** (``RealESRGANDegrader``): blur, resize and noise, three jitted
+  functions (stage 1, stage 2, final) ``vmap``-ed over the batch. Random sizes would recompile a
+  jitted function for every new shape, so each stage works on a fixed-size canvas (the largest
+  size the preset can produce) with the image in its top-left corner:
+  - blur = reflect padding (a gather whose indices fold at the *valid* image border, exactly
+    ``F.pad(mode='reflect')`` of the reference) followed by a depthwise 2D correlation with the
+    example's kernel (the reference's ``filter2D``);
+  - resize = two matrix products ``R_h @ x @ R_w^T`` whose rows hold the interpolation weights of
+    torch's ``F.interpolate`` (``area`` = adaptive average pooling windows, ``bilinear`` and
+    ``bicubic`` (a = -0.75) with half-pixel centres, no antialiasing); rows beyond the output size
+    are zero, so the canvas stays fixed;
+  - noise = Gaussian (sigma of 255) or Poisson (``poisson(x * v) / v - x`` with
+    ``v = 2^ceil(log2(#distinct grey levels))``, counted on the valid region, times the scale),
+    colour or grey (one noise plane on all channels; Poisson on the luma), then clamp.
+* **Host, between the device stages**: JPEG (OpenCV, integer quality) on the valid region. The
+  reference applies JPEG after stage 1 and inside the final stage, so the round trip is inherent;
+  OpenCV releases the GIL, so the JPEGs of a batch run on a thread pool.
+
+The device work per batch is a few convolutions and matrix products, tiny next to a diffusion
+training step; the host does the cropping, kernel sampling and JPEG for the *next* batches in
+Grain workers / a prefetch thread (see ``pipeline.make_train_loader``), so the accelerator is not
+left waiting (``python -m mmsr_jax.bench data`` measures the share).
+
+Differences from the reference, by design: resize direction/factor/mode are drawn per example
+(the reference draws them once per batch); JPEG is libjpeg through OpenCV at a rounded quality
+(the reference uses a differentiable JPEG port with a float quality). The distribution matches,
+the bits do not.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import cv2
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.special
+
+KERNEL_SIZE = 21  # every kernel is zero-padded to this size
+RESIZE_MODES = ("area", "bilinear", "bicubic")
+KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso",
+                "plateau_aniso")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+  """Ranges of one degradation order."""
+  kernel_prob: tuple[float, ...] = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
+  sinc_prob: float = 0.1
+  blur_sigma: tuple[float, float] = (0.2, 3.0)
+  betag: tuple[float, float] = (0.5, 4.0)
+  betap: tuple[float, float] = (1.0, 2.0)
+  blur_prob: float = 1.0
+  resize_prob: tuple[float, float, float] = (0.2, 0.7, 0.1)  # up, down, keep
+  resize_range: tuple[float, float] = (0.15, 1.5)
+  gaussian_noise_prob: float = 0.5
+  noise_range: tuple[float, float] = (1.0, 30.0)  # sigma, of 255
+  poisson_scale_range: tuple[float, float] = (0.05, 3.0)
+  gray_noise_prob: float = 0.4
+  jpeg_range: tuple[float, float] = (30.0, 95.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DegradationConfig:
+  """A full second-order preset."""
+  name: str
+  first: StageConfig
+  second: StageConfig
+  final_sinc_prob: float = 0.8
+  kernel_range: tuple[int, ...] = tuple(range(7, 22, 2))
+
+
+REALESRGAN = DegradationConfig(
+    name="realesrgan",
+    first=StageConfig(),
+    second=StageConfig(blur_sigma=(0.2, 1.5), blur_prob=0.8, resize_prob=(0.3, 0.4, 0.3),
+                       resize_range=(0.3, 1.2), noise_range=(1.0, 25.0),
+                       poisson_scale_range=(0.05, 2.5)),
+)
+SEESR = DegradationConfig(
+    name="seesr",
+    first=StageConfig(resize_range=(0.3, 1.5), noise_range=(1.0, 15.0),
+                      poisson_scale_range=(0.05, 2.0), jpeg_range=(60.0, 95.0)),
+    second=StageConfig(blur_sigma=(0.2, 1.5), blur_prob=0.5, resize_prob=(0.3, 0.4, 0.3),
+                       resize_range=(0.6, 1.2), noise_range=(1.0, 12.0),
+                       poisson_scale_range=(0.05, 1.0), jpeg_range=(60.0, 100.0)),
+)
+PRESETS: dict[str, DegradationConfig] = {"realesrgan": REALESRGAN, "seesr": SEESR}
+
+
+def get_preset(name: str) -> DegradationConfig:
+  if name not in PRESETS:
+    raise ValueError(f"degradation preset {name!r}: expected one of {tuple(PRESETS)}")
+  return PRESETS[name]
+
+
+# ------------------------------------------------------------------------------------- kernels
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+  r = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
+  return np.meshgrid(r, r)  # xx varies along columns, yy along rows
+
+
+def _mahalanobis(size: int, sigma_x: float, sigma_y: float, theta: float) -> np.ndarray:
+  """x^T Sigma^-1 x on a size x size grid, Sigma = R diag(sx^2, sy^2) R^T."""
+  rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+  cov = rot @ np.diag([sigma_x ** 2, sigma_y ** 2]) @ rot.T
+  inv = np.linalg.inv(cov)
+  xx, yy = _grid(size)
+  return inv[0, 0] * xx * xx + (inv[0, 1] + inv[1, 0]) * xx * yy + inv[1, 1] * yy * yy
+
+
+def gaussian_family_kernel(kind: str, size: int, sigma_x: float, sigma_y: float, theta: float,
+                           beta: float = 1.0) -> np.ndarray:
+  """A normalised Gaussian-family kernel (the BasicSR shapes), with d = x^T Sigma^-1 x for the
+  rotated covariance: Gaussian exp(-d / 2), generalized exp(-d^beta / 2), plateau
+  1 / (1 + d^beta). 'iso' kinds are called with sigma_x = sigma_y and theta = 0."""
+  d = _mahalanobis(size, sigma_x, sigma_y, theta)
+  if kind.startswith("generalized"):
+    k = np.exp(-0.5 * np.power(d, beta))
+  elif kind.startswith("plateau"):
+    k = 1.0 / (1.0 + np.power(d, beta))
+  else:
+    k = np.exp(-0.5 * d)
+  return k / k.sum()
+
+
+def sinc_kernel(cutoff: float, size: int) -> np.ndarray:
+  """Circular low-pass (2D sinc) kernel: cutoff J1(cutoff r) / (2 pi r), normalised to sum 1."""
+  xx, yy = _grid(size)
+  r = np.hypot(xx, yy)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    k = cutoff * scipy.special.j1(cutoff * r) / (2.0 * np.pi * r)
+  k[r == 0] = cutoff ** 2 / (4.0 * np.pi)
+  return k / k.sum()
+
+
+def pad_kernel(k: np.ndarray, size: int = KERNEL_SIZE) -> np.ndarray:
+  p = (size - k.shape[0]) // 2
+  return np.pad(k, p).astype(np.float32)
+
+
+def delta_kernel(size: int = KERNEL_SIZE) -> np.ndarray:
+  k = np.zeros((size, size), np.float32)
+  k[size // 2, size // 2] = 1.0
+  return k
+
+
+def _beta(rng: np.random.Generator, lo: float, hi: float) -> float:
+  # Half of the time below 1 (sharper core), half above (as the reference).
+  return float(rng.uniform(lo, 1.0) if rng.random() < 0.5 else rng.uniform(1.0, hi))
+
+
+def random_blur_kernel(rng: np.random.Generator, stage: StageConfig,
+                       kernel_range: tuple[int, ...]) -> tuple[np.ndarray, dict[str, Any]]:
+  """One stage's kernel: sinc with p = sinc_prob, else a Gaussian-family kernel; padded to 21."""
+  size = int(rng.choice(kernel_range))
+  if rng.random() < stage.sinc_prob:
+    cutoff = float(rng.uniform(np.pi / 3, np.pi) if size < 13 else rng.uniform(np.pi / 5, np.pi))
+    return pad_kernel(sinc_kernel(cutoff, size)), {"type": "sinc", "size": size,
+                                                    "cutoff": cutoff}
+  kind = KERNEL_TYPES[int(rng.choice(len(KERNEL_TYPES), p=np.asarray(stage.kernel_prob)))]
+  sx = float(rng.uniform(*stage.blur_sigma))
+  if kind.endswith("iso") and not kind.endswith("aniso"):
+    sy, theta = sx, 0.0
+  else:
+    sy = float(rng.uniform(*stage.blur_sigma))
+    theta = float(rng.uniform(-np.pi, np.pi))
+  beta = 1.0
+  if kind.startswith("generalized"):
+    beta = _beta(rng, *stage.betag)
+  elif kind.startswith("plateau"):
+    beta = _beta(rng, *stage.betap)
+  k = gaussian_family_kernel(kind, size, sx, sy, theta, beta)
+  return pad_kernel(k), {"type": kind, "size": size, "sigma": (sx, sy), "theta": theta,
+                         "beta": beta}
+
+
+# ----------------------------------------------------------------------- parameters (host side)
+def _resize_factor(rng: np.random.Generator, stage: StageConfig) -> float:
+  kind = int(rng.choice(3, p=np.asarray(stage.resize_prob)))
+  if kind == 0:
+    return float(rng.uniform(1.0, stage.resize_range[1]))
+  if kind == 1:
+    return float(rng.uniform(stage.resize_range[0], 1.0))
+  return 1.0
+
+
+def _noise_params(rng: np.random.Generator, stage: StageConfig) -> np.ndarray:
+  """[gaussian?, sigma (0..1 scale), grey?, poisson scale]."""
+  gaussian = rng.random() < stage.gaussian_noise_prob
+  sigma = float(rng.uniform(*stage.noise_range)) / 255.0
+  grey = rng.random() < stage.gray_noise_prob
+  pscale = float(rng.uniform(*stage.poisson_scale_range))
+  return np.array([gaussian, sigma, grey, pscale], np.float32)
+
+
+def sample_params(rng: np.random.Generator, hr_hw: tuple[int, int], preset: DegradationConfig,
+                  scale: int = 4) -> dict[str, np.ndarray]:
+  """Draws every random choice of one example's degradation (fixed-shape numpy arrays).
+
+  Keys: ``k1``, ``k2``, ``sinc`` [21, 21] (kernels summing to 1; a skipped blur is a delta);
+  ``size1``, ``size2`` [2] (stage output sizes), ``mode`` [3] (resize mode per stage 1, 2,
+  final, index into RESIZE_MODES); ``noise1``, ``noise2`` [4]; ``jpeg`` [2] (qualities);
+  ``order`` (0: resize -> sinc -> JPEG, 1: JPEG -> resize -> sinc); ``seed`` [2] uint32.
+  """
+  h, w = hr_hw
+  first, second = preset.first, preset.second
+  k1, _ = random_blur_kernel(rng, first, preset.kernel_range)
+  k2, _ = random_blur_kernel(rng, second, preset.kernel_range)
+  if rng.random() >= second.blur_prob:
+    k2 = delta_kernel()
+  if rng.random() < preset.final_sinc_prob:
+    size = int(rng.choice(preset.kernel_range))
+    sinc = pad_kernel(sinc_kernel(float(rng.uniform(np.pi / 3, np.pi)), size))
+  else:
+    sinc = delta_kernel()
+  f1 = _resize_factor(rng, first)
+  size1 = (max(1, int(h * f1)), max(1, int(w * f1)))
+  f2 = _resize_factor(rng, second)
+  size2 = (max(1, int(h / scale * f2)), max(1, int(w / scale * f2)))
+  return {
+      "k1": k1, "k2": k2, "sinc": sinc,
+      "size1": np.array(size1, np.int32), "size2": np.array(size2, np.int32),
+      "mode": rng.integers(0, len(RESIZE_MODES), size=3).astype(np.int32),
+      "noise1": _noise_params(rng, first), "noise2": _noise_params(rng, second),
+      "jpeg": np.array([rng.uniform(*first.jpeg_range), rng.uniform(*second.jpeg_range)],
+                       np.float32),
+      "order": np.int32(rng.random() < 0.5),
+      "seed": rng.integers(0, 2 ** 32, size=2, dtype=np.uint32),
+  }
+
+
+def canvas_sizes(hr_hw: tuple[int, int], preset: DegradationConfig,
+                 scale: int) -> tuple[tuple[int, int], tuple[int, int]]:
+  """The fixed (max) canvas of stage 1 and stage 2 outputs for an HR size."""
+  h, w = hr_hw
+  m1 = max(1.0, preset.first.resize_range[1])
+  m2 = max(1.0, preset.second.resize_range[1])
+  return ((int(h * m1), int(w * m1)),
+          (max(h // scale, int(h / scale * m2)), max(w // scale, int(w / scale * m2))))
+
+
+# ------------------------------------------------------------------ resize matrices / padding
+def _cubic(x: np.ndarray, a: float = -0.75) -> np.ndarray:
+  x = np.abs(x)
+  return np.where(x <= 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                  np.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0))
+
+
+@functools.lru_cache(maxsize=4096)
+def resize_matrix(n_in: int, n_out: int, mode: str, rows: int, cols: int) -> np.ndarray:
+  """[rows, cols] matrix M with M[:n_out, :n_in] @ v = torch F.interpolate(v, n_out, mode) for a
+  1D signal v of length n_in (align_corners=False, no antialias); zero elsewhere."""
+  m = np.zeros((rows, cols), np.float64)
+  scale = n_in / n_out
+  for i in range(n_out):
+    if mode == "area":  # adaptive average pooling window
+      lo = (i * n_in) // n_out
+      hi = -((-(i + 1) * n_in) // n_out)
+      m[i, lo:hi] = 1.0 / (hi - lo)
+      continue
+    src = (i + 0.5) * scale - 0.5
+    if mode == "bilinear":
+      src = max(src, 0.0)
+      i0 = int(math.floor(src))
+      t = src - i0
+      for j, wgt in ((i0, 1 - t), (i0 + 1, t)):
+        m[i, min(max(j, 0), n_in - 1)] += wgt
+    elif mode == "bicubic":
+      i0 = int(math.floor(src))
+      t = src - i0
+      for off in (-1, 0, 1, 2):
+        m[i, min(max(i0 + off, 0), n_in - 1)] += float(_cubic(np.array(off - t)))
+    else:
+      raise ValueError(f"resize mode {mode!r}: expected one of {RESIZE_MODES}")
+  out = m.astype(np.float32)
+  out.setflags(write=False)
+  return out
+
+
+@functools.lru_cache(maxsize=4096)
+def reflect_index(n_valid: int, length: int, radius: int) -> np.ndarray:
+  """Gather indices that reflect-pad (no edge repeat) a valid prefix of length n_valid by radius
+  on both sides; [length + 2 radius] int32 (positions past the valid region fold back too)."""
+  j = np.arange(length + 2 * radius) - radius
+  if n_valid == 1:
+    return np.zeros_like(j, dtype=np.int32)
+  period = 2 * (n_valid - 1)
+  j = np.mod(j, period)
+  j = np.where(j >= n_valid, period - j, j)
+  out = j.astype(np.int32)
+  out.setflags(write=False)
+  return out
+
+
+# ------------------------------------------------------------------------------- device stages
+def _blur(x: jax.Array, kernel: jax.Array, idx_h: jax.Array, idx_w: jax.Array) -> jax.Array:
+  """Reflect-padded 2D correlation of one HxWx3 canvas with a KxK kernel (same for all channels).
+
+  On CPU through FFTs (20x faster there than XLA's grouped convolution; equal to 1e-6), on
+  accelerators as a depthwise convolution.
+  """
+  p = jnp.take(jnp.take(x, idx_h, axis=0), idx_w, axis=1)
+  k = kernel.shape[0]
+  if jax.default_backend() == "cpu":
+    n0, n1 = p.shape[:2]
+    kf = jnp.fft.rfft2(kernel[::-1, ::-1].astype(jnp.float32), s=(n0, n1))
+    y = jnp.fft.irfft2(jnp.fft.rfft2(p, axes=(0, 1)) * kf[..., None], s=(n0, n1), axes=(0, 1))
+    return y[k - 1:, k - 1:].astype(x.dtype)  # the circular wrap only touches the padding
+  c = x.shape[-1]
+  rhs = jnp.tile(kernel[:, :, None, None], (1, 1, 1, c)).astype(x.dtype)
+  y = jax.lax.conv_general_dilated(p[None], rhs, (1, 1), "VALID",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                   feature_group_count=c,
+                                   precision=jax.lax.Precision.HIGHEST)
+  return y[0]
+
+
+def _resize(x: jax.Array, rh: jax.Array, rw: jax.Array) -> jax.Array:
+  hp = jax.lax.Precision.HIGHEST
+  y = jnp.einsum("oh,hwc->owc", rh, x, precision=hp)
+  return jnp.einsum("pw,owc->opc", rw, y, precision=hp)
+
+
+def _grey(x: jax.Array) -> jax.Array:
+  return x @ jnp.array([0.299, 0.587, 0.114], x.dtype)
+
+
+def _distinct_levels(q: jax.Array, mask: jax.Array) -> jax.Array:
+  """Number of distinct integer levels 0..255 of q over the masked pixels."""
+  hist = jnp.zeros((256,), jnp.float32).at[q.astype(jnp.int32).reshape(-1)].add(
+      mask.reshape(-1).astype(jnp.float32))
+  return jnp.maximum(jnp.sum(hist > 0), 1)
+
+
+def poisson(key: jax.Array, lam: jax.Array, cutoff: float = 12.0, terms: int = 40) -> jax.Array:
+  """Poisson samples with fixed cost: CDF inversion for lam <= cutoff (exact up to the
+  P(N >= terms) ~ 1e-10 tail), rounded N(lam, lam) above it (where the two distributions agree
+  closely). jax.random.poisson's rejection loop is 10x slower here under vmap."""
+  ku, kn = jax.random.split(key)
+  u = jax.random.uniform(ku, lam.shape)
+  small = jnp.minimum(lam, cutoff)
+  prob = jnp.exp(-small)
+  cdf = prob
+  count = jnp.zeros(lam.shape, jnp.float32)
+  for i in range(1, terms):
+    count = count + (u > cdf)
+    prob = prob * small / i
+    cdf = cdf + prob
+  big = jnp.maximum(jnp.round(lam + jnp.sqrt(lam) * jax.random.normal(kn, lam.shape)), 0.0)
+  return jnp.where(lam > cutoff, big, count)
+
+
+def _noise(x: jax.Array, params: jax.Array, key: jax.Array, valid_hw: jax.Array) -> jax.Array:
+  """Gaussian or Poisson noise, colour or grey, on one canvas; then clamp to [0, 1]."""
+  gaussian, sigma, grey, pscale = params[0] > 0.5, params[1], params[2] > 0.5, params[3]
+  kg, kc, kp, kq = jax.random.split(key, 4)
+  h, w, c = x.shape
+  g = jnp.where(grey, jax.random.normal(kg, (h, w, 1)), jax.random.normal(kc, (h, w, c)))
+  mask = ((jnp.arange(h) < valid_hw[0])[:, None] & (jnp.arange(w) < valid_hw[1])[None, :])
+  # Poisson: img quantised to 1/255; v = 2^ceil(log2(#distinct levels)).
+  img = jnp.clip(jnp.round(x * 255.0), 0, 255) / 255.0
+  def shot(im, k, m):
+    levels = _distinct_levels(jnp.round(im * 255.0), m)
+    v = 2.0 ** jnp.ceil(jnp.log2(levels.astype(jnp.float32)))
+    return poisson(k, im * v).astype(x.dtype) / v - im
+  gimg = jnp.round(_grey(img) * 255.0)[..., None] / 255.0
+  p_col = shot(img, kp, jnp.broadcast_to(mask[..., None], x.shape))
+  p_grey = shot(gimg, kq, mask[..., None])
+  p = jnp.where(grey, jnp.broadcast_to(p_grey, x.shape), p_col) * pscale
+  return jnp.clip(x + jnp.where(gaussian, g * sigma, p), 0.0, 1.0)
+
+
+def _stage(x, kernel, idx_h, idx_w, rh, rw, noise, seed, out_hw):
+  key = jax.random.wrap_key_data(seed.astype(jnp.uint32), impl="threefry2x32")
+  y = _resize(_blur(x, kernel, idx_h, idx_w), rh, rw)
+  return _noise(y, noise, key, out_hw)
+
+
+def _final(x, rh, rw, kernel, idx_h, idx_w):
+  return _blur(_resize(x, rh, rw), kernel, idx_h, idx_w)
+
+
+_stage_batch = jax.jit(jax.vmap(_stage))
+_final_batch = jax.jit(jax.vmap(_final))
+
+
+# ---------------------------------------------------------------------------------- host JPEG
+def jpeg(img: np.ndarray, quality: float) -> np.ndarray:
+  """JPEG round trip (OpenCV, quality rounded) of a float HxWx3 RGB image in [0, 1]."""
+  x8 = np.round(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
+  ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(x8[..., ::-1]),
+                         [int(cv2.IMWRITE_JPEG_QUALITY), int(round(float(quality)))])
+  if not ok:
+    raise RuntimeError("cv2.imencode failed")
+  return cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1].astype(np.float32) / np.float32(255.0)
+
+
+_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="jpeg")
+
+
+def _jpeg_canvas(canvas: np.ndarray, valid: np.ndarray, quality: np.ndarray,
+                 which: np.ndarray) -> np.ndarray:
+  """JPEG of the valid region of each selected canvas (thread pool; cv2 drops the GIL)."""
+  out = np.array(canvas, np.float32, copy=True)
+  def one(i):
+    h, w = int(valid[i, 0]), int(valid[i, 1])
+    out[i, :h, :w] = jpeg(out[i, :h, :w], quality[i])
+  list(_POOL.map(one, [i for i in range(len(out)) if which[i]]))
+  return out
+
+
+# ---------------------------------------------------------------------------------- degrader
+class RealESRGANDegrader:
+  """Applies sampled degradations to a batch of HR images (see the module docstring).
+
+  Args:
+    preset: 'realesrgan' or 'seesr' (or a DegradationConfig).
+    scale: the SR factor; outputs are exactly H/scale x W/scale.
+  """
+
+  def __init__(self, preset: str | DegradationConfig = "realesrgan", scale: int = 4):
+    self.preset = get_preset(preset) if isinstance(preset, str) else preset
+    self.scale = int(scale)
+
+  def sample(self, rng: np.random.Generator, hr_hw: tuple[int, int]) -> dict[str, np.ndarray]:
+    return sample_params(rng, hr_hw, self.preset, self.scale)
+
+  def __call__(self, hr: np.ndarray, params: dict[str, np.ndarray]) -> np.ndarray:
+    """Degrades a batch.
+
+    Args:
+      hr: float [B, H, W, 3] in [0, 1]; H and W divisible by the scale.
+      params: ``sample_params`` outputs stacked along a leading batch axis.
+
+    Returns:
+      float32 [B, H/scale, W/scale, 3] in [0, 1], quantised to multiples of 1/255.
+    """
+    hr = np.asarray(hr, np.float32)
+    if hr.ndim != 4 or hr.shape[-1] != 3:
+      raise ValueError(f"RealESRGANDegrader expects [B, H, W, 3] images, got {hr.shape}")
+    b, h, w, _ = hr.shape
+    s = self.scale
+    if h % s or w % s:
+      raise ValueError(f"HR size {h}x{w} is not divisible by scale={s}")
+    (c1h, c1w), (c2h, c2w) = canvas_sizes((h, w), self.preset, s)
+    r = KERNEL_SIZE // 2
+    size1 = np.asarray(params["size1"]).reshape(b, 2)
+    size2 = np.asarray(params["size2"]).reshape(b, 2)
+    modes = np.asarray(params["mode"]).reshape(b, 3)
+    jq = np.asarray(params["jpeg"]).reshape(b, 2)
+    order = np.asarray(params["order"]).reshape(b)
+    seeds = np.asarray(params["seed"], np.uint32).reshape(b, 2)
+
+    def mats(n_in, n_out, mode, rows, cols):
+      return np.stack([resize_matrix(int(i), int(o), RESIZE_MODES[int(m)], rows, cols)
+                       for i, o, m in zip(n_in, n_out, mode)])
+
+    def pads(n_valid, length):
+      return np.stack([reflect_index(int(n), length, r) for n in n_valid])
+
+    full = lambda v: np.full((b,), v)
+    # Stage 1 on the HR image.
+    x = _stage_batch(
+        hr, params["k1"], pads(full(h), h), pads(full(w), w),
+        mats(full(h), size1[:, 0], modes[:, 0], c1h, h),
+        mats(full(w), size1[:, 1], modes[:, 0], c1w, w),
+        params["noise1"], np.stack([seeds[:, 0], full(1).astype(np.uint32)], 1), size1)
+    x = _jpeg_canvas(np.asarray(x), size1, jq[:, 0], np.ones(b, bool))
+    # Stage 2 on the stage-1 canvas.
+    x = _stage_batch(
+        x, params["k2"], pads(size1[:, 0], c1h), pads(size1[:, 1], c1w),
+        mats(size1[:, 0], size2[:, 0], modes[:, 1], c2h, c1h),
+        mats(size1[:, 1], size2[:, 1], modes[:, 1], c2w, c1w),
+        params["noise2"], np.stack([seeds[:, 1], full(2).astype(np.uint32)], 1), size2)
+    x = np.clip(np.asarray(x), 0.0, 1.0)
+    # Final: order 1 does JPEG first; then resize to exactly H/s x W/s and the sinc filter.
+    x = _jpeg_canvas(x, size2, jq[:, 1], order == 1)
+    ho, wo = h // s, w // s
+    x = _final_batch(
+        x, mats(size2[:, 0], full(ho), modes[:, 2], ho, c2h),
+        mats(size2[:, 1], full(wo), modes[:, 2], wo, c2w),
+        params["sinc"], pads(full(ho), ho), pads(full(wo), wo))
+    x = np.clip(np.asarray(x), 0.0, 1.0)
+    x = _jpeg_canvas(x, np.tile([ho, wo], (b, 1)), jq[:, 1], order == 0)
+    return np.clip(np.round(x * 255.0), 0, 255).astype(np.float32) / np.float32(255.0)
+
+  def degrade_one(self, hr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Samples parameters from ``rng`` and degrades one float HxWx3 image."""
+    p = self.sample(rng, hr.shape[:2])
+    return self(hr[None], {k: np.asarray(v)[None] for k, v in p.items()})[0]
+
+
+def stack_params(params: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  return {k: np.stack([np.asarray(p[k]) for p in params]) for k in params[0]}
