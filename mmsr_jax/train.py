@@ -1,17 +1,14 @@
 r"""Trains MMSR: ``python -m mmsr_jax.train --config=configs/tiny.py --workdir=DIR``.
 
 One readable trainer in the big_vision manner: config -> mesh -> input -> model -> sharded state
--> jitted update step -> loop with logging and checkpoints -> the held-out report. Resume is the
+-> jitted update step; the loop with logging, checkpoints and the held-out report is
+``mmsr_jax.loop`` (shared with the VQ tokenizer trainer). Resume is the
 default: a workdir that holds checkpoints continues from the newest one (same data position,
 same RNG stream, so the result equals an uninterrupted run).
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import time
 from typing import Any
 
 import flax.linen as nn
@@ -23,8 +20,7 @@ from absl import app, flags
 from flax import struct
 from ml_collections import config_flags
 
-from mmsr_jax import checkpoint as ckpt_lib
-from mmsr_jax import diffusion
+from mmsr_jax import diffusion, loop
 from mmsr_jax import report as report_lib
 from mmsr_jax import sharding
 from mmsr_jax.data import pipeline
@@ -39,12 +35,6 @@ class TrainState:
   params: Any
   opt_state: Any
   ema_params: Any
-
-
-def log(msg: str) -> None:
-  """Progress line on stdout (primary process only)."""
-  if jax.process_index() == 0:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -176,6 +166,16 @@ class Trainer:
         step_fn, in_shardings=(self.state_sharding, repl, sharding.batch_sharding(self.mesh)),
         out_shardings=(self.state_sharding, repl), donate_argnums=(0,))
 
+  # --- The task interface of ``mmsr_jax.loop``.
+  def step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+    return self.train_step(state, self.frozen, batch)
+
+  def make_loader(self):
+    return pipeline.make_train_loader(self.config, self.tokenizer)
+
+  def write_report(self, workdir: str, state: TrainState) -> dict:
+    return report_lib.write_report(self.config, workdir, self, state)
+
   def init_state(self) -> TrainState:
     return self._init(jax.random.key(self.config.seed))
 
@@ -187,71 +187,9 @@ class Trainer:
 def train(config, workdir: str, *, devices=None, stop_at: int | None = None,
           write_report: bool = True) -> TrainState:
   """Trains to ``config.num_train_steps`` (or stops after ``stop_at``, saving a checkpoint)."""
-  os.makedirs(workdir, exist_ok=True)
-  if os.path.exists(ckpt_lib.config_path(workdir)):
-    ckpt_lib.check_compatible(ckpt_lib.load_config(workdir), config, f"--workdir={workdir}")
-  trainer = Trainer(config, workdir, devices)
-  if ckpt_lib.is_primary():
-    ckpt_lib.save_config(workdir, config)
-
-  # --- Input.
-  loader = pipeline.make_train_loader(config, trainer.tokenizer)
-  data_iter = iter(loader)
-
-  # --- Checkpoint / resume.
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
-  start = ckpt.latest_step()
-  if start is not None:
-    log(f"resuming from {ckpt.directory}/{start}")
-    state = ckpt.restore(start, trainer.abstract_with_shardings(), data_iter)
-  else:
-    start = 0
-    state = trainer.init_state()
-
-  # --- Loop.
-  total = config.num_train_steps
-  end = total if stop_at is None else min(stop_at, total)
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  pending, t_window, steps_in_window = [], time.time(), 0
-  step = start
-  for step in range(start + 1, end + 1):
-    batch = sharding.global_batch(next(data_iter), trainer.mesh)
-    state, metrics = trainer.train_step(state, trainer.frozen, batch)
-    pending.append(metrics)
-    steps_in_window += 1
-    save_now = step % config.checkpoint_every == 0 or step == end
-    # Metrics are fetched (and checked for non-finite values) at every logging step and before
-    # every save, so a checkpoint never holds a state past a non-finite step.
-    if step % config.log_every == 0 or save_now:
-      host = jax.device_get(pending)
-      loss = float(np.mean([m["loss"] for m in host]))
-      grad_norm = float(np.mean([m["grad_norm"] for m in host]))
-      if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        bad = next(start + 1 + i for i, m in enumerate(host)
-                   if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])))
-        raise FloatingPointError(f"non-finite loss or gradient norm at step {bad}; the last good "
-                                 f"checkpoint in {ckpt.directory} is kept")
-      dt = time.time() - t_window
-      sps = steps_in_window / max(dt, 1e-9)
-      record = {"step": step, "loss": loss, "grad_norm": grad_norm,
-                "param_norm": float(host[-1]["param_norm"]), "lr": float(host[-1]["lr"]),
-                "steps_per_s": sps, "images_per_s": sps * config.batch_size,
-                "window": steps_in_window}
-      log(f"step {step}/{total}  loss {loss:.4f}  grad_norm {grad_norm:.3f}  "
-          f"lr {record['lr']:.2e}  {sps:.2f} steps/s  ETA {(total - step) / max(sps, 1e-9):.0f}s")
-      if ckpt_lib.is_primary():
-        with open(metrics_path, "a") as f:
-          f.write(json.dumps(record) + "\n")
-      pending, t_window, steps_in_window = [], time.time(), 0
-    if save_now:
-      ckpt.save(step, state, data_iter, force=True)
-  ckpt.wait()
-  ckpt.close()
-
-  if write_report and end == total and ckpt_lib.is_primary():
-    report = report_lib.write_report(config, workdir, trainer, state)
-    log("report: " + json.dumps({k: v for k, v in report.items() if k != "per_image"}))
-  return state
+  loop.check_workdir(config, workdir)
+  return loop.run(Trainer(config, workdir, devices), workdir, stop_at=stop_at,
+                  write_report=write_report)
 
 
 # ---------------------------------------------------------------------------------------------
