@@ -1,17 +1,31 @@
-r"""Super-resolves images x4 with a trained run's EMA weights.
+r"""Super-resolves images x4 with a trained run's EMA weights: the CLI and the Python API.
 
   python -m mmsr_jax.sample --workdir=runs/tiny --input=photo.png --output=out/
 
-``--input`` is an image file or a folder of images. Every setting of the run's config can be
-changed per call: guidance mode and scale, steps, eta, seed, caption and negative prompt,
-per-modality temperature (``--temperature=depth=0.5,edge=2``), switches (``--disable=depth,seg``)
-and user-supplied maps (``--depth=FILE``, ``--seg=FILE``, ``--edge=FILE``). Edges are extracted
-from the LR input by Canny when not given; depth and segmentation are null unless given.
+``--input`` is an image file or a folder of images of any mode (RGB, RGBA with the alpha upscaled
+separately, greyscale, palette, 16-bit PNG, JPEG, WebP; EXIF orientation applied) and any size
+(padded to the model's multiple, cropped back). Each output is a PNG of the input's kind (grey
+stays grey, 16-bit stays 16-bit) with a JSON sidecar holding every setting used. Outputs larger
+than the trained size are sampled on overlapping latent tiles blended smoothly, the tiles of a
+step batched and split over all devices (:mod:`mmsr_jax.tiling`).
 
-The Python API, used by this CLI::
+Controls (unset flags take the run's ``config.sampling`` values): ``--guidance={cfg,m0cfg,mcfg}``,
+``--scale``, ``--steps``, ``--eta``, ``--seed``, ``--strength``, ``--caption`` and
+``--negative_prompt``, per-group temperature (``--temperature=depth=0.5,edge=2``), switches
+(``--disable=depth,seg``), user-supplied maps (``--depth=FILE``, ``--seg=FILE``, ``--edge=FILE``)
+and the tile size / overlap in latent pixels (``--tile``, ``--tile_overlap``). Modalities that
+are not given: edges by Canny on each tile's LR crop; depth, segmentation and the caption from
+the annotator when its models are named (``--annotate_depth=PATH`` etc., needs the torch extras),
+else null. Existing outputs are never replaced without ``--overwrite``; every input, map and
+output name is checked before the model is built.
+
+The Python API, used by this CLI and the Colab notebook::
 
   sr = SuperResolver.from_workdir("runs/tiny")
-  out = sr(lr_uint8, caption="a cat", temperature={"depth": 0.5}, guidance="mcfg", scale=2.0)
+  out = sr(image, caption="a cat", guidance="mcfg", scale=2.0, temperature={"depth": 0.5})
+
+``image`` may be a PIL image or an array (HxW, HxWx2, HxWx3, HxWx4; uint8, uint16 or float in
+[0, 1]); the result has the same kind at 4x the size.
 """
 
 from __future__ import annotations
@@ -19,60 +33,90 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
+from typing import Any, Callable
 
+import cv2
 import jax
 import numpy as np
 from absl import app, flags
-from PIL import Image, ImageOps
+from PIL import Image
 
 from mmsr_jax import checkpoint as ckpt_lib
-from mmsr_jax import diffusion, sampler
+from mmsr_jax import diffusion, image_io, tiling
 from mmsr_jax.data import pipeline
 from mmsr_jax.models.context import CONTEXT_GROUPS, SPATIAL_MODALITIES
-from mmsr_jax.report import to_uint8
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = image_io.SUFFIXES
+# Settings a call may change; None = the run's config.sampling value.
+SETTINGS = ("guidance", "scale", "steps", "eta", "seed", "strength", "negative_prompt")
 
 
-def read_image(path: str) -> np.ndarray:
-  """Reads an image file as uint8 RGB (EXIF orientation applied); one clear error otherwise."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: no such file")
-  try:
-    with Image.open(path) as im:
-      im = ImageOps.exif_transpose(im)
-      im.load()
-      arr = np.asarray(im.convert("RGB"))
-  except Exception as e:  # noqa: BLE001 - PIL raises several types for bad files
-    raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
-  if arr.shape[0] == 0 or arr.shape[1] == 0:
-    raise ValueError(f"{path}: the image has zero size {arr.shape[:2]}")
-  return arr
+def read_image(path: str) -> image_io.Picture:
+  """Reads an input image of any mode (see :func:`mmsr_jax.image_io.read`)."""
+  return image_io.read(path)
 
 
 def read_map(path: str, kind: str) -> np.ndarray:
-  """A user-supplied modality map: grey in [0, 1] for depth/edge, integer labels for seg."""
+  """A user-supplied modality map: float HxW in [0, 1] for depth/edge (8- or 16-bit greyscale or
+  colour, which is turned into luma), integer labels HxW for seg (``L``, ``P``, ``I;16``, or the
+  first channel of a colour image)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"--{kind}={path}: no such file")
+  if kind != "seg":
+    try:
+      pic = image_io.read(path)
+    except ValueError as e:
+      raise ValueError(f"--{kind}={e}") from e
+    return image_io.luma(pic.rgb)
   try:
     with Image.open(path) as im:
-      arr = np.asarray(im.convert("L") if kind != "seg" else im)
+      arr = np.asarray(im)
   except Exception as e:  # noqa: BLE001
-    raise ValueError(f"--{kind}={path}: not a readable image ({e})") from e
+    raise ValueError(f"--{kind}={path}: not a readable image ({type(e).__name__}: {e})") from e
+  arr = arr if arr.ndim == 2 else arr[..., 0]
+  if arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+    raise ValueError(f"--{kind}={path}: expected a non-empty integer label image, got "
+                     f"{arr.dtype} {arr.shape}")
+  return arr.astype(np.int32)
+
+
+def _resize_map(kind: str, m: np.ndarray, height: int, width: int) -> np.ndarray:
+  """A whole-image map onto the output pixel grid (nearest for labels, so no label mixing)."""
+  m = np.asarray(m)
+  if m.shape[:2] == (height, width):
+    return m
   if kind == "seg":
-    return arr if arr.ndim == 2 else arr[..., 0]
-  return arr.astype(np.float32) / (65535.0 if arr.dtype == np.uint16 else 255.0)
+    return cv2.resize(m.astype(np.int32).astype(np.float32), (width, height),
+                      interpolation=cv2.INTER_NEAREST).astype(np.int32)
+  return cv2.resize(np.asarray(m, np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def _pad(x: np.ndarray, ph: int, pw: int) -> np.ndarray:
+  pad = ((0, ph), (0, pw)) + ((0, 0),) * (x.ndim - 2)
+  return np.pad(x, pad, mode="reflect" if min(x.shape[:2]) > 1 else "edge")
 
 
 class SuperResolver:
-  """A trained MMSR model ready to super-resolve images (restores the newest checkpoint)."""
+  """A trained MMSR model ready to super-resolve images (restores the newest checkpoint).
 
-  def __init__(self, config, params, trainer):
+  The EMA parameters are replicated on a mesh of all devices; the tiles of every sampling step
+  are split over it. ``annotator`` (an :class:`mmsr_jax.annotate.Annotator`, optional) supplies
+  depth / segmentation / caption when a call does not.
+  """
+
+  def __init__(self, config, params, trainer, *, frozen=None, step: int | None = None,
+               workdir: str | None = None, annotator=None):
     self.config, self.params, self._t = config, params, trainer
-    self._fns = {}
+    self.frozen = trainer.frozen if frozen is None else frozen
+    self.mesh = trainer.mesh
+    self.step, self.workdir, self.annotator = step, workdir, annotator
+    self._fns: dict[tuple, Callable] = {}
+    self._on_step: Callable[[], None] | None = None
 
   @classmethod
-  def from_workdir(cls, workdir: str, *, step: int | None = None) -> "SuperResolver":
+  def from_workdir(cls, workdir: str, *, step: int | None = None, devices=None,
+                   annotator=None) -> "SuperResolver":
     from mmsr_jax.train import Trainer  # the trainer builds the same model, encoders and state
     config = ckpt_lib.load_config(workdir)
     ckpt = ckpt_lib.Checkpointer(workdir, create=False)
@@ -80,12 +124,22 @@ class SuperResolver:
     if step is None:
       raise FileNotFoundError(f"{ckpt.directory}: no checkpoints; train first with "
                               "python -m mmsr_jax.train")
+    devices = list(jax.devices() if devices is None else devices)
     config.unlock()
-    config.mesh.data = 1
-    trainer = Trainer(config, workdir, devices=jax.devices()[:1])
-    state = ckpt.restore(step, trainer.abstract_with_shardings())
+    config.mesh.data = len(devices)  # sampling splits tiles, not a training batch, over these
+    config.batch_size = len(devices)
+    trainer = Trainer(config, workdir, devices=devices)
+    abstract = trainer.abstract_with_shardings()
+    check_checkpoint_matches(ckpt, step, abstract, workdir)
+    state = ckpt.restore(step, abstract)
     ckpt.close()
-    return cls(config, state.ema_params, trainer)
+    frozen = getattr(trainer, "frozen", None)
+    if frozen is None:  # the trainer's own convention for the frozen encoders
+      frozen = trainer.conditioner.init_params(config, jax.random.key(config.seed + 1))
+    return cls(config, state.ema_params, trainer, frozen=frozen, step=int(step),
+               workdir=workdir, annotator=annotator)
+
+  # --- Settings.
 
   @property
   def lr_multiple(self) -> int:
@@ -93,53 +147,206 @@ class SuperResolver:
     need = self._t.conditioner.autoencoder.downsample * self.config.model.patch_size
     return max(1, math.ceil(need / self.config.data.scale))
 
-  def _sample_fn(self, guidance: str, steps: int, strength: float):
-    key = (guidance, steps, strength)
+  @property
+  def scale_factor(self) -> int:
+    return int(self.config.data.scale)
+
+  def resolve(self, *, temperature: dict[str, float] | None = None,
+              enabled: dict[str, bool] | None = None, tile: int | None = None,
+              tile_overlap: int | None = None, **settings) -> dict[str, Any]:
+    """The effective settings of a call (the run's defaults filled in), checked: every value
+    that can be wrong is rejected here, before any image work."""
+    unknown = set(settings) - set(SETTINGS)
+    if unknown:
+      raise ValueError(f"unknown setting(s) {sorted(unknown)}; expected {SETTINGS}")
+    sc = self.config.sampling
+    out = {k: (sc[k] if settings.get(k) is None else settings[k]) for k in SETTINGS}
+    if out["guidance"] not in diffusion.GUIDANCE_MODES:
+      raise ValueError(f"guidance={out['guidance']!r}: expected one of {diffusion.GUIDANCE_MODES}")
+    out["steps"], out["seed"] = int(out["steps"]), int(out["seed"])
+    out["scale"], out["eta"], out["strength"] = (float(out[k]) for k in ("scale", "eta",
+                                                                          "strength"))
+    if not (math.isfinite(out["scale"]) and out["scale"] >= 0):
+      raise ValueError(f"scale={out['scale']}: expected a finite value >= 0")
+    if not 0.0 <= out["eta"] <= 1.0:
+      raise ValueError(f"eta={out['eta']}: expected a value in [0, 1]")
+    diffusion.ddim_timesteps(self._t.schedule.num_timesteps, out["steps"],
+                             self.config.sampling.spacing)  # checks steps
+    diffusion.start_step(out["steps"], out["strength"])  # checks strength
+    temps = {g: 1.0 for g in CONTEXT_GROUPS}
+    for name, value in (temperature or {}).items():
+      if name not in CONTEXT_GROUPS:
+        raise ValueError(f"temperature for {name!r}: expected one of {CONTEXT_GROUPS}")
+      if not (math.isfinite(float(value)) and float(value) > 0):
+        raise ValueError(f"temperature {name}={value}: must be a finite value > 0")
+      temps[name] = float(value)
+    on = {g: True for g in CONTEXT_GROUPS}
+    for name, value in (enabled or {}).items():
+      if name not in CONTEXT_GROUPS:
+        raise ValueError(f"modality switch {name!r}: expected one of {CONTEXT_GROUPS}")
+      on[name] = bool(value)
+    # Validates the tile geometry on a one-tile image.
+    m = self.lr_multiple
+    grid = tiling.make_grid(self.config, (m, m), tile=tile, overlap=tile_overlap)
+    out.update(temperature=temps, enabled=on, tile=grid.tile, tile_overlap=grid.overlap)
+    return out
+
+  def _sample_fn(self, grid: tiling.TileGrid, guidance: str, steps: int, strength: float):
+    key = (grid, guidance, steps, strength)
     if key not in self._fns:
-      self._fns[key] = sampler.make_sample_fn(
-          self._t.model, self._t.conditioner, self._t.schedule, steps=steps, guidance=guidance,
-          spacing=self.config.sampling.spacing, clip_x0=self.config.sampling.clip_x0,
-          strength=strength)
+      self._fns[key] = tiling.make_tiled_sample_fn(
+          self._t.model, self._t.conditioner, self._t.schedule, grid, steps=steps,
+          guidance=guidance, spacing=self.config.sampling.spacing,
+          clip_x0=self.config.sampling.clip_x0, strength=strength, mesh=self.mesh,
+          progress=self._step_done)
     return self._fns[key]
 
-  def __call__(self, image: np.ndarray, *, caption: str = "", negative_prompt: str | None = None,
-               guidance: str | None = None, scale: float | None = None, steps: int | None = None,
-               eta: float | None = None, seed: int | None = None,
-               strength: float | None = None,
-               temperature: dict[str, float] | None = None,
-               enabled: dict[str, bool] | None = None,
-               maps: dict[str, np.ndarray] | None = None) -> np.ndarray:
-    """``image`` uint8 HxWx3 -> uint8 (4H)x(4W)x3."""
-    sc = self.config.sampling
-    guidance = sc.guidance if guidance is None else guidance
-    scale = sc.scale if scale is None else scale
-    steps = sc.steps if steps is None else steps
-    if guidance not in diffusion.GUIDANCE_MODES + ("none",):
-      raise ValueError(f"guidance={guidance!r}: expected one of {diffusion.GUIDANCE_MODES}")
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-      raise ValueError(f"expected a uint8 HxWx3 image, got {image.dtype} {image.shape}")
-    h, w = image.shape[:2]
+  def _step_done(self) -> None:
+    if self._on_step is not None:
+      self._on_step()
+
+  def num_steps_run(self, steps: int, strength: float) -> int:
+    """DDIM steps a call really runs (``strength < 1`` skips the noisiest ones)."""
+    return steps - diffusion.start_step(steps, strength)
+
+  # --- Super-resolution.
+
+  def __call__(self, image, *, caption: str | None = None,
+               maps: dict[str, np.ndarray] | None = None, **kwargs):
+    """Super-resolves ``image`` (PIL image or array, any mode) -> the same kind, 4x the size.
+
+    Keyword arguments: ``caption`` (None: the annotator's when it has a captioner, else empty),
+    ``maps`` (``{'depth': HxW in [0, 1], 'seg': HxW labels, 'edge': HxW in [0, 1]}``, any size),
+    and the settings of :meth:`resolve` (``guidance``, ``scale``, ``steps``, ``eta``, ``seed``,
+    ``strength``, ``negative_prompt``, ``temperature``, ``enabled``, ``tile``,
+    ``tile_overlap``).
+    """
+    pic = image_io.from_array(image)
+    out, _ = self.upscale(pic, caption=caption, maps=maps, **kwargs)
+    if isinstance(image, Image.Image):
+      return image_io.to_pil(out)
+    if isinstance(image, image_io.Picture):
+      return out
+    arr = np.asarray(image)
+    res = image_io.to_array(out)
+    if np.issubdtype(arr.dtype, np.floating):  # float in -> float in [0, 1] out
+      top = 65535.0 if res.dtype == np.uint16 else 255.0
+      res = res.astype(np.float32) / top
+    if arr.ndim == 3 and arr.shape[2] == 1:
+      res = res[..., None]
+    return res
+
+  def upscale(self, pic: image_io.Picture, *, caption: str | None = None,
+              maps: dict[str, np.ndarray] | None = None,
+              progress: Callable[[], None] | None = None,
+              **kwargs) -> tuple[image_io.Picture, dict[str, Any]]:
+    """Super-resolves a :class:`~mmsr_jax.image_io.Picture`; returns it with a record of what
+    was used (settings, caption, where each map came from, tiles, time)."""
+    t0 = time.time()
+    st = self.resolve(**kwargs)
+    maps = dict(maps or {})
+    for name in maps:
+      if name not in SPATIAL_MODALITIES:
+        raise ValueError(f"map {name!r}: expected one of {SPATIAL_MODALITIES}")
+    h, w = pic.size
+    s = self.scale_factor
+    sources = {k: "user" for k in maps}
+    caption_source = "user" if caption is not None else "empty"
+    if self.annotator is not None and (caption is None or
+                                       any(k not in maps for k in ("depth", "seg"))):
+      ann = self.annotator.annotate_one(image_io.to_array(
+          image_io.Picture(pic.rgb, None, False, 8)))
+      for k in ("depth", "seg"):
+        if k in ann and k not in maps:
+          maps[k], sources[k] = ann[k], "annotator"
+      if caption is None and ann.get("caption"):
+        caption, caption_source = ann["caption"], "annotator"
+    caption = caption or ""
+    sources.setdefault("edge", "canny per tile")
+    for k in SPATIAL_MODALITIES:
+      sources.setdefault(k, "null")
+
+    # --- Pad to the model's multiple; tile grid; per-tile conditions.
     m = self.lr_multiple
     ph, pw = -h % m, -w % m
-    padded = np.pad(image, ((0, ph), (0, pw), (0, 0)), mode="reflect" if min(h, w) > 1 else "edge")
-    example = self._example(padded, caption, maps or {})
-    inputs = sampler.make_inputs([example], self._t.tokenizer, self.config,
-                                 negative_prompt=negative_prompt, temperature=temperature,
-                                 enabled=enabled)
-    strength = sc.strength if strength is None else strength
-    diffusion.start_step(steps, strength)  # validates the value before any work
-    fn = self._sample_fn(guidance if scale else "none", steps, strength)
-    out = fn(self.params, self._t.frozen, inputs,
-             jax.random.key(sc.seed if seed is None else seed), float(scale),
-             float(sc.eta if eta is None else eta))
-    s = self.config.data.scale
-    return to_uint8(out[0])[: h * s, : w * s]
+    lr = _pad(pic.rgb, ph, pw)
+    grid = tiling.make_grid(self.config, lr.shape[:2], tile=st["tile"],
+                            overlap=st["tile_overlap"])
+    full_maps = {k: _pad(_resize_map(k, v, h * s, w * s), ph * s, pw * s)
+                 for k, v in maps.items()}
+    f = self._t.conditioner.autoencoder.downsample
+    th, tw = grid.tile_hw
+    examples = []
+    for r, c in grid.origins:
+      ly, lx, lh, lw = r * f // s, c * f // s, th * f // s, tw * f // s
+      tile_maps = {k: v[r * f:(r + th) * f, c * f:(c + tw) * f] for k, v in full_maps.items()}
+      examples.append(pipeline.conditioning_example(
+          lr[ly:ly + lh, lx:lx + lw], tile_maps, caption, map_size=self.config.data.map_size,
+          text_len=self.config.text.max_length, tokenizer=self._t.tokenizer))
+    lr_full = np.asarray(lr, np.float32) * np.float32(2.0) - np.float32(1.0)
+    inputs = tiling.make_tiled_inputs(
+        examples, lr_full[None], grid.num_tiles, self._t.tokenizer, self.config,
+        negative_prompt=st["negative_prompt"], temperature=st["temperature"],
+        enabled=st["enabled"])
 
-  def _example(self, lr_u8: np.ndarray, caption: str, maps: dict[str, np.ndarray]) -> dict:
-    return pipeline.conditioning_example(
-        lr_u8.astype(np.float32) / 255.0, maps, caption, map_size=self.config.data.map_size,
-        text_len=self.config.text.max_length, tokenizer=self._t.tokenizer)
+    # --- Sample.
+    guidance = st["guidance"] if st["scale"] else "none"
+    fn = self._sample_fn(grid, guidance, st["steps"], st["strength"])
+    self._on_step = progress
+    try:
+      out = fn(self.params, self.frozen, inputs, jax.random.key(st["seed"]), st["scale"],
+               st["eta"])
+      out = np.asarray(jax.device_get(out))[0, : h * s, : w * s]
+    finally:
+      self._on_step = None
+    rgb = np.clip((out.astype(np.float32) + 1.0) * 0.5, 0.0, 1.0)
+    alpha = None if pic.alpha is None else image_io.upscale_alpha(pic.alpha, h * s, w * s)
+    result = image_io.Picture(rgb, alpha, pic.grey, pic.bits, pic.mode)
+    record = dict(st, caption=caption, caption_source=caption_source, maps=sources,
+                  num_tiles=grid.num_tiles, latent_size=list(grid.latent_hw),
+                  input_size=[h, w], output_size=[h * s, w * s], input_mode=pic.mode,
+                  bits=pic.bits, alpha=pic.alpha is not None, grey=pic.grey,
+                  devices=len(self.mesh.devices.flat), seconds=round(time.time() - t0, 3))
+    return result, record
+
+
+def check_checkpoint_matches(ckpt: ckpt_lib.Checkpointer, step: int, abstract_state,
+                             workdir: str) -> None:
+  """One clear error when the checkpoint's arrays do not have the shapes the run's config.json
+  gives (a config edited after training, or checkpoints copied from another run)."""
+  try:
+    meta = ckpt.manager.item_metadata(step)["state"]
+  except Exception:  # noqa: BLE001 - no metadata to compare: the restore itself will report
+    return
+  if meta is None:
+    return
+  saved = {_path_name(p): tuple(getattr(v, "shape", ()) or ())
+           for p, v in jax.tree_util.tree_leaves_with_path(meta)}
+  for p, v in jax.tree_util.tree_leaves_with_path(abstract_state):
+    key = _path_name(p)
+    want = tuple(v.shape)
+    if key not in saved:
+      raise ValueError(f"{os.path.join(ckpt.directory, str(step))}: has no array {key} that "
+                       f"{ckpt_lib.config_path(workdir)} needs; the checkpoint does not match "
+                       "the config")
+    if saved[key] != want:
+      raise ValueError(f"{os.path.join(ckpt.directory, str(step))}: array {key} has shape "
+                       f"{saved[key]} but {ckpt_lib.config_path(workdir)} gives {want}; the "
+                       "checkpoint does not match the config")
+
+
+def _path_name(path) -> str:
+  """``a.b.c`` for a tree path, whether its parts are dict keys or dataclass attributes."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+  return ".".join(parts)
+
+
+# --- Command line.
 
 
 def parse_temperature(text: str) -> dict[str, float]:
@@ -147,10 +354,15 @@ def parse_temperature(text: str) -> dict[str, float]:
   out = {}
   for item in filter(None, (p.strip() for p in text.split(","))):
     name, _, value = item.partition("=")
-    if name not in CONTEXT_GROUPS or not value:
-      raise ValueError(f"--temperature item {item!r}: expected NAME=VALUE with NAME in "
+    name = name.strip()
+    try:
+      number = float(value)
+    except ValueError:
+      number = None
+    if name not in CONTEXT_GROUPS or number is None:
+      raise ValueError(f"--temperature item {item!r}: expected NAME=NUMBER with NAME in "
                        f"{CONTEXT_GROUPS}")
-    out[name] = float(value)
+    out[name] = number
   return out
 
 
@@ -166,13 +378,26 @@ def list_inputs(path: str) -> list[str]:
   return [path]
 
 
+def output_paths(files: list[str], output: str) -> dict[str, str]:
+  """Input -> output PNG path; two inputs that would write the same file are an error."""
+  targets = {f: os.path.join(output, os.path.splitext(os.path.basename(f))[0] + ".png")
+             for f in files}
+  seen: dict[str, str] = {}
+  for f, t in targets.items():
+    if t in seen:
+      raise ValueError(f"{seen[t]} and {f} would both be written to {t}; rename one")
+    seen[t] = f
+  return targets
+
+
 def define_flags() -> None:
   """Flags of the CLI (defined only when run as a program, so importing stays side-effect free)."""
   d = flags
   d.DEFINE_string("workdir", None, "Training run directory (config + checkpoints).")
+  d.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
   d.DEFINE_string("input", None, "An image file or a folder of images.")
-  d.DEFINE_string("output", None, "Output folder for the x4 PNGs.")
-  d.DEFINE_string("caption", "", "Caption for every input.")
+  d.DEFINE_string("output", None, "Output folder for the x4 PNGs and their JSON sidecars.")
+  d.DEFINE_string("caption", None, "Caption for every input (default: the annotator's, else '').")
   d.DEFINE_string("negative_prompt", None, "Negative prompt (default: the config's).")
   d.DEFINE_enum("guidance", None, list(diffusion.GUIDANCE_MODES), "Guidance mode.")
   d.DEFINE_float("scale", None, "Guidance scale w (0: conditional only).")
@@ -183,8 +408,16 @@ def define_flags() -> None:
   d.DEFINE_string("temperature", "", "Per-group temperature, e.g. depth=0.5,edge=2.")
   d.DEFINE_list("disable", [], "Groups to switch off: text, depth, seg, edge.")
   for k in SPATIAL_MODALITIES:
-    d.DEFINE_string(k, None, f"User-supplied {k} map (image file).")
+    d.DEFINE_string(k, None, f"User-supplied {k} map (image file), used for every input.")
+  d.DEFINE_integer("tile", None, "Latent tile side (default: the trained latent size).")
+  d.DEFINE_integer("tile_overlap", None, "Latent pixels shared by neighbouring tiles "
+                   "(default: a quarter tile).")
+  d.DEFINE_string("annotate_depth", None, "Depth model (folder or hub id) for missing depth.")
+  d.DEFINE_string("annotate_seg", None, "Mask2Former model for missing segmentation.")
+  d.DEFINE_string("annotate_caption", None, "Captioning model for a missing --caption.")
+  d.DEFINE_string("annotate_caption_kind", "blip", "blip, florence2 or qwen2_5_vl.")
   d.DEFINE_bool("overwrite", False, "Replace existing outputs.")
+  d.DEFINE_bool("progress", True, "Show progress bars over images and steps.")
 
 
 def main(argv):
@@ -195,38 +428,58 @@ def main(argv):
       raise app.UsageError(f"--{name} is required")
   # Every check on the inputs happens before the model is built or compiled.
   files = list_inputs(F.input)
-  images = {f: read_image(f) for f in files}
+  sizes = {}
+  for f in files:  # read once to check (decoded again when its turn comes)
+    sizes[f] = read_image(f).size
   maps = {k: read_map(F[k].value, k) for k in SPATIAL_MODALITIES if F[k].value}
   temperature = parse_temperature(F.temperature)
   for name in F.disable:
     if name not in CONTEXT_GROUPS:
       raise ValueError(f"--disable={name}: expected names from {CONTEXT_GROUPS}")
   enabled = {name: False for name in F.disable}
-  targets = {f: os.path.join(F.output, os.path.splitext(os.path.basename(f))[0] + ".png")
-             for f in files}
-  existing = [t for t in targets.values() if os.path.exists(t)]
+  if os.path.exists(F.output) and not os.path.isdir(F.output):
+    raise NotADirectoryError(f"--output={F.output} exists and is not a folder")
+  targets = output_paths(files, F.output)
+  existing = [p for t in targets.values() for p in (t, os.path.splitext(t)[0] + ".json")
+              if os.path.exists(p)]
   if existing and not F.overwrite:
     raise FileExistsError(f"{existing[0]} exists (and {len(existing) - 1} more); pass "
                           "--overwrite to replace")
   ckpt_lib.load_config(F.workdir)  # fails early on a folder that is not a run
+  annotator = None
+  if F.annotate_depth or F.annotate_seg or F.annotate_caption:
+    from mmsr_jax.annotate import Annotator  # torch extras: only when asked for
+    annotator = Annotator(depth=F.annotate_depth, seg=F.annotate_seg,
+                          caption=F.annotate_caption, caption_kind=F.annotate_caption_kind)
 
-  sr = SuperResolver.from_workdir(F.workdir)
+  sr = SuperResolver.from_workdir(F.workdir, step=F.step, annotator=annotator)
+  settings = dict(guidance=F.guidance, scale=F.scale, steps=F.steps, eta=F.eta, seed=F.seed,
+                  strength=F.strength, negative_prompt=F.negative_prompt,
+                  temperature=temperature, enabled=enabled, tile=F.tile,
+                  tile_overlap=F.tile_overlap)
+  st = sr.resolve(**settings)  # bad values fail here, before the output folder exists
   os.makedirs(F.output, exist_ok=True)
-  settings = dict(caption=F.caption, negative_prompt=F.negative_prompt, guidance=F.guidance,
-                  scale=F.scale, steps=F.steps, eta=F.eta, seed=F.seed, strength=F.strength,
-                  temperature=temperature, enabled=enabled)
-  sc = sr.config.sampling  # unset flags take the run's config values; the sidecar shows them
-  settings = {k: (sc[k] if v is None and k in sc else v) for k, v in settings.items()}
-  for i, (f, img) in enumerate(images.items()):
-    out = sr(img, maps=maps, **settings)
-    Image.fromarray(out).save(targets[f])
+  from tqdm import tqdm
+  per_image = sr.num_steps_run(st["steps"], st["strength"])
+  bar = tqdm(total=len(files), desc="images", unit="img", disable=not F.progress, position=0)
+  steps_bar = tqdm(total=per_image, desc="steps", unit="step", disable=not F.progress,
+                   position=1, leave=False)
+  for f in files:
+    steps_bar.reset(total=per_image)
+    steps_bar.set_postfix_str(os.path.basename(f))
+    out, record = sr.upscale(read_image(f), caption=F.caption, maps=maps,
+                             progress=steps_bar.update, **settings)
+    image_io.write_png(targets[f], out)
     with open(os.path.splitext(targets[f])[0] + ".json", "w") as fh:
-      json.dump({"input": f, "workdir": F.workdir,
-                 **{k: v for k, v in settings.items()},
-                 "maps": sorted(maps), "input_size": list(img.shape[:2]),
-                 "output_size": list(out.shape[:2])}, fh, indent=2)
-    print(f"[{i + 1}/{len(images)}] {f} {img.shape[1]}x{img.shape[0]} -> {targets[f]} "
-          f"{out.shape[1]}x{out.shape[0]}", flush=True)
+      json.dump({"input": os.path.abspath(f), "output": os.path.abspath(targets[f]),
+                 "workdir": os.path.abspath(F.workdir), "checkpoint_step": sr.step,
+                 "map_files": {k: F[k].value for k in maps}, **record}, fh, indent=2)
+    bar.update(1)
+    bar.write(f"{f} {sizes[f][1]}x{sizes[f][0]} -> {targets[f]} "
+              f"{record['output_size'][1]}x{record['output_size'][0]} "
+              f"({record['num_tiles']} tiles, {record['seconds']:.1f}s)")
+  steps_bar.close()
+  bar.close()
 
 
 if __name__ == "__main__":

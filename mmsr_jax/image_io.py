@@ -1,0 +1,219 @@
+"""Reading and writing images of every common mode for super-resolution.
+
+The model sees float RGB in [0, 1]. :class:`Picture` carries that plus what is needed to give the
+result back in the input's own kind: the alpha channel (upscaled separately, bicubic, never
+through the model), whether the input was greyscale, and its bit depth (8 or 16).
+
+Handled: RGB, RGBA, greyscale (``L``, ``LA``, ``1``, ``I;16``, ``I``), palette (``P``/``PA``,
+with or without a transparent colour), CMYK / YCbCr JPEGs, 16-bit PNG and TIFF (read through
+OpenCV, since Pillow truncates 16-bit colour to 8 bits), JPEG, WebP, BMP; the EXIF orientation
+is applied. Outputs are PNG: 16-bit when the input was 16-bit, greyscale when it was greyscale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+from PIL import Image, ImageOps
+
+SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+_ORIENTATION_TAG = 0x0112
+_GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+@dataclasses.dataclass
+class Picture:
+  """An image as the model needs it, plus how to write the result back.
+
+  Attributes:
+    rgb: float32 ``[H, W, 3]`` in [0, 1] (grey inputs replicated over the channels).
+    alpha: float32 ``[H, W]`` in [0, 1], or None.
+    grey: the input had one colour channel (the output is written as grey too).
+    bits: 8 or 16, the input's bit depth per channel (the output's too).
+    mode: a short description of the source (PIL mode and depth), for the sidecar.
+  """
+
+  rgb: np.ndarray
+  alpha: np.ndarray | None = None
+  grey: bool = False
+  bits: int = 8
+  mode: str = "RGB"
+
+  @property
+  def size(self) -> tuple[int, int]:
+    """``(height, width)``."""
+    return self.rgb.shape[0], self.rgb.shape[1]
+
+
+def orient(arr: np.ndarray, orientation: int) -> np.ndarray:
+  """Applies an EXIF orientation (1..8) to ``[H, W, ...]``, as ``ImageOps.exif_transpose``."""
+  ops = {
+      1: lambda a: a,
+      2: lambda a: a[:, ::-1],
+      3: lambda a: a[::-1, ::-1],
+      4: lambda a: a[::-1],
+      5: lambda a: np.swapaxes(a, 0, 1),
+      6: lambda a: np.swapaxes(a, 0, 1)[:, ::-1],
+      7: lambda a: np.swapaxes(a, 0, 1)[::-1, ::-1],
+      8: lambda a: np.swapaxes(a, 0, 1)[::-1],
+  }
+  return np.ascontiguousarray(ops.get(int(orientation), ops[1])(arr))
+
+
+def _is_16bit_colour(im: Image.Image) -> bool:
+  """A PNG/TIFF stored with 16 bits per colour channel (Pillow would load it as 8-bit)."""
+  if im.mode not in ("RGB", "RGBA", "LA") or not im.tile:
+    return False
+  args = im.tile[0].args if hasattr(im.tile[0], "args") else im.tile[0][3]
+  rawmode = args[0] if isinstance(args, tuple) else args
+  return isinstance(rawmode, str) and ";16" in rawmode
+
+
+def _read_16bit_colour(path: str, im: Image.Image) -> Picture:
+  import cv2
+  arr = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+  if arr is None or arr.dtype != np.uint16:
+    raise ValueError("OpenCV could not read it as 16-bit")
+  arr = orient(arr, im.getexif().get(_ORIENTATION_TAG, 1))
+  if arr.ndim == 2:
+    arr = arr[..., None]
+  grey = im.mode == "LA"
+  if arr.shape[2] in (3, 4):  # OpenCV order is BGR(A)
+    arr = np.concatenate([arr[..., 2::-1], arr[..., 3:]], axis=-1)
+  x = arr.astype(np.float32) / 65535.0
+  alpha = x[..., 3] if x.shape[2] == 4 else (x[..., 1] if x.shape[2] == 2 else None)
+  rgb = np.repeat(x[..., :1], 3, axis=-1) if x.shape[2] <= 2 else x[..., :3]
+  return Picture(np.ascontiguousarray(rgb), alpha, grey=grey, bits=16, mode=f"{im.mode};16")
+
+
+def _from_pil(im: Image.Image) -> Picture:
+  """A loaded, already oriented PIL image -> Picture."""
+  mode = im.mode
+  if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit / wide greyscale
+    arr = np.asarray(im).astype(np.float32)
+    if mode == "F":
+      grey, bits = np.clip(arr, 0.0, 1.0), 8
+    else:
+      grey, bits = np.clip(arr, 0, 65535) / 65535.0, 16
+    return Picture(np.repeat(grey[..., None], 3, -1).astype(np.float32), None, True, bits, mode)
+  has_alpha = mode in ("RGBA", "LA", "La", "PA", "RGBa") or "transparency" in im.info
+  grey = mode in _GREY_MODES or (mode in ("P", "PA") and _palette_is_grey(im))
+  target = ("LA" if has_alpha else "L") if grey else ("RGBA" if has_alpha else "RGB")
+  arr = np.asarray(im.convert(target)).astype(np.float32) / 255.0
+  if grey:
+    arr = arr[..., None] if arr.ndim == 2 else arr
+    rgb = np.repeat(arr[..., :1], 3, axis=-1)
+  else:
+    rgb = arr[..., :3]
+  alpha = arr[..., -1] if has_alpha else None
+  return Picture(np.ascontiguousarray(rgb), alpha, grey=grey, bits=8, mode=mode)
+
+
+def _palette_is_grey(im: Image.Image) -> bool:
+  pal = im.getpalette() or []
+  rgb = np.asarray(pal[: 3 * 256], np.int32).reshape(-1, 3)
+  used = np.unique(np.asarray(im)) if rgb.size else []
+  rgb = rgb[[u for u in used if u < len(rgb)]]
+  return bool(rgb.size) and bool((rgb == rgb[:, :1]).all())
+
+
+def read(path: str) -> Picture:
+  """Reads an image file (any mode, EXIF orientation applied); one clear error otherwise."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such file")
+  try:
+    with Image.open(path) as im:
+      if _is_16bit_colour(im):
+        pic = _read_16bit_colour(path, im)
+      else:
+        im.load()
+        pic = _from_pil(ImageOps.exif_transpose(im))
+  except Exception as e:  # noqa: BLE001 - PIL / OpenCV raise many types for bad files
+    raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+  if min(pic.size) == 0:
+    raise ValueError(f"{path}: the image has zero size {pic.size}")
+  return pic
+
+
+def from_array(image) -> Picture:
+  """An in-memory image -> Picture.
+
+  Accepts a PIL image, or an array ``[H, W]``, ``[H, W, 1]`` (grey), ``[H, W, 2]`` (grey +
+  alpha), ``[H, W, 3]`` (RGB) or ``[H, W, 4]`` (RGBA) of dtype uint8, uint16, or float in [0, 1].
+  """
+  if isinstance(image, Picture):
+    return image
+  if isinstance(image, Image.Image):
+    image.load()
+    return _from_pil(image)
+  arr = np.asarray(image)
+  if arr.ndim == 2:
+    arr = arr[..., None]
+  if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4):
+    raise ValueError(f"image: expected HxW, HxWx1, HxWx2, HxWx3 or HxWx4, got shape {arr.shape}")
+  if arr.shape[0] == 0 or arr.shape[1] == 0:
+    raise ValueError(f"image: zero size {arr.shape[:2]}")
+  if arr.dtype == np.uint8:
+    x, bits = arr.astype(np.float32) / 255.0, 8
+  elif arr.dtype == np.uint16:
+    x, bits = arr.astype(np.float32) / 65535.0, 16
+  elif np.issubdtype(arr.dtype, np.floating):
+    if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+      raise ValueError("image: float images must be finite and in [0, 1]")
+    x, bits = arr.astype(np.float32), 8
+  else:
+    raise ValueError(f"image: expected uint8, uint16 or float in [0, 1], got {arr.dtype}")
+  c = x.shape[2]
+  grey = c <= 2
+  rgb = np.repeat(x[..., :1], 3, axis=-1) if grey else x[..., :3]
+  alpha = x[..., -1] if c in (2, 4) else None
+  return Picture(np.ascontiguousarray(rgb), alpha, grey, bits, f"array{c}:{arr.dtype}")
+
+
+def upscale_alpha(alpha: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Bicubic resize of an alpha channel in [0, 1] (alpha never goes through the model)."""
+  im = Image.fromarray(np.asarray(alpha, np.float32), mode="F")
+  return np.clip(np.asarray(im.resize((width, height), Image.Resampling.BICUBIC)), 0.0, 1.0)
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+  """ITU-R 601 luma (Pillow's ``L`` conversion) of float RGB."""
+  return rgb @ np.asarray([0.299, 0.587, 0.114], np.float32)
+
+
+def _quantise(x: np.ndarray, bits: int) -> np.ndarray:
+  top = 65535.0 if bits == 16 else 255.0
+  return np.round(np.clip(x, 0.0, 1.0) * top).astype(np.uint16 if bits == 16 else np.uint8)
+
+
+def to_array(pic: Picture) -> np.ndarray:
+  """Picture -> array in the input's layout: ``[H, W]`` / ``[H, W, 2]`` grey(+alpha) or
+  ``[H, W, 3]`` / ``[H, W, 4]`` colour(+alpha), uint8 or uint16."""
+  chans = [luma(pic.rgb)[..., None]] if pic.grey else [pic.rgb]
+  if pic.alpha is not None:
+    chans.append(pic.alpha[..., None])
+  out = _quantise(np.concatenate(chans, axis=-1), pic.bits)
+  return out[..., 0] if out.shape[-1] == 1 else out
+
+
+def to_pil(pic: Picture) -> Image.Image:
+  """Picture -> an 8-bit PIL image of the matching mode (for display)."""
+  return Image.fromarray(to_array(dataclasses.replace(pic, bits=8)))
+
+
+def write_png(path: str, pic: Picture) -> None:
+  """Writes a PNG in the picture's kind (grey / colour, alpha, 8 / 16 bit)."""
+  arr = to_array(pic)
+  if pic.bits == 16 and arr.ndim == 2:
+    Image.fromarray(arr).save(path, format="PNG")  # mode I;16
+  elif pic.bits == 16:
+    import cv2
+    if arr.shape[2] == 2:  # PNG grey+alpha at 16 bits: written as RGBA (grey replicated)
+      arr = np.concatenate([np.repeat(arr[..., :1], 3, -1), arr[..., 1:]], axis=-1)
+    bgr = np.concatenate([arr[..., 2::-1], arr[..., 3:]], axis=-1)
+    if not cv2.imwrite(path, np.ascontiguousarray(bgr)):
+      raise OSError(f"{path}: OpenCV could not write the 16-bit PNG")
+  else:
+    Image.fromarray(arr).save(path, format="PNG")

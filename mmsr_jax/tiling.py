@@ -1,0 +1,325 @@
+"""Latent tiling: sampling outputs larger than the trained size, the tile batch spread over devices.
+
+The denoiser was trained on latents of one size (``config.data.hr_size / autoencoder factor``).
+For a larger output the latent is covered by overlapping tiles of that size (:class:`TileGrid`).
+At every DDIM step all tiles of all images are cut out of the current latent, stacked into one
+batch (positive and negative guidance branches included), denoised in one forward pass whose batch
+is split over the ``data`` axis of a mesh of all devices, and the predictions are blended back with
+a normalised raised-cosine window. The DDIM update then runs on the whole latent, so neighbouring
+tiles always start each step from the same values in their overlap and no seam can build up.
+Finally the autoencoder decodes the whole latent (the KL VAE with its own tiled decode when the
+latent is larger than a decoder tile; the pixel autoencoder is exact space-to-depth).
+
+Conditioning per tile (a choice of this project): each tile gets the LR latent of its own region
+and the modality maps of its own region (the LR crop's Canny edges, the crop of a user-supplied or
+annotated depth / segmentation map, rendered at the map size), which is what the model saw in
+training (maps of the training crop). The caption is one per image and shared by all its tiles.
+
+An image whose latent fits in one tile goes through exactly the ops of the untiled sampler
+(:func:`mmsr_jax.sampler.make_sample_fn`): its blend weight is exactly 1, so the two agree to
+float round-off (the tile batch may be padded to the device count, see ``tests/test_sample.py``
+for the measured tolerance).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmsr_jax import diffusion, sharding
+from mmsr_jax.models import autoencoder as ae_lib
+from mmsr_jax.models.mmsr import MMSR, Conditioner
+from mmsr_jax.sampler import negative_branch
+
+# Decoder / encoder tiles of the KL VAE (latent pixels): 64 = a 512 px output tile.
+VAE_TILE, VAE_OVERLAP = 64, 16
+
+
+def axis_starts(size: int, tile: int, overlap: int, align: int) -> list[int]:
+  """Starts of tiles of length ``min(tile, size)`` covering ``[0, size)``.
+
+  Neighbours share at least about ``overlap`` pixels; the tiles are spread evenly and every start
+  is a multiple of ``align`` (the DiT patch size, so patches line up across tiles).
+  """
+  if size <= tile:
+    return [0]
+  if not 0 <= overlap < tile:
+    raise ValueError(f"tile overlap {overlap}: expected 0 <= overlap < tile ({tile})")
+  n = math.ceil((size - overlap) / (tile - overlap))
+  starts = [int(round(k * (size - tile) / (n - 1) / align)) * align for k in range(n)]
+  starts[-1] = size - tile
+  return sorted(set(starts))
+
+
+def axis_window(starts: list[int], length: int) -> list[np.ndarray]:
+  """Per-tile 1-D weights: 1 inside, raised-cosine ramps across each overlap with a neighbour.
+
+  In an overlap the ramps of the two neighbours are sin^2 and cos^2 of the same angle (sampled at
+  pixel centres), so they sum to one and the blend moves smoothly from one tile to the next.
+  """
+  out = []
+  for k, s in enumerate(starts):
+    w = np.ones(length, np.float64)
+    i = np.arange(length) + 0.5
+    if k > 0:
+      ov = starts[k - 1] + length - s
+      if ov > 0:
+        w = np.minimum(w, np.where(i < ov, np.sin(0.5 * np.pi * i / ov) ** 2, 1.0))
+    if k < len(starts) - 1:
+      ov = s + length - starts[k + 1]
+      if ov > 0:
+        j = length - i  # distance to this tile's far end
+        w = np.minimum(w, np.where(j < ov, np.sin(0.5 * np.pi * j / ov) ** 2, 1.0))
+    out.append(w)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TileGrid:
+  """Static geometry of the latent tiles of one image size (hashable; part of the jit key)."""
+
+  latent_hw: tuple[int, int]
+  tile: int
+  overlap: int
+  align: int = 1
+
+  def __post_init__(self):
+    if self.tile % self.align:
+      raise ValueError(f"latent tile {self.tile} is not a multiple of the patch size {self.align}")
+    if self.latent_hw[0] % self.align or self.latent_hw[1] % self.align:
+      raise ValueError(f"latent {self.latent_hw} is not a multiple of the patch size {self.align}")
+
+  @property
+  def tile_hw(self) -> tuple[int, int]:
+    return min(self.tile, self.latent_hw[0]), min(self.tile, self.latent_hw[1])
+
+  @functools.cached_property
+  def rows(self) -> list[int]:
+    return axis_starts(self.latent_hw[0], self.tile, self.overlap, self.align)
+
+  @functools.cached_property
+  def cols(self) -> list[int]:
+    return axis_starts(self.latent_hw[1], self.tile, self.overlap, self.align)
+
+  @property
+  def origins(self) -> list[tuple[int, int]]:
+    """Top-left latent corners, row-major; the order of the tiles in every tile batch."""
+    return [(r, c) for r in self.rows for c in self.cols]
+
+  @property
+  def num_tiles(self) -> int:
+    return len(self.rows) * len(self.cols)
+
+  def weights(self) -> np.ndarray:
+    """``[n, th, tw, 1]`` float32 blend weights, normalised so they sum to 1 at every pixel."""
+    th, tw = self.tile_hw
+    wr, wc = axis_window(self.rows, th), axis_window(self.cols, tw)
+    w = np.stack([wr[i][:, None] * wc[j][None, :]
+                  for i in range(len(self.rows)) for j in range(len(self.cols))])
+    total = np.zeros(self.latent_hw, np.float64)
+    for (r, c), wk in zip(self.origins, w):
+      total[r:r + th, c:c + tw] += wk
+    norm = np.stack([wk / total[r:r + th, c:c + tw] for (r, c), wk in zip(self.origins, w)])
+    return norm.astype(np.float32)[..., None]
+
+  def gather(self, x: jax.Array) -> jax.Array:
+    """``[B, H, W, C]`` -> tiles ``[B * n, th, tw, C]`` (image-major)."""
+    th, tw = self.tile_hw
+    tiles = jnp.stack([x[:, r:r + th, c:c + tw] for r, c in self.origins], axis=1)
+    return tiles.reshape(-1, th, tw, x.shape[-1])
+
+  def blend(self, tiles: jax.Array, weights: jax.Array) -> jax.Array:
+    """Inverse of :meth:`gather`: weighted sum of the tiles ``[B * n, th, tw, C]`` -> latent."""
+    th, tw = self.tile_hw
+    n = self.num_tiles
+    tiles = tiles.reshape(-1, n, th, tw, tiles.shape[-1]) * weights[None].astype(tiles.dtype)
+    out = jnp.zeros((tiles.shape[0], *self.latent_hw, tiles.shape[-1]), tiles.dtype)
+    for k, (r, c) in enumerate(self.origins):
+      out = out.at[:, r:r + th, c:c + tw].add(tiles[:, k])
+    return out
+
+
+def make_grid(config, lr_hw: tuple[int, int], *, tile: int | None = None,
+              overlap: int | None = None) -> TileGrid:
+  """The tile grid for a (padded) LR size: tiles of the trained latent size by default, overlap a
+  quarter tile; both in latent pixels, rounded to the patch size."""
+  f = config.autoencoder.factor
+  s = config.data.scale
+  p = config.model.patch_size
+  latent = tuple(v * s // f for v in lr_hw)
+  if any(v * s % f for v in lr_hw):
+    raise ValueError(f"LR size {lr_hw} x{s} is not divisible by the autoencoder factor {f}")
+  tile = config.data.hr_size // f if tile is None else int(tile)
+  if tile < p or tile % p:
+    raise ValueError(f"tile={tile}: expected a positive multiple of the patch size {p} "
+                     "(latent pixels)")
+  overlap = (tile // 4) // p * p if overlap is None else int(overlap)
+  if not 0 <= overlap < tile:
+    raise ValueError(f"tile_overlap={overlap}: expected 0 <= overlap < tile ({tile})")
+  return TileGrid(latent, tile, overlap, p)
+
+
+def num_shards(mesh) -> int:
+  """How many ways the batch dimension is split on ``mesh`` (1 without a mesh)."""
+  if mesh is None:
+    return 1
+  n = mesh.devices.size
+  return n // sharding.batch_sharding(mesh).shard_shape((n,))[0]
+
+
+def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
+  """Pads the batch dimension to ``rows`` by repeating the last row (results are dropped)."""
+  extra = rows - x.shape[0]
+  if not extra:
+    return x
+  return jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)])
+
+
+def _encode(conditioner: Conditioner, frozen, x: jax.Array) -> jax.Array:
+  """The autoencoder's encode; the KL VAE encodes large images on its own overlapping tiles."""
+  ae = conditioner.autoencoder
+  if isinstance(ae, ae_lib.KLAutoencoder) and max(x.shape[1:3]) > VAE_TILE * ae.downsample:
+    from mmsr_jax.models import vae as vae_lib
+    return vae_lib.tiled_encode(lambda t: conditioner.encode_image(frozen, t), x,
+                                factor=ae.downsample, tile_latent=VAE_TILE,
+                                overlap_latent=VAE_OVERLAP)
+  return conditioner.encode_image(frozen, x)
+
+
+def _decode_sample(conditioner: Conditioner, frozen, x0: jax.Array, lr_latent: jax.Array):
+  """Sampled diffusion variable -> image; the KL VAE decodes large latents tile by tile."""
+  ae = conditioner.autoencoder
+  if isinstance(ae, ae_lib.KLAutoencoder) and max(x0.shape[1:3]) > VAE_TILE:
+    from mmsr_jax.models import vae as vae_lib
+    z = x0 / conditioner.residual_scale + lr_latent if conditioner.residual else x0
+    return vae_lib.tiled_decode(lambda t: conditioner.decode(frozen, t), z, factor=ae.downsample,
+                                tile_latent=VAE_TILE, overlap_latent=VAE_OVERLAP)
+  return conditioner.decode_sample(frozen, x0, lr_latent)
+
+
+def make_tiled_sample_fn(model: MMSR, conditioner: Conditioner, schedule: diffusion.Schedule,
+                         grid: TileGrid, *, steps: int, guidance: str = "mcfg",
+                         spacing: str = "leading", clip_x0: float = 0.0, strength: float = 1.0,
+                         mesh=None, progress: Callable[[], None] | None = None):
+  """Returns ``sample(params, frozen, inputs, rng, scale, eta) -> images [B, H, W, 3]`` in [-1, 1].
+
+  ``inputs`` (see :func:`make_tiled_inputs`): ``lr [B, h, w, 3]`` the whole (padded) LR images;
+  per tile, image-major, ``maps [B*n, 3, M, M, 3]`` and ``present [B*n, 3]``; per image
+  ``text_ids/text_mask``, ``neg_ids/neg_mask``, ``null_ids/null_mask`` ``[B, L]`` and
+  ``temperature [B, 4]``. Instead of the ids, ``states [B or 2B, L, D]`` and ``states_mask``
+  may give text-encoder outputs computed beforehand (positive rows first, then the negative
+  branch's), so the text encoder need not sit in accelerator memory while sampling.
+
+  ``mesh``: the tile batch (all tiles of all images, both guidance branches) is padded to a
+  multiple of the data-axis size and split over it. ``progress`` is called on the host once per
+  DDIM step (``jax.debug.callback``; the loop stays one jitted ``fori_loop``).
+  """
+  first = diffusion.start_step(steps, strength)
+  t_first = int(diffusion.ddim_timesteps(schedule.num_timesteps, steps, spacing)[first])
+  guided = guidance != "none"
+  if guided and guidance not in diffusion.GUIDANCE_MODES:
+    raise ValueError(f"guidance={guidance!r}: expected one of {diffusion.GUIDANCE_MODES} or 'none'")
+  weights = grid.weights()
+  n = grid.num_tiles
+  shards = num_shards(mesh)
+  split = ((lambda x: jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh)))
+           if mesh is not None and shards > 1 else (lambda x: x))
+
+  @jax.jit
+  def sample(params, frozen, inputs, rng, scale, eta):
+    lr = inputs["lr"]
+    b, h, w, _ = lr.shape
+    out_hw = (h * conditioner.scale, w * conditioner.scale)
+    upsample_lr = ae_lib.upsample_bicubic(lr, *out_hw)
+    lr_latent = _encode(conditioner, frozen, upsample_lr)
+    if lr_latent.shape[1:3] != grid.latent_hw:
+      raise ValueError(f"LR {h}x{w} gives a {lr_latent.shape[1:3]} latent; the tile grid was "
+                       f"made for {grid.latent_hw}")
+    # --- Context per tile (both guidance branches), computed once.
+    ids = conditioner.modality_ids(frozen, inputs["maps"])
+    present = inputs["present"].astype(bool)
+    per_tile = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731  per image -> per tile
+    temperature = per_tile(inputs["temperature"])
+    if "states" in inputs:
+      states, mask = inputs["states"], inputs["states_mask"]
+      pos_states, pos_mask = states[:b], mask[:b]
+      neg_states, neg_mask = states[b:], mask[b:]
+    else:
+      text = (inputs["text_ids"], inputs["text_mask"])
+      if guided:
+        (n_ids, n_mask), _ = negative_branch(
+            guidance, text, (inputs["neg_ids"], inputs["neg_mask"]),
+            (inputs["null_ids"], inputs["null_mask"]), present)
+        text = (jnp.concatenate([text[0], n_ids]), jnp.concatenate([text[1], n_mask]))
+      all_states = conditioner.text_states(frozen, *text)
+      pos_states, pos_mask = all_states[:b], text[1][:b]
+      neg_states, neg_mask = all_states[b:], text[1][b:]
+    pos_states, pos_mask = per_tile(pos_states), per_tile(pos_mask)
+    if guided:
+      _, n_present = negative_branch(guidance, None, None, None, present)
+      states = jnp.concatenate([pos_states, per_tile(neg_states)])
+      mask = jnp.concatenate([pos_mask, per_tile(neg_mask)])
+      present, ids = jnp.concatenate([present, n_present]), jnp.concatenate([ids, ids])
+      temperature = jnp.concatenate([temperature, temperature])
+    else:
+      states, mask = pos_states, pos_mask
+    rows = states.shape[0]
+    padded = -(-rows // shards) * shards
+    ctx = model.apply({"params": params}, *(split(_pad_rows(a, padded)) for a in
+                                            (states, mask, ids, present, temperature)),
+                      method=MMSR.encode_context)
+    lr_tiles = grid.gather(lr_latent)
+    lr_rows = split(_pad_rows(jnp.concatenate([lr_tiles, lr_tiles]) if guided else lr_tiles,
+                              padded))
+    wts = jnp.asarray(weights)
+
+    def denoise(z, t):
+      if progress is not None:
+        jax.debug.callback(lambda _: progress(), t[0])
+      zt = grid.gather(z)
+      tt = jnp.full((zt.shape[0],), t[0], jnp.int32)
+      if guided:
+        zt, tt = jnp.concatenate([zt, zt]), jnp.concatenate([tt, tt])
+      out = model.apply({"params": params}, split(_pad_rows(zt, padded)),
+                        _pad_rows(tt, padded), lr_rows, ctx, method=MMSR.denoise)[:rows]
+      if guided:
+        half = rows // 2
+        out = diffusion.guided_prediction(out[:half], out[half:], scale)
+      return grid.blend(out, wts)
+
+    lat_shape = (b, *grid.latent_hw, conditioner.autoencoder.latent_channels)
+    r_init, r_loop = jax.random.split(rng)
+    z_init = jax.random.normal(r_init, lat_shape)
+    if first:  # as the untiled sampler: the diffusion variable of an HR equal to the upsampled LR
+      # (encoding it again would give lr_latent itself, so its residual is exactly zero)
+      x0_lr = jnp.zeros_like(lr_latent) if conditioner.residual else lr_latent
+      z_init = schedule.add_noise(x0_lr, z_init, jnp.full((b,), t_first))
+    z = diffusion.ddim_sample(
+        schedule, denoise, z_init, r_loop, steps=steps, eta=eta, scale=scale, guided=False,
+        spacing=spacing, clip_x0=clip_x0 or None, first_step=first)
+    return jnp.clip(_decode_sample(conditioner, frozen, z, lr_latent), -1.0, 1.0)
+
+  return sample
+
+
+def make_tiled_inputs(tile_examples: list[dict], lr_images: np.ndarray, num_tiles: int,
+                      tokenizer, config, **kwargs) -> dict:
+  """Sampler inputs from per-tile condition examples (image-major) and the whole LR images.
+
+  ``lr_images [B, h, w, 3]`` in [-1, 1]; ``kwargs`` as :func:`mmsr_jax.sampler.make_inputs`
+  (negative prompt, temperature, switches), which builds the per-tile fields.
+  """
+  from mmsr_jax import sampler
+  inputs = sampler.make_inputs(tile_examples, tokenizer, config, **kwargs)
+  per_image = slice(None, None, num_tiles)
+  for key in ("text_ids", "text_mask", "neg_ids", "neg_mask", "null_ids", "null_mask",
+              "temperature"):
+    inputs[key] = inputs[key][per_image]
+  inputs["lr"] = np.asarray(lr_images, np.float32)
+  return inputs
