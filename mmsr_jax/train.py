@@ -25,6 +25,7 @@ from mmsr_jax import report as report_lib
 from mmsr_jax import sharding
 from mmsr_jax.data import pipeline
 from mmsr_jax.models.context import SPATIAL_MODALITIES
+from mmsr_jax.models import pixart_import
 from mmsr_jax.models.mmsr import MMSR, Conditioner, build_model
 from mmsr_jax.text_tokenizer import make_tokenizer
 
@@ -139,10 +140,6 @@ class Trainer:
 
   def __init__(self, config, workdir: str, devices=None):
     self.config, self.workdir = config, workdir
-    if config.model.init_from:
-      raise ValueError(
-          f"config.model.init_from={config.model.init_from!r}: starting from converted PixArt "
-          "weights is not part of this build yet; set it to '' to train from scratch")
     # --- Mesh.
     self.mesh = sharding.make_mesh(config, devices)
     # --- Model and frozen encoders.
@@ -158,6 +155,16 @@ class Trainer:
     init, boxed = create_state_fn(config, self.model, self.conditioner, self.tx)
     self.state_sharding, self.abstract_state = state_shardings(init, boxed, self.tx, self.mesh)
     self._init = jax.jit(init, out_shardings=self.state_sharding)
+    if config.model.init_from:  # read (and checked) before anything long starts
+      self._pixart = pixart_import.pixart_for_mmsr(
+          config.model.init_from, self.abstract_state.params, num_heads=config.model.num_heads)
+
+      def graft(state, pretrained):
+        params = {**state.params, "dit": pretrained["dit"]}
+        if "context" in pretrained:
+          params["context"] = {**state.params["context"], **pretrained["context"]}
+        return TrainState(state.step, params, self.tx.init(params), params)
+      self._pretrained = jax.jit(graft, out_shardings=self.state_sharding, donate_argnums=(0,))
     # --- Update step.
     empty = self.tokenizer.encode("", config.text.max_length)
     step_fn = make_train_step(config, self.model, self.conditioner, self.schedule, self.tx,
@@ -177,7 +184,12 @@ class Trainer:
     return report_lib.write_report(self.config, workdir, self, state)
 
   def init_state(self) -> TrainState:
-    return self._init(jax.random.key(self.config.seed))
+    """A fresh state; with ``config.model.init_from``, the DiT and text projection come from
+    converted PixArt weights (EMA equal to them, optimizer moments zero)."""
+    state = self._init(jax.random.key(self.config.seed))
+    if self.config.model.init_from:
+      state = self._pretrained(state, self._pixart)
+    return state
 
   def abstract_with_shardings(self):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -13,6 +13,8 @@ embedding, which leaves the function of the model unchanged on those extra chann
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -168,3 +170,85 @@ def widen_patch_embed(dit_params: dict[str, Any], extra_in_channels: int) -> dic
   embed["kernel"] = kernel.replace_boxed(value) if boxed else value
   params["patch_embed"] = embed
   return {**dit_params, "params": params} if wrapped else params
+
+
+def take_output_channels(dit_params: dict[str, Any], out_channels: int) -> dict[str, Any]:
+  """Keeps the first ``out_channels`` of each output pixel of ``proj_out``.
+
+  PixArt checkpoints predict ``2 * C`` channels per pixel (noise, then the learned variance);
+  MMSR predicts only the noise, so the variance half is dropped. ``proj_out``'s outputs are laid
+  out ``(p, p, C)`` per token (see ``DiT``'s unpatchify), so the cut is on the last axis of that.
+  """
+  wrapped = "params" in dit_params
+  params = dict(dit_params["params"] if wrapped else dit_params)
+  proj = dict(params["proj_out"])
+  kernel, bias = np.asarray(proj["kernel"]), np.asarray(proj["bias"])
+  width, features = kernel.shape
+  p2 = params["patch_embed"]["kernel"].shape[0] * params["patch_embed"]["kernel"].shape[1]
+  have = features // p2
+  if out_channels > have:
+    raise ValueError(f"proj_out has {have} output channels per pixel, cannot take {out_channels}")
+  proj["kernel"] = kernel.reshape(width, p2, have)[:, :, :out_channels].reshape(width, -1)
+  proj["bias"] = bias.reshape(p2, have)[:, :out_channels].reshape(-1)
+  params["proj_out"] = proj
+  return {**dit_params, "params": params} if wrapped else params
+
+
+def pixart_for_mmsr(path: str, abstract_params: dict[str, Any], *, num_heads: int,
+                    field: str = "config.model.init_from") -> dict[str, Any]:
+  """Reads weights written by ``python -m mmsr_jax.convert --kind=pixart`` for an MMSR model.
+
+  The PixArt DiT becomes MMSR's ``dit`` (patch embedding widened with zero channels for the LR
+  latent, learned-variance outputs dropped) and its caption projection MMSR's text projection in
+  ``context``. Everything else of MMSR (the modality embeddings, the MMLC) keeps its fresh
+  initialisation. Returns ``{"dit": ..., "context": {"caption_projection_1": ..., ...}}`` as
+  numpy arrays, checked against ``abstract_params`` (MMSR's unboxed params) key by key.
+  """
+  from flax import traverse_util
+
+  from mmsr_jax import params_io
+  file = params_io.params_file(path)
+  info_path = os.path.join(os.path.dirname(os.path.abspath(file)), "config.json")
+  if os.path.isfile(info_path):
+    with open(info_path) as f:
+      info = json.load(f)
+    if info.get("kind") not in (None, "pixart"):
+      raise ValueError(f"{field}={path!r} holds converted '{info['kind']}' weights, not pixart")
+    heads = info.get("arch", {}).get("num_heads")
+    if heads is not None and heads != num_heads:
+      raise ValueError(f"{field}={path!r} was converted from a DiT with {heads} attention heads "
+                       f"but config.model.num_heads={num_heads}")
+  tree = traverse_util.unflatten_dict(params_io.read_safetensors(file), sep="/")
+  if "dit" not in tree:
+    raise ValueError(f"{field}={path!r}: no 'dit/...' keys; write it with "
+                     "python -m mmsr_jax.convert --kind=pixart")
+  want_dit = abstract_params["dit"]
+  dit = tree["dit"]
+  have_in = dit["patch_embed"]["kernel"].shape[2]
+  want_in = want_dit["patch_embed"]["kernel"].shape[2]
+  if want_in < have_in:
+    raise ValueError(f"{field}={path!r}: the checkpoint's patch embedding takes {have_in} "
+                     f"channels, more than MMSR's {want_in}")
+  dit = widen_patch_embed(dit, want_in - have_in)
+  want_out = want_dit["proj_out"]["bias"].shape[0] // (want_dit["patch_embed"]["kernel"].shape[0]
+                                                        * want_dit["patch_embed"]["kernel"].shape[1])
+  dit = take_output_channels(dit, want_out)
+  out = {"dit": dit}
+  if "context" in tree:
+    out["context"] = {k: tree["context"][k] for k in ("caption_projection_1",
+                                                      "caption_projection_2")}
+  want = traverse_util.flatten_dict({k: abstract_params[k] if k == "dit" else
+                                     {n: abstract_params[k][n] for n in out[k]}
+                                     for k in out}, sep="/")
+  got = traverse_util.flatten_dict(out, sep="/")
+  missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+  if missing or extra:
+    raise ValueError(f"{field}={path!r} does not fit config.model (depth / names): missing "
+                     f"{missing[:4]}, unexpected {extra[:4]}")
+  for key, spec in want.items():
+    if tuple(got[key].shape) != tuple(spec.shape):
+      raise ValueError(f"{field}={path!r}: key {key!r} has shape {tuple(got[key].shape)} but the "
+                       f"model expects {tuple(spec.shape)} (check config.model.width / "
+                       "config.text.encoder.d_model against the converted PixArt)")
+  return traverse_util.unflatten_dict({k: np.asarray(v, np.float32) for k, v in got.items()},
+                                      sep="/")
