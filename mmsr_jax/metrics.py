@@ -14,10 +14,13 @@ float32 path is made accurate by (a) doing the window sums as explicit shifted a
 float32 multiply-adds, no matmul / conv precision modes) and (b) centring the integer Y values
 before the second moments, which keeps the variance cancellation small; its SSIM agrees with a
 float64 computation to about 1e-6 per image. ``psnr_y_np`` / ``ssim_y_np`` are float64 NumPy
-versions of the same formulas, for cross-checks.
+versions of the same formulas, for cross-checks. ``psnr_ssim_batch`` scores a whole batch of
+equally sized uint8 pairs in one jitted call (what ``mmsr_jax.evaluate`` uses).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -76,14 +79,16 @@ def _mean_2d(x: jax.Array) -> jax.Array:
   return jnp.mean(jnp.mean(x, axis=1))
 
 
-@jax.jit
-def _psnr_y_jit(pred: jax.Array, gt: jax.Array) -> jax.Array:
+def _psnr_y_core(pred: jax.Array, gt: jax.Array) -> jax.Array:
   # Y is affine in RGB, so the Y difference is the weighted RGB difference: exact zero for
   # identical inputs and no cancellation of the +16 offset.
   w = jnp.asarray(Y_WEIGHTS, jnp.float32) / 255.0
   d = jnp.sum((pred.astype(jnp.float32) - gt.astype(jnp.float32)) * w, axis=-1)
   mse = _mean_2d(d * d)
   return jnp.where(mse > 0, -10.0 * jnp.log10(jnp.maximum(mse, 1e-30)), jnp.inf)
+
+
+_psnr_y_jit = jax.jit(_psnr_y_core)
 
 
 def psnr_y(pred, gt) -> float:
@@ -122,11 +127,13 @@ def _ssim_map_from_y255(y1: jax.Array, y2: jax.Array) -> jax.Array:
   return lum * cs
 
 
-@jax.jit
-def _ssim_y_jit(pred: jax.Array, gt: jax.Array) -> jax.Array:
+def _ssim_y_core(pred: jax.Array, gt: jax.Array) -> jax.Array:
   y1 = jnp.round(rgb_to_y(pred) * 255.0)
   y2 = jnp.round(rgb_to_y(gt) * 255.0)
   return _mean_2d(_ssim_map_from_y255(y1, y2))
+
+
+_ssim_y_jit = jax.jit(_ssim_y_core)
 
 
 def ssim_y(pred, gt) -> float:
@@ -141,6 +148,42 @@ def ssim_y(pred, gt) -> float:
     raise ValueError(f"ssim_y needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, "
                      f"got {pred.shape}")
   return float(_ssim_y_jit(_as_float01(pred), _as_float01(gt)))
+
+
+@functools.partial(jax.jit, static_argnames="crop_border")
+def _psnr_ssim_batch_jit(pred: jax.Array, gt: jax.Array, crop_border: int):
+  if crop_border:
+    pred = pred[:, crop_border:-crop_border, crop_border:-crop_border]
+    gt = gt[:, crop_border:-crop_border, crop_border:-crop_border]
+  pred = pred.astype(jnp.float32) / 255.0
+  gt = gt.astype(jnp.float32) / 255.0
+  return jax.vmap(_psnr_y_core)(pred, gt), jax.vmap(_ssim_y_core)(pred, gt)
+
+
+def psnr_ssim_batch(pred, gt, *, crop_border: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """PSNR and SSIM (Y channel, conventions above) of a batch of equally sized uint8 pairs.
+
+  One jitted call for the whole batch (uint8 is sent to the device, 4x less than float).
+
+  Args:
+    pred: BxHxWx3 uint8 RGB.
+    gt: same shape, uint8.
+    crop_border: pixels removed at each border before scoring (classic SR papers crop the
+      scale factor; the diffusion-SR papers crop nothing).
+
+  Returns:
+    (psnr, ssim), two float arrays of B values.
+  """
+  if pred.shape != gt.shape or pred.ndim != 4 or pred.shape[-1] != 3:
+    raise ValueError(f"expected two BxHxWx3 batches of equal shape, got {pred.shape} and "
+                     f"{gt.shape}")
+  if pred.dtype != np.uint8 or gt.dtype != np.uint8:
+    raise ValueError(f"expected uint8 images, got {pred.dtype} and {gt.dtype}")
+  if min(pred.shape[1:3]) - 2 * crop_border < SSIM_WINDOW:
+    raise ValueError(f"images of {pred.shape[1]}x{pred.shape[2]} with crop_border="
+                     f"{crop_border} are smaller than the {SSIM_WINDOW}x{SSIM_WINDOW} SSIM window")
+  p, s = _psnr_ssim_batch_jit(jnp.asarray(pred), jnp.asarray(gt), int(crop_border))
+  return np.asarray(p, np.float64), np.asarray(s, np.float64)
 
 
 # ----------------------------------------------------------------------------------------------
