@@ -6,13 +6,16 @@ expects and names the first offending key with both shapes, so a wrong file fail
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
+import ml_dtypes
 import numpy as np
 from flax import traverse_util
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
+PARAMS_FILE = "params.safetensors"  # inside a folder written by ``python -m mmsr_jax.convert``
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 
 
@@ -29,6 +32,43 @@ def save_params(path: str, params) -> None:
   save_file(flatten(params), path)
 
 
+# safetensors dtype names -> numpy dtypes (bfloat16 and float8 through ml_dtypes, which numpy
+# itself lacks; safetensors' own numpy reader refuses bfloat16 files).
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def read_safetensors(path: str, *, as_float32: bool = True) -> dict[str, np.ndarray]:
+  """Reads a safetensors file (memory-mapped) into numpy arrays, bfloat16 included.
+
+  Floating tensors are returned as float32 when ``as_float32`` (the converters work in fp32).
+  """
+  check_safetensors_path(path, "safetensors file")
+  with open(path, "rb") as f:
+    header_len = int.from_bytes(f.read(8), "little")
+    try:
+      header = json.loads(f.read(header_len))
+    except ValueError as e:
+      raise ValueError(f"{path}: not a safetensors file (bad header: {e})") from e
+  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+  out = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    if info["dtype"] not in _ST_DTYPES:
+      raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+    begin, end = info["data_offsets"]
+    arr = data[begin:end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+    if as_float32 and info["dtype"].startswith(("F", "BF")):
+      arr = arr.astype(np.float32)
+    out[name] = arr
+  return out
+
+
 def check_safetensors_path(path: str, field: str) -> None:
   if path.endswith(PICKLE_SUFFIXES):
     raise ValueError(
@@ -39,10 +79,17 @@ def check_safetensors_path(path: str, field: str) -> None:
     raise FileNotFoundError(f"{field}={path!r}: no such file")
 
 
+def params_file(path: str) -> str:
+  """A config's weights path: a converted folder (-> its params.safetensors) or the file."""
+  return os.path.join(path, PARAMS_FILE) if os.path.isdir(path) else path
+
+
 def load_params(path: str, abstract_tree, *, field: str = "params"):
-  """Loads ``path`` into a tree shaped like ``abstract_tree`` (arrays or ShapeDtypeStructs)."""
+  """Loads ``path`` (a safetensors file or a converted folder) into a tree shaped like
+  ``abstract_tree`` (arrays or ShapeDtypeStructs)."""
+  path = params_file(path)
   check_safetensors_path(path, field)
-  data = load_file(path)
+  data = read_safetensors(path, as_float32=False)
   expected = traverse_util.flatten_dict(abstract_tree, sep="/")
   missing = sorted(set(expected) - set(data))
   unexpected = sorted(set(data) - set(expected))

@@ -1,0 +1,218 @@
+"""``python -m mmsr_jax.convert``: folders written by diffusers / transformers ``save_pretrained``
+-> our params, equal in function to the PyTorch model; PixArt -> an MMSR training start."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmsr_jax import convert, params_io, train
+from mmsr_jax.models import vae as vae_lib
+from mmsr_jax.models.mmsr import MMSR
+from mmsr_jax.models.pixart_import import CaptionProjection
+from tests.conftest import small_config
+
+torch = pytest.importorskip("torch", reason="converter tests build PyTorch references")
+diffusers = pytest.importorskip("diffusers", reason="converter tests need diffusers")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _close(ours, theirs, rel=1e-4):
+  err = float(np.max(np.abs(np.asarray(ours) - np.asarray(theirs))))
+  scale = max(1.0, float(np.max(np.abs(theirs))))
+  assert err <= rel * scale, f"max abs diff {err:.3g} (output scale {scale:.3g})"
+
+
+def _tiny_vae(dtype=None):
+  cfg = vae_lib.VAEConfig.tiny()
+  n = len(cfg.block_out_channels)
+  torch.manual_seed(0)
+  ref = diffusers.AutoencoderKL(
+      down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+      block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
+      latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups,
+      scaling_factor=0.13025).float().eval()
+  return ref.to(dtype) if dtype is not None else ref, cfg
+
+
+def test_vae_pipeline_folder_bf16_weights(tmp_path):
+  """A pipeline folder (model_index.json + vae/) with bfloat16 weights: the converter picks the
+  component, widens bf16 to fp32 exactly and reads scaling_factor from its config."""
+  ref, cfg = _tiny_vae(torch.bfloat16)
+  (tmp_path / "pipe").mkdir()
+  (tmp_path / "pipe" / "model_index.json").write_text("{}")
+  ref.save_pretrained(tmp_path / "pipe" / "vae", safe_serialization=True)
+  dst = str(tmp_path / "out")
+  info = convert.convert_to_folder("vae", str(tmp_path / "pipe"), dst)
+  assert info["config_overrides"]["autoencoder.scaling_factor"] == 0.13025
+  params = params_io.load_params(dst, vae_lib.vae_param_shapes(cfg)["params"])
+  want = ref.decoder.conv_out.weight.float().detach().numpy().transpose(2, 3, 1, 0)
+  np.testing.assert_array_equal(params["decoder"]["conv_out"]["kernel"], want)
+  ref = ref.float()
+  z = np.random.default_rng(0).standard_normal((1, 8, 8, cfg.latent_channels)).astype(np.float32)
+  with torch.no_grad():
+    y_ref = ref.decode(torch.from_numpy(z).permute(0, 3, 1, 2)).sample.permute(0, 2, 3, 1)
+  with jax.default_matmul_precision("highest"):
+    y = vae_lib.AutoencoderKL(cfg).apply({"params": params}, z, method="decode")
+  _close(y, y_ref.numpy())
+
+
+def test_t5_folder_with_tokenizer_files(tmp_path):
+  transformers = pytest.importorskip("transformers")
+  from mmsr_jax.models import t5 as t5_lib
+  torch.manual_seed(0)
+  ref = transformers.T5EncoderModel(transformers.T5Config(
+      vocab_size=300, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+      feed_forward_proj="gated-gelu", dropout_rate=0.0)).float().eval()
+  ref.save_pretrained(tmp_path / "t5", safe_serialization=True)
+  (tmp_path / "t5" / "tokenizer_config.json").write_text('{"model_max_length": 77}')
+  dst = str(tmp_path / "out")
+  info = convert.convert_to_folder("t5", str(tmp_path / "t5"), dst)
+  assert info["tokenizer_files"] == ["tokenizer_config.json"]
+  assert os.path.isfile(os.path.join(dst, "tokenizer_config.json"))
+  arch = t5_lib.T5Config(**info["config_overrides"]["text.encoder"])
+  params = params_io.load_params(dst, t5_lib.t5_param_shapes(arch)["params"])
+  ids = np.random.default_rng(1).integers(0, 300, (2, 20)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[0, 12:] = 0
+  with torch.no_grad():
+    want = ref(input_ids=torch.from_numpy(ids).long(),
+               attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
+  with jax.default_matmul_precision("highest"):
+    got = t5_lib.T5Encoder(arch).apply({"params": params}, ids, mask)
+  _close(got, want)
+
+
+def test_vqgan_single_file_with_config_ids_identical(tmp_path):
+  from mmsr_jax.models import vqgan as vqgan_lib
+  cfg = vqgan_lib.VQGANConfig.tiny()
+  n = len(cfg.block_out_channels)
+  torch.manual_seed(0)
+  ref = diffusers.VQModel(
+      down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+      block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
+      latent_channels=cfg.latent_channels, num_vq_embeddings=cfg.num_vq_embeddings,
+      vq_embed_dim=cfg.vq_embed_dim, norm_num_groups=cfg.norm_num_groups).float().eval()
+  ref.save_pretrained(tmp_path / "vq", safe_serialization=True)
+  src = str(tmp_path / "vq" / "diffusion_pytorch_model.safetensors")  # a file: config beside it
+  dst = str(tmp_path / "out")
+  info = convert.convert_to_folder("vqgan", src, dst)
+  arch = vqgan_lib.VQGANConfig(**info["config_overrides"]["vq.arch"])
+  assert arch == cfg
+  params = params_io.load_params(dst, vqgan_lib.vqgan_param_shapes(cfg)["params"])
+  x = np.random.default_rng(2).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+  with torch.no_grad():
+    z = ref.encode(torch.from_numpy(x).permute(0, 3, 1, 2)).latents
+    _, _, (_, _, ids_ref) = ref.quantize(z)
+  with jax.default_matmul_precision("highest"):
+    ids = vqgan_lib.VQGAN(cfg).apply({"params": params}, x, method=vqgan_lib.VQGAN.encode_ids)
+  np.testing.assert_array_equal(np.asarray(ids).reshape(-1), ids_ref.numpy().reshape(-1))
+
+
+def _tiny_pixart(config):
+  """A PixArt transformer shaped like ``config``'s DiT (learned-sigma outputs)."""
+  c = 3 * config.autoencoder.factor ** 2  # the pixel autoencoder's latent channels
+  torch.manual_seed(0)
+  ref = diffusers.PixArtTransformer2DModel(
+      sample_size=config.data.hr_size // config.autoencoder.factor, patch_size=2,
+      in_channels=c, out_channels=2 * c, num_layers=config.model.depth,
+      attention_head_dim=config.model.width // config.model.num_heads,
+      num_attention_heads=config.model.num_heads, cross_attention_dim=config.model.width,
+      caption_channels=config.text.encoder.d_model, norm_type="ada_norm_single",
+      use_additional_conditions=False).float().eval()
+  with torch.no_grad():
+    for p in ref.parameters():
+      p.copy_(torch.randn_like(p) * 0.1)
+  return ref, c
+
+
+def test_pixart_cli_then_train_start_keeps_text_to_image_function(tmp_path):
+  """Convert with the CLI, start an MMSR run from it: the DiT given the caption projection of
+  the text states computes PixArt's noise prediction, whatever the LR latent."""
+  config = small_config()
+  ref, c = _tiny_pixart(config)
+  ref.save_pretrained(tmp_path / "pixart", safe_serialization=True)
+  dst = str(tmp_path / "converted")
+  proc = subprocess.run(
+      [sys.executable, "-m", "mmsr_jax.convert", "--kind=pixart",
+       f"--src={tmp_path / 'pixart'}", f"--dst={dst}"],
+      cwd=REPO, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr
+  assert f"--config.model.init_from={dst}" in proc.stdout
+  assert "--config.model.num_heads=4" in proc.stdout
+  # The same command again must not overwrite what it wrote.
+  again = subprocess.run(
+      [sys.executable, "-m", "mmsr_jax.convert", "--kind=pixart",
+       f"--src={tmp_path / 'pixart'}", f"--dst={dst}"], cwd=REPO, capture_output=True, text=True)
+  assert again.returncode == 2 and "exists" in again.stderr
+
+  config.model.init_from = dst
+  trainer = train.Trainer(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+  state = jax.device_get(trainer.init_state())
+  params = state.params
+  rng = np.random.default_rng(3)
+  lat = config.data.hr_size // config.autoencoder.factor
+  z = rng.standard_normal((2, lat, lat, c)).astype(np.float32)
+  lr_latent = rng.standard_normal((2, lat, lat, c)).astype(np.float32) * 5
+  t = np.array([10.0, 900.0], np.float32)
+  text = rng.standard_normal((2, 6, config.text.encoder.d_model)).astype(np.float32)
+  ctx = CaptionProjection(config.model.width).apply(
+      {"params": {k: params["context"][k] for k in ("caption_projection_1",
+                                                    "caption_projection_2")}}, text)
+  with jax.default_matmul_precision("highest"):
+    ours = trainer.model.apply({"params": params}, jnp.asarray(z), jnp.asarray(t),
+                               jnp.asarray(lr_latent), ctx, method=MMSR.denoise)
+  with torch.no_grad():
+    theirs = ref(torch.from_numpy(z).permute(0, 3, 1, 2), encoder_hidden_states=torch.from_numpy(
+        text), timestep=torch.from_numpy(t), return_dict=False)[0].numpy()
+  _close(ours, theirs[:, :c].transpose(0, 2, 3, 1))
+  # EMA starts at the pretrained weights; the optimizer's moments at zero.
+  np.testing.assert_array_equal(state.ema_params["dit"]["proj_out"]["kernel"],
+                                params["dit"]["proj_out"]["kernel"])
+  assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(state.opt_state)
+             if np.ndim(x) > 0)
+
+
+def test_pixart_init_from_checks_the_architecture(tmp_path):
+  config = small_config()
+  ref, _ = _tiny_pixart(config)
+  ref.save_pretrained(tmp_path / "pixart", safe_serialization=True)
+  dst = str(tmp_path / "converted")
+  convert.convert_to_folder("pixart", str(tmp_path / "pixart"), dst)
+  bad_heads = small_config(**{"model.init_from": dst, "model.num_heads": 2})
+  with pytest.raises(ValueError, match="4 attention heads but config.model.num_heads=2"):
+    train.Trainer(bad_heads, str(tmp_path / "a"), devices=jax.devices()[:1])
+  bad_text = small_config(**{"model.init_from": dst, "text.encoder.d_model": 32,
+                             "text.encoder.num_heads": 2})
+  with pytest.raises(ValueError, match=r"caption_projection_1/kernel.*\(64, 64\).*\(32, 64\)"):
+    train.Trainer(bad_text, str(tmp_path / "b"), devices=jax.devices()[:1])
+
+
+def test_refuses_pickles_and_names_mismatched_keys(tmp_path):
+  (tmp_path / "pt").mkdir()
+  (tmp_path / "pt" / "config.json").write_text("{}")
+  (tmp_path / "pt" / "pytorch_model.bin").write_bytes(b"not even read")
+  for src in (str(tmp_path / "pt"), str(tmp_path / "model.ckpt")):
+    with pytest.raises(ValueError, match="never loaded.*weights_only=True"):
+      convert.convert_to_folder("vae", src, str(tmp_path / "out"))
+  ref, cfg = _tiny_vae()
+  ref.save_pretrained(tmp_path / "vae", safe_serialization=True)
+  cfg_path = tmp_path / "vae" / "config.json"
+  bad = json.loads(cfg_path.read_text())
+  bad["latent_channels"] = 8  # the weights have 4
+  cfg_path.write_text(json.dumps(bad))
+  with pytest.raises(ValueError, match=r"'decoder\.conv_in\.weight'.*\(32, 4, 3, 3\).*expects"):
+    convert.convert_to_folder("vae", str(tmp_path / "vae"), str(tmp_path / "out"))
+  assert not os.path.exists(tmp_path / "out" / "params.safetensors")
+
+
+def test_hub_id_offline_is_one_clear_error(tmp_path, monkeypatch):
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  with pytest.raises(ValueError, match="not a local path, and downloading it from the hub failed"):
+    convert.convert_to_folder("t5", "nobody/no-such-model", str(tmp_path / "out"))
