@@ -40,11 +40,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.map_size = 256  # modality maps fed to the VQ tokenizer
   c.data.eval_size = 512
   c.data.num_workers = 0
+  # Sources (mmsr_jax/data/sources.py): "demo", "folder" (images under path, recursive), "tfds"
+  # (path = dataset name, e.g. "div2k"), "arrayrecord" (path = mmsr_jax.annotate output).
+  c.data.path = ""
+  c.data.tfds_split = "train"
+  c.data.tfds_data_dir = ""  # "" = the TFDS default
+  c.data.image_key = ""  # TFDS image feature; "" = "hr" if present, else "image"
+  c.data.caption_key = ""  # TFDS caption feature; "" = no caption
+  c.data.eval_path = ""  # folder of held-out images for the report; "" = the demo photos
+  c.data.min_image_size = 64  # smaller images are skipped as bad
+  c.data.max_bad_fraction = 0.05  # more bad images than this share stops the run
+  # "simple" (one-stage, the tiny demo), "realesrgan" (second order, x4plus ranges) or "seesr".
+  c.data.degradation = "simple"
+  c.data.prefetch = 2  # batches degraded ahead in a thread (realesrgan / seesr)
 
   c.text = ml_collections.ConfigDict()
   c.text.tokenizer = "byte"  # "byte" or a local folder / hub id of a transformers tokenizer
   c.text.max_length = 77
-  c.text.params = ""  # frozen text-encoder weights (safetensors from mmsr_jax.convert); "" = random
+  c.text.params = ""  # frozen text-encoder weights (a folder from mmsr_jax.convert); "" = random
   c.text.encoder = ml_collections.ConfigDict(dict(
       vocab_size=259, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
       relative_attention_num_buckets=32, relative_attention_max_distance=128,
@@ -78,7 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.context_latents = 128
   c.model.context_depth = 2
   c.model.context_heads = 16
-  c.model.init_from = ""  # converted PixArt weights to start from
+  c.model.init_from = ""  # a folder from mmsr_jax.convert --kind=pixart to start the DiT from
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.num_timesteps = 1000
@@ -123,7 +136,9 @@ def full_size_config(*, width: int, depth: int, num_heads: int, lr: float,
 
   SD-compatible KL-f8 VAE, T5 v1.1 XXL (77 tokens), VQGAN f16 tokenizers (256x256 maps -> 16x16
   ids, codebook 1024 x 256), a 128-latent MMLC, 512x512 crops from 128x128 LR, bf16 compute.
-  The frozen components are read from the ``weights/`` paths below (written by the converter).
+  The frozen components are read from the ``weights/`` folders below, written by
+  ``python -m mmsr_jax.convert`` (VAE, T5, PixArt) and ``python -m mmsr_jax.train_vq`` (the
+  tokenizers); the README lists the commands.
   """
   c = base_config()
   c.batch_size = 256
@@ -139,20 +154,21 @@ def full_size_config(*, width: int, depth: int, num_heads: int, lr: float,
   c.data.hr_size = 512
   c.data.map_size = 256
   c.data.eval_size = 512
+  c.data.degradation = "realesrgan"  # train on e.g. --config.data.source=folder --config.data.path=
 
-  c.text.tokenizer = "google/t5-v1_1-xxl"
+  c.text.tokenizer = "weights/t5_v1_1_xxl"  # tokenizer files copied by the converter
   c.text.max_length = 77
-  c.text.params = "weights/t5_v1_1_xxl.safetensors"
+  c.text.params = "weights/t5_v1_1_xxl"
   c.text.encoder = dict(
       vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
       relative_attention_num_buckets=32, relative_attention_max_distance=128,
       layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu")
-  c.vq.params = "weights/vqgan_f16_modalities.safetensors"
+  c.vq.params = "weights/vqgan_f16_modalities"
 
   c.autoencoder.kind = "vae"
   c.autoencoder.factor = 8
   c.autoencoder.scaling_factor = 0.18215
-  c.autoencoder.params = "weights/sd_vae_ft_ema.safetensors"
+  c.autoencoder.params = "weights/sd_vae_ft_ema"
 
   c.model.width = width
   c.model.depth = depth

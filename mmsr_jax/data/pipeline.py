@@ -20,6 +20,9 @@ Evaluation examples (``make_eval_examples``) add ``'name'`` and ``'caption'`` (s
 
 from __future__ import annotations
 
+import os
+import queue
+import threading
 import zlib
 from typing import Any, Protocol
 
@@ -29,11 +32,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from mmsr_jax.data import demo
+from mmsr_jax.data import demo, realesrgan, sources
 from mmsr_jax.data.degrade import simple_degrade
 from mmsr_jax.data.modalities import MODALITIES, canny_edges, render_map
 
-ALLOWED_SOURCES: tuple[str, ...] = ("demo",)
+ALLOWED_SOURCES: tuple[str, ...] = ("demo", "folder", "tfds", "arrayrecord")
+DEGRADATIONS: tuple[str, ...] = ("simple",) + tuple(realesrgan.PRESETS)
 EVAL_SEED = 1234
 DEFAULT_EVAL_SIZE = 128
 
@@ -54,10 +58,15 @@ def _check_source(config: ml_collections.ConfigDict) -> str:
   return source
 
 
-def _load_records(source: str, split: str) -> list[dict[str, Any]]:
-  if source == "demo":
-    return demo.load_demo_records(split)
-  raise ValueError(f"config.data.source={source!r}; allowed values: {ALLOWED_SOURCES}")
+def _load_records(config: ml_collections.ConfigDict, split: str) -> list[dict[str, Any]]:
+  """Held-out records: the images under config.data.eval_path for split 'val' when it is set,
+  else the demo split (the held-out demo photos for every source)."""
+  eval_path = config.data.get("eval_path", "")
+  if split == "val" and eval_path:
+    folder = sources.FolderSource(eval_path)
+    return [dict(folder[i], name=os.path.relpath(folder.files[i], eval_path))
+            for i in range(len(folder))]
+  return demo.load_demo_records(split)
 
 
 class DemoSource:
@@ -87,6 +96,41 @@ class DemoSource:
     self.__init__(state["split"])
 
 
+def _degradation(config: ml_collections.ConfigDict) -> str:
+  name = config.data.get("degradation", "simple")
+  if name not in DEGRADATIONS:
+    raise ValueError(f"config.data.degradation={name!r}: expected one of {DEGRADATIONS}")
+  return name
+
+
+def make_source(config: ml_collections.ConfigDict, split: str = "train"):
+  """The Grain data source that config.data.{source, path, ...} names.
+
+  'demo': the built-in photos. 'folder': images under config.data.path (recursive). 'tfds':
+  ``tfds.data_source(config.data.path, split=config.data.tfds_split)`` from
+  config.data.tfds_data_dir. 'arrayrecord': annotate shards in config.data.path. Every source
+  but the demo is wrapped in ``sources.CheckedSource`` (bad images skipped and counted).
+  """
+  name = _check_source(config)
+  if name == "demo":
+    return DemoSource(split)
+  d = config.data
+  path = d.get("path", "")
+  if not path:
+    raise ValueError(f"config.data.path is empty; config.data.source={name!r} needs it")
+  if name == "folder":
+    inner = sources.FolderSource(path)
+  elif name == "tfds":
+    inner = sources.TfdsSource(path, split=d.get("tfds_split", "train"),
+                               data_dir=d.get("tfds_data_dir", "") or None,
+                               image_key=d.get("image_key", ""),
+                               caption_key=d.get("caption_key", ""))
+  else:
+    inner = sources.ArrayRecordSource(path)
+  return sources.CheckedSource(inner, min_size=int(d.get("min_image_size", 64)),
+                               max_bad_fraction=float(d.get("max_bad_fraction", 0.05)))
+
+
 def _resize_min_side(record: dict[str, Any], min_side: int) -> dict[str, Any]:
   """Upscales image (cubic), depth (linear) and seg (nearest) so the short side >= min_side."""
   h, w = record["image"].shape[:2]
@@ -108,6 +152,22 @@ def _crop(x: np.ndarray | None, top: int, left: int, size: int) -> np.ndarray | 
   return None if x is None else x[top:top + size, left:left + size]
 
 
+def context_example(maps: dict[str, np.ndarray], caption: str, *, map_size: int, text_len: int,
+                    tokenizer: Tokenizer) -> dict[str, np.ndarray]:
+  """Rendered maps (zeros when absent), ``present`` and caption tokens; no LR-derived part."""
+  for name in maps:
+    if name not in MODALITIES:
+      raise ValueError(f"map {name!r}: expected one of {MODALITIES}")
+  ids, mask = tokenizer.encode(caption, text_len)
+  return {
+      **{k: (render_map(k, maps[k], map_size) if k in maps
+             else np.zeros((map_size, map_size, 3), np.float32)) for k in MODALITIES},
+      "present": np.array([k in maps for k in MODALITIES], np.bool_),
+      "text_ids": np.asarray(ids, np.int32).reshape(text_len),
+      "text_mask": np.asarray(mask, np.int32).reshape(text_len),
+  }
+
+
 def conditioning_example(lr: np.ndarray, maps: dict[str, np.ndarray], caption: str, *,
                          map_size: int, text_len: int,
                          tokenizer: Tokenizer) -> dict[str, np.ndarray]:
@@ -123,24 +183,22 @@ def conditioning_example(lr: np.ndarray, maps: dict[str, np.ndarray], caption: s
       raise ValueError(f"map {name!r}: expected one of {MODALITIES}")
   if "edge" not in maps:
     maps = dict(maps, edge=canny_edges(lr, map_size))
-  ids, mask = tokenizer.encode(caption, text_len)
-  example = {
-      "lr": np.asarray(lr, np.float32) * np.float32(2.0) - np.float32(1.0),
-      **{k: (render_map(k, maps[k], map_size) if k in maps
-             else np.zeros((map_size, map_size, 3), np.float32)) for k in MODALITIES},
-      "present": np.array([k in maps for k in MODALITIES], np.bool_),
-      "text_ids": np.asarray(ids, np.int32).reshape(text_len),
-      "text_mask": np.asarray(mask, np.int32).reshape(text_len),
-  }
+  example = {"lr": np.asarray(lr, np.float32) * np.float32(2.0) - np.float32(1.0)}
+  example.update(context_example(maps, caption, map_size=map_size, text_len=text_len,
+                                 tokenizer=tokenizer))
   return example
 
 
 def _build_example(image: np.ndarray, depth: np.ndarray | None, seg: np.ndarray | None,
                    caption: str, rng: np.random.Generator, *, scale: int, map_size: int,
-                   text_len: int, tokenizer: Tokenizer) -> dict[str, np.ndarray]:
+                   text_len: int, tokenizer: Tokenizer,
+                   degradation: str = "simple") -> dict[str, np.ndarray]:
   """Degrades an HR crop and assembles the example dict (see the module docstring)."""
   hr = image.astype(np.float32) / np.float32(255.0)
-  lr = simple_degrade(hr, rng, scale=scale)
+  if degradation == "simple":
+    lr = simple_degrade(hr, rng, scale=scale)
+  else:
+    lr = realesrgan.RealESRGANDegrader(degradation, scale).degrade_one(hr, rng)
   maps = {k: v for k, v in (("depth", depth), ("seg", seg)) if v is not None}
   example = conditioning_example(lr, maps, caption, map_size=map_size, text_len=text_len,
                                  tokenizer=tokenizer)
@@ -156,7 +214,11 @@ class MakeTrainingExample(pygrain.RandomMapTransform):
   """
 
   def __init__(self, hr_size: int, scale: int, map_size: int, text_len: int,
-               tokenizer: Tokenizer):
+               tokenizer: Tokenizer, degradation: str = "simple"):
+    if degradation not in DEGRADATIONS:
+      raise ValueError(f"config.data.degradation={degradation!r}: expected one of "
+                       f"{DEGRADATIONS}")
+    self.degradation = degradation
     if hr_size % scale:
       raise ValueError(f"config.data.hr_size={hr_size} is not divisible by scale={scale}")
     self.hr_size = int(hr_size)
@@ -180,11 +242,130 @@ class MakeTrainingExample(pygrain.RandomMapTransform):
       image = image[:, ::-1]
       depth = None if depth is None else depth[:, ::-1]
       seg = None if seg is None else seg[:, ::-1]
+    if self.degradation != "simple":
+      return self._hr_and_params(image, depth, seg, rec["caption"], rng)
     return _build_example(
         np.ascontiguousarray(image), None if depth is None else np.ascontiguousarray(depth),
         None if seg is None else np.ascontiguousarray(seg), rec["caption"], rng,
         scale=self.scale, map_size=self.map_size, text_len=self.text_len,
         tokenizer=self.tokenizer)
+
+
+  def _hr_and_params(self, image, depth, seg, caption, rng):
+    """HR crop, context maps and tokens, and the sampled degradation parameters (``deg_*``);
+    ``DegradingIterator`` turns them into 'lr' and 'edge' batch-wise."""
+    maps = {k: np.ascontiguousarray(v) for k, v in (("depth", depth), ("seg", seg))
+            if v is not None}
+    maps["edge"] = np.zeros((1, 1), np.float32)  # placeholder: computed from the LR later
+    ex = context_example(maps, caption, map_size=self.map_size, text_len=self.text_len,
+                         tokenizer=self.tokenizer)
+    ex["hr"] = image.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    params = realesrgan.sample_params(rng, image.shape[:2], realesrgan.get_preset(
+        self.degradation), self.scale)
+    ex.update({f"deg_{k}": v for k, v in params.items()})
+    return ex
+
+
+class DegradingIterator:
+  """Wraps a Grain loader iterator: applies the Real-ESRGAN degradation (jitted blur / resize /
+  noise on the default device, JPEG on the host) to each batch and adds 'lr' and 'edge'.
+
+  With ``prefetch > 0`` a background thread prepares that many batches ahead, so the host JPEG
+  and the device degradation overlap the train step. ``get_state`` returns the Grain state just
+  after the last batch *returned* (not the prefetched ones), so a checkpoint resumes on the next
+  unseen example; ``set_state`` restarts the prefetching from there.
+  """
+
+  def __init__(self, it, degrader: realesrgan.RealESRGANDegrader, map_size: int,
+               prefetch: int = 2):
+    self._it = it
+    self._degrader = degrader
+    self._map_size = int(map_size)
+    self._prefetch = int(prefetch)
+    self._state = it.get_state()
+    self._queue: queue.Queue | None = None
+    self._thread: threading.Thread | None = None
+    self._stop = threading.Event()
+
+  def process(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    batch = dict(batch)
+    params = {k[4:]: batch.pop(k) for k in list(batch) if k.startswith("deg_")}
+    hr = (batch["hr"] + np.float32(1.0)) * np.float32(0.5)
+    lr = self._degrader(hr, params)
+    batch["lr"] = lr * np.float32(2.0) - np.float32(1.0)
+    batch["edge"] = np.stack([render_map("edge", canny_edges(x, self._map_size),
+                                         self._map_size) for x in lr])
+    return batch
+
+  def _produce(self) -> None:
+    try:
+      while not self._stop.is_set():
+        batch = next(self._it)
+        item = (self.process(batch), self._it.get_state())
+        while not self._stop.is_set():
+          try:
+            self._queue.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+    except BaseException as e:  # pylint: disable=broad-except
+      self._queue.put(e)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._prefetch <= 0:
+      out = self.process(next(self._it))
+      self._state = self._it.get_state()
+      return out
+    if self._thread is None:
+      self._stop.clear()
+      self._queue = queue.Queue(maxsize=self._prefetch)
+      self._thread = threading.Thread(target=self._produce, daemon=True,
+                                      name="degrade-prefetch")
+      self._thread.start()
+    item = self._queue.get()
+    if isinstance(item, BaseException):
+      self._halt()
+      raise item
+    out, self._state = item
+    return out
+
+  def _halt(self) -> None:
+    if self._thread is not None:
+      self._stop.set()
+      while self._thread.is_alive():
+        try:
+          self._queue.get(timeout=0.05)
+        except queue.Empty:
+          pass
+      self._thread = None
+
+  def get_state(self) -> bytes:
+    return self._state
+
+  def set_state(self, state: bytes) -> None:
+    self._halt()
+    self._it.set_state(state)
+    self._state = state
+
+  def start_prefetch(self) -> None:
+    """Called by Grain's checkpoint handler after a restore; prefetching starts on demand."""
+
+
+class DegradedLoader:
+  """An iterable over degraded batches (see ``DegradingIterator``)."""
+
+  def __init__(self, loader: pygrain.DataLoader, degrader: realesrgan.RealESRGANDegrader,
+               map_size: int, prefetch: int):
+    self.loader = loader
+    self.degrader = degrader
+    self.map_size = map_size
+    self.prefetch = prefetch
+
+  def __iter__(self) -> DegradingIterator:
+    return DegradingIterator(iter(self.loader), self.degrader, self.map_size, self.prefetch)
 
 
 def per_process_batch_size(config: ml_collections.ConfigDict) -> int:
@@ -197,27 +378,28 @@ def per_process_batch_size(config: ml_collections.ConfigDict) -> int:
   return config.batch_size // n
 
 
-def make_train_loader(config: ml_collections.ConfigDict,
-                      tokenizer: Tokenizer) -> pygrain.DataLoader:
+def make_train_loader(config: ml_collections.ConfigDict, tokenizer: Tokenizer):
   """Builds the infinite, shuffled, per-process-sharded training loader.
 
   ``iter(loader)`` yields batched example dicts (leading axis = per-process batch) and supports
   ``get_state()`` / ``set_state()``; checkpoint it with Orbax via
   ``grain.checkpoint.CheckpointSave(iterator)`` / ``grain.checkpoint.CheckpointRestore(iterator)``.
 
-  Reads config.seed, config.batch_size, config.data.{source, hr_size, scale, map_size,
-  num_workers} and config.text.max_length.
+  Reads config.seed, config.batch_size, config.data.{source, path, hr_size, scale, map_size,
+  num_workers, degradation, prefetch, min_image_size, max_bad_fraction, ...} and
+  config.text.max_length. With config.data.degradation 'simple' this is a plain Grain
+  DataLoader; with 'realesrgan' / 'seesr' the Grain workers crop and sample the degradation and
+  a ``DegradedLoader`` applies it batch-wise.
 
-  Batches are identical across runs for the same seed *and* the same num_workers (with workers,
-  grain batches each worker's slice of the index stream, so the order changes with the count).
-  num_workers > 0 needs absl flags parsed (i.e. run under ``absl.app.run``), a grain requirement.
+  Every example is a pure function of (seed, global record index). Batches are identical across
+  runs for the same seed *and* the same num_workers (with workers, grain batches each worker's
+  slice of the index stream, so the order changes with the count). num_workers > 0 needs absl
+  flags parsed (i.e. run under ``absl.app.run``), a grain requirement.
   """
   source_name = _check_source(config)
+  degradation = _degradation(config)
   batch = per_process_batch_size(config)
-  if source_name == "demo":
-    source = DemoSource("train")
-  else:  # pragma: no cover - _check_source already rejected it
-    raise ValueError(f"config.data.source={source_name!r}; allowed values: {ALLOWED_SOURCES}")
+  source = make_source(config, "train")
   sampler = pygrain.IndexSampler(
       num_records=len(source),
       shard_options=pygrain.ShardByJaxProcess(drop_remainder=True),
@@ -231,13 +413,19 @@ def make_train_loader(config: ml_collections.ConfigDict,
       map_size=config.data.map_size,
       text_len=config.text.max_length,
       tokenizer=tokenizer,
+      degradation=degradation,
   )
-  return pygrain.DataLoader(
+  ops = [] if source_name == "demo" else [sources.DropBad()]
+  loader = pygrain.DataLoader(
       data_source=source,
       sampler=sampler,
-      operations=[transform, pygrain.Batch(batch, drop_remainder=True)],
+      operations=ops + [transform, pygrain.Batch(batch, drop_remainder=True)],
       worker_count=int(config.data.get("num_workers", 0)),
   )
+  if degradation == "simple":
+    return loader
+  return DegradedLoader(loader, realesrgan.RealESRGANDegrader(degradation, config.data.scale),
+                        config.data.map_size, int(config.data.get("prefetch", 2)))
 
 
 def _eval_seed(name: str) -> np.random.Generator:
@@ -256,11 +444,12 @@ def make_eval_examples(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
     A list of example dicts (unbatched; format as in training, with 'hr' [E, E, 3] and
     'lr' [E/scale, E/scale, 3]) plus 'name' and 'caption'.
   """
-  source_name = _check_source(config)
+  _check_source(config)
+  degradation = _degradation(config)
   scale = int(config.data.scale)
   eval_size = int(config.data.get("eval_size", DEFAULT_EVAL_SIZE))
   examples = []
-  for rec in _load_records(source_name, split):
+  for rec in _load_records(config, split):
     h, w = rec["image"].shape[:2]
     e = (min(eval_size, h, w) // scale) * scale
     if e <= 0:
@@ -273,7 +462,7 @@ def make_eval_examples(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
         None if rec.get("seg") is None else np.ascontiguousarray(_crop(rec["seg"], top, left, e)),
         rec["caption"], _eval_seed(rec["name"]), scale=scale,
         map_size=int(config.data.map_size), text_len=int(config.text.max_length),
-        tokenizer=tokenizer)
+        tokenizer=tokenizer, degradation=degradation)
     ex["name"] = rec["name"]
     ex["caption"] = rec["caption"]
     examples.append(ex)

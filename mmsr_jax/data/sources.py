@@ -1,0 +1,239 @@
+"""Random-access training sources: image folders, TFDS datasets and annotated ArrayRecord shards.
+
+Every source returns records ``{'name': str, 'image': uint8 HxWx3, 'depth': float HxW | None,
+'seg': int HxW | None, 'caption': str}`` (maps already on the image's grid), the format of the
+demo records, so one Grain transform serves them all.
+
+* ``FolderSource``: every image under a folder, recursively (LSDIR / DIV2K layouts), in sorted
+  path order; an optional ``<stem>.txt`` next to an image is its caption.
+* ``TfdsSource``: ``tfds.data_source(name, split=...)`` (ArrayRecord-backed random access; e.g.
+  ``div2k``, whose HR image is the ``hr`` feature).
+* ``ArrayRecordSource``: shards written by ``python -m mmsr_jax.annotate``.
+
+``CheckedSource`` wraps any of them: an image that cannot be decoded (unreadable, truncated) or is
+smaller than ``min_size`` becomes a ``{'bad': reason}`` record, is logged with its path and
+counted; the loader drops such records (``DropBad``). When more than ``max_bad_fraction`` of the
+records a process has read are bad (after at least ``MIN_CHECKED`` reads), reading stops with a
+ValueError naming the share and the first bad paths. Counts are per process (each Grain worker
+counts its own reads).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any
+
+import cv2
+import grain.python as pygrain
+import numpy as np
+from absl import logging
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+MIN_CHECKED = 20
+
+
+class BadImage(ValueError):
+  """An image that cannot be used (unreadable, truncated or too small)."""
+
+
+def read_image(path: str) -> np.ndarray:
+  """Reads an image file as uint8 HxWx3 RGB; BadImage when it cannot be fully decoded."""
+  try:
+    with Image.open(path) as im:
+      im.load()  # raises on truncated data (PIL never pads silently here)
+      rgb = im.convert("RGB")
+    return np.asarray(rgb, np.uint8)
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise BadImage(f"cannot decode image: {e}") from e
+
+
+def _caption_for(path: str) -> str:
+  txt = os.path.splitext(path)[0] + ".txt"
+  if os.path.isfile(txt):
+    with open(txt, encoding="utf-8") as f:
+      return " ".join(f.read().split())
+  return ""
+
+
+class FolderSource:
+  """All images under ``root`` (recursive, sorted); pickles as its file list."""
+
+  def __init__(self, root: str):
+    if not os.path.isdir(root):
+      raise FileNotFoundError(f"config.data.path={root!r}: no such image folder")
+    files = []
+    for dirpath, _, names in os.walk(root, followlinks=True):
+      files += [os.path.join(dirpath, n) for n in names
+                if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+    if not files:
+      raise ValueError(f"config.data.path={root!r}: no image files ({', '.join(IMAGE_EXTENSIONS)}) "
+                       "found under it")
+    self.root = root
+    self.files = sorted(files)
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    path = self.files[int(index)]
+    return {"name": path, "image": read_image(path), "depth": None, "seg": None,
+            "caption": _caption_for(path)}
+
+  def __repr__(self) -> str:
+    return f"FolderSource({self.root!r}, n={len(self)})"
+
+
+class TfdsSource:
+  """A TFDS dataset through ``tfds.data_source`` (no TensorFlow input pipeline involved)."""
+
+  def __init__(self, name: str, split: str = "train", data_dir: str | None = None,
+               image_key: str = "", caption_key: str = ""):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    self._args = (name, split, data_dir, image_key, caption_key)
+    try:
+      self._ds = tfds.data_source(name, split=split, data_dir=data_dir or None,
+                                  try_gcs=False, download=False)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"config.data.path={name!r} (split {split!r}, data_dir {data_dir!r}): "
+                       f"cannot open the TFDS dataset: {e}") from e
+    info = getattr(self._ds, "dataset_info", None)
+    if info is not None:
+      keys = list(info.features.keys())
+    elif len(self._ds):  # e.g. tfds.testing.mock_data: a plain sequence of examples
+      keys = list(self._ds[0].keys())
+    else:
+      raise ValueError(f"TFDS dataset {name!r} split {split!r} is empty")
+    if not image_key:
+      image_key = next((k for k in ("hr", "image") if k in keys), "")
+    if image_key not in keys:
+      raise ValueError(f"TFDS dataset {name!r} has no image feature {image_key!r} "
+                       f"(features: {keys}); set config.data.image_key")
+    self.image_key, self.caption_key, self.name = image_key, caption_key, name
+
+  def __len__(self) -> int:
+    return len(self._ds)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    try:
+      ex = self._ds[int(index)]
+    except Exception as e:  # pylint: disable=broad-except
+      raise BadImage(f"cannot decode record: {e}") from e
+    image = np.asarray(ex[self.image_key])
+    if image.ndim == 2:
+      image = np.repeat(image[..., None], 3, -1)
+    caption = ex.get(self.caption_key, b"") if self.caption_key else b""
+    if isinstance(caption, bytes):
+      caption = caption.decode("utf-8")
+    return {"name": f"{self.name}[{int(index)}]", "image": image[..., :3].astype(np.uint8),
+            "depth": None, "seg": None, "caption": str(caption)}
+
+  def __getstate__(self):
+    return {"args": self._args}
+
+  def __setstate__(self, state):
+    self.__init__(*state["args"])
+
+
+def annotation_shards(path: str) -> list[str]:
+  """The finished ``.array_record`` shards of an annotate output folder (or a glob)."""
+  if os.path.isdir(path):
+    files = sorted(glob.glob(os.path.join(path, "*.array_record")))
+  else:
+    files = sorted(glob.glob(path))
+  if not files:
+    raise FileNotFoundError(f"config.data.path={path!r}: no .array_record shards found")
+  return files
+
+
+class ArrayRecordSource:
+  """Records written by ``mmsr_jax.annotate``; maps are resized onto the image's grid."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self.files = annotation_shards(path)
+    self._ds = pygrain.ArrayRecordDataSource(self.files)
+
+  def __len__(self) -> int:
+    return len(self._ds)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    from mmsr_jax.annotate import decode_record  # pylint: disable=g-import-not-at-top
+    try:
+      rec = decode_record(self._ds[int(index)])
+    except Exception as e:  # pylint: disable=broad-except
+      raise BadImage(f"cannot decode annotation record: {e}") from e
+    h, w = rec["image"].shape[:2]
+    def onto(x, interp):
+      if x is None or x.shape == (h, w):
+        return x
+      return cv2.resize(x, (w, h), interpolation=interp)
+    return {"name": rec["meta"].get("name", f"{self.path}[{int(index)}]"),
+            "image": rec["image"],
+            "depth": onto(rec["depth"], cv2.INTER_LINEAR),
+            "seg": onto(rec["seg"], cv2.INTER_NEAREST),
+            "caption": rec["caption"] or ""}
+
+  def __getstate__(self):
+    return {"path": self.path}
+
+  def __setstate__(self, state):
+    self.__init__(state["path"])
+
+
+class CheckedSource:
+  """Skips, logs and counts bad records of ``inner``; stops when too many are bad."""
+
+  def __init__(self, inner, min_size: int, max_bad_fraction: float):
+    if not 0.0 <= max_bad_fraction <= 1.0:
+      raise ValueError(f"config.data.max_bad_fraction={max_bad_fraction}: expected a share in "
+                       "[0, 1]")
+    self.inner = inner
+    self.min_size = int(min_size)
+    self.max_bad_fraction = float(max_bad_fraction)
+    self.seen = 0
+    self.bad: list[tuple[str, str]] = []
+
+  def __len__(self) -> int:
+    return len(self.inner)
+
+  def _name(self, index: int) -> str:
+    if isinstance(self.inner, FolderSource):
+      return self.inner.files[index]
+    return f"{self.inner!r}[{index}]"
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index = int(index)
+    self.seen += 1
+    try:
+      rec = self.inner[index]
+      h, w = rec["image"].shape[:2]
+      if min(h, w) < self.min_size:
+        raise BadImage(f"too small: {h}x{w} < config.data.min_image_size={self.min_size}")
+      return rec
+    except BadImage as e:
+      name = self._name(index)
+      self.bad.append((name, str(e)))
+      logging.warning("skipping bad image %s: %s", name, e)
+      share = len(self.bad) / self.seen
+      if self.seen >= MIN_CHECKED and share > self.max_bad_fraction or (
+          len(self.bad) > self.max_bad_fraction * len(self)):
+        raise ValueError(
+            f"{len(self.bad)} of {self.seen} images read so far are bad ({share:.1%} > "
+            f"config.data.max_bad_fraction={self.max_bad_fraction:.1%}), e.g. "
+            + "; ".join(f"{n}: {r}" for n, r in self.bad[:3])) from e
+      return {"bad": str(e), "name": name}
+
+  def stats(self) -> dict[str, Any]:
+    return {"seen": self.seen, "bad": len(self.bad), "bad_paths": [n for n, _ in self.bad]}
+
+  def __repr__(self) -> str:
+    return f"CheckedSource({self.inner!r})"
+
+
+class DropBad(pygrain.FilterTransform):
+  """Drops the ``{'bad': ...}`` records of a CheckedSource."""
+
+  def filter(self, element: dict[str, Any]) -> bool:
+    return "bad" not in element
