@@ -1,0 +1,77 @@
+"""``bench vae-tiled``: memory (and time) of the tiled KL-VAE decode of a large image.
+
+Reports, for an output of ``--vae_size`` pixels square:
+
+* ``tile_peak_bytes_xla`` / ``untiled_peak_bytes_xla``: arguments + outputs + temporaries of the
+  compiled decode of one tile, and of the whole latent at once, from XLA's memory analysis
+  (compiled, not run: the untiled one would not fit on many devices);
+* ``tiled_peak_bytes_estimate``: one tile's peak plus the blended output canvas (held twice
+  while a tile is added);
+* with ``--vae_execute`` (the default on GPU/TPU): the tiled decode is run and timed, and
+  ``peak_memory_bytes`` is the device's measured peak (host RSS on a CPU).
+
+  python -m mmsr_jax.bench vae-tiled --json                       # SD VAE, 2048x2048 output
+  python -m mmsr_jax.bench vae-tiled --vae_arch=tiny --vae_execute # a quick run on a CPU
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+from mmsr_jax.benches import common
+
+_SIZE = flags.DEFINE_integer("vae_size", 2048, "Output side in pixels.")
+_TILE = flags.DEFINE_integer("vae_tile", 64, "Tile side in latent pixels (64 = 512px tiles).")
+_OVERLAP = flags.DEFINE_integer("vae_overlap", 16, "Latent pixels shared by neighbouring tiles.")
+_ARCH = flags.DEFINE_enum("vae_arch", "sd", ["sd", "tiny"], "SD KL-f8 VAE or a tiny one.")
+_EXECUTE = flags.DEFINE_bool("vae_execute", None, "Run the tiled decode (default: on GPU/TPU).")
+_DTYPE = flags.DEFINE_enum("vae_dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+
+
+def _xla_peak(fn, *args) -> int:
+  m = jax.jit(fn).lower(*args).compile().memory_analysis()
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
+
+
+def run() -> dict:
+  from mmsr_jax.models import autoencoder as ae_lib
+  from mmsr_jax.models import vae as vae_lib
+
+  arch = vae_lib.VAEConfig(dtype=_DTYPE.value) if _ARCH.value == "sd" else \
+      vae_lib.VAEConfig.tiny()
+  ae = ae_lib.KLAutoencoder(arch)
+  f = ae.downsample
+  if _SIZE.value % f:
+    raise ValueError(f"--vae_size={_SIZE.value} is not a multiple of the VAE factor {f}")
+  lat = _SIZE.value // f
+  params = ae.init_params(jax.random.key(0))
+  c = arch.latent_channels
+  tile = min(_TILE.value, lat)
+  spec = lambda s: jax.ShapeDtypeStruct((1, s, s, c), jnp.float32)  # noqa: E731
+  tile_peak = _xla_peak(ae.decode, params, spec(tile))
+  full_peak = _xla_peak(ae.decode, params, spec(lat))
+  canvas = _SIZE.value ** 2 * arch.out_channels * 4
+  result = {
+      "vae": f"{_ARCH.value} (block_out_channels {list(arch.block_out_channels)})",
+      "output": f"{_SIZE.value}x{_SIZE.value}", "tile_latent": tile,
+      "overlap_latent": _OVERLAP.value, "dtype": _DTYPE.value,
+      "tile_peak_bytes_xla": tile_peak, "untiled_peak_bytes_xla": full_peak,
+      "tiled_peak_bytes_estimate": tile_peak + 2 * canvas,
+  }
+  execute = _EXECUTE.value
+  if execute is None:
+    execute = jax.devices()[0].platform != "cpu"
+  if execute:
+    z = jax.random.normal(jax.random.key(1), (1, lat, lat, c))
+    run_once = lambda: ae.decode_tiled(params, z, tile_latent=tile,  # noqa: E731
+                                       overlap_latent=_OVERLAP.value).block_until_ready()
+    result["seconds"] = common.time_call(run_once, repeats=min(common.REPEATS.value, 3))
+    out = np.asarray(run_once())
+    assert out.shape == (1, _SIZE.value, _SIZE.value, arch.out_channels), out.shape
+    peak = common.peak_device_memory()
+    result["peak_memory_bytes"] = peak if peak is not None else common.host_peak_rss()
+    result["peak_memory_source"] = "device" if peak is not None else "host RSS"
+  return result
