@@ -65,7 +65,7 @@ def run() -> dict:
   tdtype = torch.bfloat16 if _DTYPE.value == "bfloat16" else torch.float32
   if not use_cuda:
     torch.set_num_threads(os.cpu_count() or 1)
-  ref = ref.to(dev, tdtype)
+  ref = ref.to(dev) if tdtype == torch.float32 else ref.to(dev, tdtype)
   xt, tt, txt = (torch.from_numpy(a).to(dev) for a in (x, t, text))
   xt, txt = xt.to(tdtype), txt.to(tdtype)
 
