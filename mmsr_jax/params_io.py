@@ -64,7 +64,7 @@ def read_safetensors(path: str, *, as_float32: bool = True) -> dict[str, np.ndar
     begin, end = info["data_offsets"]
     arr = data[begin:end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
     if as_float32 and info["dtype"].startswith(("F", "BF")):
-      arr = arr.astype(np.float32)
+      arr = arr.astype(np.float32, copy=False)  # fp32 stays memory-mapped
     out[name] = arr
   return out
 
