@@ -33,6 +33,7 @@ sizes, which image the maps came from, the model ids). Missing modalities have n
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -271,3 +272,138 @@ class Annotator:
       ids = ids[:, inputs["input_ids"].shape[1]:]  # drop the prompt
     texts = proc.batch_decode(ids, skip_special_tokens=True)
     return [" ".join(t.split()) for t in texts]
+
+
+# ------------------------------------------------------------------------------------------ CLI
+@dataclasses.dataclass
+class _Input:
+  """The images to annotate: a folder (recursive) or ``tfds:NAME[:SPLIT]``."""
+  spec: str
+
+  def open(self):
+    from mmsr_jax.data import sources  # pylint: disable=g-import-not-at-top
+    if self.spec.startswith("tfds:"):
+      parts = self.spec.split(":")
+      if len(parts) not in (2, 3) or not parts[1]:
+        raise ValueError(f"--input={self.spec!r}: expected tfds:NAME or tfds:NAME:SPLIT")
+      return sources.TfdsSource(parts[1], split=parts[2] if len(parts) == 3 else "train",
+                                data_dir=flags.FLAGS.tfds_data_dir or None)
+    if not os.path.isdir(self.spec):
+      raise FileNotFoundError(f"--input={self.spec!r}: no such folder (or use tfds:NAME)")
+    return sources.FolderSource(self.spec)
+
+
+def _lr_version(image: np.ndarray, index: int, preset: str, scale: int, seed: int) -> np.ndarray:
+  """The degraded LR version of an image the modalities are extracted from (reproducible)."""
+  from mmsr_jax.data import realesrgan  # pylint: disable=g-import-not-at-top
+  h, w = image.shape[:2]
+  h, w = h - h % scale, w - w % scale
+  if min(h, w) < scale:
+    raise ValueError(f"image of size {image.shape[:2]} is smaller than the scale {scale}")
+  hr = image[:h, :w].astype(np.float32) / np.float32(255.0)
+  lr = realesrgan.RealESRGANDegrader(preset, scale).degrade_one(
+      hr, np.random.default_rng([seed, index]))
+  return np.round(lr * 255.0).astype(np.uint8)
+
+
+def _manifest(n: int, size: int, settings: dict[str, Any]) -> dict[str, Any]:
+  num = max(1, -(-n // size))
+  return {"num_images": n, "shard_size": size, "num_shards": num, "settings": settings}
+
+
+def main(argv) -> None:
+  del argv
+  F = flags.FLAGS  # noqa: N806
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  from array_record.python import array_record_module as arm  # pylint: disable=g-import-not-at-top
+  from mmsr_jax.data import realesrgan, sources  # pylint: disable=g-import-not-at-top
+  if not F.input or not F.output:
+    raise ValueError("--input and --output are required")
+  realesrgan.get_preset(F.preset)  # validate before anything long
+  if F.shard_size < 1 or F.batch_size < 1:
+    raise ValueError("--shard_size and --batch_size must be >= 1")
+  source = _Input(F.input).open()
+  settings = {"input": F.input, "depth": F.depth, "seg": F.seg,
+              "caption": F.caption, "caption_kind": F.caption_kind,
+              "from_hr": F.from_hr, "preset": F.preset, "scale": F.scale,
+              "seed": F.seed}
+  manifest = _manifest(len(source), F.shard_size, settings)
+  os.makedirs(F.output, exist_ok=True)
+  mpath = os.path.join(F.output, MANIFEST)
+  if os.path.exists(mpath):
+    with open(mpath) as f:
+      old = json.load(f)
+    if old != manifest:
+      raise FileExistsError(
+          f"{mpath} was written for other inputs or settings ({old['settings']}, "
+          f"{old['num_images']} images); use a new --output folder")
+  else:
+    with open(mpath, "w") as f:
+      json.dump(manifest, f, indent=2, sort_keys=True)
+  num = manifest["num_shards"]
+  todo = [s for s in range(num)
+          if not os.path.exists(os.path.join(F.output, SHARD_PATTERN.format(s, num)))]
+  print(f"{len(source)} images, {num} shards, {num - len(todo)} already done")
+  if not todo:
+    return
+  annotator = Annotator(depth=F.depth or None, seg=F.seg or None,
+                        caption=F.caption or None, caption_kind=F.caption_kind,
+                        device=F.device)
+  size = manifest["shard_size"]
+  bar = tqdm(total=sum(min(size, len(source) - s * size) for s in todo), unit="img")
+  skipped = 0
+  for s in todo:
+    final = os.path.join(F.output, SHARD_PATTERN.format(s, num))
+    tmp = final + ".tmp"
+    writer = arm.ArrayRecordWriter(tmp, "group_size:1")
+    indices = list(range(s * size, min(len(source), (s + 1) * size)))
+    for b in range(0, len(indices), F.batch_size):
+      batch = []
+      for i in indices[b:b + F.batch_size]:
+        try:
+          rec = source[i]
+        except sources.BadImage as e:
+          name = source.files[i] if hasattr(source, "files") else f"{F.input}[{i}]"
+          logging.warning("skipping %s: %s", name, e)
+          skipped += 1
+          continue
+        hr = rec["image"]
+        cond = hr if F.from_hr else _lr_version(hr, i, F.preset, F.scale, F.seed)
+        batch.append((i, rec, cond))
+      outs = annotator.annotate_batch([c for _, _, c in batch]) if batch else []
+      for (i, rec, cond), maps in zip(batch, outs):
+        meta = {"name": rec["name"], "index": i, "image_size": list(rec["image"].shape[:2]),
+                "maps_from": "hr" if F.from_hr else "lr",
+                "maps_size": list(cond.shape[:2]), "models": annotator.model_ids,
+                "caption_kind": F.caption_kind, "preset": F.preset}
+        if "caption" not in maps and rec.get("caption"):
+          maps["caption"] = rec["caption"]  # the source's own caption when no model is given
+        writer.write(encode_record(rec["image"], maps, meta))
+      bar.update(len(indices[b:b + F.batch_size]))
+    writer.close()
+    os.replace(tmp, final)
+  bar.close()
+  print(f"wrote {len(todo)} shards to {F.output} ({skipped} unreadable images skipped)")
+
+
+def define_flags() -> None:
+  """The CLI flags (defined only when run as a program, so importing Annotator is free)."""
+  flags.DEFINE_string("input", None, "Image folder (recursive) or tfds:NAME[:SPLIT].")
+  flags.DEFINE_string("output", None, "Output folder for the ArrayRecord shards.")
+  flags.DEFINE_string("depth", "", "Depth Anything model folder or hub id ('' = none).")
+  flags.DEFINE_string("seg", "", "Mask2Former model folder or hub id ('' = none).")
+  flags.DEFINE_string("caption", "", "Image-to-text model folder or hub id ('' = none).")
+  flags.DEFINE_enum("caption_kind", "blip", CAPTION_KINDS, "Caption model family.")
+  flags.DEFINE_bool("from_hr", False,
+                    "Extract modalities from the HR image instead of a degraded LR version.")
+  flags.DEFINE_string("preset", "realesrgan", "Degradation preset for the LR version.")
+  flags.DEFINE_integer("scale", 4, "Downscaling factor of the LR version.")
+  flags.DEFINE_integer("seed", 0, "Seed of the LR degradations.")
+  flags.DEFINE_integer("shard_size", 256, "Images per ArrayRecord shard.")
+  flags.DEFINE_integer("batch_size", 8, "Images per annotator batch.")
+  flags.DEFINE_string("device", "cpu", "torch device for the annotators.")
+  flags.DEFINE_string("tfds_data_dir", "", "TFDS data_dir ('' = default).")
+
+if __name__ == "__main__":
+  from mmsr_jax import cli
+  cli.run(main, define_flags)

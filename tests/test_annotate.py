@@ -1,0 +1,198 @@
+"""The annotator end to end with tiny random-config Depth Anything, Mask2Former and BLIP models
+built here (saved as safetensors, loaded back from folders), and the shards it writes read by the
+training pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("torch")
+
+from mmsr_jax import annotate  # noqa: E402
+from mmsr_jax.data import pipeline, sources  # noqa: E402
+from mmsr_jax.text_tokenizer import make_tokenizer  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"] + (
+    "a an the photo of cat dog red sky".split() + list("abcdefghijklmnopqrstuvwxyz"))
+
+
+def _build_models(root: str) -> dict[str, str]:
+  """Tiny random Depth Anything (Dinov2 backbone), Mask2Former (Swin) and BLIP, with their
+  processors, saved with save_pretrained(safe_serialization=True)."""
+  import torch
+  tr = annotate.import_transformers()
+  torch.manual_seed(0)
+  paths = {k: os.path.join(root, k) for k in ("depth", "seg", "caption")}
+  backbone = tr.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=64, image_size=56, patch_size=14,
+                             out_features=["stage1", "stage2"], reshape_hidden_states=False)
+  depth = tr.DepthAnythingForDepthEstimation(tr.DepthAnythingConfig(
+      backbone_config=backbone, reassemble_hidden_size=32, patch_size=14,
+      neck_hidden_sizes=[16, 32], fusion_hidden_size=16, head_hidden_size=8,
+      reassemble_factors=[4, 2]))
+  depth.save_pretrained(paths["depth"], safe_serialization=True)
+  tr.DPTImageProcessor(size={"height": 56, "width": 56}, keep_aspect_ratio=False,
+                       ensure_multiple_of=14).save_pretrained(paths["depth"])
+  seg = tr.Mask2FormerForUniversalSegmentation(tr.Mask2FormerConfig(
+      backbone_config=tr.SwinConfig(image_size=64, patch_size=4, embed_dim=32, depths=[1, 1, 1, 1],
+                                    num_heads=[1, 1, 2, 2], window_size=4,
+                                    out_features=["stage1", "stage2", "stage3", "stage4"]),
+      feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_feedforward_dim=32,
+      dim_feedforward=32, encoder_layers=1, decoder_layers=2, num_attention_heads=2,
+      num_queries=5, num_labels=7, common_stride=4, use_pretrained_backbone=False,
+      use_timm_backbone=False))
+  seg.save_pretrained(paths["seg"], safe_serialization=True)
+  tr.Mask2FormerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(paths["seg"])
+  os.makedirs(paths["caption"])
+  vocab = os.path.join(paths["caption"], "vocab.txt")
+  with open(vocab, "w") as f:
+    f.write("\n".join(VOCAB) + "\n")
+  tok = tr.BertTokenizer(vocab, bos_token="[DEC]")
+  proc = tr.BlipProcessor(image_processor=tr.BlipImageProcessor(size={"height": 32, "width": 32}),
+                          tokenizer=tok)
+  blip = tr.BlipForConditionalGeneration(tr.BlipConfig(
+      vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, image_size=32, patch_size=8),
+      text_config=dict(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=1, num_attention_heads=2, encoder_hidden_size=32,
+                       max_position_embeddings=64, bos_token_id=5, pad_token_id=0,
+                       sep_token_id=3),
+      projection_dim=32))
+  blip.save_pretrained(paths["caption"], safe_serialization=True)
+  proc.save_pretrained(paths["caption"])
+  return paths
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+  return _build_models(str(tmp_path_factory.mktemp("models")))
+
+
+def _images(root, n: int) -> None:
+  rng = np.random.default_rng(0)
+  for i in range(n):
+    sub = os.path.join(str(root), f"part{i % 2}")
+    os.makedirs(sub, exist_ok=True)
+    base = rng.integers(0, 255, (6, 8, 3)).astype(np.uint8)
+    img = Image.fromarray(base).resize((64, 48), Image.BICUBIC)
+    img.save(os.path.join(sub, f"img{i}.png"))
+
+
+def test_annotate_one_interface(models):
+  ann = annotate.Annotator(depth=models["depth"], seg=models["seg"], caption=models["caption"],
+                           caption_kind="blip", device="cpu")
+  assert ann.modalities == ("edge", "depth", "seg", "caption")
+  img = np.random.default_rng(1).integers(0, 255, (20, 28, 3), np.uint8)
+  out = ann.annotate_one(img)
+  assert set(out) == {"edge", "depth", "seg", "caption"}
+  assert out["edge"].shape == out["depth"].shape == out["seg"].shape == (20, 28)
+  assert out["depth"].dtype == np.float32 and 0 <= out["depth"].min() <= out["depth"].max() <= 1
+  assert out["depth"].max() == 1.0 and out["depth"].min() == 0.0  # normalised per image
+  assert out["seg"].dtype == np.int32 and 0 <= out["seg"].min() and out["seg"].max() < 7
+  assert set(np.unique(out["edge"])) <= {0.0, 1.0}
+  assert isinstance(out["caption"], str) and out["caption"]
+  assert set(out["caption"].split()) <= set(VOCAB[6:])
+  # The same image twice in a batch gets the same annotations.
+  a, b = ann.annotate_batch([img, img])
+  np.testing.assert_allclose(a["depth"], b["depth"], atol=1e-5)
+  assert a["caption"] == b["caption"]
+  only_edges = annotate.Annotator()
+  assert set(only_edges.annotate_one(img)) == {"edge"}
+  with pytest.raises(ValueError, match="uint8 HxWx3"):
+    only_edges.annotate_one(img.astype(np.float32))
+  with pytest.raises(FileNotFoundError, match="depth model folder"):
+    annotate.Annotator(depth="./no/such/model")
+  with pytest.raises(ValueError, match="caption_kind"):
+    annotate.Annotator(caption_kind="gpt")
+
+
+def test_record_roundtrip():
+  img = np.random.default_rng(0).integers(0, 255, (12, 16, 3), np.uint8)
+  depth = np.linspace(0, 1, 6 * 8, dtype=np.float32).reshape(6, 8)
+  seg = np.arange(48, dtype=np.int32).reshape(6, 8) % 5
+  rec = annotate.decode_record(annotate.encode_record(
+      img, {"depth": depth, "seg": seg, "edge": (depth > 0.5).astype(np.float32),
+            "caption": "a red cat"}, {"name": "x"}))
+  np.testing.assert_array_equal(rec["image"], img)
+  np.testing.assert_allclose(rec["depth"], depth, atol=1 / 65535)
+  np.testing.assert_array_equal(rec["seg"], seg)
+  assert rec["caption"] == "a red cat" and rec["meta"]["name"] == "x"
+  bare = annotate.decode_record(annotate.encode_record(img, {}, {"name": "y"}))
+  assert bare["depth"] is None and bare["seg"] is None and bare["caption"] is None
+
+
+def _run(*args):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  return subprocess.run([sys.executable, "-m", "mmsr_jax.annotate", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_annotate_cli_end_to_end(models, tmp_path):
+  _images(tmp_path / "imgs", 5)
+  out = tmp_path / "ann"
+  args = [f"--input={tmp_path / 'imgs'}", f"--output={out}", f"--depth={models['depth']}",
+          f"--seg={models['seg']}", f"--caption={models['caption']}", "--shard_size=2",
+          "--batch_size=2"]
+  r = _run(*args)
+  assert r.returncode == 0, r.stderr[-3000:]
+  shards = sources.annotation_shards(str(out))
+  assert [os.path.basename(s) for s in shards] == [
+      f"annotations-0000{i}-of-00003.array_record" for i in range(3)]
+  manifest = json.loads((out / "manifest.json").read_text())
+  assert manifest["num_images"] == 5 and manifest["num_shards"] == 3
+  # Records: HR image, maps from the degraded LR (48x64 / 4), caption, metadata.
+  src = sources.ArrayRecordSource(str(out))
+  assert len(src) == 5
+  from array_record.python import array_record_data_source as ards
+  raw = ards.ArrayRecordDataSource(shards)
+  for i in range(5):
+    rec = annotate.decode_record(raw[i])
+    assert rec["image"].shape == (48, 64, 3)
+    assert rec["depth"].shape == rec["seg"].shape == rec["edge"].shape == (12, 16)
+    assert rec["meta"]["maps_from"] == "lr" and rec["meta"]["maps_size"] == [12, 16]
+    assert rec["meta"]["index"] == i and rec["meta"]["name"].endswith(".png")
+    assert rec["caption"] and 0 <= rec["seg"].min() and rec["seg"].max() < 7
+    rec2 = src[i]  # the training source puts the maps on the image grid
+    assert rec2["depth"].shape == rec2["seg"].shape == (48, 64)
+  # Resumable: a missing shard is redone, finished ones are kept untouched.
+  mtimes = {s: os.path.getmtime(s) for s in shards}
+  os.remove(shards[1])
+  r = _run(*args)
+  assert r.returncode == 0 and "2 already done" in r.stdout, r.stdout + r.stderr[-2000:]
+  assert os.path.getmtime(shards[0]) == mtimes[shards[0]]
+  assert os.path.exists(shards[1])
+  # Other settings into the same folder: one clear error, nothing overwritten.
+  r = _run(*args[:2], "--from_hr")
+  assert r.returncode == 2 and "manifest.json" in r.stderr and "new --output" in r.stderr
+  # The training pipeline reads the shards: depth and seg present, edges from the LR.
+  cfg = ml_collections.ConfigDict({
+      "seed": 0, "batch_size": 2,
+      "data": {"source": "arrayrecord", "path": str(out), "hr_size": 32, "scale": 4,
+               "map_size": 16, "num_workers": 0, "min_image_size": 16,
+               "max_bad_fraction": 0.0, "degradation": "simple"},
+      "text": {"max_length": 16}})
+  batch = next(iter(pipeline.make_train_loader(cfg, make_tokenizer("byte"))))
+  assert batch["hr"].shape == (2, 32, 32, 3) and batch["lr"].shape == (2, 8, 8, 3)
+  assert batch["present"].all()
+  assert np.abs(batch["depth"]).sum() > 0 and np.abs(batch["seg"]).sum() > 0
+  assert (batch["text_mask"].sum(-1) > 0).all()
+
+
+def test_annotate_from_hr_edges_only(tmp_path):
+  _images(tmp_path / "imgs", 2)
+  r = _run(f"--input={tmp_path / 'imgs'}", f"--output={tmp_path / 'ann'}", "--from_hr")
+  assert r.returncode == 0, r.stderr[-3000:]
+  (shard,) = sources.annotation_shards(str(tmp_path / "ann"))
+  rec = sources.ArrayRecordSource(shard)[0]
+  assert rec["depth"] is None and rec["seg"] is None and rec["caption"] == ""
+  r = _run("--input=/no/such/dir", f"--output={tmp_path / 'x'}")
+  assert r.returncode == 2 and "no such folder" in r.stderr
