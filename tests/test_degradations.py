@@ -108,11 +108,13 @@ def test_resize_matrix_matches_torch(mode, n_in, n_out):
   assert not got[n_out:].any()
 
 
+@pytest.mark.parametrize("impl", ["fft", "conv"])
 @pytest.mark.parametrize("valid", [(30, 30), (17, 23)])
-def test_blur_reflect_matches_scipy(valid):
+def test_blur_reflect_matches_scipy(valid, impl, monkeypatch):
   """Blur on a canvas = scipy correlation of the valid region with 'mirror' (torch reflect)."""
   rng = np.random.default_rng(1)
   canvas = rng.random((30, 30, 3)).astype(np.float32)
+  monkeypatch.setattr(R, "BLUR_IMPL", impl)
   h, w = valid
   k = R.pad_kernel(R.gaussian_family_kernel("aniso", 9, 2.5, 0.7, 0.6))
   ih, iw = R.reflect_index(h, 30, 10), R.reflect_index(w, 30, 10)

@@ -1,4 +1,11 @@
-"""Grain input pipeline for the demo data: crops, degradation, modality maps, captions.
+"""Grain input pipeline: sources, crops, degradation, modality maps, captions.
+
+Sources (``config.data.source``): the built-in demo photos, image folders, TFDS datasets and the
+annotator's ArrayRecord shards (``mmsr_jax/data/sources.py``). Degradation
+(``config.data.degradation``): 'simple' (one stage on the host, the tiny demo) or the
+Real-ESRGAN second-order pipeline ('realesrgan', 'seesr'; ``mmsr_jax/data/realesrgan.py``),
+whose parameters are drawn in the Grain transform and which ``DegradingIterator`` applies
+batch-wise (jitted blur/resize/noise, host JPEG) in a prefetch thread.
 
 Training examples come from a ``grain.python.DataLoader`` sharded per JAX process. The random
 transform draws everything from the per-record generator that grain's ``IndexSampler`` derives

@@ -59,6 +59,9 @@ import numpy as np
 import scipy.special
 
 KERNEL_SIZE = 21  # every kernel is zero-padded to this size
+# Blur implementation: "auto" = FFT on CPU, depthwise convolution on accelerators; "fft"/"conv"
+# force one (read at trace time).
+BLUR_IMPL = "auto"
 RESIZE_MODES = ("area", "bilinear", "bicubic")
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso",
                 "plateau_aniso")
@@ -324,7 +327,9 @@ def _blur(x: jax.Array, kernel: jax.Array, idx_h: jax.Array, idx_w: jax.Array) -
   """
   p = jnp.take(jnp.take(x, idx_h, axis=0), idx_w, axis=1)
   k = kernel.shape[0]
-  if jax.default_backend() == "cpu":
+  impl = BLUR_IMPL if BLUR_IMPL != "auto" else (
+      "fft" if jax.default_backend() == "cpu" else "conv")
+  if impl == "fft":
     n0, n1 = p.shape[:2]
     kf = jnp.fft.rfft2(kernel[::-1, ::-1].astype(jnp.float32), s=(n0, n1))
     y = jnp.fft.irfft2(jnp.fft.rfft2(p, axes=(0, 1)) * kf[..., None], s=(n0, n1), axes=(0, 1))
