@@ -56,7 +56,7 @@ class DISTS(nn.Module):
 def abstract_params(size: int = 64):
   """Shapes of the DISTS parameter tree (``{"params": ...}``)."""
   x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-  return jax.eval_shape(lambda: DISTS().init(jax.random.key(0), x, x))
+  return jax.eval_shape(lambda a, b: DISTS().init(jax.random.key(0), a, b), x, x)
 
 
 def dists_from_uint8(params, pred: jax.Array, gt: jax.Array) -> jax.Array:

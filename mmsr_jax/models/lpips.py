@@ -123,7 +123,7 @@ class LPIPS(nn.Module):
 def abstract_params(net: str, size: int = 64):
   """Shapes of the LPIPS parameter tree (``{"params": ...}``) without computing anything."""
   x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-  return jax.eval_shape(lambda: LPIPS(net).init(jax.random.key(0), x, x))
+  return jax.eval_shape(lambda a, b: LPIPS(net).init(jax.random.key(0), a, b), x, x)
 
 
 def lpips_from_uint8(params, pred: jax.Array, gt: jax.Array, *, net: str) -> jax.Array:
