@@ -10,9 +10,10 @@ Metrics (``mmsr_jax.metrics``, ``mmsr_jax.niqe``, ``mmsr_jax.models.lpips`` / ``
   diffusion-SR tables crop nothing; classic SR tables crop the scale factor);
 * NIQE with the bundled pristine model (pyiqa conventions; needs two 96x96 blocks, smaller images
   get no NIQE);
-* LPIPS (AlexNet, the column the papers report, and VGG) and DISTS when their converted weights
-  are in ``--weights_dir`` (see ``python -m mmsr_jax.metric_weights``); a missing file is one
-  line naming it and the command that makes it, and the other metrics still run.
+* LPIPS (AlexNet, the column the papers report, and VGG), DISTS and FID (pytorch-fid's
+  Inception, the prediction set against the ground-truth set) when their converted weights are
+  in ``--weights_dir`` (see ``python -m mmsr_jax.metric_weights``); a missing file is one line
+  naming it and the command that makes it, and the other metrics still run.
 
 Pairs are matched by file name without the extension (``Canon_001_LR4.png`` in both folders); a
 prediction without ground truth, a ground truth without prediction or a size mismatch is an error
@@ -54,8 +55,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Column order of the tables; (key, header, higher is better).
 COLUMNS = (("psnr", "PSNR", True), ("ssim", "SSIM", True), ("lpips", "LPIPS", False),
            ("lpips_vgg", "LPIPS-VGG", False), ("dists", "DISTS", False),
-           ("niqe", "NIQE", False))
-LEARNED = {"lpips": "lpips_alex", "lpips_vgg": "lpips_vgg", "dists": "dists"}
+           ("niqe", "NIQE", False), ("fid", "FID", False))
+LEARNED = {"lpips": "lpips_alex", "lpips_vgg": "lpips_vgg", "dists": "dists", "fid": "fid"}
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -139,13 +140,25 @@ def bicubic(lr: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 # ------------------------------------------------------------------------------------ scoring
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted(metric: str) -> Callable:
+  """One jitted function per learned metric (compiled once per image size per process)."""
+  from mmsr_jax.models import dists, inception, lpips
+  if metric == "dists":
+    return jax.jit(dists.dists_from_uint8)
+  if metric == "fid":
+    return jax.jit(inception.features_from_uint8)
+  return jax.jit(functools.partial(lpips.lpips_from_uint8, net=metric.split("_")[1]))
+
+
 def load_learned(weights_dir: str, wanted=tuple(LEARNED),
                  log: Callable[[str], None] = print) -> dict[str, Callable]:
-  """Jitted ``fn(pred_u8, gt_u8) -> (B,)`` for each learned metric whose weights are present.
+  """Jitted ``fn(pred_u8, gt_u8) -> (B,)`` for each learned metric whose weights are present
+  (for ``fid``: ``fn(images_u8) -> (B, 2048)`` Inception features).
 
   A missing file is reported with one ``log`` line (which file, how to make it) and skipped.
   """
-  from mmsr_jax.models import dists, lpips
+  from mmsr_jax.models import dists, inception, lpips
   fns = {}
   for key in wanted:
     metric = LEARNED[key]
@@ -155,12 +168,12 @@ def load_learned(weights_dir: str, wanted=tuple(LEARNED),
       continue
     if metric == "dists":
       params = params_io.load_params(path, dists.abstract_params(), field=metric)
-      fn = jax.jit(dists.dists_from_uint8)
+    elif metric == "fid":
+      params = params_io.load_params(path, inception.abstract_params(), field=metric)
     else:
-      net = metric.split("_")[1]
-      params = params_io.load_params(path, lpips.abstract_params(net), field=metric)
-      fn = jax.jit(functools.partial(lpips.lpips_from_uint8, net=net))
-    fns[key] = functools.partial(fn, jax.device_put(params))
+      params = params_io.load_params(path, lpips.abstract_params(metric.split("_")[1]),
+                                     field=metric)
+    fns[key] = functools.partial(_jitted(metric), jax.device_put(params))
   return fns
 
 
@@ -170,7 +183,8 @@ def _score_batch(pred: np.ndarray, gt: np.ndarray, learned: dict[str, Callable],
   out = {}
   out["psnr"], out["ssim"] = metrics.psnr_ssim_batch(pred, gt, crop_border=crop_border)
   for key, fn in learned.items():
-    out[key] = np.asarray(fn(jnp.asarray(pred), jnp.asarray(gt)), np.float64)
+    if key != "fid":
+      out[key] = np.asarray(fn(jnp.asarray(pred), jnp.asarray(gt)), np.float64)
   try:
     niqe.crop_to_blocks(pred.shape[1:3])
     out["niqe"] = niqe.niqe(pred, color=niqe_color)
@@ -221,6 +235,7 @@ def evaluate(pred_dir: str, gt_dir: str, lr_dir: str | None = None, *, crop_bord
   groups: dict[tuple[int, int], list[dict]] = {}
   for p in pairs:
     groups.setdefault(p["size"], []).append(p)
+  fid_feats: dict[str, list[np.ndarray]] = {m: [] for m in methods + ["gt"]}
   t0 = time.time()
   with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
     def load(chunk):
@@ -238,8 +253,12 @@ def evaluate(pred_dir: str, gt_dir: str, lr_dir: str | None = None, *, crop_bord
       loaded = pending.result()
       pending = pool.submit(load, chunks[i + 1]) if i + 1 < len(chunks) else None
       gt = np.stack([g for g, _ in loaded])
+      if "fid" in learned:
+        fid_feats["gt"].append(np.asarray(learned["fid"](jnp.asarray(gt)), np.float64))
       for m in methods:
         pred = np.stack([imgs[m] for _, imgs in loaded])
+        if "fid" in learned:
+          fid_feats[m].append(np.asarray(learned["fid"](jnp.asarray(pred)), np.float64))
         scores = _score_batch(pred, gt, learned, crop_border=crop_border, niqe_color=niqe_color)
         for j, p in enumerate(chunk):
           for key, values in scores.items():
@@ -249,10 +268,21 @@ def evaluate(pred_dir: str, gt_dir: str, lr_dir: str | None = None, *, crop_bord
   ran = [k for k, _, _ in COLUMNS if k in ("psnr", "ssim", "niqe") or k in learned]
   skipped = {k: how_to_get(LEARNED[k], weights_dir) for k in learned_metrics if k not in learned}
 
+  fid = {}
+  if "fid" in learned:
+    if len(pairs) < 2:
+      log("fid: needs at least two images; not computed")
+    else:
+      from mmsr_jax.models.inception import fid_from_features
+      gt_f = np.concatenate(fid_feats["gt"])
+      fid = {m: fid_from_features(np.concatenate(fid_feats[m]), gt_f) for m in methods}
+
   def summary(m):
     per_image = [rows[m][p["name"]] for p in pairs]
-    return {"mean": {k: _mean([r.get(k) for r in per_image]) for k in ran},
-            "per_image": per_image}
+    mean = {k: _mean([r.get(k) for r in per_image]) for k in ran if k != "fid"}
+    if "fid" in ran:  # a property of the whole set (against the ground-truth set), not per image
+      mean["fid"] = fid.get(m)
+    return {"mean": mean, "per_image": per_image}
 
   result = {"pred": pred_dir, "gt": gt_dir, "lr": lr_dir, "num_images": len(pairs),
             "settings": {"crop_border": crop_border, "niqe_color": niqe_color,
@@ -286,7 +316,7 @@ def markdown_table(result: dict, name: str = "ours") -> str:
 
 
 def write_csv(path: str, result: dict, name: str = "ours") -> None:
-  keys = result["metrics"]
+  keys = [k for k in result["metrics"] if k != "fid"]  # FID is per set, in the JSON mean only
   with open(path, "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["method", "name"] + keys)
@@ -348,8 +378,8 @@ def define_flags() -> None:
   flags.DEFINE_alias("crop-border", "crop_border")
   flags.DEFINE_string("weights_dir", DEFAULT_DIR, "converted LPIPS / DISTS weights "
                       "(python -m mmsr_jax.metric_weights)")
-  flags.DEFINE_list("learned", list(LEARNED), "learned metrics to try: lpips, lpips_vgg, dists "
-                    "(empty: none)")
+  flags.DEFINE_list("learned", list(LEARNED), "learned metrics to try: lpips, lpips_vgg, dists, "
+                    "fid (empty: none)")
   flags.DEFINE_integer("batch_size", 8, "image pairs per jitted call")
   flags.DEFINE_enum("niqe_color", "yiq", ["yiq", "ycbcr"], "NIQE luminance: yiq (pyiqa, the "
                     "published numbers) or ycbcr (BasicSR)")

@@ -3,9 +3,11 @@ r"""Converts the public LPIPS / DISTS weights into this project's safetensors fi
   python -m mmsr_jax.metric_weights --metric=lpips_alex --backbone=alexnet-owt-7be5be79.pth
   python -m mmsr_jax.metric_weights --metric=lpips_vgg --backbone=vgg16-397923af.pth
   python -m mmsr_jax.metric_weights --metric=dists --backbone=vgg16-397923af.pth
+  python -m mmsr_jax.metric_weights --metric=fid --backbone=pt_inception-2015-12-05-6726825d.pth
 
 ``--backbone`` is torchvision's ImageNet state dict (the files torchvision downloads into
-``~/.cache/torch/hub/checkpoints/``). The small learned parts default to the copies the
+``~/.cache/torch/hub/checkpoints/``), for FID pytorch-fid's Inception release file. The small
+learned parts default to the copies the
 ``torchmetrics`` wheel ships (``functional/image/lpips_models/{alex,vgg}.pth`` — the lpips v0.1
 heads — and ``functional/image/dists_models/weights.pt``); ``--heads`` names another file.
 A ``.pth`` / ``.pt`` source is read here and only here, with ``torch.load(weights_only=True)``
@@ -25,16 +27,17 @@ from mmsr_jax import cli, params_io
 
 DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "mmsr_jax", "metrics")
 FILES = {"lpips_alex": "lpips_alex.safetensors", "lpips_vgg": "lpips_vgg.safetensors",
-         "dists": "dists_vgg16.safetensors"}
+         "dists": "dists_vgg16.safetensors", "fid": "fid_inception_v3.safetensors"}
 BACKBONE_FILES = {"lpips_alex": "alexnet-owt-7be5be79.pth", "lpips_vgg": "vgg16-397923af.pth",
-                  "dists": "vgg16-397923af.pth"}
+                  "dists": "vgg16-397923af.pth", "fid": "pt_inception-2015-12-05-6726825d.pth"}
 
 
 def how_to_get(metric: str, weights_dir: str) -> str:
   """One line saying which file is missing and the command that makes it."""
   path = os.path.join(weights_dir, FILES[metric])
+  source = "pytorch-fid" if metric == "fid" else "torchvision"
   return (f"{metric}: weights not found at {path}; create it with python -m "
-          f"mmsr_jax.metric_weights --metric={metric} --backbone=<torchvision "
+          f"mmsr_jax.metric_weights --metric={metric} --backbone=<{source} "
           f"{BACKBONE_FILES[metric]}> --weights_dir={weights_dir}")
 
 
@@ -72,9 +75,11 @@ def read_state_dict(path: str, field: str) -> dict[str, np.ndarray]:
 
 def convert(metric: str, backbone: str, heads: str | None = None) -> dict:
   """The ``{"params": ...}`` tree of ``metric`` from its source files."""
-  from mmsr_jax.models import dists, lpips
+  from mmsr_jax.models import dists, inception, lpips
   if metric not in FILES:
     raise ValueError(f"--metric={metric}: expected one of {sorted(FILES)}")
+  if metric == "fid":
+    return inception.torch_to_flax(read_state_dict(backbone, "backbone"))
   heads = heads or default_heads(metric)
   if heads is None:
     raise FileNotFoundError(f"--heads: not given and no torchmetrics wheel is installed to take "
@@ -88,8 +93,8 @@ def convert(metric: str, backbone: str, heads: str | None = None) -> dict:
 
 def define_flags() -> None:
   flags.DEFINE_enum("metric", None, sorted(FILES), "which metric's weights to convert")
-  flags.DEFINE_string("backbone", None, "torchvision AlexNet / VGG16 state dict (.pth or "
-                      ".safetensors)")
+  flags.DEFINE_string("backbone", None, "torchvision AlexNet / VGG16 state dict, or pytorch-fid's "
+                      "Inception for fid (.pth or .safetensors)")
   flags.DEFINE_string("heads", None, "LPIPS heads / DISTS alpha-beta file (default: the copy in "
                       "the torchmetrics wheel)")
   flags.DEFINE_string("weights_dir", DEFAULT_DIR, "where the converted file goes")

@@ -21,7 +21,8 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 
 def flatten(tree) -> dict[str, np.ndarray]:
   flat = traverse_util.flatten_dict(jax.device_get(tree), sep="/")
-  return {k: np.asarray(v) for k, v in flat.items()}
+  # Contiguous copies: safetensors.numpy writes a strided view's raw buffer (wrong values).
+  return {k: np.ascontiguousarray(v) for k, v in flat.items()}
 
 
 def save_params(path: str, params) -> None:

@@ -300,6 +300,9 @@ def test_weight_converter_reads_pth_safely_and_refuses_overwrite(tmp_path):
   params_io.save_params(str(out), params)
   loaded = params_io.load_params(str(out), lpips.abstract_params("alex"))
   np.testing.assert_array_equal(loaded["params"]["lin4"], params["params"]["lin4"])
+  # Transposed (strided) kernels survive the safetensors round trip.
+  np.testing.assert_array_equal(loaded["params"]["net"]["features_3"]["kernel"],
+                                sd["features.3.weight"].transpose(2, 3, 1, 0))
   with pytest.raises(FileExistsError):
     params_io.save_params(str(out), params)
   bad = dict(sd)
@@ -464,3 +467,183 @@ def test_benchmark_mode_end_to_end(tmp_path):
     evaluate.run_benchmark(str(bench), workdir, str(out), log=lambda s: None)
   with pytest.raises(NotADirectoryError, match="test_LR"):
     evaluate.run_benchmark(str(tmp_path), workdir, str(tmp_path / "o2"))
+
+
+# ------------------------------------------------------------------------------------------ FID
+
+
+def _torch_fid_inception():
+  """A PyTorch FID Inception-v3 with pytorch-fid's layout and state-dict names, written here from
+  torch primitives (pytorch-fid itself needs torchvision, whose PyPI wheel needs CUDA torch):
+  torchvision's Inception-v3 blocks, pool branches without padding in the average, max pool in
+  Mixed_7c, bilinear resize to 299 (align_corners=False), input mapped to [-1, 1]."""
+  torch = pytest.importorskip("torch")
+  tnn, F = torch.nn, torch.nn.functional
+
+  class BC(tnn.Module):
+    def __init__(self, i, o, k, st=1, p=0):
+      super().__init__()
+      self.conv = tnn.Conv2d(i, o, k, st, p, bias=False)
+      self.bn = tnn.BatchNorm2d(o, eps=1e-3)
+
+    def forward(self, x):
+      return F.relu(self.bn(self.conv(x)))
+
+  def avg(x):
+    return F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+
+  def chain(m, x, *names):
+    for n in names:
+      x = getattr(m, n)(x)
+    return x
+
+  class A(tnn.Module):
+    def __init__(self, i, pf):
+      super().__init__()
+      self.branch1x1, self.branch5x5_1, self.branch5x5_2 = BC(i, 64, 1), BC(i, 48, 1), BC(
+          48, 64, 5, p=2)
+      self.branch3x3dbl_1, self.branch3x3dbl_2 = BC(i, 64, 1), BC(64, 96, 3, p=1)
+      self.branch3x3dbl_3, self.branch_pool = BC(96, 96, 3, p=1), BC(i, pf, 1)
+
+    def forward(self, x):
+      return torch.cat([self.branch1x1(x), chain(self, x, "branch5x5_1", "branch5x5_2"),
+                        chain(self, x, "branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3"),
+                        self.branch_pool(avg(x))], 1)
+
+  class B(tnn.Module):
+    def __init__(self, i):
+      super().__init__()
+      self.branch3x3, self.branch3x3dbl_1 = BC(i, 384, 3, 2), BC(i, 64, 1)
+      self.branch3x3dbl_2, self.branch3x3dbl_3 = BC(64, 96, 3, p=1), BC(96, 96, 3, 2)
+
+    def forward(self, x):
+      return torch.cat([self.branch3x3(x),
+                        chain(self, x, "branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3"),
+                        F.max_pool2d(x, 3, 2)], 1)
+
+  class C(tnn.Module):
+    def __init__(self, i, c):
+      super().__init__()
+      r, q = dict(k=(1, 7), p=(0, 3)), dict(k=(7, 1), p=(3, 0))
+      self.branch1x1, self.branch7x7_1 = BC(i, 192, 1), BC(i, c, 1)
+      self.branch7x7_2, self.branch7x7_3 = BC(c, c, **r), BC(c, 192, **q)
+      self.branch7x7dbl_1, self.branch7x7dbl_2 = BC(i, c, 1), BC(c, c, **q)
+      self.branch7x7dbl_3, self.branch7x7dbl_4 = BC(c, c, **r), BC(c, c, **q)
+      self.branch7x7dbl_5, self.branch_pool = BC(c, 192, **r), BC(i, 192, 1)
+
+    def forward(self, x):
+      return torch.cat([self.branch1x1(x),
+                        chain(self, x, "branch7x7_1", "branch7x7_2", "branch7x7_3"),
+                        chain(self, x, *(f"branch7x7dbl_{j}" for j in range(1, 6))),
+                        self.branch_pool(avg(x))], 1)
+
+  class D(tnn.Module):
+    def __init__(self, i):
+      super().__init__()
+      self.branch3x3_1, self.branch3x3_2 = BC(i, 192, 1), BC(192, 320, 3, 2)
+      self.branch7x7x3_1, self.branch7x7x3_2 = BC(i, 192, 1), BC(192, 192, (1, 7), p=(0, 3))
+      self.branch7x7x3_3, self.branch7x7x3_4 = BC(192, 192, (7, 1), p=(3, 0)), BC(192, 192, 3, 2)
+
+    def forward(self, x):
+      return torch.cat([chain(self, x, "branch3x3_1", "branch3x3_2"),
+                        chain(self, x, *(f"branch7x7x3_{j}" for j in range(1, 5))),
+                        F.max_pool2d(x, 3, 2)], 1)
+
+  class E(tnn.Module):
+    def __init__(self, i, maxp):
+      super().__init__()
+      self.maxp = maxp
+      self.branch1x1, self.branch3x3_1 = BC(i, 320, 1), BC(i, 384, 1)
+      self.branch3x3_2a = BC(384, 384, (1, 3), p=(0, 1))
+      self.branch3x3_2b = BC(384, 384, (3, 1), p=(1, 0))
+      self.branch3x3dbl_1, self.branch3x3dbl_2 = BC(i, 448, 1), BC(448, 384, 3, p=1)
+      self.branch3x3dbl_3a = BC(384, 384, (1, 3), p=(0, 1))
+      self.branch3x3dbl_3b = BC(384, 384, (3, 1), p=(1, 0))
+      self.branch_pool = BC(i, 192, 1)
+
+    def forward(self, x):
+      b3 = self.branch3x3_1(x)
+      b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+      bd = chain(self, x, "branch3x3dbl_1", "branch3x3dbl_2")
+      bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
+      bp = F.max_pool2d(x, 3, 1, 1) if self.maxp else avg(x)
+      return torch.cat([self.branch1x1(x), b3, bd, self.branch_pool(bp)], 1)
+
+  class Net(tnn.Module):
+    def __init__(self):
+      super().__init__()
+      self.Conv2d_1a_3x3, self.Conv2d_2a_3x3 = BC(3, 32, 3, 2), BC(32, 32, 3)
+      self.Conv2d_2b_3x3, self.Conv2d_3b_1x1 = BC(32, 64, 3, p=1), BC(64, 80, 1)
+      self.Conv2d_4a_3x3 = BC(80, 192, 3)
+      self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = A(192, 32), A(256, 64), A(288, 64)
+      self.Mixed_6a = B(288)
+      self.Mixed_6b, self.Mixed_6c = C(768, 128), C(768, 160)
+      self.Mixed_6d, self.Mixed_6e = C(768, 160), C(768, 192)
+      self.Mixed_7a, self.Mixed_7b, self.Mixed_7c = D(768), E(1280, False), E(2048, True)
+
+    def forward(self, x):
+      x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1
+      x = F.max_pool2d(chain(self, x, "Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3"), 3, 2)
+      x = F.max_pool2d(chain(self, x, "Conv2d_3b_1x1", "Conv2d_4a_3x3"), 3, 2)
+      x = chain(self, x, "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c",
+                "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c")
+      return x.mean((2, 3))
+
+  torch.manual_seed(0)
+  net = Net().eval()
+  g = torch.Generator().manual_seed(1)
+  for m in net.modules():  # non-trivial batch-norm statistics
+    if isinstance(m, tnn.BatchNorm2d):
+      m.running_mean.uniform_(-0.5, 0.5, generator=g)
+      m.running_var.uniform_(0.5, 2.0, generator=g)
+      m.weight.data.uniform_(0.5, 1.5, generator=g)
+      m.bias.data.uniform_(-0.2, 0.2, generator=g)
+  return torch, net
+
+
+def test_fid_inception_parity_and_evaluate(tmp_path):
+  from mmsr_jax.models import inception
+  torch, net = _torch_fid_inception()
+  rng = np.random.default_rng(0)
+  imgs = rng.integers(0, 256, (3, 40, 56, 3)).astype(np.uint8)
+  gts = np.clip(imgs.astype(int) + rng.integers(-50, 50, imgs.shape), 0, 255).astype(np.uint8)
+  with torch.no_grad():
+    want = net(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255).numpy()
+  sd = {k: v.numpy() for k, v in net.state_dict().items()}
+  wdir = tmp_path / "w"
+  params_io.save_params(str(wdir / "fid_inception_v3.safetensors"), inception.torch_to_flax(sd))
+  feats = evaluate.load_learned(str(wdir), ("fid",), log=print)["fid"]
+  got = np.asarray(feats(jnp.asarray(imgs)))
+  assert got.shape == (3, 2048)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+  # evaluate: FID of the prediction set against the ground-truth set, from the same features.
+  for i in range(3):
+    _write(str(tmp_path / "pred" / f"{i}.png"), imgs[i])
+    _write(str(tmp_path / "gt" / f"{i}.png"), gts[i])
+  res = evaluate.evaluate(str(tmp_path / "pred"), str(tmp_path / "gt"), weights_dir=str(wdir),
+                          learned_metrics=("fid",), log=lambda s: None)
+  assert res["metrics"] == ["psnr", "ssim", "niqe", "fid"]
+  want_fid = inception.fid_from_features(got, np.asarray(feats(jnp.asarray(gts))))
+  assert want_fid > 0 and abs(res["mean"]["fid"] - want_fid) < 1e-6 * want_fid
+  assert "fid" not in res["per_image"][0]
+  with pytest.raises(ValueError, match="Mixed_7c.branch_pool.bn.running_var"):
+    inception.torch_to_flax({k: v for k, v in sd.items()
+                             if k != "Mixed_7c.branch_pool.bn.running_var"})
+
+
+def test_frechet_distance_against_eigenvalues():
+  from mmsr_jax.models import inception
+  rng = np.random.default_rng(0)
+  f1 = rng.normal(size=(60, 6)) @ rng.normal(size=(6, 6))
+  f2 = rng.normal(size=(80, 6)) @ rng.normal(size=(6, 6)) + 0.5
+  m1, m2 = f1.mean(0), f2.mean(0)
+  s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+  # Tr((S1 S2)^(1/2)) = sum of the square roots of the (real, non-negative) eigenvalues of S1 S2.
+  ev = np.linalg.eigvals(s1 @ s2)
+  want = np.sum((m1 - m2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.sum(np.sqrt(ev.real))
+  assert abs(inception.fid_from_features(f1, f2) - want) < 1e-8 * want
+  assert abs(inception.frechet_distance(m1, s1, m1, s1)) < 1e-8
+  # Hand value in one dimension: (mu1 - mu2)^2 + (s1 - s2)^2 for standard deviations s1, s2.
+  assert abs(inception.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) - (4 + 1)) < 1e-12
+  with pytest.raises(ValueError, match="at least two"):
+    inception.fid_from_features(f1[:1], f2)

@@ -77,7 +77,7 @@ def torch_to_flax(sd: dict[str, np.ndarray]) -> dict:
       w = np.asarray(sd[f"features.{idx}.weight"], np.float32)
       if w.shape[0] != ch or w.shape[2:] != (3, 3):
         raise ValueError(f"features.{idx}.weight: shape {w.shape}, expected ({ch}, *, 3, 3)")
-      net[f"features_{idx}"] = {"kernel": w.transpose(2, 3, 1, 0),
+      net[f"features_{idx}"] = {"kernel": np.ascontiguousarray(w.transpose(2, 3, 1, 0)),
                                 "bias": np.asarray(sd[f"features.{idx}.bias"], np.float32)}
   out = {"net": net}
   for name in ("alpha", "beta"):

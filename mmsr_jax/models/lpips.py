@@ -151,8 +151,9 @@ def torch_to_flax(sd: dict[str, np.ndarray], net: str) -> dict:
     w = np.asarray(sd[wkey], np.float32)
     if w.shape[0] != ch or w.shape[2:] != (k, k):
       raise ValueError(f"{wkey}: shape {w.shape}, expected ({ch}, *, {k}, {k})")
-    params["net"][f"features_{idx}"] = {"kernel": w.transpose(2, 3, 1, 0),
-                                        "bias": np.asarray(sd[bkey], np.float32)}
+    params["net"][f"features_{idx}"] = {
+        "kernel": np.ascontiguousarray(w.transpose(2, 3, 1, 0)),
+        "bias": np.asarray(sd[bkey], np.float32)}
   for k, ch in enumerate(CHANNELS[net]):
     cands = [f"lin{k}.model.1.weight", f"lin{k}.model.0.weight"]
     key = next((c for c in cands if c in sd), None)
