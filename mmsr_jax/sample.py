@@ -127,6 +127,7 @@ class SuperResolver:
     devices = list(jax.devices() if devices is None else devices)
     config.unlock()
     config.mesh.data = len(devices)  # sampling splits tiles, not a training batch, over these
+    config.mesh.fsdp = config.mesh.tensor = 1  # (the training run's mesh may have used them)
     config.batch_size = len(devices)
     trainer = Trainer(config, workdir, devices=devices)
     abstract = trainer.abstract_with_shardings()

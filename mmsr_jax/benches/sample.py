@@ -1,0 +1,212 @@
+"""``bench sample``: images/s of the super-resolution sampler, and its memory at 2048x2048.
+
+  python -m mmsr_jax.bench sample --config=configs/dit_l.py --json
+  # a reduced model that a 2-core CPU runs in minutes:
+  python -m mmsr_jax.bench sample --config=configs/dit_l.py --config.model.depth=2 \\
+      --config.model.width=256 --config.model.num_heads=4 --config.model.context_heads=4 \\
+      --config.vq.arch.block_out_channels='(32,32,32,32,32)' \\
+      --config.autoencoder.arch.block_out_channels='(32,32,32,32)' \\
+      --sample_size=128 --sample_steps=4 --sample_large=512 --repeats=2
+
+What is timed is the whole jitted sampler of ``python -m mmsr_jax.sample`` (``mmsr_jax.tiling``):
+bicubic LR upsampling and VAE encode, VQ tokens of the three modality maps, the MMLC context,
+``--sample_steps`` DDIM steps with guidance (both branches in one batch), VAE decode, for a batch of
+``--sample_batch`` images of ``--sample_size`` pixels square (one latent tile each at the trained
+size), the batch split over all devices. The text encoder is not in the timed program: its states
+(``[2B, L, d_model]``, random here) are an input, as the sampler accepts them, because T5-XXL runs
+once per caption and need not share accelerator memory with sampling.
+
+Weights: the config's frozen VAE / VQGAN files are used when they exist, else a random init (speed
+and memory do not depend on the values); the denoiser is randomly initialised.
+
+Reported: ``images_per_s``, ``seconds_per_batch``, ``batch``, ``peak_memory_bytes`` (the device's
+measured peak on GPU/TPU; on a CPU the compiled program's XLA memory analysis: arguments + outputs
++ temporaries), ``device``; and for a ``--sample_large`` output (tiled: 25 tiles of 512px for
+2048), ``large_xla_bytes`` (XLA memory analysis of that program) and, when it is executed
+(``--sample_large_execute``, default on GPU/TPU), ``large_seconds`` and ``large_peak_memory_bytes``.
+``--sample_batch=0`` (default) picks, on an accelerator, the largest power of two whose compiled
+program fits in the device's memory limit, and 1 on a CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+from mmsr_jax.benches import common
+
+_SIZE = flags.DEFINE_integer("sample_size", 512, "Output side in pixels for images/s.")
+_BATCH = flags.DEFINE_integer("sample_batch", 0, "Images per call; 0 = as large as fits "
+                              "(accelerators) or 1 (CPU).")
+_STEPS = flags.DEFINE_integer("sample_steps", 50, "DDIM steps.")
+_GUIDANCE = flags.DEFINE_enum("sample_guidance", "mcfg", ["cfg", "m0cfg", "mcfg", "none"],
+                              "Guidance mode ('none': conditional branch only).")
+_LARGE = flags.DEFINE_integer("sample_large", 2048, "Output side for the tiled memory figure "
+                              "(0: skip).")
+_LARGE_EXECUTE = flags.DEFINE_bool("sample_large_execute", None, "Run the large output too "
+                                   "(default: on GPU/TPU).")
+_TIME = flags.DEFINE_bool("sample_time", True, "Run and time the sampler; false: compile only "
+                          "and report XLA's memory analysis (e.g. the full model on a CPU).")
+_MAX_BATCH = flags.DEFINE_integer("sample_max_batch", 256, "Upper bound of the batch search.")
+
+
+def _bytes(compiled) -> int:
+  m = compiled.memory_analysis()
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
+
+
+def _frozen_config(config):
+  """Frozen-weight paths that do not exist are replaced by a random init (noted in the result)."""
+  missing = []
+  for field in ("autoencoder", "vq"):
+    path = config[field].get("params", "")
+    if path and not os.path.exists(path):
+      missing.append(f"config.{field}.params={path}")
+      config[field].params = ""
+  config.text.params = ""  # the text encoder is not part of the timed program
+  return missing
+
+
+class _Setup:
+  """Model, frozen encoders and random parameters for a config."""
+
+  def __init__(self, config):
+    from mmsr_jax import diffusion, sharding
+    from mmsr_jax.models.mmsr import Conditioner, build_model
+    self.config = config
+    self.model = build_model(config)
+    self.conditioner = Conditioner.from_config(config)
+    self.schedule = diffusion.Schedule.from_config(config.diffusion)
+    devices = jax.devices()
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = len(devices), 1, 1  # data parallel
+    config.batch_size = len(devices)  # (only checked by make_mesh; the bench has its own batch)
+    self.mesh = sharding.make_mesh(config, devices)
+    repl = sharding.replicated(self.mesh)
+    f = config.autoencoder.factor
+    t = config.data.hr_size // f
+    c = self.conditioner.autoencoder.latent_channels
+    grid = config.data.map_size // self.conditioner.vq_downsample
+    l, d = config.text.max_length, config.text.encoder.d_model
+    init = lambda rng: self.model.init(  # noqa: E731
+        rng, jnp.zeros((1, t, t, c)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, t, t, c)),
+        jnp.zeros((1, l, d)), jnp.ones((1, l), jnp.int32), jnp.zeros((1, 3, grid, grid),
+                                                                     jnp.int32),
+        jnp.ones((1, 3), bool))["params"]
+    self.params = jax.jit(init, out_shardings=repl)(jax.random.key(0))
+    r_ae, r_vq = jax.random.split(jax.random.key(1))
+    m = config.data.map_size
+    from mmsr_jax import params_io
+    vq_init = lambda: self.conditioner.vq.init(r_vq, jnp.zeros((1, m, m, 3)))["params"]  # noqa
+    vq = (params_io.load_params(config.vq.params, jax.eval_shape(vq_init), field="config.vq.params")
+          if config.vq.params else jax.jit(vq_init)())
+    self.frozen = jax.device_put({"ae": self.conditioner.autoencoder.init_params(r_ae),
+                                  "text": {}, "vq": vq}, repl)
+
+  def sample_fn(self, size: int, steps: int, guidance: str):
+    from mmsr_jax import tiling
+    s = self.config.data.scale
+    if size % (s * self.config.autoencoder.factor):
+      raise ValueError(f"output size {size} is not a multiple of scale x autoencoder factor")
+    grid = tiling.make_grid(self.config, (size // s, size // s))
+    fn = tiling.make_tiled_sample_fn(
+        self.model, self.conditioner, self.schedule, grid, steps=steps, guidance=guidance,
+        spacing=self.config.sampling.spacing, clip_x0=self.config.sampling.clip_x0,
+        strength=1.0, mesh=self.mesh)
+    return fn, grid
+
+  def inputs(self, batch: int, size: int, grid, guided: bool) -> dict:
+    c = self.config
+    lr_side = size // c.data.scale
+    n = grid.num_tiles
+    rng = np.random.default_rng(0)
+    m, l, d = c.data.map_size, c.text.max_length, c.text.encoder.d_model
+    rows = 2 * batch if guided else batch
+    return {
+        "lr": rng.uniform(-1, 1, (batch, lr_side, lr_side, 3)).astype(np.float32),
+        "maps": rng.uniform(-1, 1, (batch * n, 3, m, m, 3)).astype(np.float32),
+        "present": np.ones((batch * n, 3), bool),
+        "temperature": np.ones((batch, 4), np.float32),
+        "states": rng.standard_normal((rows, l, d)).astype(np.float32),
+        "states_mask": np.ones((rows, l), np.int32),
+    }
+
+
+def _describe(config) -> str:
+  return (f"DiT width {config.model.width} x depth {config.model.depth}, {config.compute_dtype}, "
+          f"autoencoder {config.autoencoder.kind} {list(config.autoencoder.arch.block_out_channels)}"
+          f", VQ {list(config.vq.arch.block_out_channels)}")
+
+
+def run() -> dict:
+  config = common.CONFIG.value
+  if config is None:
+    raise ValueError("bench sample needs --config (e.g. --config=configs/dit_l.py)")
+  missing = _frozen_config(config)
+  st = _Setup(config)
+  guided = _GUIDANCE.value != "none"
+  size, steps = _SIZE.value, _STEPS.value
+  fn, grid = st.sample_fn(size, steps, _GUIDANCE.value)
+  on_cpu = jax.devices()[0].platform == "cpu"
+  shards = len(jax.devices())
+
+  def compiled_bytes(b):
+    args = (st.params, st.frozen, st.inputs(b, size, grid, guided), jax.random.key(0), 2.0, 0.0)
+    return _bytes(fn.lower(*args).compile())
+
+  batch = _BATCH.value
+  if batch <= 0:
+    batch = 1
+    if not on_cpu:  # the largest power of two that compiles within the memory limit
+      limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+      b = shards
+      while limit and b <= _MAX_BATCH.value and compiled_bytes(b) <= 0.9 * limit:
+        batch, b = b, 2 * b
+  # The large output runs first, so the device's peak counter then measures it alone.
+  large = {}
+  if _LARGE.value:
+    big_fn, big_grid = st.sample_fn(_LARGE.value, steps, _GUIDANCE.value)
+    big_inputs = st.inputs(1, _LARGE.value, big_grid, guided)
+    args = (st.params, st.frozen, big_inputs, jax.random.key(0), 2.0, 0.0)
+    large["large_output"] = f"{_LARGE.value}x{_LARGE.value}"
+    large["large_tiles"] = big_grid.num_tiles
+    large["large_xla_bytes"] = _bytes(big_fn.lower(*args).compile())
+    execute = (not on_cpu) if _LARGE_EXECUTE.value is None else _LARGE_EXECUTE.value
+    if execute:
+      large["large_seconds"] = common.time_call(
+          lambda: big_fn(*args).block_until_ready(), repeats=1, warmup=1)
+      big_peak = common.peak_device_memory()
+      large["large_peak_memory_bytes"] = big_peak if big_peak is not None else \
+          common.host_peak_rss()
+  if not _TIME.value:
+    return {"config": _describe(config), "output": f"{size}x{size}", "steps": steps,
+            "guidance": _GUIDANCE.value, "batch": batch, "tiles_per_image": grid.num_tiles,
+            "program_xla_bytes": compiled_bytes(batch), "timed": False,
+            "text_encoder": "excluded (states are an input)", **large}
+  inputs = st.inputs(batch, size, grid, guided)
+  call = lambda: fn(st.params, st.frozen, inputs, jax.random.key(0), 2.0,  # noqa: E731
+                    0.0).block_until_ready()
+  seconds = common.time_call(call)
+  out = call()
+  assert out.shape == (batch, size, size, 3), out.shape
+  assert np.isfinite(np.asarray(out)).all()
+  peak = common.peak_device_memory()
+  result = {
+      "config": _describe(config),
+      "output": f"{size}x{size}", "steps": steps, "guidance": _GUIDANCE.value, "batch": batch,
+      "tiles_per_image": grid.num_tiles, "seconds_per_batch": seconds,
+      "images_per_s": batch / seconds,
+      "program_xla_bytes": compiled_bytes(batch),
+      "text_encoder": "excluded (states are an input)",
+      "random_weights_for": missing or "denoiser only",
+  }
+  result["peak_memory_bytes"] = peak if peak is not None else result["program_xla_bytes"]
+  result["peak_memory_source"] = ("device peak" if peak is not None
+                                  else "XLA memory analysis of the compiled program")
+  result["host_peak_rss_bytes"] = common.host_peak_rss()
+
+  result.update(large)
+  return result
