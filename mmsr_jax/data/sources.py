@@ -14,14 +14,15 @@ demo records, so one Grain transform serves them all.
 smaller than ``min_size`` becomes a ``{'bad': reason}`` record, is logged with its path and
 counted; the loader drops such records (``DropBad``). When more than ``max_bad_fraction`` of the
 records a process has read are bad (after at least ``MIN_CHECKED`` reads), reading stops with a
-ValueError naming the share and the first bad paths. Counts are per process (each Grain worker
-counts its own reads).
+ValueError naming the share and the first bad paths. Counts are of distinct images, per process
+(each Grain worker counts its own reads); each bad path is logged once.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import threading
 from typing import Any
 
 import cv2
@@ -192,8 +193,10 @@ class CheckedSource:
     self.inner = inner
     self.min_size = int(min_size)
     self.max_bad_fraction = float(max_bad_fraction)
-    self.seen = 0
-    self.bad: list[tuple[str, str]] = []
+    self.reads = 0
+    self._seen: set[int] = set()
+    self._bad: dict[int, tuple[str, str]] = {}  # index -> (name, reason), first read only
+    self._lock = threading.Lock()  # Grain may read from several threads
 
   def __len__(self) -> int:
     return len(self.inner)
@@ -205,28 +208,49 @@ class CheckedSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     index = int(index)
-    self.seen += 1
     try:
       rec = self.inner[index]
       h, w = rec["image"].shape[:2]
       if min(h, w) < self.min_size:
         raise BadImage(f"too small: {h}x{w} < config.data.min_image_size={self.min_size}")
+      with self._lock:
+        self.reads += 1
+        self._seen.add(index)
       return rec
     except BadImage as e:
       name = self._name(index)
-      self.bad.append((name, str(e)))
-      logging.warning("skipping bad image %s: %s", name, e)
-      share = len(self.bad) / self.seen
-      if self.seen >= MIN_CHECKED and share > self.max_bad_fraction or (
-          len(self.bad) > self.max_bad_fraction * len(self)):
+      with self._lock:
+        self.reads += 1
+        self._seen.add(index)
+        first = index not in self._bad
+        self._bad.setdefault(index, (name, str(e)))
+        n_bad, n_seen = len(self._bad), len(self._seen)
+      if first:
+        logging.warning("skipping bad image %s: %s (%d bad of %d distinct images read)", name, e,
+                        n_bad, n_seen)
+      share = n_bad / n_seen
+      if (n_seen >= MIN_CHECKED and share > self.max_bad_fraction) or (
+          n_bad > self.max_bad_fraction * len(self)):
+        examples = list(self._bad.values())[:3]
         raise ValueError(
-            f"{len(self.bad)} of {self.seen} images read so far are bad ({share:.1%} > "
-            f"config.data.max_bad_fraction={self.max_bad_fraction:.1%}), e.g. "
-            + "; ".join(f"{n}: {r}" for n, r in self.bad[:3])) from e
+            f"{n_bad} of {n_seen} distinct images read so far are bad ({share:.1%}; "
+            f"config.data.max_bad_fraction={self.max_bad_fraction:.1%} of "
+            f"{len(self)} images allowed), e.g. "
+            + "; ".join(f"{n}: {r}" for n, r in examples)) from e
       return {"bad": str(e), "name": name}
 
+  def __getstate__(self):  # for Grain worker processes: fresh counters, no lock
+    return {"inner": self.inner, "min_size": self.min_size,
+            "max_bad_fraction": self.max_bad_fraction}
+
+  def __setstate__(self, state):
+    self.__init__(state["inner"], state["min_size"], state["max_bad_fraction"])
+
   def stats(self) -> dict[str, Any]:
-    return {"seen": self.seen, "bad": len(self.bad), "bad_paths": [n for n, _ in self.bad]}
+    """Distinct images read (``seen``), bad ones and their paths, and all reads."""
+    with self._lock:
+      return {"seen": len(self._seen), "bad": len(self._bad), "reads": self.reads,
+              "bad_paths": [n for n, _ in self._bad.values()]}
 
   def __repr__(self) -> str:
     return f"CheckedSource({self.inner!r})"
