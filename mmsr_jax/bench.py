@@ -25,6 +25,7 @@ BENCHES = {
     "data": "data",  # host input pipeline throughput
     "sample": "sample",  # images/s of the sampler
     "train": "train",  # step time, images/s, MFU
+    "evaluate": "evaluate",  # PSNR + SSIM + NIQE on a folder of pairs (RealSR by default)
 }
 
 
