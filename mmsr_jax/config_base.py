@@ -69,6 +69,43 @@ def base_config() -> ml_collections.ConfigDict:
       in_channels=3, out_channels=3, block_out_channels=(128, 128, 256, 256, 512),
       layers_per_block=2, latent_channels=256, num_vq_embeddings=1024, vq_embed_dim=256,
       norm_num_groups=32))
+  # One tokenizer for all maps (False) or one per modality (True: vq.params holds a tree stacked
+  # over (depth, seg, edge)); both are written by python -m mmsr_jax.train_vq.
+  c.vq.per_modality = False
+  # Where the DiT trainer gets token ids: "encoder" (run the VQ encoder on the maps every step)
+  # or "shards" (ids precomputed by python -m mmsr_jax.tokenize, read from the records).
+  c.vq.ids_from = "encoder"
+
+  # Training the tokenizer (python -m mmsr_jax.train_vq; see configs/vq_f16.py).
+  c.vq_train = ml_collections.ConfigDict(dict(
+      source="demo",  # "demo" (+ synthetic maps), "synthetic", or "shards" (annotator output)
+      shards="",  # source "shards": a glob or folder of mmsr_jax.annotate ArrayRecord shards
+      heldout_every=20,  # source "shards": every n-th record is held out for the report
+      synthetic_fraction=0.25,  # chance to use a synthetic map even where a real one exists
+      synthetic_for_missing=True,  # fill modalities a record lacks with synthetic maps
+      codebook="ema",  # "ema" (moving-average codebook) or "loss" (codebook loss term)
+      ema_decay=0.99,
+      beta=0.25,  # commitment weight
+      codebook_weight=1.0,  # codebook-loss weight (codebook="loss")
+      recon_loss="l1",  # "l1" or "l2"
+      perceptual_weight=0.0,  # > 0 needs lpips_params (mmsr_jax.models.lpips weights)
+      lpips_net="vgg",
+      lpips_params="",
+      adv_weight=0.0,  # > 0: hinge patch-discriminator term from disc_start on
+      disc_start=0,
+      disc_lr=1e-4,
+      disc_width=64,
+      disc_layers=3,
+      usage_decay=0.99,  # EMA of how often each code is picked per step
+      restart_every=100,  # dead-code restart period in steps (0 = never)
+      restart_threshold=1.0,  # a code picked fewer times per step (EMA) than this is dead
+      restart_until=0.8,  # no restarts in the last 20% of training
+      restart_noise=0.01,
+      continuous_baseline=True,  # also train the same autoencoder without quantisation
+      eval_synthetic=24,  # synthetic held-out maps per modality (fixed seed)
+      eval_crops=4,  # held-out crops per real held-out image
+      png_examples=4,  # examples per modality in reconstructions.png
+  ))
 
   c.autoencoder = ml_collections.ConfigDict()
   c.autoencoder.kind = "vae"  # "pixel" (space-to-depth) or "vae" (SD-compatible KL-f8)

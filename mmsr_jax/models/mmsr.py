@@ -83,6 +83,8 @@ class Conditioner:
   scale: int  # LR -> HR factor
   residual: bool = False  # diffuse residual_scale * (z_HR - z_LR) instead of z_HR
   residual_scale: float = 1.0
+  vq_per_modality: bool = False  # params["vq"] stacked over (depth, seg, edge)
+  ids_from: str = "encoder"  # "shards": the batch carries precomputed ids (mmsr_jax.tokenize)
 
   @classmethod
   def from_config(cls, config) -> "Conditioner":
@@ -94,13 +96,20 @@ class Conditioner:
         vq_downsample=2 ** (len(vq_cfg.block_out_channels) - 1),
         scale=config.data.scale,
         residual=config.diffusion.residual,
-        residual_scale=config.diffusion.residual_scale)
+        residual_scale=config.diffusion.residual_scale,
+        vq_per_modality=bool(config.vq.get("per_modality", False)),
+        ids_from=_check_ids_from(config.vq.get("ids_from", "encoder")))
 
   def init_params(self, config, rng) -> dict:
     """Loads frozen weights from the configured paths, else initialises them from ``rng``."""
     r_ae, r_txt, r_vq = jax.random.split(rng, 3)
     l = config.text.max_length
     m = config.data.map_size
+    def vq_init():
+      init = lambda r: self.vq.init(r, jnp.zeros((1, m, m, 3)))["params"]  # noqa: E731
+      if self.vq_per_modality:  # one tokenizer per modality: a tree stacked over the modalities
+        return jax.vmap(init)(jax.random.split(r_vq, len(context_lib.SPATIAL_MODALITIES)))
+      return init(r_vq)
     def load_or_init(path, field, init_fn):
       abstract = jax.eval_shape(init_fn)
       if path:
@@ -112,9 +121,7 @@ class Conditioner:
             config.text.params, "config.text.params",
             lambda: self.text_encoder.init(r_txt, jnp.zeros((1, l), jnp.int32),
                                            jnp.ones((1, l), jnp.int32))["params"]),
-        "vq": load_or_init(
-            config.vq.params, "config.vq.params",
-            lambda: self.vq.init(r_vq, jnp.zeros((1, m, m, 3)))["params"]),
+        "vq": load_or_init(config.vq.params, "config.vq.params", vq_init),
     }
 
   def text_states(self, params, ids, mask):
@@ -123,6 +130,9 @@ class Conditioner:
   def modality_ids(self, params, maps):
     """``maps [B, 3, M, M, 3]`` in [-1, 1] -> VQ ids ``[B, 3, M/f, M/f]``."""
     b, k = maps.shape[:2]
+    if self.vq_per_modality:
+      encode = lambda p, x: self.vq.apply({"params": p}, x, method=vqgan_lib.VQGAN.encode_ids)  # noqa: E731
+      return jnp.swapaxes(jax.vmap(encode)(params["vq"], jnp.swapaxes(maps, 0, 1)), 0, 1)
     ids = self.vq.apply({"params": params["vq"]}, maps.reshape(b * k, *maps.shape[2:]),
                         method=vqgan_lib.VQGAN.encode_ids)
     return ids.reshape(b, k, *ids.shape[1:])
@@ -150,12 +160,19 @@ class Conditioner:
   def __call__(self, params, batch):
     """Frozen part of a step: batch -> (x0 latent or None, LR latent, text states, mask, ids)."""
     out_hw = (batch["lr"].shape[1] * self.scale, batch["lr"].shape[2] * self.scale)
-    maps = jnp.stack([batch[k] for k in context_lib.SPATIAL_MODALITIES], axis=1)
+    if self.ids_from == "shards":
+      if "vq_ids" not in batch:
+        raise ValueError("config.vq.ids_from='shards' but the batch has no 'vq_ids' (token ids "
+                         "written by python -m mmsr_jax.tokenize); use ids_from='encoder'")
+      ids = batch["vq_ids"].astype(jnp.int32)
+    else:
+      maps = jnp.stack([batch[k] for k in context_lib.SPATIAL_MODALITIES], axis=1)
+      ids = self.modality_ids(params, maps)
     return dict(
         lr_latent=self.lr_latent(params, batch["lr"], out_hw),
         text_states=self.text_states(params, batch["text_ids"], batch["text_mask"]),
         text_mask=batch["text_mask"],
-        ids=self.modality_ids(params, maps),
+        ids=ids,
     )
 
 
@@ -179,6 +196,12 @@ def build_model(config) -> MMSR:
       codebook_size=config.vq.arch.num_vq_embeddings, token_grid=(grid, grid),
       context_latents=mc.context_latents, context_depth=mc.context_depth,
       context_heads=mc.context_heads, remat=mc.remat, dtype=compute_dtype(config))
+
+
+def _check_ids_from(value: str) -> str:
+  if value not in ("encoder", "shards"):
+    raise ValueError(f"config.vq.ids_from={value!r}: expected 'encoder' or 'shards'")
+  return value
 
 
 def _as_dict(cfg) -> dict:

@@ -1,0 +1,392 @@
+"""VQ tokenizer training (mmsr_jax.train_vq, mmsr_jax.vq_losses) and shard tokenization
+(mmsr_jax.tokenize): straight-through gradients, hand-computed VQ terms, EMA codebook update,
+dead-code restart, a short train that raises codebook usage and lowers the reconstruction error,
+exact resume through the shared loop, and tokenize -> decode through ArrayRecord shards."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmsr_jax import vq_losses as L
+from mmsr_jax.models import vqgan as vqgan_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ASSET = os.path.join(REPO, "mmsr_jax", "assets", "vq_tiny.safetensors")
+
+
+def micro_config(**overrides):
+  """A VQGAN small enough that a train step compiles and runs in about a second on CPU."""
+  from configs import vq_tiny
+  from tests.conftest import apply_overrides
+  c = vq_tiny.get_config()
+  c.batch_size = 8
+  c.num_train_steps = 30
+  c.log_every = 5
+  c.checkpoint_every = 15
+  c.optimizer.lr = 3e-3
+  c.optimizer.warmup_steps = 2
+  c.data.map_size = 16
+  c.vq.arch = dict(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                   latent_channels=8, num_vq_embeddings=32, vq_embed_dim=8, norm_num_groups=4,
+                   mid_block_attention=False)
+  c.vq_train.source = "synthetic"
+  c.vq_train.restart_every = 5
+  c.vq_train.restart_threshold = 1.0
+  c.vq_train.eval_synthetic = 4
+  c.vq_train.png_examples = 2
+  return apply_overrides(c, overrides)
+
+
+# ------------------------------------------------------------------------------- loss terms
+def test_quantize_terms_on_a_hand_made_example():
+  codebook = jnp.array([[0.0, 0.0], [1.0, 1.0], [3.0, 0.0]])
+  z = jnp.array([[[0.2, 0.1], [0.9, 1.3], [2.0, 0.0]]])  # [1, 3 tokens, D=2]
+  z_st, ids, terms = L.quantize(z, codebook)
+  np.testing.assert_array_equal(ids, [[0, 1, 2]])  # [2, 0]: 1.0 to code 2, 2.0 to code 1
+  np.testing.assert_allclose(z_st, codebook[jnp.array([[0, 1, 2]])], atol=0)
+  # Squared distances to the chosen codes: 0.05, 0.10, 1.00; mean over 3 tokens x 2 channels.
+  assert float(terms["commitment"]) == pytest.approx(1.15 / 6, abs=1e-6)
+  assert float(terms["codebook"]) == pytest.approx(1.15 / 6, abs=1e-6)
+  # Token weights: the third token (weight 0) drops out of both means.
+  _, _, wt = L.quantize(z, codebook, jnp.array([[1.0, 1.0, 0.0]]))
+  assert float(wt["commitment"]) == pytest.approx(0.15 / 4, abs=1e-6)
+  # Gradients: commitment reaches z only, the codebook term reaches the chosen codes only.
+  g_z = jax.grad(lambda z: L.quantize(z, codebook)[2]["commitment"])(z)
+  np.testing.assert_allclose(g_z, 2 * (z - codebook[jnp.array([[0, 1, 2]])]) / 6, atol=1e-6)
+  assert float(jnp.abs(jax.grad(lambda e: L.quantize(z, e)[2]["commitment"])(codebook)).max()) == 0
+  g_e = jax.grad(lambda e: L.quantize(z, e)[2]["codebook"])(codebook)
+  np.testing.assert_allclose(g_e, 2 * (codebook - z[0]) / 6, atol=1e-6)
+  # The model's own quantiser (vqgan.VectorQuantizer) gives the same ids and terms.
+  vq = vqgan_lib.VectorQuantizer(3, 2)
+  _, ids2, aux = vq.apply({"params": {"embedding": {"embedding": codebook}}}, z)
+  np.testing.assert_array_equal(ids2, ids)
+  assert float(aux["commitment_loss"]) == pytest.approx(float(terms["commitment"]), abs=1e-7)
+  assert float(aux["codebook_loss"]) == pytest.approx(float(terms["codebook"]), abs=1e-7)
+
+
+def test_straight_through_gradient_reaches_the_encoder():
+  # The estimator itself: d z_st / d z is the identity.
+  codebook = jax.random.normal(jax.random.key(0), (16, 4))
+  z = jax.random.normal(jax.random.key(1), (2, 3, 3, 4))
+  c = jax.random.normal(jax.random.key(2), z.shape)
+  g = jax.grad(lambda z: jnp.sum(c * L.quantize(z, codebook)[0]))(z)
+  np.testing.assert_allclose(g, c, atol=1e-6)
+  # Through the VQGAN: a reconstruction loss after quantisation has non-zero, finite gradients
+  # on every encoder parameter.
+  cfg = vqgan_lib.VQGANConfig(block_out_channels=(8, 16), layers_per_block=1, latent_channels=8,
+                              num_vq_embeddings=16, vq_embed_dim=8, norm_num_groups=4,
+                              mid_block_attention=False)
+  model = vqgan_lib.VQGAN(cfg)
+  x = jax.random.uniform(jax.random.key(3), (2, 8, 8, 3), minval=-1, maxval=1)
+  params = model.init(jax.random.key(4), x)["params"]
+
+  def loss(p):
+    z = model.apply({"params": p}, x, method=vqgan_lib.VQGAN.encode)
+    z_st, _, terms = L.quantize(z, p["quantize"]["embedding"]["embedding"])
+    rec = model.apply({"params": p}, z_st, method=vqgan_lib.VQGAN.decode)
+    return L.reconstruction(x, rec, "l1")
+
+  grads = jax.grad(loss)(params)
+  for path, g in jax.tree_util.tree_leaves_with_path(grads["encoder"]):
+    assert np.isfinite(g).all(), jax.tree_util.keystr(path)
+  enc_norm = float(L.tree_l2(grads["encoder"]))
+  assert enc_norm > 1e-6
+  # Without the straight-through trick (z_q used as a constant) the encoder gets nothing.
+  def loss_no_st(p):
+    z = model.apply({"params": p}, x, method=vqgan_lib.VQGAN.encode)
+    ids = L.nearest_codes(z, p["quantize"]["embedding"]["embedding"])
+    rec = model.apply({"params": p}, ids, method=vqgan_lib.VQGAN.decode_ids)
+    return L.reconstruction(x, rec, "l1")
+  assert float(L.tree_l2(jax.grad(loss_no_st)(params)["encoder"])) == 0.0
+
+
+def test_ema_codebook_update_on_a_hand_made_example():
+  cluster = jnp.array([1.0, 1.0])
+  embed_sum = jnp.array([[0.0, 0.0], [2.0, 2.0]])
+  z = jnp.array([[1.0, 0.0], [3.0, 0.0], [5.0, 5.0]])
+  ids = jnp.array([0, 0, 1])
+  cs, es, cb = L.ema_codebook_update(cluster, embed_sum, z, ids, None, decay=0.5, eps=0.0)
+  np.testing.assert_allclose(cs, [0.5 + 1.0, 0.5 + 0.5])  # counts 2 and 1
+  np.testing.assert_allclose(es, [[2.0, 0.0], [1.0 + 2.5, 1.0 + 2.5]])
+  np.testing.assert_allclose(cb, [[2.0 / 1.5, 0.0], [3.5, 3.5]], rtol=1e-6)
+  # Weight 0 on the last token: code 1 only decays.
+  cs, es, _ = L.ema_codebook_update(cluster, embed_sum, z, ids, jnp.array([1.0, 1.0, 0.0]), 0.5)
+  np.testing.assert_allclose(cs, [1.5, 0.5])
+  np.testing.assert_allclose(es[1], [1.0, 1.0])
+
+
+def test_dead_code_restart_revives_unused_codes():
+  codebook = jnp.array([[0.0, 0.0], [9.0, 9.0], [-9.0, 9.0], [9.0, -9.0]])
+  z = jnp.array([[0.1, 0.2], [0.3, -0.1], [-0.2, 0.4], [0.5, 0.5], [0.05, -0.3], [-0.4, -0.2]])
+  ids = L.nearest_codes(z, codebook)
+  counts = L.code_counts(ids, 4)
+  assert float(L.usage_fraction(counts)) == 0.25  # every token picks code 0
+  usage = counts  # 6, 0, 0, 0
+  new_cb, new_usage, dead = L.restart_dead_codes(codebook, usage, z, None, jax.random.key(0),
+                                                 threshold=1.0)
+  np.testing.assert_array_equal(dead, [False, True, True, True])
+  np.testing.assert_array_equal(new_cb[0], codebook[0])  # the live code is untouched
+  for k in (1, 2, 3):  # every revived code sits on one of the batch's encoder outputs
+    assert float(jnp.min(jnp.sum(jnp.abs(z - new_cb[k]), -1))) == 0.0
+  np.testing.assert_allclose(new_usage, [6.0, 1.0, 1.0, 1.0])
+  after = L.code_counts(L.nearest_codes(z, new_cb), 4)
+  assert float(L.usage_fraction(after)) > 0.25
+  # Only tokens with weight > 0 are candidates.
+  w = jnp.array([0.0, 0.0, 0.0, 1.0, 0.0, 0.0])
+  new_cb, _, _ = L.restart_dead_codes(codebook, usage, z, w, jax.random.key(1), threshold=1.0)
+  for k in (1, 2, 3):
+    np.testing.assert_allclose(new_cb[k], z[3])
+
+
+def test_psnr_and_perplexity():
+  x = jnp.zeros((1, 4, 4, 3))
+  # Error of 0.1 in [-1, 1] is 0.05 in [0, 1]: PSNR = 10 log10(1 / 0.0025) = 26.0206 dB.
+  assert float(L.psnr(x, x + 0.1)[0]) == pytest.approx(26.0206, abs=1e-3)
+  assert float(L.perplexity(jnp.array([5.0, 5.0, 0.0, 0.0]))) == pytest.approx(2.0, abs=1e-5)
+  assert float(L.perplexity(jnp.array([7.0, 0.0, 0.0]))) == pytest.approx(1.0, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- synthetic maps
+def test_synthetic_maps_and_loader_examples():
+  from mmsr_jax import train_vq
+  rng = np.random.default_rng(0)
+  seg = train_vq.synthetic_seg(rng, 32)
+  assert seg.dtype == np.int32 and seg.shape == (32, 32) and len(np.unique(seg)) >= 1
+  depth = train_vq.synthetic_depth(rng, 32)
+  assert depth.min() == pytest.approx(0.0, abs=1e-6) and depth.max() == pytest.approx(1.0, abs=1e-6)
+  edge = train_vq.synthetic_edge(rng, 32)
+  assert set(np.unique(edge)) <= {0.0, 1.0}
+  t = train_vq.MakeMapsExample(16, 0.0, True)
+  ex = t.random_map({}, np.random.default_rng(1))
+  assert ex["maps"].shape == (3, 16, 16, 3) and ex["present"].all()
+  assert -1.0 <= ex["maps"].min() and ex["maps"].max() <= 1.0
+  # A record with an image and depth only: seg is absent unless synthetic maps fill it.
+  rec = {"image": np.random.default_rng(2).integers(0, 256, (40, 50, 3), np.uint8),
+         "depth": np.linspace(0, 1, 40 * 50, dtype=np.float32).reshape(40, 50)}
+  ex = train_vq.MakeMapsExample(16, 0.0, False).random_map(rec, np.random.default_rng(3))
+  np.testing.assert_array_equal(ex["present"], [True, False, True])
+  assert np.all(ex["maps"][1] == 0)
+
+
+# ------------------------------------------------------------------------------ training task
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_short_train_raises_usage_lowers_error_and_reports(tmp_path):
+  from mmsr_jax import train_vq
+  from mmsr_jax.models.mmsr import Conditioner
+  # 128 codes for 1536 tokens a step: at initialisation few codes win the nearest-code search.
+  config = micro_config(num_train_steps=20, log_every=1, checkpoint_every=20,
+                        **{"vq.arch.num_vq_embeddings": 128, "vq_train.restart_every": 4})
+  wd = str(tmp_path / "vq")
+  state = train_vq.train(config, wd, devices=jax.devices()[:2])
+  assert int(state["step"]) == config.num_train_steps
+  m = _metrics(wd)
+  usage = [r["codebook_usage"] for r in m]
+  recon = [r["recon_loss"] for r in m]
+  assert np.mean(usage[-3:]) > usage[0] + 0.15, usage
+  assert np.mean(recon[-3:]) < 0.8 * recon[0], recon
+  assert sum(r["restarted"] for r in m) > 0
+  report = json.load(open(os.path.join(wd, "report.json")))
+  for key in ("recon_psnr", "continuous_recon_psnr"):
+    assert set(report[key]) == {"depth", "seg", "edge"}
+    assert all(np.isfinite(v) and v > 5.0 for v in report[key].values()), report[key]
+  assert 0.0 < report["codebook_usage"] <= 1.0
+  assert 1.0 <= report["perplexity"] <= 128.0
+  assert os.path.getsize(os.path.join(wd, "reconstructions.png")) > 0
+  # The exported tokenizer is what config.vq.params loads, and reproduces the report's ids.
+  from configs import tiny
+  mc = tiny.get_config()
+  mc.vq.arch = config.vq.arch.to_dict()
+  mc.data.map_size = 16
+  mc.vq.params = os.path.join(wd, "vq.safetensors")
+  cond = Conditioner.from_config(mc)
+  frozen = cond.init_params(mc, jax.random.key(0))
+  x = jnp.asarray(train_vq.heldout_maps(config)["depth"]["maps"][:2])
+  ids = cond.modality_ids(frozen, jnp.stack([x, x, x], axis=1))
+  p = jax.tree.map(lambda a: a[0], jax.device_get(state["params"]["vq"]))
+  _, want = train_vq._reconstruct(vqgan_lib.VQGAN(train_vq.vq_config(config)), p, x)
+  np.testing.assert_array_equal(ids[:, 0], want)
+
+
+@pytest.mark.slow  # the loop's resume is covered by test_train; this checks the VQ task's state
+def test_resume_continues_exactly(tmp_path):
+  from mmsr_jax import train_vq
+  config = micro_config(num_train_steps=6, checkpoint_every=3, log_every=3,
+                        **{"vq_train.restart_every": 2, "vq_train.continuous_baseline": False,
+                           "vq_train.codebook": "loss"})
+  devices = jax.devices()[:2]
+  straight = train_vq.train(config, str(tmp_path / "a"), devices=devices, write_report=False)
+  first = train_vq.train(config, str(tmp_path / "b"), devices=devices, stop_at=3,
+                         write_report=False)
+  assert int(first["step"]) == 3
+  resumed = train_vq.train(config, str(tmp_path / "b"), devices=devices, write_report=False)
+  for a, b in zip(jax.tree.leaves(jax.device_get(straight)), jax.tree.leaves(jax.device_get(resumed))):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow  # same vmapped step as the default test, with 3 groups and the discriminator
+def test_per_modality_tokenizers_load_into_the_conditioner(tmp_path):
+  from configs import tiny
+  from mmsr_jax import train_vq
+  from mmsr_jax.models.mmsr import Conditioner
+  config = micro_config(num_train_steps=2, log_every=1, checkpoint_every=2,
+                        **{"vq.per_modality": True, "vq_train.continuous_baseline": False,
+                           "vq_train.adv_weight": 0.1})
+  wd = str(tmp_path / "pm")
+  state = train_vq.train(config, wd, devices=jax.devices()[:1])
+  assert jax.tree.leaves(state["params"]["vq"])[0].shape[0] == 3
+  assert "disc" in state
+  report = json.load(open(os.path.join(wd, "report.json")))
+  assert report["per_modality_tokenizers"] and set(report["codebook_usage_per_modality"]) == {
+      "depth", "seg", "edge"}
+  mc = tiny.get_config()
+  mc.vq.arch, mc.data.map_size = config.vq.arch.to_dict(), 16
+  mc.vq.per_modality, mc.vq.params = True, os.path.join(wd, "vq.safetensors")
+  cond = Conditioner.from_config(mc)
+  frozen = cond.init_params(mc, jax.random.key(0))
+  maps = jax.random.uniform(jax.random.key(1), (2, 3, 16, 16, 3), minval=-1, maxval=1)
+  ids = cond.modality_ids(frozen, maps)
+  assert ids.shape == (2, 3, 8, 8)
+  model = vqgan_lib.VQGAN(train_vq.vq_config(config))
+  for k in range(3):  # modality k goes through tokenizer k
+    p = jax.tree.map(lambda a: a[k], jax.device_get(state["params"]["vq"]))
+    np.testing.assert_array_equal(ids[:, k], train_vq._reconstruct(model, p, maps[:, k])[1])
+
+
+def test_bad_settings_are_clear_errors(tmp_path):
+  from mmsr_jax import train_vq
+  with pytest.raises(ValueError, match="config.vq_train.codebook"):
+    train_vq.VQTask(micro_config(**{"vq_train.codebook": "kmeans"}), str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="config.vq_train.shards"):
+    train_vq.VQTask(micro_config(**{"vq_train.source": "shards",
+                                    "vq_train.shards": str(tmp_path / "none")}), str(tmp_path))
+  with pytest.raises(ValueError, match="lpips_params"):
+    train_vq.VQTask(micro_config(**{"vq_train.perceptual_weight": 1.0}), str(tmp_path))
+
+
+# ------------------------------------------------------------------------------- tokenize
+def _write_annotated_shards(folder, n_shards=2, per_shard=3):
+  from array_record.python.array_record_module import ArrayRecordWriter
+
+  from mmsr_jax import annotate, train_vq
+  os.makedirs(folder, exist_ok=True)
+  rng = np.random.default_rng(0)
+  records = []
+  for s in range(n_shards):
+    w = ArrayRecordWriter(os.path.join(folder, annotate.SHARD_PATTERN.format(s, n_shards)),
+                          "group_size:1")
+    for i in range(per_shard):
+      seg = train_vq.synthetic_seg(rng, 48)
+      maps = {"depth": train_vq.synthetic_depth(rng, 48, seg), "seg": seg,
+              "edge": train_vq.synthetic_edge(rng, 48)}
+      if i == 1:
+        del maps["seg"]  # a record without segmentation
+      image = rng.integers(0, 256, (48, 48, 3), np.uint8)
+      rec = annotate.encode_record(image, dict(maps, caption=f"record {s}-{i}"),
+                                   {"name": f"r{s}{i}"})
+      w.write(rec)
+      records.append(rec)
+    w.close()
+  return records
+
+
+def _vq_workdir(path):
+  """A train_vq workdir holding the shipped tiny tokenizer (trained by configs/vq_tiny.py)."""
+  from configs import vq_tiny
+  from mmsr_jax import checkpoint as ckpt_lib
+  os.makedirs(path)
+  ckpt_lib.save_config(path, vq_tiny.get_config())
+  shutil.copyfile(ASSET, os.path.join(path, "vq.safetensors"))
+  return path
+
+
+def test_tokenize_then_decode_round_trips_through_shards(tmp_path):
+  from array_record.python.array_record_module import ArrayRecordReader
+
+  from mmsr_jax import annotate, tokenize
+  records = _write_annotated_shards(str(tmp_path / "ann"))
+  vq_dir = _vq_workdir(str(tmp_path / "vq"))
+  outs = tokenize.tokenize_shards(vq_dir, str(tmp_path / "ann"), str(tmp_path / "tok"),
+                                  batch_size=4, log=lambda _: None)
+  assert [os.path.basename(o) for o in outs] == sorted(os.listdir(tmp_path / "ann"))
+  out_records = []
+  for o in outs:
+    r = ArrayRecordReader(o)
+    out_records += [r.read([i])[0] for i in range(r.num_records())]
+    r.close()
+  assert len(out_records) == len(records)
+  tok = tokenize.load_tokenizer(vq_dir)
+  psnrs = {"depth": [], "seg": [], "edge": []}
+  for src, out in zip(records, out_records):
+    a, b = annotate.decode_record(src), annotate.decode_record(out)
+    assert a["caption"] == b["caption"] and a["meta"] == b["meta"]  # the record is kept
+    np.testing.assert_array_equal(a["image"], b["image"])
+    ids, present, meta = tokenize.read_ids(out, grid=8)
+    assert meta["grid"] == 8 and meta["codebook_size"] == 64
+    np.testing.assert_array_equal(present, [True, a["seg"] is not None, True])
+    maps = tokenize.record_maps_full(a, tok.map_size)
+    for k, i in (("depth", 0), ("seg", 1), ("edge", 2)):
+      if not present[i]:
+        assert k not in maps and np.all(ids[i] == 0)
+        continue
+      np.testing.assert_array_equal(ids[i], tok.encode(k, maps[k][None])[0])
+      rec = tok.decode(k, ids[i][None])
+      psnrs[k].append(float(L.psnr(jnp.asarray(maps[k][None]), jnp.asarray(rec))[0]))
+  # The trained tokenizer reconstructs the maps from the stored ids (random weights give ~6 dB).
+  assert np.mean(psnrs["depth"]) > 18.0, psnrs
+  assert np.mean(psnrs["seg"]) > 11.0, psnrs
+  # Existing outputs are never replaced silently.
+  with pytest.raises(FileExistsError, match="--overwrite"):
+    tokenize.tokenize_shards(vq_dir, str(tmp_path / "ann"), str(tmp_path / "tok"))
+  with pytest.raises(ValueError, match="no token ids"):
+    tokenize.read_ids(records[0])
+
+
+def test_conditioner_reads_precomputed_ids(tmp_path):
+  from tests.conftest import small_config
+  from mmsr_jax.models.mmsr import Conditioner
+  cfg = small_config()
+  cond = Conditioner.from_config(cfg)
+  frozen = cond.init_params(cfg, jax.random.key(0))
+  b, m = 2, cfg.data.map_size
+  rng = jax.random.key(3)
+  batch = {"lr": jnp.zeros((b, 8, 8, 3)), "text_ids": jnp.zeros((b, 16), jnp.int32),
+           "text_mask": jnp.ones((b, 16), jnp.int32),
+           **{k: jax.random.uniform(jax.random.fold_in(rng, i), (b, m, m, 3), minval=-1, maxval=1)
+              for i, k in enumerate(("depth", "seg", "edge"))}}
+  from_encoder = cond(frozen, batch)["ids"]
+  cfg.vq.ids_from = "shards"
+  cond_s = Conditioner.from_config(cfg)
+  shards_batch = {k: v for k, v in batch.items() if k not in ("depth", "seg", "edge")}
+  got = cond_s(frozen, dict(shards_batch, vq_ids=from_encoder))["ids"]
+  np.testing.assert_array_equal(got, from_encoder)
+  with pytest.raises(ValueError, match="vq_ids"):
+    cond_s(frozen, shards_batch)
+  cfg.vq.ids_from = "cache"
+  with pytest.raises(ValueError, match="config.vq.ids_from"):
+    Conditioner.from_config(cfg)
+
+
+def test_cli_errors_are_one_clear_line(tmp_path):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  r = subprocess.run([sys.executable, "-m", "mmsr_jax.tokenize", f"--vq={tmp_path}/nope",
+                      f"--input={tmp_path}", f"--output={tmp_path}/out"],
+                     capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+  assert r.returncode == 2, r.stderr
+  assert r.stderr.strip().splitlines()[-1].startswith("error: --input=")
+  r = subprocess.run([sys.executable, "-m", "mmsr_jax.train_vq", "--config=configs/vq_tiny.py",
+                      f"--workdir={tmp_path}/w", "--config.vq_train.source=nope"],
+                     capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+  assert r.returncode == 2, r.stderr
+  assert r.stderr.strip().splitlines()[-1] == (
+      "error: config.vq_train.source='nope': expected one of ('demo', 'synthetic', 'shards')")
