@@ -6,7 +6,9 @@ Measured on a 2-core CPU: 7.5 to 8 minutes including compilation (about 3.5 step
 report.json with first_train_loss 0.966 -> final_train_loss 0.117, and on the two held-out 128x128 crops
 psnr_sr 27.68 / ssim_sr 0.676 against psnr_bicubic 28.01 / ssim_bicubic 0.711.
 Space-to-depth ("pixel") autoencoder, a 4-block width-192 DiT, random frozen T5 and VQ encoders.
-Override any field, e.g. ``--config.num_train_steps=30``.
+Override any field, e.g. ``--config.num_train_steps=30``. Real data and degradations:
+``--config.data.source=folder --config.data.path=DIR --config.data.degradation=realesrgan``
+(or ``source=tfds`` / ``arrayrecord``; see mmsr_jax/data/sources.py).
 """
 
 from mmsr_jax.config_base import base_config
