@@ -1,0 +1,65 @@
+"""The Colab sampling notebook runs headless (nbclient) on a CPU with the tiny configuration."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmsr_jax import checkpoint as ckpt_lib
+from mmsr_jax import train
+from tests.conftest import small_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOK = os.path.join(REPO, "launch", "colab_sampling.ipynb")
+
+
+def _saved_run(path: str) -> None:
+  """A run folder with a real checkpoint of random (perturbed, non-zero) weights."""
+  config = small_config()
+  trainer = train.Trainer(config, path, devices=jax.devices()[:1])
+  state = trainer.init_state()
+  leaves, treedef = jax.tree.flatten(state.params)
+  keys = jax.random.split(jax.random.key(11), len(leaves))
+  params = jax.tree.unflatten(treedef, [
+      p + 0.02 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
+  state = state.replace(params=params, ema_params=params)
+  ckpt_lib.save_config(path, config)
+  ckpt = ckpt_lib.Checkpointer(path)
+  ckpt.save(1, state, force=True)
+  ckpt.wait()
+  ckpt.close()
+
+
+def test_colab_notebook_runs_headless(tmp_path, monkeypatch):
+  nbformat = pytest.importorskip("nbformat")
+  nbclient = pytest.importorskip("nbclient")
+  workdir = str(tmp_path / "run")
+  _saved_run(workdir)
+  image = tmp_path / "photo.png"
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 256, (9, 11, 4), dtype=np.uint8), "RGBA").save(image)
+  output = tmp_path / "sr.png"
+  for key, value in {"MMSR_WORKDIR": workdir, "MMSR_IMAGE": str(image), "MMSR_OUTPUT": str(output),
+                     "MMSR_STEPS": "2", "MMSR_CAPTION": "a test", "JAX_PLATFORMS": "cpu",
+                     "PYTHONPATH": REPO}.items():
+    monkeypatch.setenv(key, value)
+  monkeypatch.delenv("XLA_FLAGS", raising=False)  # one CPU device in the kernel
+  monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend shows figures
+
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  assert any("parameters" in c.metadata.get("tags", []) for c in nb.cells)
+  client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                   resources={"metadata": {"path": REPO}})
+  client.execute()  # raises CellExecutionError on any failing cell
+
+  texts = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                  for o in c.outputs)
+  assert "not on Colab: skipping the install" in texts
+  assert "[9, 11] -> [36, 44]" in texts
+  figures = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+             if "image/png" in o.get("data", {})]
+  assert figures, "the LR / bicubic / SR figure was not shown"
+  with Image.open(output) as im:
+    assert im.mode == "RGBA" and im.size == (44, 36)
