@@ -345,9 +345,10 @@ def test_evaluate_api_scores_and_structure(folders, tmp_path):
                           weights_dir=str(tmp_path / "none"), batch_size=2, log=logs.append)
   assert [r["name"] for r in res["per_image"]] == ["a", "b", "c"]
   assert res["metrics"] == ["psnr", "ssim", "niqe"]
-  assert set(res["skipped"]) == {"lpips", "lpips_vgg", "dists"}
+  assert set(res["skipped"]) == {"lpips", "lpips_vgg", "dists", "fid"}
   assert any("lpips_alex.safetensors" in line and "mmsr_jax.metric_weights" in line
              for line in logs)
+  assert any("fid_inception_v3.safetensors" in line and "pytorch-fid" in line for line in logs)
   for r in res["per_image"]:
     pred = np.asarray(Image.open(folders / "pred" / f"{r['name']}.png"))
     gt = np.asarray(Image.open(folders / "gt" / f"{r['name']}.png"))
