@@ -230,6 +230,18 @@ class Annotator:
     return x
 
   def _run_depth(self, images):
+    """Depth per image; images of one size share a forward pass (Depth Anything's processor
+    keeps the aspect ratio, so different sizes give different input shapes)."""
+    res: list[np.ndarray | None] = [None] * len(images)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, x in enumerate(images):
+      groups.setdefault(x.shape, []).append(i)
+    for idx in groups.values():
+      for i, d in zip(idx, self._run_depth_same_size([images[i] for i in idx])):
+        res[i] = d
+    return res
+
+  def _run_depth_same_size(self, images):
     import torch
     proc, model = self._depth
     inputs = proc(images=list(images), return_tensors="pt").to(self.device)

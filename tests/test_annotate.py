@@ -40,7 +40,8 @@ def _build_models(root: str) -> dict[str, str]:
       neck_hidden_sizes=[16, 32], fusion_hidden_size=16, head_hidden_size=8,
       reassemble_factors=[4, 2]))
   depth.save_pretrained(paths["depth"], safe_serialization=True)
-  tr.DPTImageProcessor(size={"height": 56, "width": 56}, keep_aspect_ratio=False,
+  # As the released Depth Anything processors: aspect ratio kept, sides multiples of 14.
+  tr.DPTImageProcessor(size={"height": 56, "width": 56}, keep_aspect_ratio=True,
                        ensure_multiple_of=14).save_pretrained(paths["depth"])
   seg = tr.Mask2FormerForUniversalSegmentation(tr.Mask2FormerConfig(
       backbone_config=tr.SwinConfig(image_size=64, patch_size=4, embed_dim=32, depths=[1, 1, 1, 1],
@@ -105,6 +106,12 @@ def test_annotate_one_interface(models):
   a, b = ann.annotate_batch([img, img])
   np.testing.assert_allclose(a["depth"], b["depth"], atol=1e-5)
   assert a["caption"] == b["caption"]
+  # Mixed sizes in one batch (different depth-model input shapes): each keeps its own size.
+  tall = np.random.default_rng(2).integers(0, 255, (40, 16, 3), np.uint8)
+  c, d = ann.annotate_batch([img, tall])
+  assert c["depth"].shape == c["seg"].shape == (20, 28)
+  assert d["depth"].shape == d["seg"].shape == d["edge"].shape == (40, 16)
+  np.testing.assert_allclose(c["depth"], a["depth"], atol=1e-5)
   only_edges = annotate.Annotator()
   assert set(only_edges.annotate_one(img)) == {"edge"}
   with pytest.raises(ValueError, match="uint8 HxWx3"):
