@@ -292,14 +292,14 @@ class _Input:
   """The images to annotate: a folder (recursive) or ``tfds:NAME[:SPLIT]``."""
   spec: str
 
-  def open(self):
+  def open(self, data_dir: str = ""):
     from mmsr_jax.data import sources  # pylint: disable=g-import-not-at-top
     if self.spec.startswith("tfds:"):
       parts = self.spec.split(":")
       if len(parts) not in (2, 3) or not parts[1]:
         raise ValueError(f"--input={self.spec!r}: expected tfds:NAME or tfds:NAME:SPLIT")
       return sources.TfdsSource(parts[1], split=parts[2] if len(parts) == 3 else "train",
-                                data_dir=flags.FLAGS.tfds_data_dir or None)
+                                data_dir=data_dir or None)
     if not os.path.isdir(self.spec):
       raise FileNotFoundError(f"--input={self.spec!r}: no such folder (or use tfds:NAME)")
     return sources.FolderSource(self.spec)
@@ -323,9 +323,37 @@ def _manifest(n: int, size: int, settings: dict[str, Any]) -> dict[str, Any]:
   return {"num_images": n, "shard_size": size, "num_shards": num, "settings": settings}
 
 
+@dataclasses.dataclass
+class AnnotateOptions:
+  """What ``run_annotation`` does; the CLI flags carry the same names (see ``define_flags``)."""
+  input: str
+  output: str
+  depth: str = ""
+  seg: str = ""
+  caption: str = ""
+  caption_kind: str = "blip"
+  from_hr: bool = False
+  preset: str = "realesrgan"
+  scale: int = 4
+  seed: int = 0
+  shard_size: int = 256
+  batch_size: int = 8
+  device: str = "cpu"
+  tfds_data_dir: str = ""
+
+
 def main(argv) -> None:
   del argv
-  F = flags.FLAGS  # noqa: N806
+  names = [f.name for f in dataclasses.fields(AnnotateOptions)]
+  run_annotation(AnnotateOptions(**{n: getattr(flags.FLAGS, n) for n in names}))
+
+
+def run_annotation(opts: AnnotateOptions) -> dict[str, int]:
+  """Annotates ``opts.input`` into ArrayRecord shards under ``opts.output`` (resumable).
+
+  Returns ``{'images', 'shards', 'already_done', 'written', 'skipped'}``.
+  """
+  F = opts  # noqa: N806
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   from array_record.python import array_record_module as arm  # pylint: disable=g-import-not-at-top
   from mmsr_jax.data import realesrgan, sources  # pylint: disable=g-import-not-at-top
@@ -334,7 +362,9 @@ def main(argv) -> None:
   realesrgan.get_preset(F.preset)  # validate before anything long
   if F.shard_size < 1 or F.batch_size < 1:
     raise ValueError("--shard_size and --batch_size must be >= 1")
-  source = _Input(F.input).open()
+  if F.caption_kind not in CAPTION_KINDS:
+    raise ValueError(f"caption_kind={F.caption_kind!r}: expected one of {CAPTION_KINDS}")
+  source = _Input(F.input).open(F.tfds_data_dir)
   settings = {"input": F.input, "depth": F.depth, "seg": F.seg,
               "caption": F.caption, "caption_kind": F.caption_kind,
               "from_hr": F.from_hr, "preset": F.preset, "scale": F.scale,
@@ -356,8 +386,10 @@ def main(argv) -> None:
   todo = [s for s in range(num)
           if not os.path.exists(os.path.join(F.output, SHARD_PATTERN.format(s, num)))]
   print(f"{len(source)} images, {num} shards, {num - len(todo)} already done")
+  result = {"images": len(source), "shards": num, "already_done": num - len(todo),
+            "written": 0, "skipped": 0}
   if not todo:
-    return
+    return result
   annotator = Annotator(depth=F.depth or None, seg=F.seg or None,
                         caption=F.caption or None, caption_kind=F.caption_kind,
                         device=F.device)
@@ -396,6 +428,7 @@ def main(argv) -> None:
     os.replace(tmp, final)
   bar.close()
   print(f"wrote {len(todo)} shards to {F.output} ({skipped} unreadable images skipped)")
+  return dict(result, written=len(todo), skipped=skipped)
 
 
 def define_flags() -> None:

@@ -143,14 +143,14 @@ def _run(*args):
                         capture_output=True, text=True, timeout=300)
 
 
-def test_annotate_cli_end_to_end(models, tmp_path):
+def test_annotate_end_to_end(models, tmp_path):
   _images(tmp_path / "imgs", 5)
   out = tmp_path / "ann"
-  args = [f"--input={tmp_path / 'imgs'}", f"--output={out}", f"--depth={models['depth']}",
-          f"--seg={models['seg']}", f"--caption={models['caption']}", "--shard_size=2",
-          "--batch_size=2"]
-  r = _run(*args)
-  assert r.returncode == 0, r.stderr[-3000:]
+  opts = annotate.AnnotateOptions(
+      input=str(tmp_path / "imgs"), output=str(out), depth=models["depth"], seg=models["seg"],
+      caption=models["caption"], shard_size=2, batch_size=2)
+  res = annotate.run_annotation(opts)
+  assert res == {"images": 5, "shards": 3, "already_done": 0, "written": 3, "skipped": 0}
   shards = sources.annotation_shards(str(out))
   assert [os.path.basename(s) for s in shards] == [
       f"annotations-0000{i}-of-00003.array_record" for i in range(3)]
@@ -173,13 +173,13 @@ def test_annotate_cli_end_to_end(models, tmp_path):
   # Resumable: a missing shard is redone, finished ones are kept untouched.
   mtimes = {s: os.path.getmtime(s) for s in shards}
   os.remove(shards[1])
-  r = _run(*args)
-  assert r.returncode == 0 and "2 already done" in r.stdout, r.stdout + r.stderr[-2000:]
+  assert annotate.run_annotation(opts)["already_done"] == 2
   assert os.path.getmtime(shards[0]) == mtimes[shards[0]]
   assert os.path.exists(shards[1])
+  assert annotate.run_annotation(opts)["written"] == 0
   # Other settings into the same folder: one clear error, nothing overwritten.
-  r = _run(*args[:2], "--from_hr")
-  assert r.returncode == 2 and "manifest.json" in r.stderr and "new --output" in r.stderr
+  with pytest.raises(FileExistsError, match="new --output"):
+    annotate.run_annotation(annotate.AnnotateOptions(opts.input, opts.output, from_hr=True))
   # The training pipeline reads the shards: depth and seg present, edges from the LR.
   cfg = ml_collections.ConfigDict({
       "seed": 0, "batch_size": 2,
@@ -194,12 +194,18 @@ def test_annotate_cli_end_to_end(models, tmp_path):
   assert (batch["text_mask"].sum(-1) > 0).all()
 
 
-def test_annotate_from_hr_edges_only(tmp_path):
+def test_annotate_cli_from_hr_and_errors(tmp_path):
+  """The command line: --from_hr with edges only (no models), and one-line errors."""
   _images(tmp_path / "imgs", 2)
   r = _run(f"--input={tmp_path / 'imgs'}", f"--output={tmp_path / 'ann'}", "--from_hr")
   assert r.returncode == 0, r.stderr[-3000:]
+  assert "2 images, 1 shards, 0 already done" in r.stdout
   (shard,) = sources.annotation_shards(str(tmp_path / "ann"))
   rec = sources.ArrayRecordSource(shard)[0]
   assert rec["depth"] is None and rec["seg"] is None and rec["caption"] == ""
+  from array_record.python import array_record_data_source as ards
+  meta = annotate.decode_record(ards.ArrayRecordDataSource([shard])[0])["meta"]
+  assert meta["maps_from"] == "hr" and meta["maps_size"] == [48, 64]
   r = _run("--input=/no/such/dir", f"--output={tmp_path / 'x'}")
-  assert r.returncode == 2 and "no such folder" in r.stderr
+  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ")
+  assert "no such folder" in r.stderr
