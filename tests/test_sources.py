@@ -229,3 +229,21 @@ def test_realesrgan_loader_resume(tmp_path, tok, prefetch):
     assert set(got) == set(want)
     for k in want:
       np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_eval_examples_from_folder_with_realesrgan(tmp_path, tok):
+  """Held-out crops from config.data.eval_path, degraded with the configured preset, fixed per
+  image name (the same on every call)."""
+  _write_images(tmp_path / "val", 2)
+  cfg = _config(tmp_path / "imgs", **{"data.degradation": "seesr",
+                                       "data.eval_path": str(tmp_path / "val")})
+  ex = pipeline.make_eval_examples(cfg, tok)
+  again = pipeline.make_eval_examples(cfg, tok)
+  assert [e["name"] for e in ex] == ["0000/0000.jpg", "0000/0001.png"]
+  for a, b in zip(ex, again):
+    assert a["hr"].shape == (32, 32, 3) and a["lr"].shape == (8, 8, 3)
+    for k in ("hr", "lr", "edge", "present", "text_ids"):
+      np.testing.assert_array_equal(a[k], b[k])
+  assert not np.array_equal(ex[0]["lr"][..., 1], ex[1]["lr"][..., 1])  # per-name seeds
+  with pytest.raises(ValueError, match="config.data.degradation='x'"):
+    pipeline.make_eval_examples(_config(tmp_path, **{"data.degradation": "x"}), tok)
