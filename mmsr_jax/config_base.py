@@ -20,7 +20,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.compute_dtype = "float32"  # "bfloat16" on accelerators; master weights stay float32
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # -1: all devices on the data axis
+  c.mesh.data = -1  # data-parallel axis; -1: the devices the other axes leave
+  c.mesh.fsdp = 1  # FSDP axis: batch *and* parameters/optimizer/EMA split over it (embed dim)
+  c.mesh.tensor = 1  # tensor-parallel axis (heads / mlp dims); the batch is replicated over it
+
+  # Observability (mmsr_jax.loop): TensorBoard scalars under DIR/tensorboard, sample grids every
+  # sample_every steps (0 = only the final report), a profiler trace of profile.num_steps steps
+  # from profile.start_step under DIR/profile (num_steps 0 = off).
+  c.tensorboard = True
+  c.sample_every = 0
+  c.profile = ml_collections.ConfigDict()
+  c.profile.start_step = 10
+  c.profile.num_steps = 0
+  # Peak FLOP/s per device for the MFU estimate where mmsr_jax.flops does not know the device
+  # (e.g. CPU); 0 = use the table (no MFU on unknown devices).
+  c.peak_flops = 0.0
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 1e-4
@@ -183,6 +197,8 @@ def full_size_config(*, width: int, depth: int, num_heads: int, lr: float,
   c.log_every = 100
   c.checkpoint_every = 2_000
   c.compute_dtype = "bfloat16"
+  c.mesh.data = 1  # FSDP over every device (set data = number of slices for multi-slice)
+  c.mesh.fsdp = -1
   c.optimizer.lr = lr
   c.optimizer.warmup_steps = 1_000
   c.optimizer.weight_decay = 0.03

@@ -3,7 +3,8 @@
 A *task* is whatever builds the model-specific pieces once; the loop does everything else the
 same way for all of them: checks and saves the resolved config, restores the newest checkpoint
 (state and data-iterator position) or initialises, runs the jitted update step on global batches,
-logs and checks metrics, saves checkpoints, and asks the task for its held-out report at the end.
+logs and checks metrics, saves checkpoints, handles preemption, and asks the task for its
+held-out report at the end.
 
 A task provides (see ``Task``)::
 
@@ -13,12 +14,35 @@ A task provides (see ``Task``)::
   step(state, batch) -> (state, metrics)   the jitted update; metrics has "loss" and "grad_norm"
   make_loader() -> iterable       per-process batches (a Grain loader: its iterator is checkpointed)
   write_report(workdir, state) -> dict     the held-out report (primary process only)
+
+and optionally::
+
+  flops_per_step() -> float       model FLOPs of one step (for the MFU estimate)
+  sample_grid(state) -> {name: uint8 [H, W, 3]}   images logged every config.sample_every steps
+
+Scale and faults:
+
+* **Preemption**: SIGTERM (single process: a Python handler; several processes: JAX's
+  preemption sync point, which the distributed runtime raises on SIGTERM or a TPU maintenance
+  event and which makes every process stop at the same step) finishes the current step, saves
+  state and data-iterator position, waits for the commit and returns normally (exit status 0).
+  The RNG of step ``s`` is ``fold_in(seed, s)``, so the saved step is the saved RNG.
+* **Non-finite values**: the loss and gradient norm are checked before every save and at every
+  logging step; a non-finite one raises ``FloatingPointError`` naming the step, after the last
+  (good) checkpoint has finished writing.
+* **Observability** (primary process): ``metrics.jsonl`` and TensorBoard scalars under
+  ``DIR/tensorboard`` (loss, grad norm, lr, steps/s, images/s, MFU, seconds waiting for data per
+  step), the task's sample grids every ``config.sample_every`` steps (TensorBoard and
+  ``DIR/progress/``), and a profiler trace of ``config.profile.num_steps`` steps from
+  ``config.profile.start_step`` under ``DIR/profile`` (every process, one folder each).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any, Protocol
 
@@ -26,6 +50,7 @@ import jax
 import numpy as np
 
 from mmsr_jax import checkpoint as ckpt_lib
+from mmsr_jax import flops as flops_lib
 from mmsr_jax import sharding
 
 
@@ -61,9 +86,137 @@ def first_non_finite(host_metrics: list[dict], first_step: int) -> int | None:
   return None
 
 
+# --- Preemption ---------------------------------------------------------------------------------
+class Preemption:
+  """Tells the loop when to save and stop because the machine is going away.
+
+  With one process, SIGTERM sets a flag (the previous handler is restored on ``close``). With
+  several, ``jax.experimental.multihost_utils.reached_preemption_sync_point`` answers (the JAX
+  distributed runtime catches SIGTERM itself and agrees a common step with every process); if
+  that service is not running, a Python flag is shared by an all-gather every step.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    self._sync_point = jax.process_count() > 1
+    if self._sync_point:
+      try:
+        from jax.experimental import multihost_utils
+        multihost_utils.reached_preemption_sync_point(0)
+      except Exception:  # noqa: BLE001 - no preemption service: fall back to the flag
+        self._sync_point = False
+    if not self._sync_point and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+  def _on_signal(self, signum, frame):
+    del frame
+    self.requested = True
+    log(f"signal {signum} received: finishing the current step, then saving and stopping")
+
+  def __call__(self, step: int) -> bool:
+    """Whether to save and stop after ``step`` (the same answer on every process)."""
+    if self._sync_point:
+      from jax.experimental import multihost_utils
+      return bool(multihost_utils.reached_preemption_sync_point(step))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
+      return bool(np.any(flags))
+    return self.requested
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
+# --- Observability ------------------------------------------------------------------------------
+class Writer:
+  """metrics.jsonl and TensorBoard (tensorboardX) on the primary process; no-ops elsewhere."""
+
+  def __init__(self, workdir: str, config):
+    self.workdir = workdir
+    self.primary = ckpt_lib.is_primary()
+    self.tb = None
+    if self.primary and config.get("tensorboard", False):
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def scalars(self, step: int, record: dict) -> None:
+    if not self.primary:
+      return
+    with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self.tb is not None:
+      for k, v in record.items():
+        if k != "step" and isinstance(v, (int, float)) and v is not None:
+          self.tb.add_scalar(f"train/{k}", v, step)
+      self.tb.flush()
+
+  def images(self, step: int, images: dict[str, np.ndarray]) -> None:
+    if not self.primary:
+      return
+    from PIL import Image
+    folder = os.path.join(self.workdir, "progress")
+    os.makedirs(folder, exist_ok=True)
+    for name, img in images.items():
+      Image.fromarray(np.asarray(img)).save(os.path.join(folder, f"{step:08d}_{name}.png"))
+      if self.tb is not None:
+        self.tb.add_image(f"samples/{name}", np.asarray(img), step, dataformats="HWC")
+    if self.tb is not None:
+      self.tb.flush()
+
+  def close(self) -> None:
+    if self.tb is not None:
+      self.tb.close()
+
+
+class ProfileWindow:
+  """A ``jax.profiler`` trace of steps ``[start, start + num_steps)`` (every process)."""
+
+  def __init__(self, workdir: str, config):
+    prof = config.get("profile", None)
+    self.start = int(prof.start_step) if prof is not None else 0
+    self.stop = self.start + (int(prof.num_steps) if prof is not None else 0)
+    self.dir = os.path.join(workdir, "profile", f"process_{jax.process_index()}")
+    self.active = False
+
+  def before(self, step: int) -> None:
+    if self.stop > self.start and step == self.start:
+      os.makedirs(self.dir, exist_ok=True)
+      jax.profiler.start_trace(self.dir)
+      self.active = True
+
+  def after(self, step: int, state) -> None:
+    if self.active and step == self.stop - 1:
+      jax.block_until_ready(state)
+      self.close()
+
+  def close(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+      log(f"profiler trace of steps {self.start}..{self.stop - 1} written to {self.dir}")
+
+
+def mfu(task, steps_per_s: float) -> float | None:
+  """Model FLOPs utilisation of the window, if the task counts FLOPs and the device is known."""
+  fn = getattr(task, "flops_per_step", None)
+  peak = (float(task.config.get("peak_flops", 0.0) or 0.0)
+          or flops_lib.peak_flops_per_device(task.mesh.devices.flat[0]))
+  if fn is None or peak is None:
+    return None
+  return fn() * steps_per_s / (peak * task.mesh.devices.size)
+
+
+# --- The loop -----------------------------------------------------------------------------------
 def run(task: Task, workdir: str, *, stop_at: int | None = None,
         write_report: bool = True) -> Any:
-  """Trains ``task`` to ``config.num_train_steps`` (or stops after ``stop_at``, saving)."""
+  """Trains ``task`` to ``config.num_train_steps`` (or stops after ``stop_at``, saving).
+
+  Returns the final state; on preemption, the state of the step it saved and stopped at.
+  """
   config = task.config
   if ckpt_lib.is_primary():
     ckpt_lib.save_config(workdir, config)
@@ -81,48 +234,70 @@ def run(task: Task, workdir: str, *, stop_at: int | None = None,
     start = 0
     state = task.init_state()
 
-  # --- Loop.
+  writer = Writer(workdir, config)
+  profile = ProfileWindow(workdir, config)
+  preemption = Preemption()
+  sample_every = int(config.get("sample_every", 0) or 0)
   total = config.num_train_steps
   end = total if stop_at is None else min(stop_at, total)
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  pending, t_window, steps_in_window, window_start = [], time.time(), 0, start + 1
-  for step in range(start + 1, end + 1):
-    batch = sharding.global_batch(next(data_iter), task.mesh)
-    state, metrics = task.step(state, batch)
-    pending.append(metrics)
-    steps_in_window += 1
-    save_now = step % config.checkpoint_every == 0 or step == end
-    # Metrics are fetched (and checked for non-finite values) at every logging step and before
-    # every save, so a checkpoint never holds a state past a non-finite step.
-    if step % config.log_every == 0 or save_now:
-      host = jax.device_get(pending)
-      bad = first_non_finite(host, window_start)
-      if bad is not None:
-        raise FloatingPointError(f"non-finite loss or gradient norm at step {bad}; the last good "
-                                 f"checkpoint in {ckpt.directory} is kept")
-      dt = time.time() - t_window
-      sps = steps_in_window / max(dt, 1e-9)
-      record = {"step": step}
-      for k in host[-1]:  # scalars: mean over the window for losses, last value otherwise
-        vals = [float(m[k]) for m in host]
-        record[k] = float(np.mean(vals)) if "loss" in k or k == "grad_norm" else vals[-1]
-      record.update(steps_per_s=sps, images_per_s=sps * config.batch_size,
-                    window=steps_in_window)
-      lr = f"  lr {record['lr']:.2e}" if "lr" in record else ""
-      log(f"step {step}/{total}  loss {record['loss']:.4f}  grad_norm {record['grad_norm']:.3f}"
-          f"{lr}  {sps:.2f} steps/s  ETA {(total - step) / max(sps, 1e-9):.0f}s")
-      if ckpt_lib.is_primary():
-        with open(metrics_path, "a") as f:
-          f.write(json.dumps(record) + "\n")
-      pending, t_window, steps_in_window, window_start = [], time.time(), 0, step + 1
-    if save_now:
-      ckpt.save(step, state, data_iter, force=True)
-  ckpt.wait()
-  ckpt.close()
+  preempted = False
+  pending, t_window, steps_in_window, window_start, data_wait = [], time.time(), 0, start + 1, 0.0
+  try:
+    for step in range(start + 1, end + 1):
+      t0 = time.perf_counter()
+      batch = sharding.global_batch(next(data_iter), task.mesh)
+      data_wait += time.perf_counter() - t0
+      profile.before(step)
+      state, metrics = task.step(state, batch)
+      profile.after(step, state)
+      pending.append(metrics)
+      steps_in_window += 1
+      preempted = preemption(step)
+      save_now = step % config.checkpoint_every == 0 or step == end or preempted
+      # Metrics are fetched (and checked for non-finite values) at every logging step and before
+      # every save, so a checkpoint never holds a state past a non-finite step.
+      if step % config.log_every == 0 or save_now:
+        host = jax.device_get(pending)
+        bad = first_non_finite(host, window_start)
+        if bad is not None:
+          raise FloatingPointError(
+              f"non-finite loss or gradient norm at step {bad}; the last good checkpoint "
+              f"({ckpt.latest_step()}) in {ckpt.directory} is kept")
+        dt = time.time() - t_window
+        sps = steps_in_window / max(dt, 1e-9)
+        record = {"step": step}
+        for k in host[-1]:  # scalars: mean over the window for losses, last value otherwise
+          vals = [float(m[k]) for m in host]
+          record[k] = float(np.mean(vals)) if "loss" in k or k == "grad_norm" else vals[-1]
+        record.update(steps_per_s=sps, images_per_s=sps * config.batch_size,
+                      data_wait_s=data_wait / steps_in_window, window=steps_in_window)
+        util = mfu(task, sps)
+        if util is not None:
+          record["mfu"] = util
+        lr = f"  lr {record['lr']:.2e}" if "lr" in record else ""
+        log(f"step {step}/{total}  loss {record['loss']:.4f}  grad_norm "
+            f"{record['grad_norm']:.3f}{lr}  {sps:.2f} steps/s  ETA "
+            f"{(total - step) / max(sps, 1e-9):.0f}s")
+        writer.scalars(step, record)
+        pending, t_window, steps_in_window, window_start = [], time.time(), 0, step + 1
+        data_wait = 0.0
+      if sample_every and step % sample_every == 0 and hasattr(task, "sample_grid"):
+        writer.images(step, task.sample_grid(state))
+      if save_now:
+        ckpt.save(step, state, data_iter, force=True)
+      if preempted:
+        ckpt.wait()
+        log(f"preempted: saved step {step} to {ckpt.directory}; stopping (rerun the same "
+            "command to continue)")
+        break
+  finally:
+    profile.close()
+    preemption.close()
+    ckpt.wait()  # a failing run still finishes writing its last good checkpoint
+    ckpt.close()
+    writer.close()
 
-  if write_report and end == total and ckpt_lib.is_primary():
+  if write_report and not preempted and end == total and ckpt_lib.is_primary():
     report = task.write_report(workdir, state)
     log("report: " + json.dumps({k: v for k, v in report.items() if k != "per_image"}))
   return state
-
-

@@ -13,7 +13,8 @@ Controls (unset flags take the run's ``config.sampling`` values): ``--guidance={
 ``--scale``, ``--steps``, ``--eta``, ``--seed``, ``--strength``, ``--caption`` and
 ``--negative_prompt``, per-group temperature (``--temperature=depth=0.5,edge=2``), switches
 (``--disable=depth,seg``), user-supplied maps (``--depth=FILE``, ``--seg=FILE``, ``--edge=FILE``)
-and the tile size / overlap in latent pixels (``--tile``, ``--tile_overlap``). Modalities that
+the tile size / overlap in latent pixels (``--tile``, ``--tile_overlap``) and, for large outputs
+on small accelerators, the most tiles per denoiser / VQ pass (``--tile_batch``, ``--map_batch``). Modalities that
 are not given: edges by Canny on each tile's LR crop; depth, segmentation and the caption from
 the annotator when its models are named (``--annotate_depth=PATH`` etc., needs the torch extras),
 else null. Existing outputs are never replaced without ``--overwrite``; every input, map and
@@ -154,7 +155,8 @@ class SuperResolver:
 
   def resolve(self, *, temperature: dict[str, float] | None = None,
               enabled: dict[str, bool] | None = None, tile: int | None = None,
-              tile_overlap: int | None = None, **settings) -> dict[str, Any]:
+              tile_overlap: int | None = None, tile_batch: int | None = None,
+              map_batch: int | None = None, **settings) -> dict[str, Any]:
     """The effective settings of a call (the run's defaults filled in), checked: every value
     that can be wrong is rejected here, before any image work."""
     unknown = set(settings) - set(SETTINGS)
@@ -189,17 +191,23 @@ class SuperResolver:
     # Validates the tile geometry on a one-tile image.
     m = self.lr_multiple
     grid = tiling.make_grid(self.config, (m, m), tile=tile, overlap=tile_overlap)
-    out.update(temperature=temps, enabled=on, tile=grid.tile, tile_overlap=grid.overlap)
+    for name, value in (("tile_batch", tile_batch), ("map_batch", map_batch)):
+      if value is not None and int(value) < 1:
+        raise ValueError(f"{name}={value}: expected a positive number (or None: no limit)")
+    out.update(temperature=temps, enabled=on, tile=grid.tile, tile_overlap=grid.overlap,
+               tile_batch=None if tile_batch is None else int(tile_batch),
+               map_batch=None if map_batch is None else int(map_batch))
     return out
 
-  def _sample_fn(self, grid: tiling.TileGrid, guidance: str, steps: int, strength: float):
-    key = (grid, guidance, steps, strength)
+  def _sample_fn(self, grid: tiling.TileGrid, guidance: str, steps: int, strength: float,
+                 tile_batch: int | None = None, map_batch: int | None = None):
+    key = (grid, guidance, steps, strength, tile_batch, map_batch)
     if key not in self._fns:
       self._fns[key] = tiling.make_tiled_sample_fn(
           self._t.model, self._t.conditioner, self._t.schedule, grid, steps=steps,
           guidance=guidance, spacing=self.config.sampling.spacing,
           clip_x0=self.config.sampling.clip_x0, strength=strength, mesh=self.mesh,
-          progress=self._step_done)
+          progress=self._step_done, tile_batch=tile_batch, map_batch=map_batch)
     return self._fns[key]
 
   def _step_done(self) -> None:
@@ -220,7 +228,7 @@ class SuperResolver:
     ``maps`` (``{'depth': HxW in [0, 1], 'seg': HxW labels, 'edge': HxW in [0, 1]}``, any size),
     and the settings of :meth:`resolve` (``guidance``, ``scale``, ``steps``, ``eta``, ``seed``,
     ``strength``, ``negative_prompt``, ``temperature``, ``enabled``, ``tile``,
-    ``tile_overlap``).
+    ``tile_overlap``, and the memory caps ``tile_batch`` / ``map_batch``).
     """
     pic = image_io.from_array(image)
     out, _ = self.upscale(pic, caption=caption, maps=maps, **kwargs)
@@ -292,7 +300,8 @@ class SuperResolver:
 
     # --- Sample.
     guidance = st["guidance"] if st["scale"] else "none"
-    fn = self._sample_fn(grid, guidance, st["steps"], st["strength"])
+    fn = self._sample_fn(grid, guidance, st["steps"], st["strength"], st["tile_batch"],
+                         st["map_batch"])
     self._on_step = progress
     try:
       out = fn(self.params, self.frozen, inputs, jax.random.key(st["seed"]), st["scale"],
@@ -413,6 +422,9 @@ def define_flags() -> None:
   d.DEFINE_integer("tile", None, "Latent tile side (default: the trained latent size).")
   d.DEFINE_integer("tile_overlap", None, "Latent pixels shared by neighbouring tiles "
                    "(default: a quarter tile).")
+  d.DEFINE_integer("tile_batch", None, "Most tiles x guidance branches per denoiser pass "
+                   "(lower = less memory for large outputs; default: all at once).")
+  d.DEFINE_integer("map_batch", None, "Most tiles whose maps are VQ-encoded at once.")
   d.DEFINE_string("annotate_depth", None, "Depth model (folder or hub id) for missing depth.")
   d.DEFINE_string("annotate_seg", None, "Mask2Former model for missing segmentation.")
   d.DEFINE_string("annotate_caption", None, "Captioning model for a missing --caption.")
@@ -457,7 +469,7 @@ def main(argv):
   settings = dict(guidance=F.guidance, scale=F.scale, steps=F.steps, eta=F.eta, seed=F.seed,
                   strength=F.strength, negative_prompt=F.negative_prompt,
                   temperature=temperature, enabled=enabled, tile=F.tile,
-                  tile_overlap=F.tile_overlap)
+                  tile_overlap=F.tile_overlap, tile_batch=F.tile_batch, map_batch=F.map_batch)
   st = sr.resolve(**settings)  # bad values fail here, before the output folder exists
   os.makedirs(F.output, exist_ok=True)
   from tqdm import tqdm

@@ -1,12 +1,28 @@
 """Device mesh, logical-axis rules and the shardings of the train state and batches.
 
-Parameters carry logical axis names (``embed``, ``mlp``, ``heads``, ...). A table of rules maps
-each name to a mesh axis or to ``None`` (replicated). With the default rules every parameter is
-replicated and the batch is split over the ``data`` axis (data parallelism); sharding parameters
-(FSDP / tensor parallelism) is a change of rules and mesh shape, not of model code.
+The mesh has three named axes, ``('data', 'fsdp', 'tensor')``, with sizes from ``config.mesh``
+(one of them may be -1: it takes the remaining devices):
+
+* ``data``: pure data parallelism (parameters replicated along it);
+* ``fsdp``: fully sharded data parallelism: the batch is split over it *and* every parameter,
+  its Adam moments and its EMA copy are split over it along their ``embed`` dimension;
+* ``tensor``: room for tensor parallelism: ``heads`` and ``mlp`` dimensions are split over it
+  (the batch is replicated along it).
+
+Parameters carry logical axis names (``embed``, ``mlp``, ``heads``, ...; see
+``mmsr_jax/models/layers.py``); ``RULES`` maps each name to a mesh axis. An axis of size 1 shards
+nothing, so the same rules serve the plain data-parallel mesh (``fsdp=tensor=1``) and FSDP. A
+parameter dimension that the mesh axis does not divide stays replicated along that dimension.
+
+Activations use the logical names ``batch``, ``length`` and ``act_embed`` (constraints in the
+DiT and the MMLC, active only inside ``activation_rules``), so the batch stays split over
+``(data, fsdp)`` through the blocks instead of XLA choosing to gather it.
 """
 
 from __future__ import annotations
+
+import contextlib
+import math
 
 import flax.linen as nn
 import jax
@@ -14,25 +30,61 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-BATCH_AXES = ("data",)
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
 
-# Logical parameter axis -> mesh axis (None = replicated). Data parallel: everything replicated.
-DEFAULT_RULES = (
-    ("embed", None), ("embed_out", None), ("mlp", None), ("heads", None), ("vocab", None),
-    ("latents", None), ("tokens", None), ("conv_in", None), ("conv_out", None),
+# Logical axis -> mesh axis (None = replicated).
+RULES = (
+    # parameters
+    ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
+    ("embed_out", None), ("vocab", None), ("latents", None), ("tokens", None),
+    ("conv_in", None), ("conv_out", None),
+    # activations
+    ("batch", BATCH_AXES), ("length", None), ("act_embed", None),
 )
+DEFAULT_RULES = RULES  # kept for callers of the data-parallel era
+
+
+def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
+  """``(data, fsdp, tensor)`` sizes from ``config.mesh``; at most one of them may be -1."""
+  sizes = {a: int(config.mesh.get(a, 1)) for a in MESH_AXES}
+  fill = [a for a, s in sizes.items() if s == -1]
+  bad = [a for a, s in sizes.items() if s == 0 or s < -1]
+  if bad:
+    raise ValueError(f"config.mesh.{bad[0]}={sizes[bad[0]]}: expected a positive size or -1")
+  if len(fill) > 1:
+    raise ValueError(f"config.mesh: only one axis may be -1 (fill), got {', '.join(fill)}")
+  known = math.prod(s for s in sizes.values() if s > 0)
+  if fill:
+    if num_devices % known:
+      raise ValueError(f"config.mesh: {num_devices} devices are not divisible by the fixed axes "
+                       f"({' x '.join(f'{a}={s}' for a, s in sizes.items() if s > 0)})")
+    sizes[fill[0]] = num_devices // known
+  if math.prod(sizes.values()) != num_devices:
+    raise ValueError(f"config.mesh: data={sizes['data']} x fsdp={sizes['fsdp']} x "
+                     f"tensor={sizes['tensor']} needs {math.prod(sizes.values())} devices but "
+                     f"{num_devices} are in use")
+  return sizes["data"], sizes["fsdp"], sizes["tensor"]
 
 
 def make_mesh(config, devices=None) -> Mesh:
-  """A ``('data',)`` mesh over ``devices`` (default: all devices of all processes)."""
+  """The ``('data', 'fsdp', 'tensor')`` mesh over ``devices`` (default: every device of every
+  process), checked against ``config.batch_size``."""
   devices = list(jax.devices() if devices is None else devices)
-  n = config.mesh.data if config.mesh.data > 0 else len(devices)
-  if n != len(devices):
-    raise ValueError(f"config.mesh.data={config.mesh.data} but {len(devices)} devices are in use")
-  if config.batch_size % n:
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {n} devices "
-                     "of the data axis")
-  return Mesh(np.asarray(devices).reshape(n), BATCH_AXES)
+  shape = mesh_shape(config, len(devices))
+  split = shape[0] * shape[1]
+  if config.batch_size % split:
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {split} "
+                     f"batch shards of the mesh (data={shape[0]} x fsdp={shape[1]})")
+  if devices[0].platform == "tpu" and len(devices) == jax.device_count():
+    # Physical-topology-aware order on TPU slices (neighbouring chips share the inner axes).
+    from jax.experimental import mesh_utils
+    arr = mesh_utils.create_device_mesh(shape, devices)
+  else:
+    # Process-major order: each process's devices hold a contiguous block of the batch, so the
+    # per-host input shards concatenate in process order into the global batch.
+    arr = np.asarray(sorted(devices, key=lambda d: (d.process_index, d.id))).reshape(shape)
+  return Mesh(arr, MESH_AXES)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -40,14 +92,34 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dimension split over the data axis, the rest replicated."""
+  """Leading (batch) dimension split over ``(data, fsdp)``, the rest replicated."""
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def param_shardings(boxed_abstract_params, mesh: Mesh, rules=DEFAULT_RULES):
-  """NamedShardings for a (boxed, abstract) Flax parameter tree from its logical axis names."""
-  specs = nn.get_partition_spec(boxed_abstract_params)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+  """Drops the mesh axes of any dimension they do not divide (that dimension is replicated)."""
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = math.prod(mesh.shape[a] for a in names)
+    out.append(axes if names and dim % size == 0 else None)
+  return P(*out)
+
+
+def param_shardings(boxed_abstract_params, mesh: Mesh, rules=RULES):
+  """NamedShardings for a (boxed, abstract) Flax parameter tree from its logical axis names.
+
+  Every leaf must carry logical names (``nn.with_logical_partitioning``): a parameter without
+  them would silently stay replicated, so it is an error naming the parameter.
+  """
+  def leaf_spec(path, leaf):
+    if not isinstance(leaf, nn.LogicallyPartitioned):
+      raise ValueError(f"parameter {jax.tree_util.keystr(path)} has no logical axis names; "
+                       "declare it with nn.with_logical_partitioning")
+    spec = nn.logical_to_mesh_axes(leaf.names, rules)
+    return NamedSharding(mesh, _fit(spec, leaf.value.shape, mesh))
+  return jax.tree_util.tree_map_with_path(
+      leaf_spec, boxed_abstract_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state, params_sharding,
@@ -58,8 +130,41 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state, pa
       transform_non_params=lambda _: replicated(mesh))
 
 
+def frozen_shardings(abstract_params, mesh: Mesh, min_size: int = 2 ** 16):
+  """Shardings for frozen encoder weights (T5, VAE, VQGAN: no logical names needed).
+
+  With ``fsdp > 1`` each array of at least ``min_size`` elements is split over ``fsdp`` along its
+  largest dimension that the axis divides (T5-XXL alone is 19 GB in float32); smaller arrays and
+  everything on a mesh without FSDP are replicated.
+  """
+  n = mesh.shape["fsdp"]
+  def leaf(x):
+    if n == 1 or math.prod(x.shape) < min_size:
+      return replicated(mesh)
+    dims = sorted(range(len(x.shape)), key=lambda d: -x.shape[d])
+    for d in dims:
+      if x.shape[d] % n == 0:
+        spec = [None] * len(x.shape)
+        spec[d] = "fsdp"
+        return NamedSharding(mesh, P(*spec))
+    return replicated(mesh)
+  return jax.tree.map(leaf, abstract_params)
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules=RULES):
+  """Turns on the activation constraints of the models (``batch``/``length``/``act_embed``)
+  while tracing a step for ``mesh``; outside it they are no-ops (e.g. in the sampler)."""
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+    yield
+
+
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
-  """Assembles per-process numpy batches into global arrays split over the data axis."""
+  """Assembles per-process numpy batches into global arrays split over ``(data, fsdp)``.
+
+  Each process passes its own rows (``config.batch_size / process_count`` of them); the global
+  batch is their concatenation in process order (see ``make_mesh``).
+  """
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
                       local_batch)

@@ -20,10 +20,11 @@ from absl import app, flags
 from flax import struct
 from ml_collections import config_flags
 
-from mmsr_jax import diffusion, loop
+from mmsr_jax import diffusion, distributed, loop
+from mmsr_jax import flops as flops_lib
 from mmsr_jax import report as report_lib
 from mmsr_jax import sharding
-from mmsr_jax.data import pipeline
+from mmsr_jax.data import degrade, pipeline
 from mmsr_jax.models.context import SPATIAL_MODALITIES
 from mmsr_jax.models import pixart_import
 from mmsr_jax.models.mmsr import MMSR, Conditioner, build_model
@@ -149,8 +150,10 @@ class Trainer:
     self.tokenizer = make_tokenizer(config.text.tokenizer)
     self.tx, self.lr_fn = make_optimizer(config)
     repl = sharding.replicated(self.mesh)
-    self.frozen = jax.device_put(
-        self.conditioner.init_params(config, jax.random.key(config.seed + 1)), repl)
+    frozen = self.conditioner.init_params(config, jax.random.key(config.seed + 1))
+    self.frozen_sharding = sharding.frozen_shardings(frozen, self.mesh)
+    self.frozen = jax.device_put(frozen, self.frozen_sharding)
+    del frozen
     # --- Sharded state, created already placed.
     init, boxed = create_state_fn(config, self.model, self.conditioner, self.tx)
     self.state_sharding, self.abstract_state = state_shardings(init, boxed, self.tx, self.mesh)
@@ -169,8 +172,14 @@ class Trainer:
     empty = self.tokenizer.encode("", config.text.max_length)
     step_fn = make_train_step(config, self.model, self.conditioner, self.schedule, self.tx,
                               self.lr_fn, empty)
+
+    def constrained_step(state, frozen, batch):  # activation constraints on while tracing
+      with sharding.activation_rules(self.mesh):
+        return step_fn(state, frozen, batch)
     self.train_step = jax.jit(
-        step_fn, in_shardings=(self.state_sharding, repl, sharding.batch_sharding(self.mesh)),
+        constrained_step,
+        in_shardings=(self.state_sharding, self.frozen_sharding,
+                      sharding.batch_sharding(self.mesh)),
         out_shardings=(self.state_sharding, repl), donate_argnums=(0,))
 
   # --- The task interface of ``mmsr_jax.loop``.
@@ -191,6 +200,26 @@ class Trainer:
       state = self._pretrained(state, self._pixart)
     return state
 
+  def flops_per_step(self) -> float:
+    """Model FLOPs of one update step (trainable MMSR, forward + backward), for MFU."""
+    return flops_lib.mmsr_train_flops_per_step(self.config)
+
+  def sample_grid(self, state: TrainState) -> dict:
+    """``LR | bicubic | SR (EMA weights) | HR`` of each held-out crop, for TensorBoard."""
+    if not hasattr(self, "_eval_examples"):
+      self._eval_examples = pipeline.make_eval_examples(self.config, self.tokenizer, "val")
+    c = self.config
+    sr = report_lib.super_resolve(c, self, state.ema_params, self._eval_examples,
+                                  steps=c.eval.steps, scale=c.eval.scale,
+                                  guidance=c.sampling.guidance, strength=c.sampling.strength,
+                                  seed=c.sampling.seed)
+    grids = {}
+    for ex, sr_u8 in zip(self._eval_examples, sr):
+      hr_u8, lr_u8 = report_lib.to_uint8(ex["hr"]), report_lib.to_uint8(ex["lr"])
+      bic_u8 = degrade.bicubic_upsample(lr_u8, hr_u8.shape[:2])
+      grids[ex["name"]] = report_lib.grid_image(lr_u8, bic_u8, sr_u8, hr_u8)
+    return grids
+
   def abstract_with_shardings(self):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         self.abstract_state, self.state_sharding)
@@ -209,6 +238,7 @@ def main(argv):
   del argv
   if not flags.FLAGS.workdir:
     raise app.UsageError("--workdir is required")
+  distributed.initialize()  # several processes (TPU pod, GPU cluster): before any JAX work
   train(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

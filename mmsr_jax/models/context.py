@@ -109,11 +109,12 @@ class MultimodalContext(nn.Module):
           [jnp.broadcast_to(1.0 / temperature[:, g, None], (b, s)) for g, s in enumerate(sizes)],
           axis=1)
 
-    context = layers.layer_norm("context_norm", dtype=self.dtype)(context)
+    context = layers.constrain_tokens(layers.layer_norm("context_norm", dtype=self.dtype)(context))
     latents = layers.param_with_axes(self, "latents", nn.initializers.normal(0.02),
                                      (self.num_latents, self.width), ("latents", "embed"))
     x = jnp.broadcast_to(latents[None].astype(self.dtype), (b, self.num_latents, self.width))
     for i in range(self.depth):
       x = ConnectorBlock(self.width, self.num_heads, self.mlp_ratio, self.dtype,
                          name=f"blocks_{i}")(x, context, context_mask, key_scale)
+      x = layers.constrain_tokens(x)
     return layers.layer_norm("norm_out", dtype=self.dtype)(x)

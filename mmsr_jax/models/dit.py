@@ -94,6 +94,7 @@ class DiT(nn.Module):
     )(x.astype(self.dtype))
     pos = layers.sincos_2d(self.width, gh, gw, self.pos_base_size, self.pos_interpolation_scale)
     tokens = tokens.reshape(b, gh * gw, self.width) + jnp.asarray(pos, self.dtype)[None]
+    tokens = layers.constrain_tokens(tokens)
 
     # adaLN-single: one shared projection of the timestep embedding to six modulations.
     t_emb = TimestepEmbedder(self.width, dtype=self.dtype, name="timestep_embedder")(t)
@@ -105,6 +106,7 @@ class DiT(nn.Module):
     for i in range(self.depth):
       tokens = block_cls(self.width, self.num_heads, self.mlp_ratio, self.dtype,
                          name=f"blocks_{i}")(tokens, t_mod, context, context_mask)
+      tokens = layers.constrain_tokens(tokens)
 
     table = layers.param_with_axes(
         self, "scale_shift_table",

@@ -32,6 +32,15 @@ def dense(features: int, axes: tuple[str, str], *, name: str, dtype: Dtype = jnp
       bias_init=nn.with_logical_partitioning(bias_init, (axes[1],)))
 
 
+def constrain_tokens(x: jax.Array) -> jax.Array:
+  """Sharding constraint on ``[B, T, D]`` activations (logical ``batch, length, act_embed``).
+
+  A no-op unless a step is traced inside ``mmsr_jax.sharding.activation_rules`` (training);
+  there it keeps the batch split over the data-parallel mesh axes through the blocks.
+  """
+  return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+
+
 def param_with_axes(module: nn.Module, name: str, init, shape: Sequence[int],
                     axes: tuple[str | None, ...]):
   """Declares a raw parameter with logical axis names."""

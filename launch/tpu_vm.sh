@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# Cloud TPU VM life cycle for mmsr-jax: one host (e.g. v4-8, v5litepod-8) or a pod slice
+# (e.g. v4-32, v5p-64: several hosts, every gcloud ssh/scp goes to --worker=all).
+#
+#   launch/tpu_vm.sh create   # create the TPU VM (TPU_SPOT=1 for a spot VM)
+#   launch/tpu_vm.sh setup    # copy this checkout (git archive of HEAD) to every worker, install
+#   launch/tpu_vm.sh train [--config.field=value ...]   # start/resume training on every worker
+#   launch/tpu_vm.sh logs     # follow the training log of worker 0
+#   launch/tpu_vm.sh delete   # delete the TPU VM
+#
+# Add --dry-run to any of them to print the gcloud commands instead of running them.
+# Settings come from the environment:
+#   TPU_NAME (mmsr), TPU_ZONE (us-central2-b), TPU_TYPE (v4-8), TPU_PROJECT (gcloud's default),
+#   TPU_RUNTIME (from TPU_TYPE: tpu-ubuntu2204-base for v4, v2-alpha-tpuv5-lite for v5e,
+#   v2-alpha-tpuv5 for v5p, v2-alpha-tpuv6e for v6e), TPU_SPOT (0), CONFIG (configs/dit_l.py),
+#   WORKDIR (gs://BUCKET/runs/NAME: checkpoints, TensorBoard, config; required for train).
+# Training resumes from the newest checkpoint in WORKDIR, and a preempted (spot) VM saves and
+# exits cleanly on SIGTERM, so after a preemption: create, setup, train again.
+set -euo pipefail
+
+usage() {
+  echo "usage: $0 {create|setup|train|logs|delete} [--dry-run] [--config.field=value ...]" >&2
+  exit 2
+}
+
+[[ $# -ge 1 ]] || usage
+action=$1
+shift
+dry_run=0
+extra=()
+for arg in "$@"; do
+  if [[ $arg == --dry-run ]]; then
+    dry_run=1
+  else
+    extra+=("$arg")
+  fi
+done
+
+name=${TPU_NAME:-mmsr}
+zone=${TPU_ZONE:-us-central2-b}
+accelerator=${TPU_TYPE:-v4-8}
+project=${TPU_PROJECT:-$(gcloud config get-value project 2>/dev/null || true)}
+config=${CONFIG:-configs/dit_l.py}
+workdir=${WORKDIR:-}
+remote_dir=mmsr-jax  # relative to the login directory of every worker
+case $accelerator in
+  v5litepod-*|v5e-*) default_runtime=v2-alpha-tpuv5-lite ;;
+  v5p-*) default_runtime=v2-alpha-tpuv5 ;;
+  v6e-*) default_runtime=v2-alpha-tpuv6e ;;
+  *) default_runtime=tpu-ubuntu2204-base ;;
+esac
+runtime=${TPU_RUNTIME:-$default_runtime}
+where=(--zone="$zone")
+[[ -n $project ]] && where+=(--project="$project")
+
+# Prints one argument as the shell would need it (only the value of --flag=value is quoted).
+quote() {
+  local arg=$1 prefix=""
+  if [[ $arg =~ ^(--[A-Za-z0-9_.-]+=)(.*)$ ]]; then
+    prefix=${BASH_REMATCH[1]}
+    arg=${BASH_REMATCH[2]}
+  fi
+  if [[ -z $arg || $arg =~ [^A-Za-z0-9_./:=@,+%-] ]]; then
+    arg="'${arg//\'/\'\\\'\'}'"
+  fi
+  printf '%s%s' "$prefix" "$arg"
+}
+
+# Runs a command, or prints it with --dry-run.
+run() {
+  if [[ $dry_run == 1 ]]; then
+    local out=() a
+    for a in "$@"; do
+      out+=("$(quote "$a")")
+    done
+    echo "${out[*]}"
+  else
+    "$@"
+  fi
+}
+
+jax_version() {
+  sed -n 's/^jax==//p' "$(dirname "$0")/../requirements.txt"
+}
+
+case $action in
+  create)
+    args=(gcloud compute tpus tpu-vm create "$name" "${where[@]}"
+          --accelerator-type="$accelerator" --version="$runtime")
+    [[ ${TPU_SPOT:-0} == 1 ]] && args+=(--spot)
+    run "${args[@]}"
+    ;;
+  setup)
+    archive=/tmp/mmsr-jax-$$.tar.gz
+    run git -C "$(cd "$(dirname "$0")/.." && pwd)" archive --format=tar.gz -o "$archive" HEAD
+    run gcloud compute tpus tpu-vm scp "$archive" "$name:mmsr-jax.tar.gz" "${where[@]}" \
+      --worker=all
+    run gcloud compute tpus tpu-vm ssh "$name" "${where[@]}" --worker=all \
+      --command="mkdir -p $remote_dir && tar -xzf mmsr-jax.tar.gz -C $remote_dir && cd $remote_dir && python3 -m pip install -q -r requirements.txt \"jax[tpu]==$(jax_version)\" -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
+    ;;
+  train)
+    if [[ -z $workdir ]]; then
+      if [[ $dry_run == 1 ]]; then
+        workdir=gs://BUCKET/runs/$name
+      else
+        echo "error: set WORKDIR (e.g. gs://BUCKET/runs/$name) for the checkpoints" >&2
+        exit 2
+      fi
+    fi
+    train_cmd="python3 -m mmsr_jax.train --config=$config --workdir=$workdir"
+    for a in "${extra[@]}"; do
+      train_cmd+=" $(quote "$a")"
+    done
+    # Every worker starts the same command, detached from the ssh session; MMSR_DISTRIBUTED=auto
+    # makes each call jax.distributed.initialize() (JAX finds the slice's hosts itself).
+    run gcloud compute tpus tpu-vm ssh "$name" "${where[@]}" --worker=all \
+      --command="cd $remote_dir && MMSR_DISTRIBUTED=auto setsid nohup $train_cmd > ~/train.log 2>&1 < /dev/null &"
+    ;;
+  logs)
+    run gcloud compute tpus tpu-vm ssh "$name" "${where[@]}" --worker=0 \
+      --command="tail -n 200 -f ~/train.log"
+    ;;
+  delete)
+    run gcloud compute tpus tpu-vm delete "$name" "${where[@]}" --quiet
+    ;;
+  *)
+    usage
+    ;;
+esac

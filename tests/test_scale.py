@@ -1,0 +1,414 @@
+"""Training at scale, on this machine's CPU: FSDP on 8 fake devices, two processes over gloo,
+SIGTERM and restart, restore onto another mesh, non-finite and corrupt-checkpoint faults,
+observability outputs, the FLOP count, the benchmark and the launch scripts."""
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmsr_jax import checkpoint as ckpt_lib
+from mmsr_jax import distributed, flops, loop, sharding, train
+from mmsr_jax.data import pipeline
+from tests.conftest import small_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _close(a, b, atol):
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def _worker_env(**extra):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  env.pop("XLA_FLAGS", None)
+  env.update(extra)
+  return env
+
+
+# --- Mesh and sharding --------------------------------------------------------------------------
+def test_mesh_shape_from_config():
+  c = small_config()
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 4, 1
+  assert sharding.mesh_shape(c, 8) == (2, 4, 1)
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 2
+  assert sharding.mesh_shape(c, 8) == (1, 4, 2)
+  c.mesh.data, c.mesh.fsdp = -1, -1
+  with pytest.raises(ValueError, match="only one axis may be -1"):
+    sharding.mesh_shape(c, 8)
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 1
+  with pytest.raises(ValueError, match="needs 4 devices but 8"):
+    sharding.mesh_shape(c, 8)
+  c.mesh.data, c.mesh.fsdp, c.batch_size = 1, 8, 4
+  with pytest.raises(ValueError, match="batch_size=4 is not divisible by the 8 batch shards"):
+    sharding.make_mesh(c, jax.devices())
+
+
+def test_every_parameter_has_logical_axes_and_fsdp_shards_it():
+  c = small_config()
+  c.mesh.data, c.mesh.fsdp = 1, 8
+  model = train.build_model(c)
+  cond = train.Conditioner.from_config(c)
+  boxed = jax.eval_shape(lambda r: model.init(r, *train.dummy_inputs(c, cond))["params"],
+                         jax.random.key(0))
+  mesh = sharding.make_mesh(c, jax.devices())
+  shardings = sharding.param_shardings(boxed, mesh)  # raises on a parameter without names
+  leaves = jax.tree_util.tree_leaves_with_path(nn_unbox(boxed))
+  sharded = total = 0
+  for (path, leaf), s in zip(leaves, jax.tree.leaves(shardings)):
+    total += leaf.size
+    if "fsdp" in jax.tree.leaves(tuple(s.spec)):
+      sharded += leaf.size
+      assert s.shard_shape(leaf.shape)[0] * 8 in (leaf.shape[0], leaf.shape[0] * 8)
+  # Everything but the small bias vectors of the heads/mlp dimensions (tensor axis) is split.
+  assert sharded / total > 0.99
+
+
+def nn_unbox(tree):
+  import flax.linen as nn
+  return nn.unbox(tree)
+
+
+def test_fsdp_step_on_8_devices_equals_the_single_device_step(config):
+  batch = next(iter(pipeline.make_train_loader(config, train.make_tokenizer("byte"))))
+  results = {}
+  for n, (data, fsdp) in ((8, (1, 8)), (1, (1, 1))):
+    config.mesh.data, config.mesh.fsdp = data, fsdp
+    trainer = train.Trainer(config, "/unused", devices=jax.devices()[:n])
+    state = trainer.init_state()
+    if n == 8:  # parameters, Adam moments and EMA are split 8 ways, never whole on a device
+      kernel = ("dit", "blocks_0", "ff", "fc1", "kernel")
+      mu = state.opt_state[1][0].mu
+      for tree in (state.params, mu, state.ema_params):
+        leaf = tree
+        for k in kernel:
+          leaf = leaf[k]
+        assert leaf.addressable_shards[0].data.shape == (config.model.width // 8,
+                                                         4 * config.model.width)
+    for _ in range(2):
+      state, metrics = trainer.train_step(state, trainer.frozen,
+                                          sharding.global_batch(batch, trainer.mesh))
+    results[n] = (jax.device_get(state.params), jax.device_get(state.ema_params),
+                  float(metrics["loss"]))
+  _close(results[8][0], results[1][0], atol=1e-5)
+  _close(results[8][1], results[1][1], atol=1e-5)
+  assert results[8][2] == pytest.approx(results[1][2], abs=1e-5)
+
+
+# --- Restore onto another mesh, observability ---------------------------------------------------
+def _read_tensorboard(folder):
+  """(tag -> [(step, value)], image tags) from tensorboardX event files (TFRecord framing)."""
+  from tensorboardX.proto import event_pb2
+  scalars, images = {}, set()
+  for path in glob.glob(os.path.join(folder, "events.out.tfevents.*")):
+    data = open(path, "rb").read()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      for v in event.summary.value:
+        if v.HasField("image"):
+          images.add(v.tag)
+        else:
+          scalars.setdefault(v.tag, []).append((event.step, v.simple_value))
+  return scalars, images
+
+
+def test_checkpoint_of_8_devices_restores_onto_2_and_observability(tmp_path):
+  workdir = str(tmp_path / "run")
+  c8 = small_config(num_train_steps=3, log_every=1, checkpoint_every=3, sample_every=3,
+                    peak_flops=1e9)
+  c8.mesh.data, c8.mesh.fsdp = 2, 4
+  c8.profile.start_step, c8.profile.num_steps = 2, 1
+  saved = train.train(c8, workdir, devices=jax.devices(), write_report=False)
+  saved_params = jax.device_get(saved.params)
+
+  # TensorBoard scalars (MFU = model FLOPs x steps/s / (devices x peak)), the sample grids, the
+  # profiler trace, the resolved config beside the checkpoints.
+  scalars, images = _read_tensorboard(os.path.join(workdir, "tensorboard"))
+  for tag in ("loss", "grad_norm", "lr", "steps_per_s", "images_per_s", "mfu", "data_wait_s"):
+    assert [s for s, _ in scalars[f"train/{tag}"]] == [1, 2, 3], tag
+  for (_, m), (_, sps) in zip(scalars["train/mfu"], scalars["train/steps_per_s"]):
+    expected = flops.mmsr_train_flops_per_step(c8) * sps / (8 * 1e9)
+    assert m == pytest.approx(expected, rel=1e-5)
+  assert images == {"samples/chelsea", "samples/coffee"}
+  assert sorted(os.listdir(os.path.join(workdir, "progress"))) == [
+      "00000003_chelsea.png", "00000003_coffee.png"]
+  assert glob.glob(os.path.join(workdir, "profile", "process_0", "**", "*.xplane.pb"),
+                   recursive=True)
+  assert ckpt_lib.load_config(workdir).mesh.fsdp == 4
+
+  # The same checkpoint onto 2 devices, as FSDP (1 x 2 x 1) and as tensor parallel (1 x 1 x 2).
+  for fsdp, tensor in ((2, 1), (1, 2)):
+    c2 = small_config(num_train_steps=4)
+    c2.mesh.data, c2.mesh.fsdp, c2.mesh.tensor = 1, fsdp, tensor
+    trainer = train.Trainer(c2, workdir, devices=jax.devices()[:2])
+    ckpt = ckpt_lib.Checkpointer(workdir, create=False)
+    restored = ckpt.restore(3, trainer.abstract_with_shardings())
+    ckpt.close()
+    _close(jax.device_get(restored.params), saved_params, atol=0)
+    kernel = restored.params["dit"]["blocks_0"]["ff"]["fc1"]["kernel"]
+    assert len(kernel.sharding.device_set) == 2
+    assert kernel.addressable_shards[0].data.shape == (c2.model.width // fsdp,
+                                                       4 * c2.model.width // tensor)
+  # ... and training continues there (data position and step restored with it).
+  resumed = train.train(c2, workdir, devices=jax.devices()[:2], write_report=False)
+  assert int(resumed.step) == 4
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(resumed.params)))
+
+
+# --- Faults ---------------------------------------------------------------------------------------
+class _PoisonAt(train.Trainer):
+  """Feeds a NaN image at one step (counted from the start of this run)."""
+
+  poison_step = 5
+
+  def step(self, state, batch):
+    self.calls = getattr(self, "calls", 0) + 1
+    if self.calls == self.poison_step:
+      batch = dict(batch, hr=batch["hr"] * jnp.nan)
+    return super().step(state, batch)
+
+
+def test_injected_nan_stops_the_run_and_a_corrupt_checkpoint_is_an_error(config, tmp_path):
+  workdir = str(tmp_path)
+  config.tensorboard = False  # 6 steps, log every 2, checkpoint every 3; NaN fed at step 5
+  loop.check_workdir(config, workdir)
+  with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient norm at step 5\b"):
+    loop.run(_PoisonAt(config, workdir, jax.devices()[:1]), workdir, write_report=False)
+  ckpt = ckpt_lib.Checkpointer(workdir, create=False)
+  assert ckpt.manager.all_steps() == [3]  # the last good one is kept, nothing after it
+  trainer = train.Trainer(config, workdir, devices=jax.devices()[:1])
+  good = ckpt.restore(3, trainer.abstract_with_shardings())
+  ckpt.close()
+  assert int(good.step) == 3
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(good.params)))
+
+  # Truncate the largest file of the saved state: resuming is an error naming the checkpoint.
+  files = [f for f in glob.glob(os.path.join(workdir, "checkpoints", "3", "state", "**", "*"),
+                                recursive=True) if os.path.isfile(f)]
+  biggest = max(files, key=os.path.getsize)
+  with open(biggest, "r+b") as f:
+    f.truncate(os.path.getsize(biggest) // 2)
+  with pytest.raises(RuntimeError, match=r"checkpoints/3 could not be restored"):
+    train.train(config, workdir, devices=jax.devices()[:1], write_report=False)
+
+
+def test_sigterm_saves_exits_0_and_the_restart_matches_an_uninterrupted_run(tmp_path):
+  steps = 12
+  cmd = lambda name: [sys.executable, "-m", "tests.scale_worker", "slow",  # noqa: E731
+                      str(tmp_path / name), str(tmp_path / f"{name}.npz")]
+  env = _worker_env(STEPS=str(steps))
+  straight = subprocess.Popen(cmd("straight"), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+  run = subprocess.Popen(cmd("preempted"), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+  out = []
+  for line in run.stdout:
+    out.append(line)
+    if f"step 3/{steps}" in line:
+      run.send_signal(signal.SIGTERM)
+      break
+  rest, _ = run.communicate(timeout=600)
+  log = "".join(out) + rest
+  assert run.returncode == 0, log
+  assert "preempted: saved step" in log
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path / "preempted"), create=False)
+  stopped = ckpt.latest_step()
+  ckpt.close()
+  assert 3 <= stopped < steps, log  # saved mid-run although checkpoint_every is 1000
+
+  again = subprocess.run(cmd("preempted"), cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=600)
+  assert again.returncode == 0, again.stdout + again.stderr
+  assert "resuming from" in again.stdout and f"finished at step {steps}" in again.stdout
+  straight_out, _ = straight.communicate(timeout=600)
+  assert straight.returncode == 0, straight_out
+  a, b = np.load(tmp_path / "preempted.npz"), np.load(tmp_path / "straight.npz")
+  assert sorted(a.files) == sorted(b.files) and len(a.files) > 10
+  for k in a.files:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+# --- Several processes ----------------------------------------------------------------------------
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _per_process_batches(config, num_processes: int, steps: int):
+  """The global batches of a ``num_processes`` run, built in this one process: each process's
+  Grain loader (sharded by process index) yields its rows; the global batch is their
+  concatenation in process order."""
+  loaders = []
+  real = jax.process_index, jax.process_count
+  try:
+    for i in range(num_processes):
+      jax.process_index, jax.process_count = (lambda i=i: i), (lambda: num_processes)
+      loaders.append(iter(pipeline.make_train_loader(config, train.make_tokenizer("byte"))))
+  finally:
+    jax.process_index, jax.process_count = real
+  return [jax.tree.map(lambda *xs: np.concatenate(xs), *[next(it) for it in loaders])
+          for _ in range(steps)]
+
+
+def test_two_processes_over_gloo_equal_one_process(tmp_path):
+  port = _free_port()
+  procs = []
+  for i in range(2):
+    env = _worker_env(XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                      MMSR_COORDINATOR=f"localhost:{port}", MMSR_NUM_PROCESSES="2",
+                      MMSR_PROCESS_ID=str(i))
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "tests.scale_worker", "multiprocess", str(tmp_path / "run"),
+         str(tmp_path / "params.npz")], cwd=REPO, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True))
+  logs = []
+  for p in procs:
+    out, _ = p.communicate(timeout=900)
+    logs.append(out)
+  assert [p.returncode for p in procs] == [0, 0], "\n----\n".join(logs)
+  # Both processes took part in one run: 4 global devices, checkpoints at steps 3 and 5.
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path / "run"), create=False)
+  assert ckpt.manager.all_steps() == [3, 5]
+  ckpt.close()
+
+  # One process, 4 devices, the same mesh and the same global batches.
+  config = small_config(num_train_steps=5)
+  config.mesh.data, config.mesh.fsdp = 2, 2
+  trainer = train.Trainer(config, "/unused", devices=jax.devices()[:4])
+  state = trainer.init_state()
+  for batch in _per_process_batches(config, 2, 5):
+    state, _ = trainer.train_step(state, trainer.frozen, sharding.global_batch(batch, trainer.mesh))
+  ref = jax.device_get(state.params)
+  got = np.load(tmp_path / "params.npz")
+  leaves = jax.tree_util.tree_leaves_with_path(ref)
+  assert sorted(got.files) == sorted(jax.tree_util.keystr(p) for p, _ in leaves)
+  for p, x in leaves:
+    np.testing.assert_allclose(got[jax.tree_util.keystr(p)], x, atol=1e-5, rtol=0,
+                               err_msg=jax.tree_util.keystr(p))
+
+
+def test_distributed_plan_from_environment():
+  assert distributed.plan({}) is None
+  assert distributed.plan({"TPU_WORKER_HOSTNAMES": "t1k-0"}) is None  # single-host TPU VM
+  assert distributed.plan({"TPU_WORKER_HOSTNAMES": "w-0,w-1,w-2,w-3"}) == {}  # pod: auto
+  assert distributed.plan({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}) == {}
+  assert distributed.plan({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None
+  assert distributed.plan({"MMSR_COORDINATOR": "10.0.0.1:1234", "MMSR_NUM_PROCESSES": "4",
+                           "MMSR_PROCESS_ID": "3", "MMSR_LOCAL_DEVICE_IDS": "0,1"}) == {
+      "coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3,
+      "local_device_ids": [0, 1]}
+  with pytest.raises(ValueError, match="MMSR_PROCESS_ID is not"):
+    distributed.plan({"MMSR_COORDINATOR": "h:1", "MMSR_NUM_PROCESSES": "2"})
+  with pytest.raises(ValueError, match=r"MMSR_PROCESS_ID=2 is not in \[0, MMSR_NUM_PROCESSES=2\)"):
+    distributed.plan({"MMSR_COORDINATOR": "h:1", "MMSR_NUM_PROCESSES": "2",
+                      "MMSR_PROCESS_ID": "2"})
+
+
+# --- FLOPs and the benchmark ----------------------------------------------------------------------
+def test_analytic_flops_match_xla_cost_analysis():
+  """The config-derived forward count against XLA's count of the compiled forward pass (which
+  also counts element-wise work, hence the tolerance)."""
+  c = small_config(**{"model.width": 256, "model.num_heads": 4, "model.context_heads": 4,
+                      "data.hr_size": 64, "model.context_latents": 32})
+  model = train.build_model(c)
+  cond = train.Conditioner.from_config(c)
+  inputs = train.dummy_inputs(c, cond, batch=2)
+  params = jax.eval_shape(lambda r: nn_unbox(model.init(r, *inputs)["params"]), jax.random.key(0))
+  cost = jax.jit(lambda p, *x: model.apply({"params": p}, *x)).lower(params, *inputs).compile()
+  cost = cost.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  analytic = 2 * sum(flops.mmsr_forward_flops(c).values())
+  assert analytic == pytest.approx(cost["flops"], rel=0.05)
+  assert flops.mmsr_train_flops_per_step(c) == 3 * analytic / 2 * c.batch_size
+
+
+def test_bench_train_reports_step_time_images_per_s_and_mfu():
+  from mmsr_jax.benches import train as bench_train
+  c = small_config()
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  r = bench_train.measure(c, peak_flops=1e12, repeats=2, warmup=1)
+  assert r["step_time_s"] > 0
+  assert r["images_per_s"] == pytest.approx(c.batch_size / r["step_time_s"])
+  assert r["mfu"] == pytest.approx(
+      flops.mmsr_train_flops_per_step(c) / r["step_time_s"] / (8 * 1e12))
+  assert r["xla_tflops_per_step"] > r["model_tflops_per_step"] > 0
+  assert r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert bench_train.measure(c, repeats=1, warmup=0)["mfu"] is None  # CPU peak unknown
+
+
+# --- Launch scripts -------------------------------------------------------------------------------
+def _sh(*args, env=None):
+  return subprocess.run(["bash", *args], cwd=REPO, capture_output=True, text=True, timeout=60,
+                        env=dict(os.environ, **(env or {})))
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed "
+                    "(pip install -r requirements-test.txt)")
+def test_launch_scripts_pass_shellcheck():
+  scripts = sorted(glob.glob(os.path.join(REPO, "launch", "*.sh")))
+  assert len(scripts) >= 3
+  r = subprocess.run(["shellcheck", "--severity=style", *scripts], capture_output=True,
+                     text=True)
+  assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_tpu_vm_dry_runs_print_the_gcloud_commands():
+  env = {"TPU_NAME": "mmsr-pod", "TPU_ZONE": "us-central2-b", "TPU_TYPE": "v4-32",
+         "TPU_PROJECT": "my-proj", "TPU_RUNTIME": "tpu-ubuntu2204-base",
+         "WORKDIR": "gs://bucket/runs/dit_l"}
+  out = {}
+  for cmd in ("create", "setup", "train", "logs", "delete"):
+    r = _sh("launch/tpu_vm.sh", cmd, "--dry-run", env=env)
+    assert r.returncode == 0, r.stderr
+    out[cmd] = r.stdout
+  where = "--zone=us-central2-b --project=my-proj"
+  assert out["create"].strip() == (
+      f"gcloud compute tpus tpu-vm create mmsr-pod {where} --accelerator-type=v4-32 "
+      "--version=tpu-ubuntu2204-base")
+  assert "gcloud compute tpus tpu-vm scp /tmp/mmsr-jax-" in out["setup"]
+  assert f"mmsr-pod:mmsr-jax.tar.gz {where} --worker=all" in out["setup"]
+  assert f"gcloud compute tpus tpu-vm ssh mmsr-pod {where} --worker=all --command=" in out["setup"]
+  assert "pip install -q -r requirements.txt \"jax[tpu]==" in out["setup"]
+  assert (f"gcloud compute tpus tpu-vm ssh mmsr-pod {where} --worker=all --command="
+          in out["train"])
+  assert ("python3 -m mmsr_jax.train --config=configs/dit_l.py "
+          "--workdir=gs://bucket/runs/dit_l" in out["train"])
+  assert "nohup" in out["train"]  # detached: survives the ssh session
+  assert "--worker=0 --command=" in out["logs"] and "tail" in out["logs"]
+  assert out["delete"].strip() == f"gcloud compute tpus tpu-vm delete mmsr-pod {where} --quiet"
+  # Extra arguments go to the trainer; the spot/preemptible flag to create.
+  r = _sh("launch/tpu_vm.sh", "train", "--dry-run", "--config.batch_size=512",
+          env=dict(env, CONFIG="configs/dit_xl.py"))
+  assert "--config=configs/dit_xl.py" in r.stdout and "--config.batch_size=512" in r.stdout
+  r = _sh("launch/tpu_vm.sh", "create", "--dry-run", env=dict(env, TPU_SPOT="1"))
+  assert r.stdout.strip().endswith("--spot")
+  r = _sh("launch/tpu_vm.sh", "bogus", "--dry-run", env=env)
+  assert r.returncode == 2 and "usage" in r.stderr
+
+
+def test_gpu_multinode_dry_run_prints_one_command_per_node():
+  r = _sh("launch/train_gpu_multinode.sh", "--dry-run", "configs/dit_l.py", "/runs/x",
+          env={"NODES": "node0,node1", "COORDINATOR_PORT": "8476"})
+  assert r.returncode == 0, r.stderr
+  lines = [ln for ln in r.stdout.splitlines() if ln.startswith("ssh ")]
+  assert len(lines) == 2
+  for i, (node, line) in enumerate(zip(("node0", "node1"), lines)):
+    assert line.startswith(f"ssh {node} ")
+    assert (f"MMSR_COORDINATOR=node0:8476 MMSR_NUM_PROCESSES=2 MMSR_PROCESS_ID={i}" in line)
+    assert "python3 -m mmsr_jax.train --config=configs/dit_l.py --workdir=/runs/x" in line
