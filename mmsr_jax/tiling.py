@@ -181,6 +181,22 @@ def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
   return jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)])
 
 
+def _chunked(fn: Callable, args: tuple, cap: int | None, multiple: int = 1):
+  """``fn(*args)`` over the leading dimension in sequential chunks of at most about ``cap`` rows
+  (equal chunks, each a multiple of ``multiple``; one ``lax.map``, so only one chunk's activations
+  are live); all rows at once when ``cap`` is None or not smaller than the row count (then
+  exactly ``fn(*args)``)."""
+  rows = args[0].shape[0]
+  if cap is None or rows <= cap:
+    return fn(*args)
+  k = -(-rows // cap)
+  chunk = -(-(-(-rows // k)) // multiple) * multiple
+  k = -(-rows // chunk)
+  stacked = tuple(_pad_rows(a, k * chunk).reshape(k, chunk, *a.shape[1:]) for a in args)
+  out = jax.lax.map(lambda xs: fn(*xs), stacked)
+  return out.reshape(k * chunk, *out.shape[2:])[:rows]
+
+
 def _encode(conditioner: Conditioner, frozen, x: jax.Array) -> jax.Array:
   """The autoencoder's encode; the KL VAE encodes large images on its own overlapping tiles."""
   ae = conditioner.autoencoder
@@ -206,7 +222,8 @@ def _decode_sample(conditioner: Conditioner, frozen, x0: jax.Array, lr_latent: j
 def make_tiled_sample_fn(model: MMSR, conditioner: Conditioner, schedule: diffusion.Schedule,
                          grid: TileGrid, *, steps: int, guidance: str = "mcfg",
                          spacing: str = "leading", clip_x0: float = 0.0, strength: float = 1.0,
-                         mesh=None, progress: Callable[[], None] | None = None):
+                         mesh=None, progress: Callable[[], None] | None = None,
+                         tile_batch: int | None = None, map_batch: int | None = None):
   """Returns ``sample(params, frozen, inputs, rng, scale, eta) -> images [B, H, W, 3]`` in [-1, 1].
 
   ``inputs`` (see :func:`make_tiled_inputs`): ``lr [B, h, w, 3]`` the whole (padded) LR images;
@@ -219,6 +236,10 @@ def make_tiled_sample_fn(model: MMSR, conditioner: Conditioner, schedule: diffus
   ``mesh``: the tile batch (all tiles of all images, both guidance branches) is padded to a
   multiple of the data-axis size and split over it. ``progress`` is called on the host once per
   DDIM step (``jax.debug.callback``; the loop stays one jitted ``fori_loop``).
+
+  Memory of large outputs: ``tile_batch`` caps the rows (tiles x guidance branches, a multiple
+  of the data-axis size) of one denoiser pass and ``map_batch`` the tiles whose maps go through
+  the VQ encoder at once; larger batches run as sequential chunks. None = everything in one pass.
   """
   first = diffusion.start_step(steps, strength)
   t_first = int(diffusion.ddim_timesteps(schedule.num_timesteps, steps, spacing)[first])
@@ -242,7 +263,7 @@ def make_tiled_sample_fn(model: MMSR, conditioner: Conditioner, schedule: diffus
       raise ValueError(f"LR {h}x{w} gives a {lr_latent.shape[1:3]} latent; the tile grid was "
                        f"made for {grid.latent_hw}")
     # --- Context per tile (both guidance branches), computed once.
-    ids = conditioner.modality_ids(frozen, inputs["maps"])
+    ids = _chunked(lambda m: conditioner.modality_ids(frozen, m), (inputs["maps"],), map_batch)
     present = inputs["present"].astype(bool)
     per_tile = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731  per image -> per tile
     temperature = per_tile(inputs["temperature"])
@@ -286,8 +307,10 @@ def make_tiled_sample_fn(model: MMSR, conditioner: Conditioner, schedule: diffus
       tt = jnp.full((zt.shape[0],), t[0], jnp.int32)
       if guided:
         zt, tt = jnp.concatenate([zt, zt]), jnp.concatenate([tt, tt])
-      out = model.apply({"params": params}, split(_pad_rows(zt, padded)),
-                        _pad_rows(tt, padded), lr_rows, ctx, method=MMSR.denoise)[:rows]
+      dit = lambda z_, t_, l_, c_: model.apply(  # noqa: E731
+          {"params": params}, split(z_), t_, split(l_), split(c_), method=MMSR.denoise)
+      out = _chunked(dit, (_pad_rows(zt, padded), _pad_rows(tt, padded), lr_rows, ctx),
+                     tile_batch, shards)[:rows]
       if guided:
         half = rows // 2
         out = diffusion.guided_prediction(out[:half], out[half:], scale)

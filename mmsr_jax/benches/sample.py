@@ -51,6 +51,12 @@ _LARGE_EXECUTE = flags.DEFINE_bool("sample_large_execute", None, "Run the large 
                                    "(default: on GPU/TPU).")
 _TIME = flags.DEFINE_bool("sample_time", True, "Run and time the sampler; false: compile only "
                           "and report XLA's memory analysis (e.g. the full model on a CPU).")
+_LARGE_TILE_BATCH = flags.DEFINE_integer(
+    "sample_large_tile_batch", 16, "Large output: most tiles x branches per denoiser pass "
+    "(0: all at once).")
+_LARGE_MAP_BATCH = flags.DEFINE_integer(
+    "sample_large_map_batch", 4, "Large output: most tiles whose maps are VQ-encoded at once "
+    "(0: all).")
 _MAX_BATCH = flags.DEFINE_integer("sample_max_batch", 256, "Upper bound of the batch search.")
 
 
@@ -106,7 +112,8 @@ class _Setup:
     self.frozen = jax.device_put({"ae": self.conditioner.autoencoder.init_params(r_ae),
                                   "text": {}, "vq": vq}, repl)
 
-  def sample_fn(self, size: int, steps: int, guidance: str):
+  def sample_fn(self, size: int, steps: int, guidance: str, tile_batch: int = 0,
+                map_batch: int = 0):
     from mmsr_jax import tiling
     s = self.config.data.scale
     if size % (s * self.config.autoencoder.factor):
@@ -115,7 +122,7 @@ class _Setup:
     fn = tiling.make_tiled_sample_fn(
         self.model, self.conditioner, self.schedule, grid, steps=steps, guidance=guidance,
         spacing=self.config.sampling.spacing, clip_x0=self.config.sampling.clip_x0,
-        strength=1.0, mesh=self.mesh)
+        strength=1.0, mesh=self.mesh, tile_batch=tile_batch or None, map_batch=map_batch or None)
     return fn, grid
 
   def inputs(self, batch: int, size: int, grid, guided: bool) -> dict:
@@ -168,11 +175,14 @@ def run() -> dict:
   # The large output runs first, so the device's peak counter then measures it alone.
   large = {}
   if _LARGE.value:
-    big_fn, big_grid = st.sample_fn(_LARGE.value, steps, _GUIDANCE.value)
+    big_fn, big_grid = st.sample_fn(_LARGE.value, steps, _GUIDANCE.value,
+                                    _LARGE_TILE_BATCH.value, _LARGE_MAP_BATCH.value)
     big_inputs = st.inputs(1, _LARGE.value, big_grid, guided)
     args = (st.params, st.frozen, big_inputs, jax.random.key(0), 2.0, 0.0)
     large["large_output"] = f"{_LARGE.value}x{_LARGE.value}"
     large["large_tiles"] = big_grid.num_tiles
+    large["large_tile_batch"] = _LARGE_TILE_BATCH.value
+    large["large_map_batch"] = _LARGE_MAP_BATCH.value
     large["large_xla_bytes"] = _bytes(big_fn.lower(*args).compile())
     execute = (not on_cpu) if _LARGE_EXECUTE.value is None else _LARGE_EXECUTE.value
     if execute:
