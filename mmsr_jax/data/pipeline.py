@@ -9,7 +9,8 @@ batch-wise (jitted blur/resize/noise, host JPEG) in a prefetch thread.
 
 Training examples come from a ``grain.python.DataLoader`` sharded per JAX process. The random
 transform draws everything from the per-record generator that grain's ``IndexSampler`` derives
-from ``config.seed`` and the global record index, so the batches are reproducible and the
+from ``config.seed`` and the example's global position in the sharded, shuffled index stream
+(the number of Grain workers does not change it), so the batches are reproducible and the
 iterator state (``get_state`` / ``set_state``) is enough to resume exactly. Save that state with
 Orbax through ``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore`` (aliases:
 ``grain.python.PyGrainCheckpointSave`` / ``PyGrainCheckpointRestore``).
@@ -71,8 +72,13 @@ def _load_records(config: ml_collections.ConfigDict, split: str) -> list[dict[st
   eval_path = config.data.get("eval_path", "")
   if split == "val" and eval_path:
     folder = sources.FolderSource(eval_path)
-    return [dict(folder[i], name=os.path.relpath(folder.files[i], eval_path))
-            for i in range(len(folder))]
+    records = []
+    for i, path in enumerate(folder.files):
+      try:
+        records.append(dict(folder[i], name=os.path.relpath(path, eval_path)))
+      except sources.BadImage as e:
+        raise ValueError(f"config.data.eval_path image {path}: {e}") from e
+    return records
   return demo.load_demo_records(split)
 
 
