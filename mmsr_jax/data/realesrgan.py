@@ -12,8 +12,9 @@ Where each part runs, and why:
 * **Host, per example** (``sample_params``, inside the Grain worker): every random choice
   (kernel family and shape, sinc cutoffs, resize direction / factor / mode, noise kind and level,
   JPEG qualities, final order, a noise seed) is drawn from the example's own
-  ``np.random.Generator``, which Grain derives from (seed, global example index). So an example's
-  degradation never depends on the batch it lands in, the worker count or the process sharding.
+  ``np.random.Generator``, which Grain derives from (seed, global example index). So the draw
+  for example i is the same whatever batch it lands in, the worker count or the process count
+  (the device stages are vmapped per example; the noise key is one of the draws).
   Kernels are built here (small 21x21 arrays), as the reference builds them in its data workers.
 * **Device, batched and jitted** (``RealESRGANDegrader``): blur, resize and noise, three jitted
   functions (stage 1, stage 2, final) ``vmap``-ed over the batch. Random sizes would recompile a
