@@ -184,6 +184,10 @@ class ShardRecords:
     from mmsr_jax import annotate
     return annotate.decode_record(self._source[int(self._index[int(i)])])
 
+  def __repr__(self) -> str:  # grain checks the source of a restored iterator by its repr
+    return (f"ShardRecords(pattern={self._pattern!r}, split={self._split!r}, "
+            f"heldout_every={self._every})")
+
   def __getstate__(self):
     return {"pattern": self._pattern, "split": self._split, "every": self._every}
 
@@ -213,6 +217,9 @@ class SyntheticRecords:
 
   def __getitem__(self, i: int) -> dict[str, Any]:
     return {}
+
+  def __repr__(self) -> str:  # grain checks the source of a restored iterator by its repr
+    return f"SyntheticRecords(n={self._n})"
 
 
 class MakeMapsExample(pygrain.RandomMapTransform):
@@ -372,6 +379,13 @@ class VQTask:
     self.disc = (L.PatchDiscriminator(vt.disc_width, vt.disc_layers) if vt.adv_weight > 0
                  else None)
     self.tx_d = optax.adam(vt.disc_lr, b1=0.5, b2=0.9) if self.disc else None
+    if self.disc is not None:
+      m = config.data.map_size
+      out = jax.eval_shape(lambda: self.disc.init_with_output(
+          jax.random.key(0), jnp.zeros((1, m, m, 3)))[0])
+      if min(out.shape[1:3]) < 1:
+        raise ValueError(f"config.vq_train.disc_layers={vt.disc_layers} is too deep for "
+                         f"{m}x{m} maps (no patch logits left); use fewer layers")
     self.lpips = self._load_lpips() if vt.perceptual_weight > 0 else None
     repl = sharding.replicated(self.mesh)
     abstract = jax.eval_shape(self._init_fn, jax.random.key(0))
@@ -556,6 +570,24 @@ class VQTask:
   def write_report(self, workdir: str, state) -> dict:
     return write_report(self, workdir, state)
 
+  def sample_grid(self, state) -> dict[str, np.ndarray]:
+    """Held-out maps and their reconstructions, logged every ``config.sample_every`` steps."""
+    if not hasattr(self, "_grid_maps"):
+      n = int(self.config.vq_train.png_examples)
+      self._grid_maps = {k: h["maps"][:n] for k, h in heldout_maps(self.config).items()}
+    params = jax.device_get(state["params"])
+    rows = []
+    for mi, name in enumerate(MODALITIES):
+      if name in self._grid_maps:
+        x = self._grid_maps[name]
+        g = mi if self.groups > 1 else 0
+        row = [x, np.asarray(_reconstruct(self.model, group_params(params["vq"], g), x)[0])]
+        if "cont" in params:
+          row.append(np.asarray(_reconstruct_continuous(
+              self.model, group_params(params["cont"], g), x)))
+        rows.append(row)
+    return {"reconstructions": _grid(rows)}
+
 
 # ------------------------------------------------------------------------------------ report
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -661,9 +693,14 @@ def _read_metrics(workdir: str) -> list[dict]:
 
 
 def _write_png(path: str, rows: list[list[np.ndarray]]) -> None:
-  """One block per modality: the maps (top), VQ reconstructions, continuous reconstructions."""
-  if not rows:
-    return
+  """Writes :func:`_grid` as a PNG (nothing when there are no rows)."""
+  if rows:
+    cv2.imwrite(path, _grid(rows)[..., ::-1])
+
+
+def _grid(rows: list[list[np.ndarray]]) -> np.ndarray:
+  """One block per modality: the maps (top), VQ reconstructions, continuous reconstructions;
+  uint8 RGB, tiny maps enlarged by pixel repetition."""
   blocks = []
   for row in rows:
     lines = [np.concatenate(list(r), axis=1) for r in row]
@@ -676,7 +713,7 @@ def _write_png(path: str, rows: list[list[np.ndarray]]) -> None:
   scale = max(1, 512 // img.shape[1])  # nearest-neighbour enlargement of tiny maps
   if scale > 1:
     img = np.repeat(np.repeat(img, scale, 0), scale, 1)
-  cv2.imwrite(path, img[..., ::-1])
+  return img
 
 
 # --------------------------------------------------------------------------------------- main

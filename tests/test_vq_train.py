@@ -203,6 +203,9 @@ def test_short_train_raises_usage_lowers_error_and_reports(tmp_path):
   assert 0.0 < report["codebook_usage"] <= 1.0
   assert 1.0 <= report["perplexity"] <= 128.0
   assert os.path.getsize(os.path.join(wd, "reconstructions.png")) > 0
+  grid = train_vq.VQTask(config, wd, devices=jax.devices()[:1]).sample_grid(state)
+  # 3 modalities x (maps, VQ, continuous) rows of 2 maps of 16 px, 4 px gaps, enlarged x16.
+  assert grid["reconstructions"].shape == (16 * 3 * (3 * 16 + 4), 16 * 32, 3)
   # The exported tokenizer is what config.vq.params loads, and reproduces the report's ids.
   from configs import tiny
   mc = tiny.get_config()
@@ -241,7 +244,7 @@ def test_per_modality_tokenizers_load_into_the_conditioner(tmp_path):
   from mmsr_jax.models.mmsr import Conditioner
   config = micro_config(num_train_steps=2, log_every=1, checkpoint_every=2,
                         **{"vq.per_modality": True, "vq_train.continuous_baseline": False,
-                           "vq_train.adv_weight": 0.1})
+                           "vq_train.adv_weight": 0.1, "vq_train.disc_layers": 1})
   wd = str(tmp_path / "pm")
   state = train_vq.train(config, wd, devices=jax.devices()[:1])
   assert jax.tree.leaves(state["params"]["vq"])[0].shape[0] == 3
@@ -270,6 +273,8 @@ def test_bad_settings_are_clear_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="config.vq_train.shards"):
     train_vq.VQTask(micro_config(**{"vq_train.source": "shards",
                                     "vq_train.shards": str(tmp_path / "none")}), str(tmp_path))
+  with pytest.raises(ValueError, match="disc_layers=3 is too deep"):
+    train_vq.VQTask(micro_config(**{"vq_train.adv_weight": 0.1}), str(tmp_path))
   with pytest.raises(ValueError, match="lpips_params"):
     train_vq.VQTask(micro_config(**{"vq_train.perceptual_weight": 1.0}), str(tmp_path))
 
