@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import os
 from typing import Any, Sequence
 
@@ -305,17 +306,28 @@ class _Input:
     return sources.FolderSource(self.spec)
 
 
+SIZE_BUCKET = 256  # HR sizes are reflect-padded up to a multiple of this before degrading
+
+
 def _lr_version(image: np.ndarray, index: int, preset: str, scale: int, seed: int) -> np.ndarray:
-  """The degraded LR version of an image the modalities are extracted from (reproducible)."""
+  """The degraded LR version of an image the modalities are extracted from (reproducible).
+
+  The image (cropped to a multiple of ``scale``) is reflect-padded to a multiple of SIZE_BUCKET
+  so that folders of many different sizes compile the jitted stages only a few times; the final
+  resize maps the padded image to exactly 1/scale of it, so cropping the LR to
+  (h/scale, w/scale) keeps exactly the original region.
+  """
   from mmsr_jax.data import realesrgan  # pylint: disable=g-import-not-at-top
   h, w = image.shape[:2]
   h, w = h - h % scale, w - w % scale
   if min(h, w) < scale:
     raise ValueError(f"image of size {image.shape[:2]} is smaller than the scale {scale}")
-  hr = image[:h, :w].astype(np.float32) / np.float32(255.0)
+  bucket = SIZE_BUCKET * scale // math.gcd(SIZE_BUCKET, scale)
+  ph, pw = -(-h // bucket) * bucket, -(-w // bucket) * bucket
+  hr = np.pad(image[:h, :w], ((0, ph - h), (0, pw - w), (0, 0)), mode="symmetric")
   lr = realesrgan.RealESRGANDegrader(preset, scale).degrade_one(
-      hr, np.random.default_rng([seed, index]))
-  return np.round(lr * 255.0).astype(np.uint8)
+      hr.astype(np.float32) / np.float32(255.0), np.random.default_rng([seed, index]))
+  return np.round(lr[:h // scale, :w // scale] * 255.0).astype(np.uint8)
 
 
 def _manifest(n: int, size: int, settings: dict[str, Any]) -> dict[str, Any]:
