@@ -1,5 +1,5 @@
-"""The trainer: sharded step equality, exact resume, end-to-end train -> report -> sample, and
-clear errors for bad input."""
+"""The trainer: exact resume, end-to-end train -> report -> sample, and clear errors for bad
+input (sharded step equality and the other scale tests: tests/test_scale.py)."""
 
 import json
 import os
@@ -28,25 +28,7 @@ def _assert_trees_close(a, b, atol):
     np.testing.assert_allclose(x, y, atol=atol, rtol=0, err_msg=jax.tree_util.keystr(path))
 
 
-def test_step_on_8_devices_equals_1_device(config):
-  assert len(jax.devices()) == 8
-  batch = next(iter(pipeline.make_train_loader(config, train.make_tokenizer("byte"))))
-  results = {}
-  for n in (8, 1):
-    trainer = train.Trainer(config, "/unused", devices=jax.devices()[:n])
-    state = trainer.init_state()
-    assert len(state.params["dit"]["patch_embed"]["kernel"].sharding.device_set) == n
-    for _ in range(2):
-      state, metrics = trainer.train_step(state, trainer.frozen,
-                                          sharding.global_batch(batch, trainer.mesh))
-    results[n] = (_params(state), jax.device_get(state.ema_params), float(metrics["loss"]))
-  _assert_trees_close(results[8][0], results[1][0], atol=1e-5)
-  _assert_trees_close(results[8][1], results[1][1], atol=1e-5)
-  assert results[8][2] == pytest.approx(results[1][2], abs=1e-5)
-  # The step really changed the parameters.
-  init = jax.device_get(train.Trainer(config, "/unused", devices=jax.devices()[:1]).init_state())
-  assert np.abs(results[1][0]["dit"]["proj_out"]["kernel"]
-                - init.params["dit"]["proj_out"]["kernel"]).max() > 1e-6
+# The 8-device vs 1-device step equality (data, FSDP and tensor axes) is in tests/test_scale.py.
 
 
 def test_resume_continues_exactly(config, tmp_path):
