@@ -196,3 +196,31 @@ def test_degrader_errors():
     deg(np.zeros((30, 32, 3), np.float32), {})
   with pytest.raises(ValueError, match="preset 'x'"):
     R.RealESRGANDegrader("x")
+
+
+def test_degrade_cli(tmp_path):
+  """python -m mmsr_jax.degrade: samples of exactly H/4 x W/4, parameters, a contact sheet; no
+  silent overwrite."""
+  import json
+  import os
+  import subprocess
+  import sys
+
+  import cv2
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  img = (_hr(64, 96) * 255).round().astype(np.uint8)
+  cv2.imwrite(str(tmp_path / "in.png"), img[..., ::-1])
+  env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  cmd = [sys.executable, "-m", "mmsr_jax.degrade", f"--input={tmp_path / 'in.png'}",
+         f"--output={tmp_path / 'out'}", "--num=3", "--seed=1", "--preset=seesr"]
+  r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  for i in range(3):
+    lr = cv2.imread(str(tmp_path / "out" / f"lr_{i:02d}.png"))
+    assert lr.shape == (16, 24, 3)
+    p = json.loads((tmp_path / "out" / f"params_{i:02d}.json").read_text())
+    assert p["seed"] == [1, i] and p["preset"] == "seesr" and p["lr_size"] == [16, 24]
+  sheet = cv2.imread(str(tmp_path / "out" / "contact_sheet.png"))
+  assert sheet.shape == (2 * 64, 2 * 96, 3)  # HR + 3 samples on a 2x2 grid
+  r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2 and "pass --overwrite" in r.stderr
