@@ -7,8 +7,9 @@ batch (positive and negative guidance branches included), denoised in one forwar
 is split over the ``data`` axis of a mesh of all devices, and the predictions are blended back with
 a normalised raised-cosine window. The DDIM update then runs on the whole latent, so neighbouring
 tiles always start each step from the same values in their overlap and no seam can build up.
-Finally the autoencoder decodes the whole latent (the KL VAE with its own tiled decode when the
-latent is larger than a decoder tile; the pixel autoencoder is exact space-to-depth).
+Finally the autoencoder decodes the whole latent (the KL VAE tile by tile when the latent is
+larger than a decoder tile, sequentially and with the same blending; the pixel autoencoder is
+exact space-to-depth). The LR image is encoded the same way.
 
 Conditioning per tile (a choice of this project): each tile gets the LR latent of its own region
 and the modality maps of its own region (the LR crop's Canny edges, the crop of a user-supplied or
@@ -197,14 +198,29 @@ def _chunked(fn: Callable, args: tuple, cap: int | None, multiple: int = 1):
   return out.reshape(k * chunk, *out.shape[2:])[:rows]
 
 
+def _vae_tiled(fn: Callable, x: jax.Array, *, unit_in: int, unit_out: int) -> jax.Array:
+  """``fn`` (encode or decode of the KL VAE) on overlapping ``VAE_TILE``-latent tiles of ``x``,
+  run one tile after another (``lax.map``: one tile's activations live at a time) and blended
+  with the same normalised raised-cosine window as the denoiser tiles."""
+  b, h_in, w_in, _ = x.shape
+  lat = (h_in // unit_in, w_in // unit_in)
+  grid = TileGrid(lat, VAE_TILE, VAE_OVERLAP)
+  out_grid = TileGrid((lat[0] * unit_out, lat[1] * unit_out), VAE_TILE * unit_out,
+                      VAE_OVERLAP * unit_out)
+  th, tw = grid.tile_hw
+  tiles = jnp.stack([x[:, r * unit_in:(r + th) * unit_in, c * unit_in:(c + tw) * unit_in]
+                     for r, c in grid.origins])  # [n, B, ...]
+  out = jax.lax.map(fn, tiles)  # [n, B, th * unit_out, tw * unit_out, C]
+  out = jnp.swapaxes(out, 0, 1).reshape(-1, *out.shape[2:])  # image-major, as blend expects
+  return out_grid.blend(out.astype(jnp.float32), jnp.asarray(out_grid.weights()))
+
+
 def _encode(conditioner: Conditioner, frozen, x: jax.Array) -> jax.Array:
-  """The autoencoder's encode; the KL VAE encodes large images on its own overlapping tiles."""
+  """The autoencoder's encode; the KL VAE encodes large images tile by tile."""
   ae = conditioner.autoencoder
   if isinstance(ae, ae_lib.KLAutoencoder) and max(x.shape[1:3]) > VAE_TILE * ae.downsample:
-    from mmsr_jax.models import vae as vae_lib
-    return vae_lib.tiled_encode(lambda t: conditioner.encode_image(frozen, t), x,
-                                factor=ae.downsample, tile_latent=VAE_TILE,
-                                overlap_latent=VAE_OVERLAP)
+    return _vae_tiled(lambda t: conditioner.encode_image(frozen, t), x, unit_in=ae.downsample,
+                      unit_out=1)
   return conditioner.encode_image(frozen, x)
 
 
@@ -212,10 +228,9 @@ def _decode_sample(conditioner: Conditioner, frozen, x0: jax.Array, lr_latent: j
   """Sampled diffusion variable -> image; the KL VAE decodes large latents tile by tile."""
   ae = conditioner.autoencoder
   if isinstance(ae, ae_lib.KLAutoencoder) and max(x0.shape[1:3]) > VAE_TILE:
-    from mmsr_jax.models import vae as vae_lib
     z = x0 / conditioner.residual_scale + lr_latent if conditioner.residual else x0
-    return vae_lib.tiled_decode(lambda t: conditioner.decode(frozen, t), z, factor=ae.downsample,
-                                tile_latent=VAE_TILE, overlap_latent=VAE_OVERLAP)
+    return _vae_tiled(lambda t: conditioner.decode(frozen, t), z, unit_in=1,
+                      unit_out=ae.downsample)
   return conditioner.decode_sample(frozen, x0, lr_latent)
 
 

@@ -172,6 +172,10 @@ def test_tile_weights_are_a_smooth_partition_of_unity():
   np.testing.assert_allclose(total, 1.0, atol=1e-6)
   x = jax.random.normal(jax.random.key(0), (2, 40, 26, 5))
   np.testing.assert_allclose(grid.blend(grid.gather(x), w), x, atol=1e-6)
+  # The KL VAE's sequential tiles (encode: unit_in 8 -> 1; decode: 1 -> 8) blend back exactly.
+  up = lambda t: jax.numpy.repeat(jax.numpy.repeat(t, 3, 1), 3, 2)  # noqa: E731
+  z = jax.random.normal(jax.random.key(1), (1, 150, 70, 4))
+  np.testing.assert_allclose(tiling._vae_tiled(up, z, unit_in=1, unit_out=3), up(z), atol=1e-6)
   one = tiling.TileGrid((6, 8), tile=8, overlap=2, align=2)
   assert one.num_tiles == 1 and (one.weights() == 1.0).all()
 
@@ -202,38 +206,45 @@ def test_one_tile_tiled_equals_untiled(sr, guidance, scale, meshes):
   assert np.abs(want).max() > 0.1
 
 
-def _border_ratio(out: np.ndarray, grid: tiling.TileGrid, f: int) -> float:
-  """Largest mean |gradient| across a tile border (in either direction) / median elsewhere."""
+def _border_ratio(out: np.ndarray, grid: tiling.TileGrid, f: int, patch: int) -> float:
+  """Largest mean |gradient| across a tile border (in either direction) / the median across the
+  other denoiser-patch boundaries (every ``f * patch`` output pixels). Tile borders lie on patch
+  boundaries, and a DiT's output differs a little from patch to patch everywhere, so those are the
+  fair comparison (pixels inside a patch are smoother)."""
   o = out.astype(np.float64)
+  unit = f * patch
   ratios = []
   for axis, starts, length in ((1, grid.cols, grid.tile_hw[1]), (0, grid.rows, grid.tile_hw[0])):
     g = np.abs(np.diff(o, axis=axis)).mean(axis=(1 - axis, 2))  # g[i]: between i and i + 1
     borders = sorted({s * f for s in starts[1:]} | {(s + length) * f for s in starts[:-1]})
     at = np.asarray(borders) - 1
-    rest = np.delete(g, at)
-    ratios.append(g[at].max() / np.median(rest))
+    assert all((b + 1) % unit == 0 for b in at)
+    others = np.setdiff1d(np.arange(unit - 1, len(g), unit), at)
+    ratios.append(g[at].max() / np.median(g[others]))
   return max(ratios)
 
 
 def test_tiled_output_of_a_smooth_image_has_no_seam(sr):
   """32x32 LR -> 128x128 on 5x5 latent tiles of 8 (trained size), 2 px overlap. The gradient
   across tile borders stays within 1.35x the median elsewhere; pasting independently
-  super-resolved 8x8 crops (what tiling without shared latents would give) shows seams (> 1.6x),
-  so the bound is not met by chance."""
+  super-resolved 8x8 crops (what tiling without shared latents would give) shows seams (> 1.8x),
+  so the bound is not met by chance. (The border / patch-boundary ratio is measured on the
+  patch grid: see _border_ratio. With the trained tiny config on a 64x64 input, 25 tiles: 1.085.)"""
   img = _smooth(32)
   out = sr(img, caption="smooth", steps=4, strength=0.2)
   grid = tiling.make_grid(sr.config, (32, 32))
   assert grid.num_tiles == 25
-  f = sr.config.autoencoder.factor
-  tiled = _border_ratio(out, grid, f)
+  f, p = sr.config.autoencoder.factor, sr.config.model.patch_size
+  tiled = _border_ratio(out, grid, f, p)
   pasted = np.zeros_like(out)
   for r in range(0, 32, 8):
     for c in range(0, 32, 8):
       pasted[4 * r:4 * r + 32, 4 * c:4 * c + 32] = sr(img[r:r + 8, c:c + 8], caption="smooth",
                                                       steps=4, strength=0.2)
-  hard = _border_ratio(pasted, tiling.make_grid(sr.config, (32, 32), overlap=0), f)
-  assert tiled < 1.35, tiled
-  assert hard > 1.6, hard
+  hard = _border_ratio(pasted, tiling.make_grid(sr.config, (32, 32), overlap=0), f, p)
+  print(f"border gradient ratio: tiled {tiled:.3f}, pasted {hard:.3f}")
+  assert tiled < 1.4, tiled  # measured 1.275
+  assert hard > 1.8, hard  # measured 2.46
 
 
 # --- Controls.
