@@ -5,13 +5,21 @@
 Measured on a 2-core CPU: 7.5 to 8 minutes including compilation (about 3.5 steps/s);
 report.json with first_train_loss 0.966 -> final_train_loss 0.117, and on the two held-out 128x128 crops
 psnr_sr 27.68 / ssim_sr 0.676 against psnr_bicubic 28.01 / ssim_bicubic 0.711.
-Space-to-depth ("pixel") autoencoder, a 4-block width-192 DiT, random frozen T5 and VQ encoders.
+Space-to-depth ("pixel") autoencoder, a 4-block width-192 DiT, random frozen T5; the VQ tokenizer
+is mmsr_jax/assets/vq_tiny.safetensors, trained by ``python -m mmsr_jax.train_vq
+--config=configs/vq_tiny.py`` (the numbers above were measured with a random VQ, before it existed).
 Override any field, e.g. ``--config.num_train_steps=30``. Real data and degradations:
 ``--config.data.source=folder --config.data.path=DIR --config.data.degradation=realesrgan``
 (or ``source=tfds`` / ``arrayrecord``; see mmsr_jax/data/sources.py).
 """
 
+import os
+
+import mmsr_jax
 from mmsr_jax.config_base import base_config
+
+# The tokenizer trained by configs/vq_tiny.py (README: "VQ tokenizers"), shipped with the package.
+VQ_TINY = os.path.join(os.path.dirname(mmsr_jax.__file__), "assets", "vq_tiny.safetensors")
 
 
 def get_config():
@@ -36,6 +44,7 @@ def get_config():
   c.vq.arch.vq_embed_dim = 16
   c.vq.arch.num_vq_embeddings = 64
   c.vq.arch.norm_num_groups = 8
+  c.vq.params = VQ_TINY
 
   c.autoencoder.kind = "pixel"
   c.autoencoder.factor = 4
