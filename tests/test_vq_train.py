@@ -305,6 +305,23 @@ def _write_annotated_shards(folder, n_shards=2, per_shard=3):
   return records
 
 
+def test_maps_from_annotator_shards(tmp_path):
+  from mmsr_jax import train_vq
+  _write_annotated_shards(str(tmp_path / "ann"))  # 6 records, the one at index 1 of each without seg
+  config = micro_config(**{"vq_train.source": "shards", "vq_train.shards": str(tmp_path / "ann"),
+                           "vq_train.heldout_every": 3, "vq_train.synthetic_for_missing": False,
+                           "vq_train.synthetic_fraction": 0.0, "vq_train.eval_synthetic": 0,
+                           "vq_train.eval_crops": 2, "batch_size": 4})
+  assert len(train_vq.ShardRecords(config.vq_train.shards, "train", 3)) == 4
+  batch = next(iter(train_vq.make_loader(config)))
+  assert batch["maps"].shape == (4, 3, 16, 16, 3)
+  assert batch["present"][:, 0].all() and batch["present"][:, 2].all()
+  assert not batch["present"][:, 1].all()  # the records without seg stay without seg
+  held = train_vq.heldout_maps(config)  # records 0 and 3 (both with seg), 2 crops each
+  assert {k: h["num_real"] for k, h in held.items()} == {"depth": 4, "seg": 4, "edge": 4}
+  assert all(h["num_synthetic"] == 0 for h in held.values())
+
+
 def _vq_workdir(path):
   """A train_vq workdir holding the shipped tiny tokenizer (trained by configs/vq_tiny.py)."""
   from configs import vq_tiny
