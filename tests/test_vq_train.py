@@ -279,6 +279,24 @@ def test_bad_settings_are_clear_errors(tmp_path):
     train_vq.VQTask(micro_config(**{"vq_train.perceptual_weight": 1.0}), str(tmp_path))
 
 
+def test_perceptual_term_loads_lpips_weights(tmp_path):
+  from mmsr_jax import params_io, train_vq
+  from mmsr_jax.models import lpips as lpips_lib
+  abstract = lpips_lib.abstract_params("vgg")["params"]
+  rng = np.random.default_rng(0)
+  path = str(tmp_path / "lpips.safetensors")
+  params_io.save_params(path, jax.tree.map(
+      lambda a: rng.uniform(0, 0.1, a.shape).astype(np.float32), abstract))
+  task = train_vq.VQTask(micro_config(**{"vq_train.perceptual_weight": 1.0,
+                                         "vq_train.lpips_params": path}), str(tmp_path),
+                         devices=jax.devices()[:1])
+  x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3), minval=-1, maxval=1)
+  f = jax.jit(task._perceptual)
+  assert abs(float(f(x, x, jnp.ones(2)))) < 1e-9
+  assert float(f(x, -x, jnp.ones(2))) > 1e-6
+  assert float(f(x, -x, jnp.zeros(2))) == 0.0  # weights 0: absent maps do not count
+
+
 # ------------------------------------------------------------------------------- tokenize
 def _write_annotated_shards(folder, n_shards=2, per_shard=3):
   from array_record.python.array_record_module import ArrayRecordWriter
