@@ -151,6 +151,20 @@ def frozen_shardings(abstract_params, mesh: Mesh, min_size: int = 2 ** 16):
   return jax.tree.map(leaf, abstract_params)
 
 
+def put(tree, shardings):
+  """Places a tree of arrays that every process holds whole (frozen weights) onto ``shardings``.
+
+  One process: ``jax.device_put``. Several: each process builds its own shards from its copy
+  (``device_put`` refuses shardings with devices of other processes).
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+  def one(x, s):
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+  return jax.tree.map(one, tree, shardings)
+
+
 @contextlib.contextmanager
 def activation_rules(mesh: Mesh, rules=RULES):
   """Turns on the activation constraints of the models (``batch``/``length``/``act_embed``)

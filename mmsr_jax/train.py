@@ -152,7 +152,7 @@ class Trainer:
     repl = sharding.replicated(self.mesh)
     frozen = self.conditioner.init_params(config, jax.random.key(config.seed + 1))
     self.frozen_sharding = sharding.frozen_shardings(frozen, self.mesh)
-    self.frozen = jax.device_put(frozen, self.frozen_sharding)
+    self.frozen = sharding.put(frozen, self.frozen_sharding)
     del frozen
     # --- Sharded state, created already placed.
     init, boxed = create_state_fn(config, self.model, self.conditioner, self.tx)

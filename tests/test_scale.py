@@ -95,6 +95,8 @@ def test_fsdp_step_on_8_devices_equals_the_single_device_step(config):
       kernel = tree["dit"]["blocks_0"]["ff"]["fc1"]["kernel"]
       assert len(kernel.sharding.device_set) == n
       assert kernel.addressable_shards[0].data.shape == shard
+    if n == 1:
+      init = jax.device_get(state.params)
     for _ in range(2):
       state, metrics = trainer.train_step(state, trainer.frozen,
                                           sharding.global_batch(batch, trainer.mesh))
@@ -106,9 +108,8 @@ def test_fsdp_step_on_8_devices_equals_the_single_device_step(config):
     _close(results[shape][1], ref[1], atol=1e-5)
     assert results[shape][2] == pytest.approx(ref[2], abs=1e-5)
   # The step really changed the parameters.
-  init = jax.device_get(train.Trainer(config, "/unused", devices=jax.devices()[:1]).init_state())
-  assert np.abs(ref[0]["dit"]["proj_out"]["kernel"]
-                - init.params["dit"]["proj_out"]["kernel"]).max() > 1e-6
+  changed = ref[0]["dit"]["proj_out"]["kernel"] - init["dit"]["proj_out"]["kernel"]
+  assert np.abs(changed).max() > 1e-6
 
 
 # --- Restore onto another mesh, observability ---------------------------------------------------
@@ -354,14 +355,14 @@ def test_bench_train_reports_step_time_images_per_s_and_mfu():
   c = small_config()
   c.mesh.data = 1
   c.mesh.fsdp = -1
-  r = bench_train.measure(c, peak_flops=1e12, repeats=2, warmup=1)
+  r = bench_train.measure(c, peak_flops=1e12, repeats=2, warmup=1, devices=jax.devices()[:2])
   assert flops.peak_flops_per_device() is None  # CPU: no MFU unless a peak is given
   assert r["step_time_s"] > 0
   assert r["images_per_s"] == pytest.approx(c.batch_size / r["step_time_s"])
   assert r["mfu"] == pytest.approx(
-      flops.mmsr_train_flops_per_step(c) / r["step_time_s"] / (8 * 1e12))
+      flops.mmsr_train_flops_per_step(c) / r["step_time_s"] / (2 * 1e12))
   assert r["xla_tflops_per_step"] > r["model_tflops_per_step"] > 0
-  assert r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert r["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1}
 
 
 # --- Launch scripts -------------------------------------------------------------------------------

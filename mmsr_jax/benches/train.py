@@ -50,8 +50,8 @@ def synthetic_batch(config, seed: int = 0) -> dict:
 
 
 def measure(config, *, peak_flops: float = 0.0, repeats: int | None = None,
-            warmup: int | None = None) -> dict:
-  """Builds the trainer for ``config`` and times its update step."""
+            warmup: int | None = None, devices=None) -> dict:
+  """Builds the trainer for ``config`` (on ``devices``, default all) and times its update step."""
   import jax
 
   from mmsr_jax import flops as flops_lib
@@ -60,7 +60,7 @@ def measure(config, *, peak_flops: float = 0.0, repeats: int | None = None,
   config.text.params = config.vq.params = config.autoencoder.params = ""
   config.text.tokenizer = "byte"
   config.model.init_from = ""
-  trainer = train.Trainer(config, "/unused")
+  trainer = train.Trainer(config, "/unused", devices=devices)
   state = trainer.init_state()
   batch = sharding.global_batch(synthetic_batch(config), trainer.mesh)
 
