@@ -23,6 +23,10 @@ import orbax.checkpoint as ocp
 ARCH_FIELDS = ("model", "autoencoder", "vq", "text", "diffusion", "data.scale", "data.map_size")
 
 
+class CheckpointError(RuntimeError):
+  """A checkpoint exists but cannot be restored (corrupt, or from another model)."""
+
+
 class Checkpointer:
   """A thin wrapper over ``ocp.CheckpointManager`` with ``state`` and ``data`` items."""
 
@@ -51,7 +55,7 @@ class Checkpointer:
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # noqa: BLE001 - re-raised with the path; never a silent fresh start
-      raise RuntimeError(
+      raise CheckpointError(
           f"checkpoint {os.path.join(self.directory, str(step))} could not be restored into the "
           f"current model ({type(e).__name__}: {e}). It is corrupt or from an incompatible "
           "config; move it away to start fresh.") from e

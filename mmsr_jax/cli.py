@@ -6,8 +6,12 @@ import sys
 
 from absl import app, logging
 
-# Errors that describe bad input or a bad setting: printed as one line, exit status 2.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError)
+from mmsr_jax import checkpoint as ckpt_lib
+
+# Errors that describe bad input, a bad setting or a run that cannot go on (a non-finite loss
+# naming its step, an unreadable checkpoint): printed as one line, exit status 2.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError,
+               FloatingPointError, ckpt_lib.CheckpointError)
 
 
 def _fail(msg) -> None:
