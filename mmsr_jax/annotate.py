@@ -281,8 +281,10 @@ class Annotator:
                     return_tensors="pt").to(self.device)
     with torch.no_grad():
       ids = model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-    if self.caption_kind != "blip" and "input_ids" in inputs:
-      ids = ids[:, inputs["input_ids"].shape[1]:]  # drop the prompt
+    if self.caption_kind == "qwen2_5_vl":
+      # The decoder-only VLM returns the prompt followed by the answer; Florence-2 (an
+      # encoder-decoder) and BLIP return only the decoder's tokens.
+      ids = ids[:, inputs["input_ids"].shape[1]:]
     texts = proc.batch_decode(ids, skip_special_tokens=True)
     return [" ".join(t.split()) for t in texts]
 

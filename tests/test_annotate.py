@@ -209,3 +209,64 @@ def test_annotate_cli_from_hr_and_errors(tmp_path):
   r = _run("--input=/no/such/dir", f"--output={tmp_path / 'x'}")
   assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ")
   assert "no such folder" in r.stderr
+
+
+def _word_tokenizer(tr, words: list[str], **special):
+  """A whole-word tokenizer over ``words`` (the `tokenizers` WordLevel model), built offline."""
+  from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+  tok = Tokenizer(tok_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  return tr.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", **special)
+
+
+F2_WORDS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"] + (
+    "describe with a paragraph what is shown in the image . photo cat dog red sky".split())
+
+
+def _build_florence2(path: str) -> None:
+  """A tiny random Florence-2 (DaViT vision tower + BART) with its processor, as safetensors.
+
+  64x64 inputs through the four stride-4/2/2/2 stages give 2x2 features, plus the pooled token:
+  5 image tokens. The saved generation config asks for at least 3 new tokens and never the
+  special ones, so random weights still give a non-empty caption (not only an end token).
+  """
+  import torch
+  tr = annotate.import_transformers()
+  torch.manual_seed(0)
+  tok = _word_tokenizer(tr, F2_WORDS, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                        extra_special_tokens={"image_token": "<image>"})
+  image_proc = tr.CLIPImageProcessor(size={"height": 64, "width": 64}, do_center_crop=False,
+                                     image_seq_length=5)
+  tr.Florence2Processor(image_processor=image_proc, tokenizer=tok).save_pretrained(path)
+  model = tr.Florence2ForConditionalGeneration(tr.Florence2Config(
+      vision_config=dict(depths=[1, 1, 1, 1], embed_dim=[16, 16, 16, 16], num_heads=[1, 1, 1, 1],
+                         num_groups=[1, 1, 1, 1], window_size=2, projection_dim=32,
+                         drop_path_rate=0.0),
+      text_config=dict(model_type="bart", vocab_size=len(F2_WORDS), d_model=32, encoder_layers=1,
+                       decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                       encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2),
+      image_token_id=4))
+  model.generation_config.min_new_tokens = 3
+  model.generation_config.suppress_tokens = [0, 1, 3, 4]
+  model.save_pretrained(path, safe_serialization=True)
+
+
+def test_caption_florence2(tmp_path):
+  """The Florence-2 caption path (task prompt -> processor -> generate -> decode) on a tiny
+  random model loaded back from its folder: a caption of 3-4 vocabulary words, deterministic,
+  and without the prompt (an encoder-decoder returns only the decoder's tokens)."""
+  path = str(tmp_path / "florence2")
+  _build_florence2(path)
+  ann = annotate.Annotator(caption=path, caption_kind="florence2", max_new_tokens=4)
+  assert ann.modalities == ("edge", "caption")
+  rng = np.random.default_rng(3)
+  img, other = rng.integers(0, 255, (20, 28, 3), np.uint8), rng.integers(0, 255, (30, 16, 3),
+                                                                          np.uint8)
+  cap = ann.annotate_one(img)["caption"]
+  assert isinstance(cap, str) and 3 <= len(cap.split()) <= 4
+  assert set(cap.split()) <= set(F2_WORDS[5:])
+  a, b = ann.annotate_batch([img, other])
+  assert a["caption"] == cap and isinstance(b["caption"], str) and b["caption"]
+  assert annotate.Annotator(caption=path, caption_kind="florence2",
+                            max_new_tokens=4).annotate_one(img)["caption"] == cap
