@@ -149,6 +149,75 @@ def _check_model_path(field: str, path: str | None) -> None:
     raise FileNotFoundError(f"annotator {field} model folder {path!r} does not exist")
 
 
+def _torchvision_usable() -> bool:
+  """Whether torchvision imports (``import_transformers`` hides a broken one)."""
+  import importlib.util
+  import sys
+  if "torchvision" in sys.modules:
+    return sys.modules["torchvision"] is not None  # None: hidden by import_transformers
+  return importlib.util.find_spec("torchvision") is not None
+
+
+class QwenVLInputs:
+  """Builds Qwen2.5-VL's model inputs from its image processor and tokenizer.
+
+  transformers 5.x cannot construct ``Qwen2_5_VLProcessor`` without torchvision (the processor
+  checks its video-processor slot against a class only exported with torchvision, even when no
+  video processor is given), so without torchvision the annotator does the processor's image
+  work itself: each image placeholder of the chat prompt is expanded to the image's number of
+  merged patches (``grid_t * grid_h * grid_w / merge_size**2``), the texts are tokenised with
+  left padding (a decoder-only batch must end at the same position), and the pixel patches and
+  grids come from the image processor.
+  """
+
+  def __init__(self, tr, path: str):
+    self.image_processor = tr.AutoImageProcessor.from_pretrained(path)
+    self.tokenizer = tr.AutoTokenizer.from_pretrained(path)
+    self.tokenizer.padding_side = "left"
+    if not self.tokenizer.chat_template:
+      raise ValueError(f"caption model {path!r}: the tokenizer has no chat template "
+                       "(chat_template.jinja or tokenizer_config.json) to build the prompt from")
+    self.image_token = getattr(self.tokenizer, "image_token", None) or "<|image_pad|>"
+    if self.tokenizer.convert_tokens_to_ids(self.image_token) == self.tokenizer.unk_token_id:
+      raise ValueError(f"caption model {path!r}: the tokenizer lacks the image token "
+                       f"{self.image_token!r}")
+
+  def apply_chat_template(self, messages, add_generation_prompt: bool = True,
+                          tokenize: bool = False) -> str:
+    if tokenize:
+      raise ValueError("QwenVLInputs.apply_chat_template gives the prompt text only")
+    return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                              tokenize=False)
+
+  def __call__(self, text: Sequence[str], images: Sequence[np.ndarray], padding: bool = True,
+               return_tensors: str = "pt"):
+    from transformers import BatchFeature  # pylint: disable=g-import-not-at-top
+    pix = self.image_processor(images=list(images), return_tensors=return_tensors)
+    merge = self.image_processor.merge_size ** 2
+    expanded = []
+    for t, grid in zip(text, pix["image_grid_thw"]):
+      if t.count(self.image_token) != 1:
+        raise ValueError(f"Qwen2.5-VL prompt must hold one {self.image_token!r}, got {t!r}")
+      expanded.append(t.replace(self.image_token, self.image_token * (int(grid.prod()) // merge)))
+    enc = self.tokenizer(expanded, padding=padding, return_tensors=return_tensors)
+    return BatchFeature({**enc, **pix})
+
+  def batch_decode(self, ids, **kwargs) -> list[str]:
+    return self.tokenizer.batch_decode(ids, **kwargs)
+
+
+def _vlm_processor(tr, path: str, kind: str):
+  """The processor of a prompted VLM; for Qwen2.5-VL without torchvision, ``QwenVLInputs``."""
+  if kind == "qwen2_5_vl" and not _torchvision_usable():
+    logging.warning("torchvision is not usable, so transformers cannot build the Qwen2.5-VL "
+                    "processor; building its inputs from the image processor and tokenizer")
+    return QwenVLInputs(tr, path)
+  proc = tr.AutoProcessor.from_pretrained(path)
+  if kind == "qwen2_5_vl":
+    proc.tokenizer.padding_side = "left"  # decoder-only: a batch must end at the same position
+  return proc
+
+
 class Annotator:
   """Extracts the MMSR context modalities from RGB images with transformers models.
 
@@ -187,7 +256,7 @@ class Annotator:
         proc = tr.BlipProcessor.from_pretrained(caption)
       else:
         model = tr.AutoModelForImageTextToText.from_pretrained(caption)
-        proc = tr.AutoProcessor.from_pretrained(caption)
+        proc = _vlm_processor(tr, caption, caption_kind)
       self._cap = (proc, model.to(device).eval())
     self.caption_prompt = caption_prompt or DEFAULT_VLM_PROMPTS.get(caption_kind)
 
@@ -276,7 +345,7 @@ class Annotator:
     else:  # qwen2_5_vl: chat template with one image and the prompt
       msgs = [{"role": "user", "content": [{"type": "image"},
                                            {"type": "text", "text": self.caption_prompt}]}]
-      text = proc.apply_chat_template(msgs, add_generation_prompt=True)
+      text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
       inputs = proc(text=[text] * len(images), images=list(images), padding=True,
                     return_tensors="pt").to(self.device)
     with torch.no_grad():

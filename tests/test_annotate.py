@@ -270,3 +270,72 @@ def test_caption_florence2(tmp_path):
   assert a["caption"] == cap and isinstance(b["caption"], str) and b["caption"]
   assert annotate.Annotator(caption=path, caption_kind="florence2",
                             max_new_tokens=4).annotate_one(img)["caption"] == cap
+
+
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<unk>"]
+QWEN_WORDS = QWEN_SPECIAL + (
+    "describe this image in one sentence . user assistant photo cat dog red sky".split())
+# Qwen's chat format (im_start/im_end turns, the image as vision_start + image_pad + vision_end).
+QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _build_qwen2_5_vl(path: str) -> None:
+  """A tiny random Qwen2.5-VL (2-block windowed ViT, 1-layer text model with M-RoPE) with its
+  image processor (4-pixel patches, 2x2 merge) and a chat-template tokenizer, as safetensors.
+
+  The processor object itself is not saved: transformers 5.x cannot build Qwen2_5_VLProcessor
+  without torchvision (not installed here), and the annotator then builds the inputs from these
+  two parts. Generation as for Florence-2: at least 3 new tokens, never special ones.
+  """
+  import torch
+  tr = annotate.import_transformers()
+  torch.manual_seed(0)
+  tok = _word_tokenizer(tr, QWEN_WORDS, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                        additional_special_tokens=QWEN_SPECIAL[1:7])
+  tok.chat_template = QWEN_TEMPLATE
+  tok.save_pretrained(path)
+  tr.Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2,
+                           size={"shortest_edge": 256, "longest_edge": 1024}).save_pretrained(path)
+  ids = {w: i for i, w in enumerate(QWEN_WORDS)}
+  model = tr.Qwen2_5_VLForConditionalGeneration(tr.Qwen2_5_VLConfig(
+      vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2,
+                         patch_size=4, spatial_merge_size=2, temporal_patch_size=2,
+                         window_size=16, out_hidden_size=32, fullatt_block_indexes=[1]),
+      text_config=dict(vocab_size=len(QWEN_WORDS), hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                       max_position_embeddings=256, bos_token_id=ids["<|im_start|>"],
+                       eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                        "mrope_section": [2, 3, 3]}),
+      image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+      vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"]))
+  model.generation_config.min_new_tokens = 3
+  model.generation_config.suppress_tokens = list(range(len(QWEN_SPECIAL)))
+  model.save_pretrained(path, safe_serialization=True)
+
+
+def test_caption_qwen2_5_vl(tmp_path):
+  """The Qwen2.5-VL caption path (chat prompt -> image placeholders expanded to the merged
+  patch count -> generate -> answer without the prompt) on a tiny random model: 3-4 vocabulary
+  words, deterministic, and the same in a batch whose images give different prompt lengths
+  (left padding) as alone."""
+  path = str(tmp_path / "qwen2_5_vl")
+  _build_qwen2_5_vl(path)
+  ann = annotate.Annotator(caption=path, caption_kind="qwen2_5_vl", max_new_tokens=4)
+  assert ann.modalities == ("edge", "caption")
+  rng = np.random.default_rng(3)
+  # 20x28 -> 24x32 pixels -> 12 image tokens; 40x16 -> 10 image tokens.
+  img, tall = rng.integers(0, 255, (20, 28, 3), np.uint8), rng.integers(0, 255, (40, 16, 3),
+                                                                         np.uint8)
+  cap, cap_tall = ann.annotate_one(img)["caption"], ann.annotate_one(tall)["caption"]
+  for c in (cap, cap_tall):
+    assert isinstance(c, str) and 3 <= len(c.split()) <= 4
+    assert set(c.split()) <= set(QWEN_WORDS[len(QWEN_SPECIAL):])
+  assert [o["caption"] for o in ann.annotate_batch([img, tall])] == [cap, cap_tall]
+  assert annotate.Annotator(caption=path, caption_kind="qwen2_5_vl",
+                            max_new_tokens=4).annotate_one(img)["caption"] == cap
