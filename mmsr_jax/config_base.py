@@ -173,6 +173,10 @@ def base_config() -> ml_collections.ConfigDict:
   # 1.0 starts DDIM from pure noise; < 1 starts from the upsampled LR noised to strength * T
   # (fewer invented details, more fidelity).
   c.sampling.strength = 1.0
+  # Where the frozen text encoder runs while sampling: "accelerator", "cpu" (weights on the host,
+  # states computed there once per caption and passed in) or "auto" (cpu above 1 GiB of weights
+  # on an accelerator backend, e.g. T5-XXL, so a 2048x2048 dit_l sample fits 16 GiB).
+  c.sampling.text_device = "auto"
 
   c.eval = ml_collections.ConfigDict()
   c.eval.steps = 50

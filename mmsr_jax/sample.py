@@ -14,7 +14,8 @@ Controls (unset flags take the run's ``config.sampling`` values): ``--guidance={
 ``--negative_prompt``, per-group temperature (``--temperature=depth=0.5,edge=2``), switches
 (``--disable=depth,seg``), user-supplied maps (``--depth=FILE``, ``--seg=FILE``, ``--edge=FILE``)
 the tile size / overlap in latent pixels (``--tile``, ``--tile_overlap``) and, for large outputs
-on small accelerators, the most tiles per denoiser / VQ pass (``--tile_batch``, ``--map_batch``). Modalities that
+on small accelerators, the most tiles per denoiser / VQ pass (``--tile_batch``, ``--map_batch``)
+and where the text encoder lives (``--text_device``, see :class:`SuperResolver`). Modalities that
 are not given: edges by Canny on each tile's LR crop; depth, segmentation and the caption from
 the annotator when its models are named (``--annotate_depth=PATH`` etc., needs the torch extras),
 else null. Existing outputs are never replaced without ``--overwrite``; every input, map and
@@ -31,6 +32,7 @@ The Python API, used by this CLI and the Colab notebook::
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -39,18 +41,94 @@ from typing import Any, Callable
 
 import cv2
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from PIL import Image
 
 from mmsr_jax import checkpoint as ckpt_lib
-from mmsr_jax import diffusion, image_io, tiling
+from mmsr_jax import diffusion, image_io, sampler, tiling
 from mmsr_jax.data import pipeline
 from mmsr_jax.models.context import CONTEXT_GROUPS, SPATIAL_MODALITIES
 
 IMAGE_SUFFIXES = image_io.SUFFIXES
 # Settings a call may change; None = the run's config.sampling value.
 SETTINGS = ("guidance", "scale", "steps", "eta", "seed", "strength", "negative_prompt")
+# Where the frozen text encoder runs (config.sampling.text_device).
+TEXT_DEVICES = ("auto", "accelerator", "cpu")
+AUTO_HOST_TEXT_BYTES = 2 ** 30  # "auto": T5 weights above this stay on the host (T5-XXL: 19 GB)
+TEXT_CACHE_SIZE = 8  # host text states kept per distinct token row (caption, negative, empty)
+
+
+def host_device():
+  """The host CPU device the text encoder uses in ``text_device='cpu'`` mode."""
+  return jax.devices("cpu")[0]
+
+
+def check_text_device(value: str) -> str:
+  if value not in TEXT_DEVICES:
+    raise ValueError(f"config.sampling.text_device={value!r}: expected one of {TEXT_DEVICES}")
+  return value
+
+
+def text_param_bytes(conditioner, config) -> int:
+  """Bytes of the frozen text encoder's weights (from shapes only; nothing is allocated)."""
+  l = config.text.max_length
+  shapes = jax.eval_shape(lambda: conditioner.text_encoder.init(
+      jax.random.key(0), jnp.zeros((1, l), jnp.int32), jnp.ones((1, l), jnp.int32))["params"])
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)))
+
+
+def choose_text_device(value: str, text_bytes: int) -> str:
+  """``"accelerator"`` or ``"cpu"`` for a setting; ``"auto"`` keeps a text encoder larger than
+  :data:`AUTO_HOST_TEXT_BYTES` on the host when the default backend is an accelerator."""
+  if check_text_device(value) != "auto":
+    return value
+  big = text_bytes > AUTO_HOST_TEXT_BYTES
+  return "cpu" if big and jax.default_backend() != "cpu" else "accelerator"
+
+
+def load_frozen(conditioner, config, mesh, text_device: str) -> dict:
+  """The frozen encoders' weights, VAE and VQ placed on ``mesh`` (as the trainer places them).
+
+  With ``text_device='cpu'`` the text encoder's weights are read (or, without a path, randomly
+  initialised) on the host and committed to :func:`host_device`; they never reach the
+  accelerator. (In that mode every randomly initialised frozen part is initialised on the host;
+  weights read from files are the same either way.)
+  """
+  from mmsr_jax import sharding
+  rng = jax.random.key(config.seed + 1)  # the trainer's key for the frozen encoders
+  if text_device != "cpu":
+    frozen = conditioner.init_params(config, rng)
+    return sharding.put(frozen, sharding.frozen_shardings(frozen, mesh))
+  with jax.default_device(host_device()):
+    frozen = conditioner.init_params(config, rng)
+  text = jax.device_put(frozen.pop("text"), host_device())
+  placed = sharding.put(frozen, sharding.frozen_shardings(frozen, mesh))
+  return {**placed, "text": text}
+
+
+class _SamplingParts:
+  """What sampling needs of a run's :class:`mmsr_jax.train.Trainer` (mesh, model, conditioner,
+  schedule, tokenizer, state shardings), built without the trainer's frozen weights, which it
+  places whole on the mesh (T5-XXL included)."""
+
+  def __init__(self, config, devices):
+    from mmsr_jax import sharding, train
+    from mmsr_jax.models.mmsr import Conditioner, build_model
+    from mmsr_jax.text_tokenizer import make_tokenizer
+    self.mesh = sharding.make_mesh(config, devices)
+    self.model = build_model(config)
+    self.conditioner = Conditioner.from_config(config)
+    self.schedule = diffusion.Schedule.from_config(config.diffusion)
+    self.tokenizer = make_tokenizer(config.text.tokenizer)
+    tx, _ = train.make_optimizer(config)
+    init, boxed = train.create_state_fn(config, self.model, self.conditioner, tx)
+    self.state_sharding, self.abstract_state = train.state_shardings(init, boxed, tx, self.mesh)
+
+  def abstract_with_shardings(self):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        self.abstract_state, self.state_sharding)
 
 
 def read_image(path: str) -> image_io.Picture:
@@ -104,12 +182,34 @@ class SuperResolver:
   The EMA parameters are replicated on a mesh of all devices; the tiles of every sampling step
   are split over it. ``annotator`` (an :class:`mmsr_jax.annotate.Annotator`, optional) supplies
   depth / segmentation / caption when a call does not.
+
+  ``text_device`` (default ``config.sampling.text_device``, else ``"auto"``): ``"accelerator"``
+  runs the text encoder inside the jitted sampler with the other frozen weights; ``"cpu"`` keeps
+  its weights on the host CPU (:func:`host_device`), computes the text states there once per
+  distinct caption / negative prompt (an LRU of :data:`TEXT_CACHE_SIZE` token rows) and hands
+  them to the sampler as inputs, so T5-XXL (19 GB in float32) takes no accelerator memory;
+  ``"auto"`` is ``"cpu"`` for a text encoder over 1 GiB on an accelerator backend. The DiT, VAE
+  and VQ weights stay on the mesh in both modes.
   """
 
   def __init__(self, config, params, trainer, *, frozen=None, step: int | None = None,
-               workdir: str | None = None, annotator=None):
+               workdir: str | None = None, annotator=None, text_device: str | None = None):
     self.config, self.params, self._t = config, params, trainer
-    self.frozen = trainer.frozen if frozen is None else frozen
+    setting = config.sampling.get("text_device", "auto") if text_device is None else text_device
+    check_text_device(setting)
+    self.text_device = choose_text_device(setting,
+                                          text_param_bytes(trainer.conditioner, config))
+    frozen = trainer.frozen if frozen is None else frozen
+    self._text_params = None
+    if self.text_device == "cpu":  # the sampler gets no text weights, only their states
+      self._text_params = jax.device_put(frozen["text"], host_device())
+      frozen = {**frozen, "text": {}}
+      conditioner = trainer.conditioner
+      self._host_text_fn = jax.jit(
+          lambda p, ids, mask: conditioner.text_states({"text": p}, ids, mask))
+    self.frozen = frozen
+    self._text_cache: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
+    self.text_cache_hits = self.text_cache_misses = 0
     self.mesh = trainer.mesh
     self.step, self.workdir, self.annotator = step, workdir, annotator
     self._fns: dict[tuple, Callable] = {}
@@ -117,9 +217,10 @@ class SuperResolver:
 
   @classmethod
   def from_workdir(cls, workdir: str, *, step: int | None = None, devices=None,
-                   annotator=None) -> "SuperResolver":
-    from mmsr_jax.train import Trainer  # the trainer builds the same model, encoders and state
+                   annotator=None, text_device: str | None = None) -> "SuperResolver":
     config = ckpt_lib.load_config(workdir)
+    setting = check_text_device(config.sampling.get("text_device", "auto")
+                                if text_device is None else text_device)
     ckpt = ckpt_lib.Checkpointer(workdir, create=False)
     step = ckpt.latest_step() if step is None else step
     if step is None:
@@ -130,16 +231,15 @@ class SuperResolver:
     config.mesh.data = len(devices)  # sampling splits tiles, not a training batch, over these
     config.mesh.fsdp = config.mesh.tensor = 1  # (the training run's mesh may have used them)
     config.batch_size = len(devices)
-    trainer = Trainer(config, workdir, devices=devices)
-    abstract = trainer.abstract_with_shardings()
+    parts = _SamplingParts(config, devices)  # the trainer's model, encoders and state layout
+    abstract = parts.abstract_with_shardings()
     check_checkpoint_matches(ckpt, step, abstract, workdir)
     state = ckpt.restore(step, abstract)
     ckpt.close()
-    frozen = getattr(trainer, "frozen", None)
-    if frozen is None:  # the trainer's own convention for the frozen encoders
-      frozen = trainer.conditioner.init_params(config, jax.random.key(config.seed + 1))
-    return cls(config, state.ema_params, trainer, frozen=frozen, step=int(step),
-               workdir=workdir, annotator=annotator)
+    where = choose_text_device(setting, text_param_bytes(parts.conditioner, config))
+    frozen = load_frozen(parts.conditioner, config, parts.mesh, where)
+    return cls(config, state.ema_params, parts, frozen=frozen, step=int(step),
+               workdir=workdir, annotator=annotator, text_device=where)
 
   # --- Settings.
 
@@ -213,6 +313,41 @@ class SuperResolver:
   def _step_done(self) -> None:
     if self._on_step is not None:
       self._on_step()
+
+  def _text_rows(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Host text states ``[n, L, D]`` of token rows ``[n, L]``, each row computed once on the
+    host CPU and kept in a small LRU (the caption, negative prompt and empty caption repeat
+    from image to image)."""
+    rows = []
+    for i, m in zip(np.asarray(ids), np.asarray(mask)):
+      key = (i.dtype.str, i.tobytes(), m.dtype.str, m.tobytes())
+      states = self._text_cache.get(key)
+      if states is None:
+        self.text_cache_misses += 1
+        args = jax.device_put((i[None], m[None]), host_device())
+        states = np.asarray(jax.device_get(self._host_text_fn(self._text_params, *args)))[0]
+        self._text_cache[key] = states
+        while len(self._text_cache) > TEXT_CACHE_SIZE:
+          self._text_cache.popitem(last=False)
+      else:
+        self.text_cache_hits += 1
+        self._text_cache.move_to_end(key)
+      rows.append(states)
+    return np.stack(rows)
+
+  def _with_text_states(self, inputs: dict, guidance: str) -> dict:
+    """Sampler inputs with host-computed ``states`` / ``states_mask`` (positive rows, then the
+    negative branch's) in place of the token ids."""
+    text = (inputs["text_ids"], inputs["text_mask"])
+    if guidance != "none":
+      (n_ids, n_mask), _ = sampler.negative_branch(
+          guidance, text, (inputs["neg_ids"], inputs["neg_mask"]),
+          (inputs["null_ids"], inputs["null_mask"]), inputs["present"])
+      text = (np.concatenate([text[0], n_ids]), np.concatenate([text[1], n_mask]))
+    ids_keys = ("text_ids", "text_mask", "neg_ids", "neg_mask", "null_ids", "null_mask")
+    out = {k: v for k, v in inputs.items() if k not in ids_keys}
+    out["states"], out["states_mask"] = self._text_rows(*text), np.asarray(text[1])
+    return out
 
   def num_steps_run(self, steps: int, strength: float) -> int:
     """DDIM steps a call really runs (``strength < 1`` skips the noisiest ones)."""
@@ -300,6 +435,8 @@ class SuperResolver:
 
     # --- Sample.
     guidance = st["guidance"] if st["scale"] else "none"
+    if self._text_params is not None:
+      inputs = self._with_text_states(inputs, guidance)
     fn = self._sample_fn(grid, guidance, st["steps"], st["strength"], st["tile_batch"],
                          st["map_batch"])
     self._on_step = progress
@@ -316,7 +453,8 @@ class SuperResolver:
                   num_tiles=grid.num_tiles, latent_size=list(grid.latent_hw),
                   input_size=[h, w], output_size=[h * s, w * s], input_mode=pic.mode,
                   bits=pic.bits, alpha=pic.alpha is not None, grey=pic.grey,
-                  devices=len(self.mesh.devices.flat), seconds=round(time.time() - t0, 3))
+                  devices=len(self.mesh.devices.flat), text_device=self.text_device,
+                  seconds=round(time.time() - t0, 3))
     return result, record
 
 
@@ -429,6 +567,8 @@ def define_flags() -> None:
   d.DEFINE_string("annotate_seg", None, "Mask2Former model for missing segmentation.")
   d.DEFINE_string("annotate_caption", None, "Captioning model for a missing --caption.")
   d.DEFINE_string("annotate_caption_kind", "blip", "blip, florence2 or qwen2_5_vl.")
+  d.DEFINE_enum("text_device", None, list(TEXT_DEVICES), "Where the text encoder runs: cpu "
+                "keeps its weights on the host (default: config.sampling.text_device, else auto).")
   d.DEFINE_bool("overwrite", False, "Replace existing outputs.")
   d.DEFINE_bool("progress", True, "Show progress bars over images and steps.")
 
@@ -465,7 +605,8 @@ def main(argv):
     annotator = Annotator(depth=F.annotate_depth, seg=F.annotate_seg,
                           caption=F.annotate_caption, caption_kind=F.annotate_caption_kind)
 
-  sr = SuperResolver.from_workdir(F.workdir, step=F.step, annotator=annotator)
+  sr = SuperResolver.from_workdir(F.workdir, step=F.step, annotator=annotator,
+                                  text_device=F.text_device)
   settings = dict(guidance=F.guidance, scale=F.scale, steps=F.steps, eta=F.eta, seed=F.seed,
                   strength=F.strength, negative_prompt=F.negative_prompt,
                   temperature=temperature, enabled=enabled, tile=F.tile,

@@ -271,6 +271,40 @@ def test_seed_determinism_temperature_identity_and_controls(sr):
       sr(img, **bad)
 
 
+# --- The text encoder on the host.
+
+
+def test_text_encoder_on_host_matches_and_caches_states(sr):
+  """``text_device='cpu'``: the T5 weights are committed to the host CPU device and are not part
+  of what the jitted sampler receives (DiT / VQ weights stay on the 8-device mesh); the output
+  equals the in-sampler text encoder's to 1e-6; each distinct token row is encoded once."""
+  host = SuperResolver(sr.config, sr.params, sr._t, step=1, text_device="cpu")
+  assert sr.text_device == "accelerator"  # "auto" on a CPU backend keeps the default path
+  assert host.text_device == "cpu" and host.frozen["text"] == {}
+  cpu0 = jax.devices("cpu")[0]
+  text_leaves = jax.tree.leaves(host._text_params)
+  assert text_leaves and all(x.devices() == {cpu0} for x in text_leaves)
+  mesh_devices = set(sr.mesh.devices.flat)
+  sampled = jax.tree.leaves((host.params, host.frozen))
+  assert sampled and all(x.devices() == mesh_devices for x in sampled)
+  assert not any(x is y for x in sampled for y in text_leaves)
+  pic = image_io.from_array(np.random.default_rng(5).random((8, 6, 3)).astype(np.float32))
+  kw = dict(caption="a red car", negative_prompt="blurry", steps=STEPS, guidance="mcfg")
+  want, _ = sr.upscale(pic, **kw)
+  got, record = host.upscale(pic, **kw)
+  assert record["text_device"] == "cpu"
+  np.testing.assert_allclose(got.rgb, want.rgb, atol=1e-6, rtol=0)
+  assert np.abs(want.rgb - 0.5).max() > 0.1
+  assert (host.text_cache_misses, host.text_cache_hits) == (2, 0)  # caption + negative
+  again, _ = host.upscale(pic, **kw)
+  np.testing.assert_array_equal(again.rgb, got.rgb)
+  assert (host.text_cache_misses, host.text_cache_hits) == (2, 2)
+  host.upscale(pic, **dict(kw, guidance="cfg", caption="another"))  # new caption; empty negative
+  assert (host.text_cache_misses, host.text_cache_hits) == (4, 2)
+  with pytest.raises(ValueError, match="text_device='gpu'"):
+    SuperResolver(sr.config, sr.params, sr._t, text_device="gpu")
+
+
 # --- The command line.
 
 

@@ -14,7 +14,10 @@ bicubic LR upsampling and VAE encode, VQ tokens of the three modality maps, the 
 ``--sample_batch`` images of ``--sample_size`` pixels square (one latent tile each at the trained
 size), the batch split over all devices. The text encoder is not in the timed program: its states
 (``[2B, L, d_model]``, random here) are an input, as the sampler accepts them, because T5-XXL runs
-once per caption and need not share accelerator memory with sampling.
+once per caption and need not share accelerator memory with sampling: ``python -m mmsr_jax.sample``
+keeps it on the host CPU (``config.sampling.text_device``, ``auto`` = host for T5-XXL on an
+accelerator) and passes its states in exactly so. Every memory figure below therefore excludes the
+text encoder; ``text_encoder`` says so and ``text_encoder_bytes`` gives its float32 weights.
 
 Weights: the config's frozen VAE / VQGAN files are used when they exist, else a random init (speed
 and memory do not depend on the values); the denoiser is randomly initialised.
@@ -142,6 +145,19 @@ class _Setup:
     }
 
 
+def _text_encoder(config) -> dict:
+  """How the memory figures treat the text encoder, and its size (from shapes only)."""
+  from mmsr_jax import sample
+  from mmsr_jax.models.mmsr import Conditioner
+  n = sample.text_param_bytes(Conditioner.from_config(config), config)
+  where = ("on the host CPU (config.sampling.text_device=auto or cpu), so sampling needs no "
+           "accelerator memory for it" if n > sample.AUTO_HOST_TEXT_BYTES else
+           "on the accelerator with text_device=auto (small), on the host with text_device=cpu")
+  note = (f"excluded from every memory figure (its states are an input); python -m "
+          f"mmsr_jax.sample keeps its {n / 2 ** 30:.2f} GiB of weights {where}")
+  return {"text_encoder": note, "text_encoder_bytes": n}
+
+
 def _describe(config) -> str:
   return (f"DiT width {config.model.width} x depth {config.model.depth}, {config.compute_dtype}, "
           f"autoencoder {config.autoencoder.kind} {list(config.autoencoder.arch.block_out_channels)}"
@@ -195,7 +211,7 @@ def run() -> dict:
     return {"config": _describe(config), "output": f"{size}x{size}", "steps": steps,
             "guidance": _GUIDANCE.value, "batch": batch, "tiles_per_image": grid.num_tiles,
             "program_xla_bytes": compiled_bytes(batch), "timed": False,
-            "text_encoder": "excluded (states are an input)", **large}
+            **_text_encoder(config), **large}
   inputs = st.inputs(batch, size, grid, guided)
   call = lambda: fn(st.params, st.frozen, inputs, jax.random.key(0), 2.0,  # noqa: E731
                     0.0).block_until_ready()
@@ -210,7 +226,7 @@ def run() -> dict:
       "tiles_per_image": grid.num_tiles, "seconds_per_batch": seconds,
       "images_per_s": batch / seconds,
       "program_xla_bytes": compiled_bytes(batch),
-      "text_encoder": "excluded (states are an input)",
+      **_text_encoder(config),
       "random_weights_for": missing or "denoiser only",
   }
   result["peak_memory_bytes"] = peak if peak is not None else result["program_xla_bytes"]
