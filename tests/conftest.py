@@ -45,3 +45,27 @@ def apply_overrides(cfg, overrides: dict):
 @pytest.fixture
 def config():
   return small_config()
+
+
+def save_random_run(path: str, config, *, devices, seed: int):
+  """A run folder holding a real checkpoint (step 1) of random, perturbed (non-zero) weights.
+
+  Returns ``(trainer, state)`` so that callers can build a sampler without restoring again.
+  """
+  import jax
+
+  from mmsr_jax import checkpoint as ckpt_lib
+  from mmsr_jax import train
+  trainer = train.Trainer(config, path, devices=devices)
+  state = trainer.init_state()
+  leaves, treedef = jax.tree.flatten(state.params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  params = jax.tree.unflatten(treedef, [
+      p + 0.02 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
+  state = state.replace(params=params, ema_params=params)
+  ckpt_lib.save_config(path, config)
+  ckpt = ckpt_lib.Checkpointer(path)
+  ckpt.save(1, state, force=True)
+  ckpt.wait()
+  ckpt.close()
+  return trainer, state

@@ -7,36 +7,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmsr_jax import checkpoint as ckpt_lib
-from mmsr_jax import train
-from tests.conftest import small_config
+from tests.conftest import save_random_run, small_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "launch", "colab_sampling.ipynb")
-
-
-def _saved_run(path: str) -> None:
-  """A run folder with a real checkpoint of random (perturbed, non-zero) weights."""
-  config = small_config()
-  trainer = train.Trainer(config, path, devices=jax.devices()[:1])
-  state = trainer.init_state()
-  leaves, treedef = jax.tree.flatten(state.params)
-  keys = jax.random.split(jax.random.key(11), len(leaves))
-  params = jax.tree.unflatten(treedef, [
-      p + 0.02 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
-  state = state.replace(params=params, ema_params=params)
-  ckpt_lib.save_config(path, config)
-  ckpt = ckpt_lib.Checkpointer(path)
-  ckpt.save(1, state, force=True)
-  ckpt.wait()
-  ckpt.close()
 
 
 def test_colab_notebook_runs_headless(tmp_path, monkeypatch):
   nbformat = pytest.importorskip("nbformat")
   nbclient = pytest.importorskip("nbclient")
   workdir = str(tmp_path / "run")
-  _saved_run(workdir)
+  save_random_run(workdir, small_config(), devices=jax.devices()[:1], seed=11)
   image = tmp_path / "photo.png"
   rng = np.random.default_rng(0)
   Image.fromarray(rng.integers(0, 256, (9, 11, 4), dtype=np.uint8), "RGBA").save(image)

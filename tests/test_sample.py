@@ -17,11 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from mmsr_jax import checkpoint as ckpt_lib
-from mmsr_jax import image_io, sampler, tiling, train
+from mmsr_jax import image_io, sampler, tiling
 from mmsr_jax.data import pipeline
 from mmsr_jax.sample import SuperResolver, parse_temperature, read_map
-from tests.conftest import small_config
+from tests.conftest import save_random_run, small_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 2
@@ -32,18 +31,7 @@ def run(tmp_path_factory):
   """(workdir, SuperResolver on all 8 fake devices) for a saved run with random weights."""
   config = small_config()
   path = str(tmp_path_factory.mktemp("run"))
-  trainer = train.Trainer(config, path, devices=jax.devices())
-  state = trainer.init_state()
-  leaves, treedef = jax.tree.flatten(state.params)
-  keys = jax.random.split(jax.random.key(7), len(leaves))
-  params = jax.tree.unflatten(treedef, [
-      p + 0.02 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
-  state = state.replace(params=params, ema_params=params)
-  ckpt_lib.save_config(path, config)
-  ckpt = ckpt_lib.Checkpointer(path)
-  ckpt.save(1, state, force=True)
-  ckpt.wait()
-  ckpt.close()
+  trainer, state = save_random_run(path, config, devices=jax.devices(), seed=7)
   # The resolver from_workdir would build (restoring onto the same 8-device shardings); built
   # directly from this trainer to save a second compilation of the frozen encoders' init.
   resolver = SuperResolver(config, state.ema_params, trainer, step=1, workdir=path)
