@@ -198,15 +198,16 @@ def _chunked(fn: Callable, args: tuple, cap: int | None, multiple: int = 1):
   return out.reshape(k * chunk, *out.shape[2:])[:rows]
 
 
-def _vae_tiled(fn: Callable, x: jax.Array, *, unit_in: int, unit_out: int) -> jax.Array:
-  """``fn`` (encode or decode of the KL VAE) on overlapping ``VAE_TILE``-latent tiles of ``x``,
+def vae_tiled(fn: Callable, x: jax.Array, *, unit_in: int, unit_out: int,
+              tile: int = VAE_TILE, overlap: int = VAE_OVERLAP) -> jax.Array:
+  """``fn`` (encode or decode of the KL VAE) on overlapping ``tile``-latent tiles of ``x``,
   run one tile after another (``lax.map``: one tile's activations live at a time) and blended
-  with the same normalised raised-cosine window as the denoiser tiles."""
+  with the same normalised raised-cosine window as the denoiser tiles. Traceable (jit it)."""
   b, h_in, w_in, _ = x.shape
   lat = (h_in // unit_in, w_in // unit_in)
-  grid = TileGrid(lat, VAE_TILE, VAE_OVERLAP)
-  out_grid = TileGrid((lat[0] * unit_out, lat[1] * unit_out), VAE_TILE * unit_out,
-                      VAE_OVERLAP * unit_out)
+  grid = TileGrid(lat, tile, overlap)
+  out_grid = TileGrid((lat[0] * unit_out, lat[1] * unit_out), tile * unit_out,
+                      overlap * unit_out)
   th, tw = grid.tile_hw
   tiles = jnp.stack([x[:, r * unit_in:(r + th) * unit_in, c * unit_in:(c + tw) * unit_in]
                      for r, c in grid.origins])  # [n, B, ...]
@@ -219,8 +220,8 @@ def _encode(conditioner: Conditioner, frozen, x: jax.Array) -> jax.Array:
   """The autoencoder's encode; the KL VAE encodes large images tile by tile."""
   ae = conditioner.autoencoder
   if isinstance(ae, ae_lib.KLAutoencoder) and max(x.shape[1:3]) > VAE_TILE * ae.downsample:
-    return _vae_tiled(lambda t: conditioner.encode_image(frozen, t), x, unit_in=ae.downsample,
-                      unit_out=1)
+    return vae_tiled(lambda t: conditioner.encode_image(frozen, t), x, unit_in=ae.downsample,
+                     unit_out=1)
   return conditioner.encode_image(frozen, x)
 
 
@@ -228,9 +229,8 @@ def _decode_sample(conditioner: Conditioner, frozen, x0: jax.Array, lr_latent: j
   """Sampled diffusion variable -> image; the KL VAE decodes large latents tile by tile."""
   ae = conditioner.autoencoder
   if isinstance(ae, ae_lib.KLAutoencoder) and max(x0.shape[1:3]) > VAE_TILE:
-    z = x0 / conditioner.residual_scale + lr_latent if conditioner.residual else x0
-    return _vae_tiled(lambda t: conditioner.decode(frozen, t), z, unit_in=1,
-                      unit_out=ae.downsample)
+    return vae_tiled(lambda t: conditioner.decode(frozen, t),
+                     conditioner.sample_latent(x0, lr_latent), unit_in=1, unit_out=ae.downsample)
   return conditioner.decode_sample(frozen, x0, lr_latent)
 
 

@@ -163,7 +163,7 @@ def test_tile_weights_are_a_smooth_partition_of_unity():
   # The KL VAE's sequential tiles (encode: unit_in 8 -> 1; decode: 1 -> 8) blend back exactly.
   up = lambda t: jax.numpy.repeat(jax.numpy.repeat(t, 3, 1), 3, 2)  # noqa: E731
   z = jax.random.normal(jax.random.key(1), (1, 150, 70, 4))
-  np.testing.assert_allclose(tiling._vae_tiled(up, z, unit_in=1, unit_out=3), up(z), atol=1e-6)
+  np.testing.assert_allclose(tiling.vae_tiled(up, z, unit_in=1, unit_out=3), up(z), atol=1e-6)
   one = tiling.TileGrid((6, 8), tile=8, overlap=2, align=2)
   assert one.num_tiles == 1 and (one.weights() == 1.0).all()
 

@@ -152,10 +152,13 @@ class Conditioner:
     z = self.encode_image(params, hr)
     return (z - lr_latent) * self.residual_scale if self.residual else z
 
+  def sample_latent(self, x0, lr_latent):
+    """Inverse of :meth:`diffusion_target`: a sampled ``x0`` -> the autoencoder latent."""
+    return x0 / self.residual_scale + lr_latent if self.residual else x0
+
   def decode_sample(self, params, x0, lr_latent):
-    """Inverse of :meth:`diffusion_target`, then the decoder: a sampled ``x0`` -> image."""
-    z = x0 / self.residual_scale + lr_latent if self.residual else x0
-    return self.decode(params, z)
+    """A sampled ``x0`` -> image (:meth:`sample_latent`, then the decoder)."""
+    return self.decode(params, self.sample_latent(x0, lr_latent))
 
   def __call__(self, params, batch):
     """Frozen part of a step: batch -> (x0 latent or None, LR latent, text states, mask, ids)."""
