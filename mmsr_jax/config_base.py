@@ -87,7 +87,10 @@ def base_config() -> ml_collections.ConfigDict:
   # over (depth, seg, edge)); both are written by python -m mmsr_jax.train_vq.
   c.vq.per_modality = False
   # Where the DiT trainer gets token ids: "encoder" (run the VQ encoder on the maps every step)
-  # or "shards" (ids precomputed by python -m mmsr_jax.tokenize, read from the records).
+  # or "shards": depth / seg ids of the training crops precomputed by python -m mmsr_jax.tokenize
+  # --crop_size=<data.hr_size> and read from the records (needs data.source="arrayrecord"; the
+  # crop is one of each record's stored boxes). Edge ids are still encoded every step (edges are
+  # Canny of the degraded LR), and vq.params must be the tokenizer the shards were written with.
   c.vq.ids_from = "encoder"
 
   # Training the tokenizer (python -m mmsr_jax.train_vq; see configs/vq_f16.py).
@@ -102,6 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
       beta=0.25,  # commitment weight
       codebook_weight=1.0,  # codebook-loss weight (codebook="loss")
       recon_loss="l1",  # "l1" or "l2"
+      edge_weight=1.0,  # line pixels of edge maps weigh this many times a background pixel
       perceptual_weight=0.0,  # > 0 needs lpips_params (mmsr_jax.models.lpips weights)
       lpips_net="vgg",
       lpips_params="",

@@ -328,10 +328,15 @@ def num_groups(config) -> int:
 
 
 def group_batch(maps: jax.Array, present: jax.Array, groups: int):
-  """``[B, 3, M, M, 3]`` -> ``[G, N, M, M, 3]`` with weights ``[G, N]`` (G = 1: N = 3B)."""
+  """``[B, 3, M, M, 3]`` -> maps ``[G, N, M, M, 3]``, weights ``[G, N]`` and the edge-map mask
+  ``[G, N]`` (G = 1: N = 3B)."""
+  is_edge = jnp.broadcast_to(jnp.arange(len(MODALITIES)) == MODALITIES.index("edge"),
+                             present.shape)
   if groups == 1:
-    return maps.reshape(1, -1, *maps.shape[2:]), present.reshape(1, -1).astype(jnp.float32)
-  return jnp.swapaxes(maps, 0, 1), jnp.swapaxes(present, 0, 1).astype(jnp.float32)
+    return (maps.reshape(1, -1, *maps.shape[2:]), present.reshape(1, -1).astype(jnp.float32),
+            is_edge.reshape(1, -1))
+  return (jnp.swapaxes(maps, 0, 1), jnp.swapaxes(present, 0, 1).astype(jnp.float32),
+          jnp.swapaxes(is_edge, 0, 1))
 
 
 def _codebook(params) -> jax.Array:
@@ -350,6 +355,9 @@ def _check_config(config) -> None:
     raise ValueError(f"config.vq_train.source={vt.source!r}: expected one of {SOURCES}")
   if vt.codebook not in ("ema", "loss"):
     raise ValueError(f"config.vq_train.codebook={vt.codebook!r}: expected 'ema' or 'loss'")
+  if not vt.edge_weight >= 1.0:
+    raise ValueError(f"config.vq_train.edge_weight={vt.edge_weight}: expected >= 1 (1 = line "
+                     "pixels of edge maps weigh like any other pixel)")
   if vt.recon_loss not in ("l1", "l2"):
     raise ValueError(f"config.vq_train.recon_loss={vt.recon_loss!r}: expected 'l1' or 'l2'")
   if vt.perceptual_weight > 0 and not vt.lpips_params:
@@ -437,14 +445,20 @@ class VQTask:
     d = net.apply(params, jnp.clip(x_rec, -1, 1), x)
     return jnp.sum(d * w) / jnp.maximum(jnp.sum(w), 1.0)
 
-  def _vq_forward(self, params, x, w, disc_params, adv_on):
+  def _pixel_weights(self, x, is_edge):
+    vt = self.config.vq_train
+    if vt.edge_weight == 1.0:
+      return None
+    return L.edge_pixel_weights(x, is_edge, vt.edge_weight)
+
+  def _vq_forward(self, params, x, w, is_edge, disc_params, adv_on):
     """One group: loss and diagnostics of the quantised autoencoder."""
     vt = self.config.vq_train
     z = self.model.apply({"params": params}, x, method=vqgan_lib.VQGAN.encode)
     z_st, ids, terms = L.quantize(z, _codebook(params), w)
     x_rec = self.model.apply({"params": params}, z_st, method=vqgan_lib.VQGAN.decode)
     x_rec = x_rec.astype(jnp.float32)
-    rec = L.reconstruction(x, x_rec, vt.recon_loss, w)
+    rec = L.reconstruction(x, x_rec, vt.recon_loss, w, self._pixel_weights(x, is_edge))
     loss = rec + vt.beta * terms["commitment"]
     if vt.codebook == "loss":
       loss = loss + vt.codebook_weight * terms["codebook"]
@@ -459,26 +473,26 @@ class VQTask:
            "z": z, "ids": ids, "x_rec": x_rec}
     return loss, aux
 
-  def _cont_forward(self, params, x, w):
-    """One group: the same autoencoder without quantisation."""
+  def _cont_forward(self, params, x, w, is_edge):
+    """One group: the same autoencoder without quantisation (same loss)."""
     vt = self.config.vq_train
     z = self.model.apply({"params": params}, x, method=vqgan_lib.VQGAN.encode)
     x_rec = self.model.apply({"params": params}, z, method=vqgan_lib.VQGAN.decode)
     x_rec = x_rec.astype(jnp.float32)
-    return (L.reconstruction(x, x_rec, vt.recon_loss, w)
+    return (L.reconstruction(x, x_rec, vt.recon_loss, w, self._pixel_weights(x, is_edge))
             + vt.perceptual_weight * self._perceptual(x, x_rec, w))
 
   def _step_fn(self, state, batch):
     config, vt = self.config, self.config.vq_train
     step = state["step"]
     rng = jax.random.fold_in(jax.random.key(config.seed), step)
-    x, w = group_batch(batch["maps"], batch["present"], self.groups)
+    x, w, is_edge = group_batch(batch["maps"], batch["present"], self.groups)
     adv_on = (step >= vt.disc_start).astype(jnp.float32)
     disc_params = state.get("disc")
 
     def vq_loss(params):
-      losses, aux = jax.vmap(self._vq_forward, in_axes=(0, 0, 0, None, None))(
-          params, x, w, disc_params, adv_on)
+      losses, aux = jax.vmap(self._vq_forward, in_axes=(0, 0, 0, 0, None, None))(
+          params, x, w, is_edge, disc_params, adv_on)
       return jnp.mean(losses), aux
 
     (loss, aux), grads = jax.value_and_grad(vq_loss, has_aux=True)(state["params"]["vq"])
@@ -530,7 +544,7 @@ class VQTask:
     # --- Continuous baseline: same batch, own optimizer.
     if "cont" in state["params"]:
       def cont_loss(params):
-        return jnp.mean(jax.vmap(self._cont_forward)(params, x, w))
+        return jnp.mean(jax.vmap(self._cont_forward)(params, x, w, is_edge))
       c_loss, c_grads = jax.value_and_grad(cont_loss)(state["params"]["cont"])
       c_upd, opt_c = self.tx.update(c_grads, state["opt_state"]["cont"], state["params"]["cont"])
       new_state["params"]["cont"] = optax.apply_updates(state["params"]["cont"], c_upd)
@@ -630,7 +644,8 @@ def write_report(task: VQTask, workdir: str, state) -> dict:
   params = jax.device_get(state["params"])
   held = heldout_maps(config)
   k = task.arch.num_vq_embeddings
-  recon, cont, counts_all = {}, {}, np.zeros((task.groups, k))
+  recon, cont, const, counts_all = {}, {}, {}, np.zeros((task.groups, k))
+  edge_scores = {}
   rows = []
   n_png = int(config.vq_train.png_examples)
   for mi, name in enumerate(MODALITIES):
@@ -640,13 +655,19 @@ def write_report(task: VQTask, workdir: str, state) -> dict:
     x = held[name]["maps"]
     p = group_params(params["vq"], g)
     x_rec, ids = _batched(lambda b: _reconstruct(task.model, p, b), x)
-    recon[name] = float(np.mean(jax.device_get(L.psnr(jnp.asarray(x), jnp.asarray(x_rec)))))
+    recon[name] = _pooled_psnr(x, x_rec)
+    # The best constant map (the held-out maps' mean colour): the floor a tokenizer must beat.
+    const[name] = _pooled_psnr(x, np.broadcast_to(x.mean(axis=(0, 1, 2)), x.shape))
     counts_all[g] += np.bincount(ids.reshape(-1), minlength=k)
     row = [x[:n_png], x_rec[:n_png]]
+    if name == "edge":
+      edge_scores["vq"] = _edge_scores(x, x_rec)
     if "cont" in params:
       pc = group_params(params["cont"], g)
       x_c = _batched(lambda b: _reconstruct_continuous(task.model, pc, b), x)
-      cont[name] = float(np.mean(jax.device_get(L.psnr(jnp.asarray(x), jnp.asarray(x_c)))))
+      cont[name] = _pooled_psnr(x, x_c)
+      if name == "edge":
+        edge_scores["continuous"] = _edge_scores(x, x_c)
       row.append(x_c[:n_png])
     rows.append(row)
   usage = [float(np.mean(c > 0)) for c in counts_all]
@@ -656,6 +677,8 @@ def write_report(task: VQTask, workdir: str, state) -> dict:
   report = {
       "recon_psnr": recon,
       "continuous_recon_psnr": cont,
+      "constant_map_psnr": const,
+      "edge_f1": edge_scores,
       "codebook_usage": float(np.mean(usage)),
       "perplexity": float(np.mean(perp)),
       "codebook_size": k,
@@ -664,7 +687,11 @@ def write_report(task: VQTask, workdir: str, state) -> dict:
       "heldout": {n: {"origin": h["origin"], "num_maps": int(len(h["maps"]))}
                   for n, h in held.items()},
       "codebook_usage_train": float(np.mean(train_usage >= config.vq_train.restart_threshold)),
-      "psnr_convention": "dB on maps in [0, 1] (rendered 3-channel maps, reconstruction clipped)",
+      "psnr_convention": ("dB of the pooled mean squared error over each modality's held-out "
+                          "maps in [0, 1] (rendered 3-channel maps, reconstruction clipped); "
+                          "constant_map_psnr: the best constant map (their mean colour)"),
+      "edge_f1_convention": ("maps thresholded at 0.5, line pixels matched exactly, counts "
+                             "pooled over the held-out edge maps"),
   }
   if task.groups > 1:
     report["codebook_usage_per_modality"] = dict(zip(MODALITIES, usage))
@@ -682,6 +709,17 @@ def write_report(task: VQTask, workdir: str, state) -> dict:
   with open(os.path.join(workdir, "report.json"), "w") as f:
     json.dump(report, f, indent=2)
   return report
+
+
+def _pooled_psnr(x: np.ndarray, x_rec: np.ndarray) -> float:
+  return float(jax.device_get(L.pooled_psnr(jnp.asarray(x), jnp.asarray(x_rec))))
+
+
+def _edge_scores(x: np.ndarray, x_rec: np.ndarray) -> dict[str, float]:
+  """Exact-pixel edge precision / recall / F1 (a 1-pixel tolerance is too lenient on the tiny
+  32x32 maps, where dilated lines cover half the map)."""
+  return {k: float(v) for k, v in jax.device_get(
+      L.edge_f1(jnp.asarray(x), jnp.asarray(x_rec), tolerance=0)).items()}
 
 
 def _read_metrics(workdir: str) -> list[dict]:
