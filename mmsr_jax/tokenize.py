@@ -1,23 +1,31 @@
 r"""Adds VQ token ids to annotated shards: ``python -m mmsr_jax.tokenize --vq=DIR --input=SHARDS
---output=DIR``.
+--output=DIR [--crop_size=S --crops=N]``.
 
 ``--vq`` is a ``python -m mmsr_jax.train_vq`` workdir (its ``config.json`` gives the architecture
 and map size, ``vq.safetensors`` the weights). ``--input`` is a folder (every ``*.array_record``
 in it) or a glob of ``mmsr_jax.annotate`` shards. Each record is copied unchanged to a shard of
 the same name under ``--output``, with these entries added to its ``.npz`` archive (all uint8 byte
-arrays, like the annotator's own entries):
+arrays, like the annotator's own entries; the arrays are the bytes of ``.npy`` files):
 
-* ``vq_ids_<modality>`` for each modality the record has (depth, seg, edge): the bytes of an
-  ``.npy`` file holding int16 ``[h, w]`` token ids (:func:`read_ids` decodes them);
-* ``vq_meta``: UTF-8 JSON with the tokenizer's sha256, map size, token grid, codebook size and
-  whether there is one tokenizer per modality.
+* ``vq_ids_<modality>`` for each modality the record has (depth, seg, edge): int16 ``[g, g]``
+  token ids of the *whole* map rendered at ``map_size x map_size``
+  (``mmsr_jax.data.modalities.render_map``); :func:`read_ids` decodes them;
+* with ``--crop_size=S`` (S > 0), the crop bank the DiT trainer reads with
+  ``config.vq.ids_from='shards'``: ``vq_crop_boxes`` int32 ``[N, 2]`` (top, left) of N crops of
+  side S (``mmsr_jax.data.pipeline.crop_bank_boxes``: the centre crop and distinct random ones),
+  ``vq_crop_ids`` int16 ``[N, 2, 3, g, g]`` (box, flip (none, horizontal), modality (depth, seg,
+  edge)) and ``vq_crop_present`` bool ``[3]``; :func:`read_crop_bank` decodes them;
+* ``vq_meta``: UTF-8 JSON with the tokenizer's sha256, map size, token grid, codebook size,
+  whether there is one tokenizer per modality, and ``crop_size`` / ``crops`` of the bank.
 
-The ids are those of each *whole* map rendered at ``map_size x map_size``
-(``mmsr_jax.data.modalities.render_map``, as the DiT trainer renders them), so they are valid for
-a training pipeline that feeds whole images (resized), not random crops; such a pipeline sets
-``config.vq.ids_from='shards'`` and puts them in the batch as ``vq_ids`` (int32 ``[3, h, w]``,
-order depth, seg, edge; :func:`read_ids` returns them with the presence mask), and the
-``Conditioner`` then skips the VQ encoder. ``--input``'s ``manifest.json`` is copied alongside.
+The crop bank holds the ids of exactly the maps the training pipeline renders: each record is
+read as the training source reads it (``mmsr_jax.data.sources.training_record``), resized so its
+short side is at least S (``pipeline._resize_min_side``) and each box's depth and seg maps are
+cropped, flipped and rendered by ``pipeline.render_crop_maps``. S must be the DiT config's
+``data.hr_size`` and the tokenizer's map size its ``data.map_size`` (the trainer checks both, and
+that ``config.vq.params`` is this tokenizer). Edge ids are not in the bank (slot 0, not present):
+the trainer's edge maps are Canny edges of the randomly degraded LR image, different every step,
+so the ``Conditioner`` still encodes them. ``--input``'s ``manifest.json`` is copied alongside.
 
 An output shard that exists is an error (``--overwrite`` replaces it); every shard is written to a
 temporary name and renamed when complete.
@@ -45,6 +53,10 @@ from mmsr_jax.models import vqgan as vqgan_lib
 
 IDS_PREFIX = "vq_ids_"
 META_KEY = "vq_meta"
+CROP_BOXES_KEY = "vq_crop_boxes"
+CROP_IDS_KEY = "vq_crop_ids"
+CROP_PRESENT_KEY = "vq_crop_present"
+CROP_KEYS = (CROP_BOXES_KEY, CROP_IDS_KEY, CROP_PRESENT_KEY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +98,7 @@ def _decode(model: vqgan_lib.VQGAN, params, ids):
   return model.apply({"params": params}, ids, method=vqgan_lib.VQGAN.decode_ids)
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -115,7 +127,7 @@ def load_tokenizer(vq_dir: str) -> Tokenizer:
   else:
     abstract = jax.eval_shape(lambda: init(jax.random.key(0)))
   params = params_io.load_params(path, abstract, field="--vq")
-  meta = {"tokenizer_sha256": _sha256(path), "map_size": m,
+  meta = {"tokenizer_sha256": file_sha256(path), "map_size": m,
           "grid": m // arch.downsample_factor, "codebook_size": arch.num_vq_embeddings,
           "per_modality": per_modality, "modalities": list(MODALITIES)}
   return Tokenizer(model, params, per_modality, m, meta)
@@ -128,12 +140,19 @@ def _npy_bytes(array: np.ndarray) -> np.ndarray:
   return np.frombuffer(buf.getvalue(), np.uint8)
 
 
-def add_ids(record: bytes, ids: dict[str, np.ndarray], meta: dict) -> bytes:
-  """Returns ``record`` (an annotator ``.npz`` archive) with the id entries added."""
+def add_ids(record: bytes, ids: dict[str, np.ndarray], meta: dict,
+            bank: dict[str, np.ndarray] | None = None) -> bytes:
+  """Returns ``record`` (an annotator ``.npz`` archive) with the id entries added (and the crop
+  bank ``{'boxes', 'ids', 'present'}`` when given); earlier id entries are replaced."""
   with np.load(io.BytesIO(record), allow_pickle=False) as z:
-    entries = {k: z[k] for k in z.files if not k.startswith(IDS_PREFIX) and k != META_KEY}
+    entries = {k: z[k] for k in z.files
+               if not k.startswith(IDS_PREFIX) and k != META_KEY and k not in CROP_KEYS}
   for k, v in ids.items():
     entries[IDS_PREFIX + k] = _npy_bytes(np.asarray(v, np.int16))
+  if bank is not None:
+    entries[CROP_BOXES_KEY] = _npy_bytes(np.asarray(bank["boxes"], np.int32))
+    entries[CROP_IDS_KEY] = _npy_bytes(np.asarray(bank["ids"], np.int16))
+    entries[CROP_PRESENT_KEY] = _npy_bytes(np.asarray(bank["present"], np.bool_))
   entries[META_KEY] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), np.uint8)
   buf = io.BytesIO()
   np.savez(buf, **entries)
@@ -165,6 +184,18 @@ def read_ids(record: bytes, grid: int | None = None) -> tuple[np.ndarray, np.nda
   return ids, present, meta
 
 
+def read_crop_bank(record: bytes) -> dict[str, Any] | None:
+  """The crop bank of a record tokenized with ``--crop_size``, else None: ``boxes`` int32
+  ``[N, 2]``, ``ids`` int16 ``[N, 2, 3, g, g]``, ``present`` bool ``[3]`` and ``meta``."""
+  with np.load(io.BytesIO(record), allow_pickle=False) as z:
+    if CROP_BOXES_KEY not in z.files:
+      return None
+    arrays = {k: np.load(io.BytesIO(z[k].tobytes()), allow_pickle=False) for k in CROP_KEYS}
+    meta = json.loads(z[META_KEY].tobytes().decode("utf-8"))
+  return {"boxes": arrays[CROP_BOXES_KEY], "ids": arrays[CROP_IDS_KEY],
+          "present": arrays[CROP_PRESENT_KEY], "meta": meta}
+
+
 def record_maps_full(decoded: dict[str, Any], map_size: int) -> dict[str, np.ndarray]:
   """The rendered whole maps a decoded annotator record has (edges from its image if needed)."""
   from mmsr_jax import annotate
@@ -174,41 +205,110 @@ def record_maps_full(decoded: dict[str, Any], map_size: int) -> dict[str, np.nda
   return {k: render_map(k, v, map_size) for k, v in maps.items()}
 
 
-def tokenize_records(tok: Tokenizer, records: Iterable[bytes], batch_size: int = 64
+def record_crop_maps(record: bytes, crop_size: int, crops: int, key: int, map_size: int
+                     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """The crop bank's boxes (int32 ``[N, 2]``) of one record and its rendered depth / seg crops
+  (``{modality: float32 [N, 2 (flip), M, M, 3]}`` for the maps the record has), made exactly as
+  the training pipeline makes them; ``key`` is the record's index."""
+  from mmsr_jax.data import pipeline, sources
+  rec = sources.training_record(record, f"record {key}")
+  rec = pipeline._resize_min_side(rec, crop_size)  # pylint: disable=protected-access
+  h, w = rec["image"].shape[:2]
+  boxes = pipeline.crop_bank_boxes(h, w, crop_size, crops, key)
+  maps: dict[str, np.ndarray] = {}
+  for b, (top, left) in enumerate(boxes):
+    for flip in (0, 1):
+      rendered = pipeline.render_crop_maps(rec, int(top), int(left), crop_size, bool(flip),
+                                           map_size)
+      for k, v in rendered.items():
+        maps.setdefault(k, np.zeros((crops, 2) + v.shape, np.float32))[b, flip] = v
+  return boxes, maps
+
+
+def _encode_padded(tok: Tokenizer, modality: str, maps: np.ndarray, batch_size: int
+                   ) -> np.ndarray:
+  """Encodes ``maps [R, M, M, 3]`` in calls of exactly ``batch_size`` maps (the last one padded
+  with zeros), so one compiled shape serves every call."""
+  out = []
+  for i in range(0, len(maps), batch_size):
+    chunk = maps[i:i + batch_size]
+    pad = batch_size - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+    out.append(tok.encode(modality, chunk)[:batch_size - pad])
+  return np.concatenate(out)
+
+
+def tokenize_records(tok: Tokenizer, records: Iterable[bytes], batch_size: int = 64, *,
+                     crop_size: int = 0, crops: int = 16, first_index: int = 0
                      ) -> Iterable[bytes]:
-  """Yields the records with their ids added (maps encoded in batches per modality)."""
+  """Yields the records with their ids added (maps encoded in batches per modality).
+
+  With ``crop_size > 0`` each record also gets its crop bank of ``crops`` boxes; the record at
+  position j is keyed ``first_index + j`` for ``pipeline.crop_bank_boxes``.
+  """
   from mmsr_jax import annotate
-  pending: list[tuple[bytes, dict[str, np.ndarray]]] = []
+  meta = dict(tok.meta, crop_size=int(crop_size), crops=int(crops) if crop_size else 0)
+  g = tok.grid
+  # (record, whole maps, bank boxes, bank maps); a flush encodes about batch_size maps per modality
+  pending: list[tuple[bytes, dict[str, np.ndarray], Any, dict[str, np.ndarray]]] = []
+  per_flush = max(1, batch_size // (2 * crops)) if crop_size else batch_size
 
   def flush():
     ids_of: list[dict[str, np.ndarray]] = [{} for _ in pending]
     for k in MODALITIES:
-      rows = [(i, m[k]) for i, (_, m) in enumerate(pending) if k in m]
+      rows = [(i, m[k]) for i, (_, m, _, _) in enumerate(pending) if k in m]
       if rows:
         ids = tok.encode(k, np.stack([m for _, m in rows]))
         for (i, _), row_ids in zip(rows, ids):
           ids_of[i][k] = row_ids
-    out = [add_ids(rec, ids, tok.meta) for (rec, _), ids in zip(pending, ids_of)]
+    banks: list[dict[str, np.ndarray] | None] = [None] * len(pending)
+    if crop_size:
+      for i, (_, _, boxes, cmaps) in enumerate(pending):
+        banks[i] = {"boxes": boxes,
+                    "ids": np.zeros((crops, 2, len(MODALITIES), g, g), np.int16),
+                    "present": np.array([k in cmaps for k in MODALITIES], np.bool_)}
+      for k in ("depth", "seg"):
+        rows = [(i, cm[k]) for i, (_, _, _, cm) in enumerate(pending) if k in cm]
+        if rows:
+          flat = np.concatenate([m.reshape((-1,) + m.shape[2:]) for _, m in rows])
+          ids = _encode_padded(tok, k, flat, batch_size).reshape(len(rows), crops, 2, g, g)
+          for (i, _), row_ids in zip(rows, ids):
+            banks[i]["ids"][:, :, MODALITIES.index(k)] = row_ids
+    out = [add_ids(rec, ids, meta, bank)
+           for (rec, _, _, _), ids, bank in zip(pending, ids_of, banks)]
     pending.clear()
     return out
 
-  for rec in records:
-    pending.append((rec, record_maps_full(annotate.decode_record(rec), tok.map_size)))
-    if len(pending) >= batch_size:
+  for j, rec in enumerate(records):
+    boxes, cmaps = (record_crop_maps(rec, crop_size, crops, first_index + j, tok.map_size)
+                    if crop_size else (None, {}))
+    pending.append((rec, record_maps_full(annotate.decode_record(rec), tok.map_size), boxes,
+                    cmaps))
+    if len(pending) >= per_flush:
       yield from flush()
   if pending:
     yield from flush()
 
 
 def tokenize_shards(vq_dir: str, input_pattern: str, output_dir: str, *, batch_size: int = 64,
-                    overwrite: bool = False, log=print) -> list[str]:
-  """Tokenizes every shard of ``input_pattern`` into ``output_dir``; returns the written paths."""
+                    crop_size: int = 0, crops: int = 16, overwrite: bool = False,
+                    log=print) -> list[str]:
+  """Tokenizes every shard of ``input_pattern`` into ``output_dir``; returns the written paths.
+
+  ``crop_size > 0`` adds each record's crop bank of ``crops`` boxes (records are keyed by their
+  index over the sorted shards, the index ``sources.ArrayRecordSource`` gives them)."""
   from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
   from mmsr_jax.train_vq import shard_files
   files = shard_files(input_pattern, "--input")
   if batch_size < 1:
     raise ValueError(f"--batch_size={batch_size}: expected >= 1")
+  if crop_size < 0:
+    raise ValueError(f"--crop_size={crop_size}: expected the DiT config's data.hr_size, or 0 "
+                     "for whole-map ids only")
+  if crops < 1:
+    raise ValueError(f"--crops={crops}: expected >= 1")
   outs = [os.path.join(output_dir, os.path.basename(f)) for f in files]
   for src, dst in zip(files, outs):
     if os.path.abspath(src) == os.path.abspath(dst):
@@ -217,6 +317,7 @@ def tokenize_shards(vq_dir: str, input_pattern: str, output_dir: str, *, batch_s
       raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
   tok = load_tokenizer(vq_dir)  # after the cheap checks, before any work
   os.makedirs(output_dir, exist_ok=True)
+  first_index = 0
   for src, dst in zip(files, outs):
     reader = ArrayRecordReader(src)
     n = reader.num_records()
@@ -224,11 +325,13 @@ def tokenize_shards(vq_dir: str, input_pattern: str, output_dir: str, *, batch_s
     tmp = dst + ".tmp"
     writer = ArrayRecordWriter(tmp, "group_size:1")
     count = 0
-    for rec in tokenize_records(tok, records, batch_size):
+    for rec in tokenize_records(tok, records, batch_size, crop_size=crop_size, crops=crops,
+                                first_index=first_index):
       writer.write(rec)
       count += 1
     writer.close()
     reader.close()
+    first_index += count
     os.replace(tmp, dst)
     log(f"{dst}: {count} records tokenized")
   manifest = os.path.join(os.path.dirname(files[0]), "manifest.json")
@@ -237,7 +340,8 @@ def tokenize_shards(vq_dir: str, input_pattern: str, output_dir: str, *, batch_s
     if not os.path.exists(dst_manifest) or overwrite:
       shutil.copyfile(manifest, dst_manifest)
   with open(os.path.join(output_dir, "tokenize.json"), "w") as f:
-    json.dump(dict(tok.meta, vq=os.path.abspath(vq_dir), shards=[os.path.basename(o) for o in outs]),
+    json.dump(dict(tok.meta, vq=os.path.abspath(vq_dir), crop_size=crop_size,
+                   crops=crops if crop_size else 0, shards=[os.path.basename(o) for o in outs]),
               f, indent=2)
   return outs
 
@@ -249,7 +353,8 @@ def main(argv):
   for name in ("vq", "input", "output"):
     if not getattr(f, name):
       raise app.UsageError(f"--{name} is required")
-  tokenize_shards(f.vq, f.input, f.output, batch_size=f.batch_size, overwrite=f.overwrite)
+  tokenize_shards(f.vq, f.input, f.output, batch_size=f.batch_size, crop_size=f.crop_size,
+                  crops=f.crops, overwrite=f.overwrite)
 
 
 def define_flags() -> None:
@@ -257,6 +362,9 @@ def define_flags() -> None:
   flags.DEFINE_string("input", None, "Folder or glob of mmsr_jax.annotate ArrayRecord shards.")
   flags.DEFINE_string("output", None, "Folder for the tokenized shards (same names).")
   flags.DEFINE_integer("batch_size", 64, "Maps encoded per call.")
+  flags.DEFINE_integer("crop_size", 0, "Side of the crop bank's crops: the DiT config's "
+                       "data.hr_size (for config.vq.ids_from='shards'); 0 = whole-map ids only.")
+  flags.DEFINE_integer("crops", 16, "Crop boxes per record in the crop bank.")
   flags.DEFINE_bool("overwrite", False, "Replace output shards that exist.")
 
 

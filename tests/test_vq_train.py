@@ -340,12 +340,16 @@ def test_maps_from_annotator_shards(tmp_path):
   assert all(h["num_synthetic"] == 0 for h in held.values())
 
 
-def _vq_workdir(path):
-  """A train_vq workdir holding the shipped tiny tokenizer (trained by configs/vq_tiny.py)."""
+def _vq_workdir(path, map_size=None):
+  """A train_vq workdir holding the shipped tiny tokenizer (trained by configs/vq_tiny.py), its
+  config's map size replaced by ``map_size`` when given (the weights are convolutional)."""
   from configs import vq_tiny
   from mmsr_jax import checkpoint as ckpt_lib
   os.makedirs(path)
-  ckpt_lib.save_config(path, vq_tiny.get_config())
+  c = vq_tiny.get_config()
+  if map_size is not None:
+    c.data.map_size = map_size
+  ckpt_lib.save_config(path, c)
   shutil.copyfile(ASSET, os.path.join(path, "vq.safetensors"))
   return path
 
@@ -407,14 +411,147 @@ def test_conditioner_reads_precomputed_ids(tmp_path):
   from_encoder = cond(frozen, batch)["ids"]
   cfg.vq.ids_from = "shards"
   cond_s = Conditioner.from_config(cfg)
-  shards_batch = {k: v for k, v in batch.items() if k not in ("depth", "seg", "edge")}
-  got = cond_s(frozen, dict(shards_batch, vq_ids=from_encoder))["ids"]
-  np.testing.assert_array_equal(got, from_encoder)
+  # Depth and seg ids come from the batch (here: made up), edge ids from the encoder on 'edge'.
+  made_up = (from_encoder + 1) % cfg.vq.arch.num_vq_embeddings
+  no_maps = {k: v for k, v in batch.items() if k not in ("depth", "seg", "edge")}
+  got = cond_s(frozen, dict(no_maps, edge=batch["edge"], vq_ids=made_up.at[:, 2].set(0)))["ids"]
+  np.testing.assert_array_equal(got[:, :2], made_up[:, :2])
+  np.testing.assert_array_equal(got[:, 2], from_encoder[:, 2])
+  # A batch without vq_ids (held-out examples, not read from shards) is encoded whole.
+  np.testing.assert_array_equal(cond_s(frozen, batch)["ids"], from_encoder)
   with pytest.raises(ValueError, match="vq_ids"):
-    cond_s(frozen, shards_batch)
+    cond_s(frozen, no_maps)
+  with pytest.raises(ValueError, match="no 'edge'"):
+    cond_s(frozen, dict(no_maps, vq_ids=made_up))
+  # One tokenizer per modality: the edge ids come from the edge tokenizer (index 2).
+  cfg.vq.per_modality, cfg.vq.params = True, ""  # three random tokenizers
+  cond_pm = Conditioner.from_config(cfg)
+  frozen_pm = cond_pm.init_params(cfg, jax.random.key(1))
+  want = cond_pm(frozen_pm, batch)["ids"]  # all three encoded from the maps
+  assert (np.asarray(want[:, 2]) != np.asarray(
+      cond_pm.modality_ids_of(frozen_pm, "depth", batch["edge"]))).any()  # tokenizers differ
+  got = cond_pm(frozen_pm, dict(no_maps, edge=batch["edge"], vq_ids=made_up))["ids"]
+  np.testing.assert_array_equal(got[:, 2], want[:, 2])
+  np.testing.assert_array_equal(got[:, :2], made_up[:, :2])
   cfg.vq.ids_from = "cache"
   with pytest.raises(ValueError, match="config.vq.ids_from"):
     Conditioner.from_config(cfg)
+
+
+@pytest.fixture(scope="module")
+def crop_bank_shards(tmp_path_factory):
+  """Annotated shards (6 records of 48x48, two without seg) and the same shards tokenized with a
+  crop bank of 4 boxes for small_config (hr_size 32, map_size 16 -> 4x4 ids); the tokenizer."""
+  from mmsr_jax import tokenize
+  from tests.conftest import small_config
+  root = tmp_path_factory.mktemp("bank")
+  cfg = small_config()
+  _write_annotated_shards(str(root / "ann"))
+  vq_dir = _vq_workdir(str(root / "vq"), map_size=cfg.data.map_size)
+  tokenize.tokenize_shards(vq_dir, str(root / "ann"), str(root / "tok"), batch_size=16,
+                           crop_size=cfg.data.hr_size, crops=4, log=lambda _: None)
+  return {"ann": str(root / "ann"), "tok": str(root / "tok"),
+          "tokenizer": tokenize.load_tokenizer(vq_dir)}
+
+
+def _shards_config(path, **overrides):
+  from tests.conftest import small_config
+  return small_config(**{"data.source": "arrayrecord", "data.path": path,
+                         "data.min_image_size": 32, "vq.ids_from": "shards", **overrides})
+
+
+def test_crop_bank_boxes():
+  from mmsr_jax.data import pipeline
+  boxes = pipeline.crop_bank_boxes(48, 60, 32, 16, key=3)
+  assert boxes.shape == (16, 2) and boxes.dtype == np.int32
+  np.testing.assert_array_equal(boxes[0], [8, 14])  # the centre crop first
+  assert len({tuple(b) for b in boxes}) == 16  # 17 x 29 positions: all distinct
+  assert boxes[:, 0].max() <= 16 and boxes[:, 1].max() <= 28 and boxes.min() >= 0
+  np.testing.assert_array_equal(boxes, pipeline.crop_bank_boxes(48, 60, 32, 16, key=3))
+  assert not np.array_equal(boxes, pipeline.crop_bank_boxes(48, 60, 32, 16, key=4))
+  few = pipeline.crop_bank_boxes(33, 32, 32, 5, key=0)  # 2 positions: both, then repeated
+  np.testing.assert_array_equal(few[:2], [[0, 0], [1, 0]])
+  assert {tuple(b) for b in few} == {(0, 0), (1, 0)}
+  with pytest.raises(ValueError, match="does not fit"):
+    pipeline.crop_bank_boxes(31, 40, 32, 4, key=0)
+
+
+def test_shard_ids_equal_the_encoder_ids_of_the_training_crops(crop_bank_shards):
+  from mmsr_jax import train
+  from mmsr_jax.data import pipeline, sources
+  from mmsr_jax.models.mmsr import Conditioner
+  tok = crop_bank_shards["tokenizer"]
+  cfg = _shards_config(crop_bank_shards["tok"])
+  batch = next(iter(pipeline.make_train_loader(cfg, train.make_tokenizer("byte"))))
+  ids, present = batch["vq_ids"], batch["present"]
+  assert ids.shape == (8, 3, 4, 4) and ids.dtype == np.int32
+  assert present[:, 0].all() and not present[:, 1].all() and present[:, 1].any()
+  for i, k in ((0, "depth"), (1, "seg")):  # the stored ids are those of the batch's own maps
+    np.testing.assert_array_equal(ids[present[:, i], i], tok.encode(k, batch[k][present[:, i]]))
+    assert (ids[~present[:, i], i] == 0).all()
+  assert (ids[:, 2] == 0).all()  # edges are not precomputed
+  assert len({ids[j, 0].tobytes() for j in range(8)}) > 1
+  # The Conditioner with ids from the shards gives the encoder path's ids, all three modalities.
+  cond_s = Conditioner.from_config(cfg)
+  cond_e = Conditioner.from_config(_shards_config(crop_bank_shards["tok"],
+                                                  **{"vq.ids_from": "encoder"}))
+  frozen = cond_e.init_params(cfg, jax.random.key(0))
+  jb = {k: jnp.asarray(v) for k, v in batch.items()}
+  got, want = np.asarray(cond_s(frozen, jb)["ids"]), np.asarray(cond_e(frozen, jb)["ids"])
+  np.testing.assert_array_equal(got[present], want[present])
+  # The Real-ESRGAN branch puts the same ids in its examples (edge and LR come later, batch-wise).
+  src = sources.ArrayRecordSource(crop_bank_shards["tok"])
+  t = pipeline.MakeTrainingExample(cfg.data.hr_size, cfg.data.scale, cfg.data.map_size,
+                                   cfg.text.max_length, train.make_tokenizer("byte"),
+                                   degradation="realesrgan", ids_from="shards", vq_grid=4)
+  for index in (0, 1):
+    ex = t.random_map(src[index], np.random.default_rng(index))
+    assert any(k.startswith("deg_") for k in ex) and "lr" not in ex
+    for i, k in ((0, "depth"), (1, "seg")):
+      if ex["present"][i]:
+        np.testing.assert_array_equal(ex["vq_ids"][i], tok.encode(k, ex[k][None])[0])
+
+
+def test_trainer_step_with_ids_from_shards(crop_bank_shards):
+  from mmsr_jax import sharding, train
+  cfg = _shards_config(crop_bank_shards["tok"])
+  trainer = train.Trainer(cfg, "/unused", devices=jax.devices()[:1])
+  batch = next(iter(trainer.make_loader()))
+  assert "vq_ids" in batch
+  state = trainer.init_state()
+  for _ in range(2):  # the first step has lr 0 under warm-up
+    state, metrics = trainer.train_step(state, trainer.frozen,
+                                        sharding.global_batch(batch, trainer.mesh))
+  assert int(state.step) == 2 and np.isfinite(float(metrics["loss"]))
+
+
+def test_ids_from_shards_errors(crop_bank_shards):
+  from mmsr_jax import train
+  from mmsr_jax.data import pipeline, sources
+  tok = train.make_tokenizer("byte")
+
+  def make(**overrides):
+    return pipeline.make_train_loader(_shards_config(crop_bank_shards["tok"], **overrides), tok)
+
+  with pytest.raises(ValueError, match="needs config.data.source='arrayrecord'"):
+    make(**{"data.source": "demo"})
+  with pytest.raises(ValueError, match="record 0 has no token-id crop bank"):
+    make(**{"data.path": crop_bank_shards["ann"]})
+  with pytest.raises(ValueError, match=r"32px crops != config.data.hr_size=48.*--crop_size=48"):
+    make(**{"data.hr_size": 48})
+  with pytest.raises(ValueError, match="map_size=16 != config.data.map_size=32"):
+    make(**{"data.map_size": 32})
+  with pytest.raises(ValueError, match="token grid 4x4 != the model's 8x8"):
+    make(**{"vq.arch.block_out_channels": (16, 32)})
+  with pytest.raises(ValueError, match="is not the tokenizer"):
+    make(**{"vq.params": os.path.join(crop_bank_shards["tok"], "tokenize.json")})
+  with pytest.raises(ValueError, match="config.vq.params='' is not a tokenizer file"):
+    make(**{"vq.params": ""})
+  # A record without a bank met during training is named.
+  t = pipeline.MakeTrainingExample(32, 4, 16, 16, tok, ids_from="shards", vq_grid=4)
+  rec = sources.ArrayRecordSource(crop_bank_shards["ann"])[0]
+  with pytest.raises(ValueError, match="record 'r00' has no token-id crop bank"):
+    t.random_map(rec, np.random.default_rng(0))
 
 
 def test_cli_errors_are_one_clear_line(tmp_path):

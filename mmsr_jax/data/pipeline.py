@@ -22,6 +22,9 @@ Example dict (numpy), S = hr size, M = map size, L = text length:
 * ``'depth'``, ``'seg'``, ``'edge'``: float32 [M, M, 3] in [-1, 1] (zeros when absent)
 * ``'present'``: bool [3], order (depth, seg, edge); edge is always present
 * ``'text_ids'``, ``'text_mask'``: int32 [L]
+* ``'vq_ids'``: int32 [3, g, g], only with ``config.vq.ids_from='shards'``: the token ids of the
+  depth and seg crops, read from the record's crop bank (``python -m mmsr_jax.tokenize
+  --crop_size=S``); the edge slot is 0 (edges come from the LR and are tokenized each step)
 
 Evaluation examples (``make_eval_examples``) add ``'name'`` and ``'caption'`` (str).
 """
@@ -165,58 +168,122 @@ def _crop(x: np.ndarray | None, top: int, left: int, size: int) -> np.ndarray | 
   return None if x is None else x[top:top + size, left:left + size]
 
 
+def render_crop_maps(record: dict[str, Any], top: int, left: int, size: int, flip: bool,
+                     map_size: int) -> dict[str, np.ndarray]:
+  """The depth and seg maps of one crop, rendered as the model sees them.
+
+  Crops ``record``'s maps (already on the image grid, e.g. after ``_resize_min_side``) to the
+  ``size x size`` box at (top, left), mirrors them horizontally when ``flip`` and renders each at
+  ``map_size`` (``render_map``). The training transform and ``python -m mmsr_jax.tokenize``
+  (which stores token ids of these exact maps) both go through this function.
+
+  Returns:
+    ``{'depth': ..., 'seg': ...}`` float32 [map_size, map_size, 3] for the maps the record has.
+  """
+  out = {}
+  for k in ("depth", "seg"):
+    x = _crop(record.get(k), top, left, size)
+    if x is None:
+      continue
+    if flip:
+      x = x[:, ::-1]
+    out[k] = render_map(k, np.ascontiguousarray(x), map_size)
+  return out
+
+
+BANK_SEED = 20251126
+
+
+def crop_bank_boxes(h: int, w: int, size: int, n: int, key: int) -> np.ndarray:
+  """The ``n`` crop boxes of a record's token-id bank: int32 ``[n, 2]`` (top, left).
+
+  A pure function of the (resized) image size ``h x w``, the crop side ``size`` and ``key`` (the
+  record's index). The first box is the centre crop; the others are distinct positions drawn at
+  random, and when the image has fewer than ``n`` positions they are all used and repeated.
+  """
+  if not 0 < size <= min(h, w):
+    raise ValueError(f"crop side {size} does not fit a {h}x{w} image")
+  if n < 1:
+    raise ValueError(f"crop bank of {n} boxes: expected >= 1")
+  nx = w - size + 1
+  total = (h - size + 1) * nx
+  centre = ((h - size) // 2) * nx + (w - size) // 2
+  rng = np.random.default_rng([BANK_SEED, h, w, size, int(key)])
+  m = min(n, total)
+  others = rng.choice(total - 1, size=m - 1, replace=False) if m > 1 else np.zeros(0, np.int64)
+  others = others + (others >= centre)  # skip the centre position
+  flat = np.resize(np.concatenate([[centre], others]), n)  # repeats cyclically when m < n
+  return np.stack([flat // nx, flat % nx], axis=-1).astype(np.int32)
+
+
 def context_example(maps: dict[str, np.ndarray], caption: str, *, map_size: int, text_len: int,
-                    tokenizer: Tokenizer) -> dict[str, np.ndarray]:
-  """Rendered maps (zeros when absent), ``present`` and caption tokens; no LR-derived part."""
-  for name in maps:
+                    tokenizer: Tokenizer,
+                    rendered: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+  """Rendered maps (zeros when absent), ``present`` and caption tokens; no LR-derived part.
+
+  ``maps`` holds raw maps (rendered here); ``rendered`` maps already rendered at ``map_size``
+  (``render_crop_maps``).
+  """
+  rendered = dict(rendered or {})
+  for name in list(maps) + list(rendered):
     if name not in MODALITIES:
       raise ValueError(f"map {name!r}: expected one of {MODALITIES}")
+  for k, v in maps.items():
+    if k in rendered:
+      raise ValueError(f"map {k!r} given both raw and rendered")
+    rendered[k] = render_map(k, v, map_size)
   ids, mask = tokenizer.encode(caption, text_len)
   return {
-      **{k: (render_map(k, maps[k], map_size) if k in maps
+      **{k: (rendered[k] if k in rendered
              else np.zeros((map_size, map_size, 3), np.float32)) for k in MODALITIES},
-      "present": np.array([k in maps for k in MODALITIES], np.bool_),
+      "present": np.array([k in rendered for k in MODALITIES], np.bool_),
       "text_ids": np.asarray(ids, np.int32).reshape(text_len),
       "text_mask": np.asarray(mask, np.int32).reshape(text_len),
   }
 
 
 def conditioning_example(lr: np.ndarray, maps: dict[str, np.ndarray], caption: str, *,
-                         map_size: int, text_len: int,
-                         tokenizer: Tokenizer) -> dict[str, np.ndarray]:
+                         map_size: int, text_len: int, tokenizer: Tokenizer,
+                         rendered: dict[str, np.ndarray] | None = None
+                         ) -> dict[str, np.ndarray]:
   """The model's conditioning for one LR image, shared by training and sampling.
 
   ``lr`` is float HxWx3 in [0, 1]; ``maps`` holds the raw modality maps that exist (``depth``
   HxW in [0, 1], ``seg`` HxW labels, ``edge`` HxW in [0, 1]); a missing edge map is computed by
   Canny on ``lr``. Returns ``lr`` in [-1, 1], the rendered maps (zeros when absent), ``present``
-  and the caption's ``text_ids`` / ``text_mask``.
+  and the caption's ``text_ids`` / ``text_mask``. ``rendered`` holds maps already rendered at
+  ``map_size`` (``render_crop_maps``).
   """
   for name in maps:
     if name not in MODALITIES:
       raise ValueError(f"map {name!r}: expected one of {MODALITIES}")
-  if "edge" not in maps:
+  if "edge" not in maps and "edge" not in (rendered or {}):
     maps = dict(maps, edge=canny_edges(lr, map_size))
   example = {"lr": np.asarray(lr, np.float32) * np.float32(2.0) - np.float32(1.0)}
   example.update(context_example(maps, caption, map_size=map_size, text_len=text_len,
-                                 tokenizer=tokenizer))
+                                 tokenizer=tokenizer, rendered=rendered))
   return example
 
 
-def _build_example(image: np.ndarray, depth: np.ndarray | None, seg: np.ndarray | None,
-                   caption: str, rng: np.random.Generator, *, scale: int, map_size: int,
-                   text_len: int, tokenizer: Tokenizer,
-                   degradation: str = "simple") -> dict[str, np.ndarray]:
-  """Degrades an HR crop and assembles the example dict (see the module docstring)."""
+def _build_example(image: np.ndarray, rendered: dict[str, np.ndarray], caption: str,
+                   rng: np.random.Generator, *, scale: int, map_size: int, text_len: int,
+                   tokenizer: Tokenizer, degradation: str = "simple") -> dict[str, np.ndarray]:
+  """Degrades an HR crop and assembles the example dict (see the module docstring);
+  ``rendered`` holds the crop's depth / seg maps from ``render_crop_maps``."""
   hr = image.astype(np.float32) / np.float32(255.0)
   if degradation == "simple":
     lr = simple_degrade(hr, rng, scale=scale)
   else:
     lr = realesrgan.RealESRGANDegrader(degradation, scale).degrade_one(hr, rng)
-  maps = {k: v for k, v in (("depth", depth), ("seg", seg)) if v is not None}
-  example = conditioning_example(lr, maps, caption, map_size=map_size, text_len=text_len,
-                                 tokenizer=tokenizer)
+  example = conditioning_example(lr, {}, caption, map_size=map_size, text_len=text_len,
+                                 tokenizer=tokenizer, rendered=rendered)
   example["hr"] = hr * np.float32(2.0) - np.float32(1.0)
   return example
+
+
+IDS_FROM_SHARDS_NEEDS = (
+    "config.vq.ids_from='shards' needs config.data.source='arrayrecord' with shards written by "
+    "python -m mmsr_jax.tokenize --crop_size=...")
 
 
 class MakeTrainingExample(pygrain.RandomMapTransform):
@@ -224,13 +291,20 @@ class MakeTrainingExample(pygrain.RandomMapTransform):
 
   All randomness comes from the ``rng`` grain hands to ``random_map`` (seeded per record index),
   so the output is a pure function of (seed, index).
+
+  With ``ids_from='shards'`` the crop is one of the boxes of the record's token-id bank (written
+  by ``python -m mmsr_jax.tokenize --crop_size=hr_size``; ``sources.ArrayRecordSource`` passes it
+  as ``'vq_bank'``), and the example gets that box's stored depth / seg ids as ``'vq_ids'``.
   """
 
   def __init__(self, hr_size: int, scale: int, map_size: int, text_len: int,
-               tokenizer: Tokenizer, degradation: str = "simple"):
+               tokenizer: Tokenizer, degradation: str = "simple", ids_from: str = "encoder",
+               vq_grid: int | None = None):
     if degradation not in DEGRADATIONS:
       raise ValueError(f"config.data.degradation={degradation!r}: expected one of "
                        f"{DEGRADATIONS}")
+    if ids_from not in ("encoder", "shards"):
+      raise ValueError(f"config.vq.ids_from={ids_from!r}: expected 'encoder' or 'shards'")
     self.degradation = degradation
     if hr_size % scale:
       raise ValueError(f"config.data.hr_size={hr_size} is not divisible by scale={scale}")
@@ -239,44 +313,81 @@ class MakeTrainingExample(pygrain.RandomMapTransform):
     self.map_size = int(map_size)
     self.text_len = int(text_len)
     self.tokenizer = tokenizer
+    self.ids_from = ids_from
+    self.vq_grid = None if vq_grid is None else int(vq_grid)
+
+  def _bank(self, element: dict[str, Any]) -> dict[str, Any]:
+    bank = element.get("vq_bank")
+    name = element.get("name", "?")
+    if bank is None:
+      raise ValueError(f"record {name!r} has no token-id crop bank: "
+                       f"{IDS_FROM_SHARDS_NEEDS}")
+    check_bank_meta(bank["meta"], self.hr_size, self.map_size, self.vq_grid,
+                    where=f"record {name!r}")
+    return bank
 
   def random_map(self, element: dict[str, Any],
                  rng: np.random.Generator) -> dict[str, np.ndarray]:
     rec = _resize_min_side(element, self.hr_size)
     h, w = rec["image"].shape[:2]
     s = self.hr_size
-    top = int(rng.integers(0, h - s + 1))
-    left = int(rng.integers(0, w - s + 1))
+    vq_ids = None
+    if self.ids_from == "shards":
+      bank = self._bank(element)
+      box = int(rng.integers(0, len(bank["boxes"])))
+      top, left = (int(v) for v in bank["boxes"][box])
+      if not (0 <= top <= h - s and 0 <= left <= w - s):
+        raise ValueError(f"record {element.get('name', '?')!r}: crop bank box ({top}, {left}) "
+                         f"of side {s} lies outside the {h}x{w} image; tokenize these shards "
+                         "again")
+    else:
+      top = int(rng.integers(0, h - s + 1))
+      left = int(rng.integers(0, w - s + 1))
     flip = bool(rng.random() < 0.5)
+    if self.ids_from == "shards":
+      vq_ids = bank["ids"][box, int(flip)].astype(np.int32)  # 0 where absent and for edge
     image = _crop(rec["image"], top, left, s)
-    depth = _crop(rec.get("depth"), top, left, s)
-    seg = _crop(rec.get("seg"), top, left, s)
     if flip:
       image = image[:, ::-1]
-      depth = None if depth is None else depth[:, ::-1]
-      seg = None if seg is None else seg[:, ::-1]
+    rendered = render_crop_maps(rec, top, left, s, flip, self.map_size)
     if self.degradation != "simple":
-      return self._hr_and_params(image, depth, seg, rec["caption"], rng)
-    return _build_example(
-        np.ascontiguousarray(image), None if depth is None else np.ascontiguousarray(depth),
-        None if seg is None else np.ascontiguousarray(seg), rec["caption"], rng,
-        scale=self.scale, map_size=self.map_size, text_len=self.text_len,
-        tokenizer=self.tokenizer)
+      ex = self._hr_and_params(image, rendered, rec["caption"], rng)
+    else:
+      ex = _build_example(np.ascontiguousarray(image), rendered, rec["caption"], rng,
+                          scale=self.scale, map_size=self.map_size, text_len=self.text_len,
+                          tokenizer=self.tokenizer)
+    if vq_ids is not None:
+      ex["vq_ids"] = vq_ids
+    return ex
 
-
-  def _hr_and_params(self, image, depth, seg, caption, rng):
+  def _hr_and_params(self, image, rendered, caption, rng):
     """HR crop, context maps and tokens, and the sampled degradation parameters (``deg_*``);
     ``DegradingIterator`` turns them into 'lr' and 'edge' batch-wise."""
-    maps = {k: np.ascontiguousarray(v) for k, v in (("depth", depth), ("seg", seg))
-            if v is not None}
-    maps["edge"] = np.zeros((1, 1), np.float32)  # placeholder: computed from the LR later
+    maps = {"edge": np.zeros((1, 1), np.float32)}  # placeholder: computed from the LR later
     ex = context_example(maps, caption, map_size=self.map_size, text_len=self.text_len,
-                         tokenizer=self.tokenizer)
+                         tokenizer=self.tokenizer, rendered=rendered)
     ex["hr"] = image.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
     params = realesrgan.sample_params(rng, image.shape[:2], realesrgan.get_preset(
         self.degradation), self.scale)
     ex.update({f"deg_{k}": v for k, v in params.items()})
     return ex
+
+
+def check_bank_meta(meta: dict[str, Any], hr_size: int, map_size: int, grid: int | None, *,
+                    where: str) -> None:
+  """ValueError unless a crop bank's ``vq_meta`` matches the DiT config's sizes."""
+  crop = int(meta.get("crop_size", 0))
+  if crop != hr_size:
+    raise ValueError(f"{where}: token-id crop bank of {crop}px crops != config.data.hr_size="
+                     f"{hr_size}; run python -m mmsr_jax.tokenize --crop_size={hr_size}")
+  if int(meta["map_size"]) != map_size:
+    raise ValueError(f"{where}: shards tokenized at map_size={meta['map_size']} != "
+                     f"config.data.map_size={map_size}; tokenize with a tokenizer trained at "
+                     f"map_size={map_size}")
+  if grid is not None and int(meta["grid"]) != grid:
+    raise ValueError(f"{where}: token grid {meta['grid']}x{meta['grid']} != the model's "
+                     f"{grid}x{grid} (config.vq.arch); tokenize with the tokenizer the config "
+                     "uses")
 
 
 class DegradingIterator:
@@ -404,6 +515,10 @@ def make_train_loader(config: ml_collections.ConfigDict, tokenizer: Tokenizer):
   DataLoader; with 'realesrgan' / 'seesr' the Grain workers crop and sample the degradation and
   a ``DegradedLoader`` applies it batch-wise.
 
+  With config.vq.ids_from='shards' the examples carry ``'vq_ids'`` from the records' crop banks
+  (``python -m mmsr_jax.tokenize --crop_size=config.data.hr_size``); the first record's bank and
+  the tokenizer are checked against the config here (``check_shards_for_ids``).
+
   Every example is a pure function of (seed, global record index). Batches are identical across
   runs for the same seed *and* the same num_workers (with workers, grain batches each worker's
   slice of the index stream, so the order changes with the count). num_workers > 0 needs absl
@@ -412,7 +527,11 @@ def make_train_loader(config: ml_collections.ConfigDict, tokenizer: Tokenizer):
   source_name = _check_source(config)
   degradation = _degradation(config)
   batch = per_process_batch_size(config)
+  ids_from = config.get("vq", {}).get("ids_from", "encoder")
   source = make_source(config, "train")
+  vq_grid = None
+  if ids_from == "shards":
+    vq_grid = check_shards_for_ids(config, source)
   sampler = pygrain.IndexSampler(
       num_records=len(source),
       shard_options=pygrain.ShardByJaxProcess(drop_remainder=True),
@@ -427,6 +546,8 @@ def make_train_loader(config: ml_collections.ConfigDict, tokenizer: Tokenizer):
       text_len=config.text.max_length,
       tokenizer=tokenizer,
       degradation=degradation,
+      ids_from=ids_from,
+      vq_grid=vq_grid,
   )
   ops = [] if source_name == "demo" else [sources.DropBad()]
   loader = pygrain.DataLoader(
@@ -439,6 +560,39 @@ def make_train_loader(config: ml_collections.ConfigDict, tokenizer: Tokenizer):
     return loader
   return DegradedLoader(loader, realesrgan.RealESRGANDegrader(degradation, config.data.scale),
                         config.data.map_size, int(config.data.get("prefetch", 2)))
+
+
+def check_shards_for_ids(config: ml_collections.ConfigDict, source) -> int:
+  """Checks, before training starts, that ``source`` can feed config.vq.ids_from='shards': an
+  'arrayrecord' source whose first record has a crop bank of config.data.hr_size crops at
+  config.data.map_size, tokenized by the tokenizer config.vq.params names. Returns the grid."""
+  if config.data.source != "arrayrecord":
+    raise ValueError(f"config.data.source={config.data.source!r}: {IDS_FROM_SHARDS_NEEDS}")
+  from mmsr_jax import tokenize  # pylint: disable=g-import-not-at-top
+  inner = source.inner if isinstance(source, sources.CheckedSource) else source
+  grid = int(config.data.map_size) // 2 ** (len(config.vq.arch.block_out_channels) - 1)
+  first = inner.files[0]
+  bank = tokenize.read_crop_bank(inner.raw(0))
+  if bank is None:
+    raise ValueError(f"{first} record 0 has no token-id crop bank: {IDS_FROM_SHARDS_NEEDS}")
+  meta = bank["meta"]
+  check_bank_meta(meta, int(config.data.hr_size), int(config.data.map_size), grid,
+                  where=f"{first} record 0")
+  if bool(meta.get("per_modality", False)) != bool(config.vq.get("per_modality", False)):
+    raise ValueError(f"{first}: tokenized with per_modality={meta.get('per_modality')} but "
+                     f"config.vq.per_modality={config.vq.get('per_modality', False)}")
+  from mmsr_jax.params_io import params_file  # pylint: disable=g-import-not-at-top
+  params = config.vq.params
+  if not params or not os.path.isfile(params_file(params)):
+    raise ValueError(f"config.vq.params={params!r} is not a tokenizer file, but the shards' "
+                     f"ids come from the tokenizer with sha256 {meta['tokenizer_sha256']}; the "
+                     "edge ids are still encoded every step, so config.vq.params must be that "
+                     "tokenizer (its vq.safetensors)")
+  sha = tokenize.file_sha256(params_file(params))
+  if sha != meta["tokenizer_sha256"]:
+    raise ValueError(f"config.vq.params={params!r} (sha256 {sha[:12]}...) is not the tokenizer "
+                     f"{first} was tokenized with (sha256 {meta['tokenizer_sha256'][:12]}...)")
+  return grid
 
 
 def _eval_seed(name: str) -> np.random.Generator:
@@ -470,9 +624,7 @@ def make_eval_examples(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
     top, left = (h - e) // 2, (w - e) // 2
     ex = _build_example(
         np.ascontiguousarray(_crop(rec["image"], top, left, e)),
-        None if rec.get("depth") is None else np.ascontiguousarray(
-            _crop(rec["depth"], top, left, e)),
-        None if rec.get("seg") is None else np.ascontiguousarray(_crop(rec["seg"], top, left, e)),
+        render_crop_maps(rec, top, left, e, False, int(config.data.map_size)),
         rec["caption"], _eval_seed(rec["name"]), scale=scale,
         map_size=int(config.data.map_size), text_len=int(config.text.max_length),
         tokenizer=tokenizer, degradation=degradation)

@@ -8,7 +8,9 @@ demo records, so one Grain transform serves them all.
   path order; an optional ``<stem>.txt`` next to an image is its caption.
 * ``TfdsSource``: ``tfds.data_source(name, split=...)`` (ArrayRecord-backed random access; e.g.
   ``div2k``, whose HR image is the ``hr`` feature).
-* ``ArrayRecordSource``: shards written by ``python -m mmsr_jax.annotate``.
+* ``ArrayRecordSource``: shards written by ``python -m mmsr_jax.annotate``; records tokenized by
+  ``python -m mmsr_jax.tokenize --crop_size=S`` also carry their token-id crop bank as
+  ``'vq_bank'`` (``mmsr_jax.tokenize.read_crop_bank``).
 
 ``CheckedSource`` wraps any of them: an image that cannot be decoded (unreadable, truncated) or is
 smaller than ``min_size`` becomes a ``{'bad': reason}`` record, is logged with its path and
@@ -148,6 +150,29 @@ def annotation_shards(path: str) -> list[str]:
   return files
 
 
+def training_record(data: bytes, default_name: str) -> dict[str, Any]:
+  """An annotator record (bytes) as a training record: maps resized onto the image's grid, plus
+  ``'vq_bank'`` when the record was tokenized with a crop bank. ``ArrayRecordSource`` and
+  ``python -m mmsr_jax.tokenize`` both read records through this function."""
+  from mmsr_jax.annotate import decode_record  # pylint: disable=g-import-not-at-top
+  from mmsr_jax.tokenize import read_crop_bank  # pylint: disable=g-import-not-at-top
+  rec = decode_record(data)
+  h, w = rec["image"].shape[:2]
+  def onto(x, interp):
+    if x is None or x.shape == (h, w):
+      return x
+    return cv2.resize(x, (w, h), interpolation=interp)
+  out = {"name": rec["meta"].get("name", default_name),
+         "image": rec["image"],
+         "depth": onto(rec["depth"], cv2.INTER_LINEAR),
+         "seg": onto(rec["seg"], cv2.INTER_NEAREST),
+         "caption": rec["caption"] or ""}
+  bank = read_crop_bank(data)
+  if bank is not None:
+    out["vq_bank"] = bank
+  return out
+
+
 class ArrayRecordSource:
   """Records written by ``mmsr_jax.annotate``; maps are resized onto the image's grid."""
 
@@ -159,22 +184,15 @@ class ArrayRecordSource:
   def __len__(self) -> int:
     return len(self._ds)
 
+  def raw(self, index: int) -> bytes:
+    """The stored bytes of record ``index``."""
+    return self._ds[int(index)]
+
   def __getitem__(self, index: int) -> dict[str, Any]:
-    from mmsr_jax.annotate import decode_record  # pylint: disable=g-import-not-at-top
     try:
-      rec = decode_record(self._ds[int(index)])
+      return training_record(self.raw(index), f"{self.path}[{int(index)}]")
     except Exception as e:  # pylint: disable=broad-except
       raise BadImage(f"cannot decode annotation record: {e}") from e
-    h, w = rec["image"].shape[:2]
-    def onto(x, interp):
-      if x is None or x.shape == (h, w):
-        return x
-      return cv2.resize(x, (w, h), interpolation=interp)
-    return {"name": rec["meta"].get("name", f"{self.path}[{int(index)}]"),
-            "image": rec["image"],
-            "depth": onto(rec["depth"], cv2.INTER_LINEAR),
-            "seg": onto(rec["seg"], cv2.INTER_NEAREST),
-            "caption": rec["caption"] or ""}
 
   def __getstate__(self):
     return {"path": self.path}

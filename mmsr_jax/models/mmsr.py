@@ -84,7 +84,8 @@ class Conditioner:
   residual: bool = False  # diffuse residual_scale * (z_HR - z_LR) instead of z_HR
   residual_scale: float = 1.0
   vq_per_modality: bool = False  # params["vq"] stacked over (depth, seg, edge)
-  ids_from: str = "encoder"  # "shards": the batch carries precomputed ids (mmsr_jax.tokenize)
+  # "shards": training batches carry the depth / seg ids precomputed by mmsr_jax.tokenize
+  ids_from: str = "encoder"
 
   @classmethod
   def from_config(cls, config) -> "Conditioner":
@@ -137,6 +138,15 @@ class Conditioner:
                         method=vqgan_lib.VQGAN.encode_ids)
     return ids.reshape(b, k, *ids.shape[1:])
 
+  def modality_ids_of(self, params, name, maps):
+    """VQ ids ``[B, M/f, M/f]`` of one modality's maps ``[B, M, M, 3]`` (its own tokenizer when
+    there is one per modality)."""
+    p = params["vq"]
+    if self.vq_per_modality:
+      i = context_lib.SPATIAL_MODALITIES.index(name)
+      p = jax.tree.map(lambda a: a[i], p)
+    return self.vq.apply({"params": p}, maps, method=vqgan_lib.VQGAN.encode_ids)
+
   def encode_image(self, params, x):
     return self.autoencoder.encode(params["ae"], x)
 
@@ -161,13 +171,25 @@ class Conditioner:
     return self.decode(params, self.sample_latent(x0, lr_latent))
 
   def __call__(self, params, batch):
-    """Frozen part of a step: batch -> (x0 latent or None, LR latent, text states, mask, ids)."""
+    """Frozen part of a step: batch -> (x0 latent or None, LR latent, text states, mask, ids).
+
+    With ``ids_from='shards'`` a batch that has ``'vq_ids'`` (the training pipeline's, read from
+    the shards' crop banks) takes its depth and seg ids from there and encodes only the edge maps
+    (Canny of the degraded LR, new every step, so never precomputed). A batch without them, like
+    the held-out examples of the report, which are not read from shards, is encoded whole.
+    """
     out_hw = (batch["lr"].shape[1] * self.scale, batch["lr"].shape[2] * self.scale)
-    if self.ids_from == "shards":
-      if "vq_ids" not in batch:
-        raise ValueError("config.vq.ids_from='shards' but the batch has no 'vq_ids' (token ids "
-                         "written by python -m mmsr_jax.tokenize); use ids_from='encoder'")
-      ids = batch["vq_ids"].astype(jnp.int32)
+    if self.ids_from == "shards" and "vq_ids" in batch:
+      if "edge" not in batch:
+        raise ValueError("config.vq.ids_from='shards': the batch has 'vq_ids' but no 'edge' maps "
+                         "(edge ids are encoded every step)")
+      edge = self.modality_ids_of(params, "edge", batch["edge"])
+      ids = jnp.concatenate([batch["vq_ids"][:, :2].astype(jnp.int32), edge[:, None]], axis=1)
+    elif self.ids_from == "shards" and not all(
+        k in batch for k in context_lib.SPATIAL_MODALITIES):
+      raise ValueError("config.vq.ids_from='shards' but the batch has neither 'vq_ids' (token "
+                       "ids written by python -m mmsr_jax.tokenize --crop_size=...) nor the "
+                       "depth / seg / edge maps to encode; use ids_from='encoder'")
     else:
       maps = jnp.stack([batch[k] for k in context_lib.SPATIAL_MODALITIES], axis=1)
       ids = self.modality_ids(params, maps)
