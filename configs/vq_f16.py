@@ -6,10 +6,11 @@
 Trains on the depth / segmentation / edge maps of ``python -m mmsr_jax.annotate`` shards (every
 ``heldout_every``-th record held out for the report), with 10% synthetic maps mixed in and
 synthetic maps filling modalities a record lacks. One tokenizer for all three modalities;
-``--config.vq.per_modality=True`` trains one per modality (a stacked tree, same step). L1
-reconstruction + commitment (beta 0.25) with EMA codebook updates and dead-code restart, plus a
-hinge patch-discriminator term from step 20k (taming-transformers' recipe, without the adaptive
-weight); LPIPS perceptual term with ``--config.vq_train.perceptual_weight=1.0
+``--config.vq.per_modality=True`` trains one per modality (a stacked tree, same step). L2
+reconstruction (with L1 the tiny tokenizer learned to draw no edges: see configs/vq_tiny.py) +
+commitment (beta 0.25) with EMA codebook updates and dead-code restart, plus a hinge
+patch-discriminator term from step 20k (after taming-transformers, whose recipe uses L1; without
+the adaptive weight); LPIPS perceptual term with ``--config.vq_train.perceptual_weight=1.0
 --config.vq_train.lpips_params=PATH``. The continuous baseline (same autoencoder, no quantiser)
 trains alongside; ``DIR/report.json`` compares the two on the held-out maps, and
 ``DIR/vq.safetensors`` is the tokenizer for ``config.vq.params``.
@@ -42,7 +43,7 @@ def get_config():
   c.vq_train.heldout_every = 50
   c.vq_train.synthetic_fraction = 0.1
   c.vq_train.codebook = "ema"
-  c.vq_train.recon_loss = "l1"
+  c.vq_train.recon_loss = "l2"  # L1 learns blank edge maps (measured on configs/vq_tiny.py)
   c.vq_train.adv_weight = 0.1
   c.vq_train.disc_start = 20_000
   c.vq_train.restart_every = 500

@@ -371,6 +371,7 @@ def test_tokenize_then_decode_round_trips_through_shards(tmp_path):
   assert len(out_records) == len(records)
   tok = tokenize.load_tokenizer(vq_dir)
   psnrs = {"depth": [], "seg": [], "edge": []}
+  blank_psnrs = []
   for src, out in zip(records, out_records):
     a, b = annotate.decode_record(src), annotate.decode_record(out)
     assert a["caption"] == b["caption"] and a["meta"] == b["meta"]  # the record is kept
@@ -386,9 +387,15 @@ def test_tokenize_then_decode_round_trips_through_shards(tmp_path):
       np.testing.assert_array_equal(ids[i], tok.encode(k, maps[k][None])[0])
       rec = tok.decode(k, ids[i][None])
       psnrs[k].append(float(L.psnr(jnp.asarray(maps[k][None]), jnp.asarray(rec))[0]))
+      if k == "edge":
+        blank_psnrs.append(float(L.psnr(jnp.asarray(maps[k][None]), -jnp.ones_like(rec))[0]))
   # The trained tokenizer reconstructs the maps from the stored ids (random weights give ~6 dB).
   assert np.mean(psnrs["depth"]) > 18.0, psnrs
   assert np.mean(psnrs["seg"]) > 11.0, psnrs
+  print("round-trip PSNR", {k: np.round(v, 2).tolist() for k, v in psnrs.items()},
+        "blank edge maps", np.round(blank_psnrs, 2).tolist())
+  # Edges survive too: a tokenizer that draws no lines would score the blank map's PSNR.
+  assert np.mean(psnrs["edge"]) > np.mean(blank_psnrs) + 2.5, (psnrs, blank_psnrs)
   # Existing outputs are never replaced silently.
   with pytest.raises(FileExistsError, match="--overwrite"):
     tokenize.tokenize_shards(vq_dir, str(tmp_path / "ann"), str(tmp_path / "tok"))
