@@ -7,7 +7,7 @@ compilation when the machine is otherwise idle (13.5 minutes while the test suit
 report.json with first_train_loss 0.966 -> final_train_loss 0.117, and on the two held-out 128x128
 crops psnr_sr 27.68 / ssim_sr 0.676 against psnr_bicubic 28.01 / ssim_bicubic 0.711 (the same to
 two decimals as with a random VQ: at this size the modalities barely move the result, val_loss
-0.0827 with them and 0.0829 with every modality null).
+0.0826 with them and 0.0827 with every modality null).
 Space-to-depth ("pixel") autoencoder, a 4-block width-192 DiT, random frozen T5; the VQ tokenizer
 is mmsr_jax/assets/vq_tiny.safetensors, trained by ``python -m mmsr_jax.train_vq
 --config=configs/vq_tiny.py``.
