@@ -61,6 +61,26 @@ class Checkpointer:
           "config; move it away to start fresh.") from e
     return restored["state"]
 
+  def restore_part(self, step: int, name: str, abstract_part):
+    """Restores only the ``name`` field of the saved state (e.g. ``'ema_params'``) onto the
+    shardings of ``abstract_part``; the other arrays (weights, optimizer moments) are never read.
+
+    Sampling needs the EMA weights alone: for an AdamW run they are a quarter of the state, so
+    restoring them alone needs a quarter of the host and device memory of :meth:`restore`.
+    """
+    path = os.path.join(self.directory, str(step), "state")
+    target = {name: abstract_part}
+    try:
+      restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True))
+    except Exception as e:  # noqa: BLE001 - re-raised with the path
+      raise CheckpointError(
+          f"checkpoint {os.path.join(self.directory, str(step))}: its {name!r} could not be "
+          f"restored into the current model ({type(e).__name__}: {e}). It is corrupt or from an "
+          "incompatible config.") from e
+    return restored[name]
+
   def wait(self):
     self.manager.wait_until_finished()
 

@@ -234,11 +234,11 @@ class SuperResolver:
     parts = _SamplingParts(config, devices)  # the trainer's model, encoders and state layout
     abstract = parts.abstract_with_shardings()
     check_checkpoint_matches(ckpt, step, abstract, workdir)
-    state = ckpt.restore(step, abstract)
+    ema_params = ckpt.restore_part(step, "ema_params", abstract.ema_params)  # not the optimizer
     ckpt.close()
     where = choose_text_device(setting, text_param_bytes(parts.conditioner, config))
     frozen = load_frozen(parts.conditioner, config, parts.mesh, where)
-    return cls(config, state.ema_params, parts, frozen=frozen, step=int(step),
+    return cls(config, ema_params, parts, frozen=frozen, step=int(step),
                workdir=workdir, annotator=annotator, text_device=where)
 
   # --- Settings.

@@ -24,9 +24,6 @@ for the measured tolerance).
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import math
 from typing import Callable
 
 import jax
@@ -34,117 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmsr_jax import diffusion, sharding
+# The tile geometry lives below the models (the KL VAE tiles with it too); re-exported here.
+from mmsr_jax.tile_grid import VAE_TILE, TileGrid, vae_tiled
 from mmsr_jax.models import autoencoder as ae_lib
 from mmsr_jax.models.mmsr import MMSR, Conditioner
 from mmsr_jax.sampler import negative_branch
-
-# Decoder / encoder tiles of the KL VAE (latent pixels): 64 = a 512 px output tile.
-VAE_TILE, VAE_OVERLAP = 64, 16
-
-
-def axis_starts(size: int, tile: int, overlap: int, align: int) -> list[int]:
-  """Starts of tiles of length ``min(tile, size)`` covering ``[0, size)``.
-
-  Neighbours share at least about ``overlap`` pixels; the tiles are spread evenly and every start
-  is a multiple of ``align`` (the DiT patch size, so patches line up across tiles).
-  """
-  if size <= tile:
-    return [0]
-  if not 0 <= overlap < tile:
-    raise ValueError(f"tile overlap {overlap}: expected 0 <= overlap < tile ({tile})")
-  n = math.ceil((size - overlap) / (tile - overlap))
-  starts = [int(round(k * (size - tile) / (n - 1) / align)) * align for k in range(n)]
-  starts[-1] = size - tile
-  return sorted(set(starts))
-
-
-def axis_window(starts: list[int], length: int) -> list[np.ndarray]:
-  """Per-tile 1-D weights: 1 inside, raised-cosine ramps across each overlap with a neighbour.
-
-  In an overlap the ramps of the two neighbours are sin^2 and cos^2 of the same angle (sampled at
-  pixel centres), so they sum to one and the blend moves smoothly from one tile to the next.
-  """
-  out = []
-  for k, s in enumerate(starts):
-    w = np.ones(length, np.float64)
-    i = np.arange(length) + 0.5
-    if k > 0:
-      ov = starts[k - 1] + length - s
-      if ov > 0:
-        w = np.minimum(w, np.where(i < ov, np.sin(0.5 * np.pi * i / ov) ** 2, 1.0))
-    if k < len(starts) - 1:
-      ov = s + length - starts[k + 1]
-      if ov > 0:
-        j = length - i  # distance to this tile's far end
-        w = np.minimum(w, np.where(j < ov, np.sin(0.5 * np.pi * j / ov) ** 2, 1.0))
-    out.append(w)
-  return out
-
-
-@dataclasses.dataclass(frozen=True)
-class TileGrid:
-  """Static geometry of the latent tiles of one image size (hashable; part of the jit key)."""
-
-  latent_hw: tuple[int, int]
-  tile: int
-  overlap: int
-  align: int = 1
-
-  def __post_init__(self):
-    if self.tile % self.align:
-      raise ValueError(f"latent tile {self.tile} is not a multiple of the patch size {self.align}")
-    if self.latent_hw[0] % self.align or self.latent_hw[1] % self.align:
-      raise ValueError(f"latent {self.latent_hw} is not a multiple of the patch size {self.align}")
-
-  @property
-  def tile_hw(self) -> tuple[int, int]:
-    return min(self.tile, self.latent_hw[0]), min(self.tile, self.latent_hw[1])
-
-  @functools.cached_property
-  def rows(self) -> list[int]:
-    return axis_starts(self.latent_hw[0], self.tile, self.overlap, self.align)
-
-  @functools.cached_property
-  def cols(self) -> list[int]:
-    return axis_starts(self.latent_hw[1], self.tile, self.overlap, self.align)
-
-  @property
-  def origins(self) -> list[tuple[int, int]]:
-    """Top-left latent corners, row-major; the order of the tiles in every tile batch."""
-    return [(r, c) for r in self.rows for c in self.cols]
-
-  @property
-  def num_tiles(self) -> int:
-    return len(self.rows) * len(self.cols)
-
-  def weights(self) -> np.ndarray:
-    """``[n, th, tw, 1]`` float32 blend weights, normalised so they sum to 1 at every pixel."""
-    th, tw = self.tile_hw
-    wr, wc = axis_window(self.rows, th), axis_window(self.cols, tw)
-    w = np.stack([wr[i][:, None] * wc[j][None, :]
-                  for i in range(len(self.rows)) for j in range(len(self.cols))])
-    total = np.zeros(self.latent_hw, np.float64)
-    for (r, c), wk in zip(self.origins, w):
-      total[r:r + th, c:c + tw] += wk
-    norm = np.stack([wk / total[r:r + th, c:c + tw] for (r, c), wk in zip(self.origins, w)])
-    return norm.astype(np.float32)[..., None]
-
-  def gather(self, x: jax.Array) -> jax.Array:
-    """``[B, H, W, C]`` -> tiles ``[B * n, th, tw, C]`` (image-major)."""
-    th, tw = self.tile_hw
-    tiles = jnp.stack([x[:, r:r + th, c:c + tw] for r, c in self.origins], axis=1)
-    return tiles.reshape(-1, th, tw, x.shape[-1])
-
-  def blend(self, tiles: jax.Array, weights: jax.Array) -> jax.Array:
-    """Inverse of :meth:`gather`: weighted sum of the tiles ``[B * n, th, tw, C]`` -> latent."""
-    th, tw = self.tile_hw
-    n = self.num_tiles
-    tiles = tiles.reshape(-1, n, th, tw, tiles.shape[-1]) * weights[None].astype(tiles.dtype)
-    out = jnp.zeros((tiles.shape[0], *self.latent_hw, tiles.shape[-1]), tiles.dtype)
-    for k, (r, c) in enumerate(self.origins):
-      out = out.at[:, r:r + th, c:c + tw].add(tiles[:, k])
-    return out
-
 
 def make_grid(config, lr_hw: tuple[int, int], *, tile: int | None = None,
               overlap: int | None = None) -> TileGrid:
@@ -196,24 +87,6 @@ def _chunked(fn: Callable, args: tuple, cap: int | None, multiple: int = 1):
   stacked = tuple(_pad_rows(a, k * chunk).reshape(k, chunk, *a.shape[1:]) for a in args)
   out = jax.lax.map(lambda xs: fn(*xs), stacked)
   return out.reshape(k * chunk, *out.shape[2:])[:rows]
-
-
-def vae_tiled(fn: Callable, x: jax.Array, *, unit_in: int, unit_out: int,
-              tile: int = VAE_TILE, overlap: int = VAE_OVERLAP) -> jax.Array:
-  """``fn`` (encode or decode of the KL VAE) on overlapping ``tile``-latent tiles of ``x``,
-  run one tile after another (``lax.map``: one tile's activations live at a time) and blended
-  with the same normalised raised-cosine window as the denoiser tiles. Traceable (jit it)."""
-  b, h_in, w_in, _ = x.shape
-  lat = (h_in // unit_in, w_in // unit_in)
-  grid = TileGrid(lat, tile, overlap)
-  out_grid = TileGrid((lat[0] * unit_out, lat[1] * unit_out), tile * unit_out,
-                      overlap * unit_out)
-  th, tw = grid.tile_hw
-  tiles = jnp.stack([x[:, r * unit_in:(r + th) * unit_in, c * unit_in:(c + tw) * unit_in]
-                     for r, c in grid.origins])  # [n, B, ...]
-  out = jax.lax.map(fn, tiles)  # [n, B, th * unit_out, tw * unit_out, C]
-  out = jnp.swapaxes(out, 0, 1).reshape(-1, *out.shape[2:])  # image-major, as blend expects
-  return out_grid.blend(out.astype(jnp.float32), jnp.asarray(out_grid.weights()))
 
 
 def _encode(conditioner: Conditioner, frozen, x: jax.Array) -> jax.Array:

@@ -164,6 +164,14 @@ def test_tile_weights_are_a_smooth_partition_of_unity():
   up = lambda t: jax.numpy.repeat(jax.numpy.repeat(t, 3, 1), 3, 2)  # noqa: E731
   z = jax.random.normal(jax.random.key(1), (1, 150, 70, 4))
   np.testing.assert_allclose(tiling.vae_tiled(up, z, unit_in=1, unit_out=3), up(z), atol=1e-6)
+  # Output tiles sit exactly x unit_out where the input tiles are, also where spreading tiles
+  # evenly over the output size would round differently (0, 17, 35, 52 instead of 0, 16, 36, 52).
+  small = tiling.TileGrid((21, 17), tile=8, overlap=3)
+  assert small.rows == [0, 4, 9, 13] and small.scaled(4).rows == [0, 16, 36, 52]
+  up4 = lambda t: jax.numpy.repeat(jax.numpy.repeat(t, 4, 1), 4, 2)  # noqa: E731
+  z = jax.random.normal(jax.random.key(2), (1, 21, 17, 4))
+  np.testing.assert_allclose(tiling.vae_tiled(up4, z, unit_in=1, unit_out=4, tile=8, overlap=3),
+                             up4(z), atol=1e-6)
   one = tiling.TileGrid((6, 8), tile=8, overlap=2, align=2)
   assert one.num_tiles == 1 and (one.weights() == 1.0).all()
 
@@ -367,3 +375,32 @@ def test_bad_inputs_are_one_clear_error_and_write_nothing(workdir, cache_dir, tm
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert message in r.stderr, r.stderr
     assert not out.exists()
+
+
+def test_sampling_restores_only_the_ema_weights(tmp_path):
+  """``Checkpointer.restore_part`` (what ``from_workdir`` uses) returns the saved EMA tree onto the
+  requested shardings, distinct from the raw weights beside it; a shape mismatch is one error."""
+  import jax.numpy as jnp
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+  from mmsr_jax import checkpoint as ckpt_lib
+  from mmsr_jax.train import TrainState
+  ema = {"w": jnp.arange(32.0).reshape(8, 4), "b": jnp.full((3,), 2.0)}
+  state = TrainState(step=jnp.int32(5), params=jax.tree.map(lambda a: a + 100.0, ema),
+                     opt_state=({"mu": jnp.zeros((8, 4))},), ema_params=ema)
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path))
+  ckpt.save(5, state, force=True)
+  ckpt.wait()
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  shardings = {"w": NamedSharding(mesh, P("data")), "b": NamedSharding(mesh, P())}
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          ema, shardings)
+  got = ckpt.restore_part(5, "ema_params", abstract)
+  assert set(got) == {"w", "b"}
+  for k in ema:
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(ema[k]))
+    assert got[k].sharding == shardings[k]
+  bad = dict(abstract, w=jax.ShapeDtypeStruct((4, 8), jnp.float32, sharding=shardings["w"]))
+  with pytest.raises(ckpt_lib.CheckpointError, match="'ema_params' could not be restored"):
+    ckpt.restore_part(5, "ema_params", bad)
+  ckpt.close()

@@ -118,7 +118,7 @@ class KLAutoencoder:
 
   def decode_tiled(self, params, z: jax.Array, *, tile_latent: int = 64,
                    overlap_latent: int = 16) -> jax.Array:
-    """`decode` on overlapping latent tiles blended with linear ramps (large images).
+    """`decode` on overlapping latent tiles, one at a time, raised-cosine blend (large images).
 
     Equals `decode` when ``z`` fits in one tile; see `vae.tiled_decode`.
     """

@@ -13,8 +13,9 @@ Parameter tree (Flax names; ``_i`` where diffusers has a ``.i`` list index):
   encoder/{conv_in, down_blocks_i, mid_block, conv_norm_out, conv_out}, quant_conv,
   post_quant_conv, decoder/{conv_in, mid_block, up_blocks_i, conv_norm_out, conv_out}
 
-`tiled_decode` / `tiled_encode` run the model on overlapping tiles and blend them with linear
-ramps, for images whose activations do not fit in memory at once.
+`tiled_decode` / `tiled_encode` run the model on overlapping tiles, one at a time, and blend them
+with a raised-cosine window (``mmsr_jax.tile_grid``), for images whose activations do not fit in
+memory at once.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from typing import Any, Callable, Mapping, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from mmsr_jax import tile_grid
 from mmsr_jax.models import torch_import
 from mmsr_jax.models import vqgan
 
@@ -146,77 +147,10 @@ def vae_params_from_torch_state_dict(state_dict: Mapping[str, Any],
 # ---------------------------------------------------------------------------
 
 
-def _tile_starts(size: int, tile: int, stride: int) -> list[int]:
-  """Starts of tiles of length ``min(tile, size)`` covering ``[0, size)``; the last is clamped."""
-  if size <= tile:
-    return [0]
-  starts = list(range(0, size - tile, stride))
-  return starts + [size - tile]
-
-
-def _axis_weights(starts: list[int], length: int, scale: int) -> list[np.ndarray]:
-  """Per-tile 1-D blend weights in output units (``scale`` output samples per input unit).
-
-  Inside an overlap with a neighbour, the weight ramps linearly (at sample centres) from the
-  neighbour's side, so the two weights of an overlap sum to one; elsewhere it is one.
-  """
-  n = length * scale
-  out = []
-  for k, s in enumerate(starts):
-    w = np.ones(n, np.float32)
-    if k > 0:
-      ov = (starts[k - 1] + length - s) * scale
-      w[:ov] = np.minimum(w[:ov], (np.arange(ov) + 0.5) / ov)
-    if k < len(starts) - 1:
-      ov = (s + length - starts[k + 1]) * scale
-      w[n - ov:] = np.minimum(w[n - ov:], (ov - np.arange(ov) - 0.5) / ov)
-    out.append(w)
-  return out
-
-
-def _tiled_apply(fn: Callable[[Array], Any], x: Array, *, unit_in: int, unit_out: int,
-                 tile: int, overlap: int) -> Any:
-  """Applies ``fn`` on overlapping spatial tiles of NHWC ``x`` and blends the outputs.
-
-  Tiles are ``tile`` units square (a unit is ``unit_in`` input and ``unit_out`` output pixels)
-  with ``overlap`` units shared between neighbours. ``fn`` may return an array or a pytree of
-  NHWC arrays. An input within one tile is passed to ``fn`` unchanged.
-  """
-  if not 0 <= overlap < tile:
-    raise ValueError(f"tiling: need 0 <= overlap ({overlap}) < tile ({tile})")
-  _, h_in, w_in, _ = x.shape
-  if h_in % unit_in or w_in % unit_in:
-    raise ValueError(f"tiling: input {h_in}x{w_in} is not divisible by {unit_in}")
-  h, w = h_in // unit_in, w_in // unit_in
-  if h <= tile and w <= tile:
-    return fn(x)
-  th, tw = min(tile, h), min(tile, w)
-  rows = _tile_starts(h, th, tile - overlap)
-  cols = _tile_starts(w, tw, tile - overlap)
-  wr = _axis_weights(rows, th, unit_out)
-  wc = _axis_weights(cols, tw, unit_out)
-  acc = None
-  norm = np.zeros((h * unit_out, w * unit_out, 1), np.float32)
-  for i, r in enumerate(rows):
-    for j, c in enumerate(cols):
-      piece = fn(x[:, r * unit_in:(r + th) * unit_in, c * unit_in:(c + tw) * unit_in])
-      wt = (wr[i][:, None] * wc[j][None, :])[:, :, None]
-      ys = slice(r * unit_out, (r + th) * unit_out)
-      xs = slice(c * unit_out, (c + tw) * unit_out)
-      norm[ys, xs] += wt
-      if acc is None:
-        acc = jax.tree.map(
-            lambda p: jnp.zeros((p.shape[0], h * unit_out, w * unit_out, p.shape[-1]),
-                                jnp.float32), piece)
-      acc = jax.tree.map(
-          lambda a, p, ys=ys, xs=xs, wt=wt: a.at[:, ys, xs].add(p.astype(jnp.float32) * wt),
-          acc, piece)
-  return jax.tree.map(lambda a: a / norm, acc)
-
-
 def tiled_decode(apply_decode: Callable[[Array], Array], z: Array, *, factor: int = 8,
                  tile_latent: int = 64, overlap_latent: int = 16) -> Array:
-  """Decodes ``z [B, h, w, c]`` on overlapping latent tiles, blended with linear ramps.
+  """Decodes ``z [B, h, w, c]`` on overlapping latent tiles (``mmsr_jax.tile_grid.vae_tiled``:
+  one tile at a time, raised-cosine blend; the sampler's tiled decode).
 
   Args:
     apply_decode: latent -> image ``[B, h'*factor, w'*factor, C]`` for any tile size.
@@ -225,21 +159,21 @@ def tiled_decode(apply_decode: Callable[[Array], Array], z: Array, *, factor: in
     tile_latent: tile side in latent pixels.
     overlap_latent: latent pixels shared by neighbouring tiles.
 
-  A latent within one tile gives exactly ``apply_decode(z)``. Elsewhere the result differs a
-  little from the untiled decode (border padding, per-tile group-norm statistics and
-  attention), but the ramps hide the seams.
+  A latent within one tile gives exactly ``apply_decode(z)`` (as float32). Elsewhere the result
+  differs a little from the untiled decode (border padding, per-tile group-norm statistics and
+  attention), but the blend hides the seams.
   """
-  return _tiled_apply(apply_decode, z, unit_in=1, unit_out=factor, tile=tile_latent,
-                      overlap=overlap_latent)
+  return tile_grid.vae_tiled(apply_decode, z, unit_in=1, unit_out=factor, tile=tile_latent,
+                             overlap=overlap_latent)
 
 
 def tiled_encode(apply_encode: Callable[[Array], Any], x: Array, *, factor: int = 8,
                  tile_latent: int = 64, overlap_latent: int = 16) -> Any:
   """Encodes ``x [B, H, W, C]`` on overlapping tiles (sides in latent pixels) and blends them.
 
-  ``apply_encode`` may return one array or a pytree of latents (e.g. ``(mean, logvar)``);
-  each is blended with linear ramps. ``H`` and ``W`` must be multiples of ``factor``. An image
-  within one tile gives exactly ``apply_encode(x)``.
+  ``apply_encode`` may return one array or a pytree of latents (e.g. ``(mean, logvar)``); each
+  is blended. ``H`` and ``W`` must be multiples of ``factor``. An image within one tile gives
+  exactly ``apply_encode(x)`` (as float32).
   """
-  return _tiled_apply(apply_encode, x, unit_in=factor, unit_out=1, tile=tile_latent,
-                      overlap=overlap_latent)
+  return tile_grid.vae_tiled(apply_encode, x, unit_in=factor, unit_out=1, tile=tile_latent,
+                             overlap=overlap_latent)
