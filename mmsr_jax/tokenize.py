@@ -28,7 +28,10 @@ the trainer's edge maps are Canny edges of the randomly degraded LR image, diffe
 so the ``Conditioner`` still encodes them. ``--input``'s ``manifest.json`` is copied alongside.
 
 An output shard that exists is an error (``--overwrite`` replaces it); every shard is written to a
-temporary name and renamed when complete.
+temporary name and renamed when complete. ``--num_workers=N --worker_index=i`` splits the shards
+between N independent runs (e.g. one per TPU VM host): worker i takes shards i, i+N, ... and
+writes exactly what a single run writes for them (its summary is
+``tokenize-<i>-of-<N>.json`` instead of ``tokenize.json``).
 """
 
 from __future__ import annotations
@@ -293,11 +296,14 @@ def tokenize_records(tok: Tokenizer, records: Iterable[bytes], batch_size: int =
 
 def tokenize_shards(vq_dir: str, input_pattern: str, output_dir: str, *, batch_size: int = 64,
                     crop_size: int = 0, crops: int = 16, overwrite: bool = False,
-                    log=print) -> list[str]:
-  """Tokenizes every shard of ``input_pattern`` into ``output_dir``; returns the written paths.
+                    worker_index: int = 0, num_workers: int = 1, log=print) -> list[str]:
+  """Tokenizes the shards of ``input_pattern`` into ``output_dir``; returns the written paths.
 
   ``crop_size > 0`` adds each record's crop bank of ``crops`` boxes (records are keyed by their
-  index over the sorted shards, the index ``sources.ArrayRecordSource`` gives them)."""
+  index over the sorted shards, the index ``sources.ArrayRecordSource`` gives them).
+  ``num_workers > 1`` splits the work between that many independent runs (hosts of a TPU VM, or
+  processes): worker ``worker_index`` takes shards ``worker_index, worker_index + num_workers,
+  ...`` and writes exactly the records a single run would (the record keys are global)."""
   from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
   from mmsr_jax.train_vq import shard_files
@@ -309,6 +315,18 @@ def tokenize_shards(vq_dir: str, input_pattern: str, output_dir: str, *, batch_s
                      "for whole-map ids only")
   if crops < 1:
     raise ValueError(f"--crops={crops}: expected >= 1")
+  if num_workers < 1 or not 0 <= worker_index < num_workers:
+    raise ValueError(f"--worker_index={worker_index} --num_workers={num_workers}: expected "
+                     "num_workers >= 1 and 0 <= worker_index < num_workers")
+  # Global index of each shard's first record (the crop bank's keys), then this worker's share.
+  counts = []
+  for f in files:
+    reader = ArrayRecordReader(f)
+    counts.append(reader.num_records())
+    reader.close()
+  firsts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+  mine = list(range(worker_index, len(files), num_workers))
+  files, firsts = [files[i] for i in mine], [firsts[i] for i in mine]
   outs = [os.path.join(output_dir, os.path.basename(f)) for f in files]
   for src, dst in zip(files, outs):
     if os.path.abspath(src) == os.path.abspath(dst):
@@ -317,8 +335,7 @@ def tokenize_shards(vq_dir: str, input_pattern: str, output_dir: str, *, batch_s
       raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
   tok = load_tokenizer(vq_dir)  # after the cheap checks, before any work
   os.makedirs(output_dir, exist_ok=True)
-  first_index = 0
-  for src, dst in zip(files, outs):
+  for src, dst, first_index in zip(files, outs, firsts):
     reader = ArrayRecordReader(src)
     n = reader.num_records()
     records = (reader.read([i])[0] for i in range(n))
@@ -331,15 +348,17 @@ def tokenize_shards(vq_dir: str, input_pattern: str, output_dir: str, *, batch_s
       count += 1
     writer.close()
     reader.close()
-    first_index += count
     os.replace(tmp, dst)
     log(f"{dst}: {count} records tokenized")
-  manifest = os.path.join(os.path.dirname(files[0]), "manifest.json")
-  if os.path.isfile(manifest):
+  manifest = os.path.join(os.path.dirname(shard_files(input_pattern, "--input")[0]),
+                          "manifest.json")
+  if worker_index == 0 and os.path.isfile(manifest):
     dst_manifest = os.path.join(output_dir, "manifest.json")
     if not os.path.exists(dst_manifest) or overwrite:
       shutil.copyfile(manifest, dst_manifest)
-  with open(os.path.join(output_dir, "tokenize.json"), "w") as f:
+  summary = ("tokenize.json" if num_workers == 1
+             else f"tokenize-{worker_index:05d}-of-{num_workers:05d}.json")
+  with open(os.path.join(output_dir, summary), "w") as f:
     json.dump(dict(tok.meta, vq=os.path.abspath(vq_dir), crop_size=crop_size,
                    crops=crops if crop_size else 0, shards=[os.path.basename(o) for o in outs]),
               f, indent=2)
@@ -354,7 +373,8 @@ def main(argv):
     if not getattr(f, name):
       raise app.UsageError(f"--{name} is required")
   tokenize_shards(f.vq, f.input, f.output, batch_size=f.batch_size, crop_size=f.crop_size,
-                  crops=f.crops, overwrite=f.overwrite)
+                  crops=f.crops, overwrite=f.overwrite, worker_index=f.worker_index,
+                  num_workers=f.num_workers)
 
 
 def define_flags() -> None:
@@ -366,6 +386,9 @@ def define_flags() -> None:
                        "data.hr_size (for config.vq.ids_from='shards'); 0 = whole-map ids only.")
   flags.DEFINE_integer("crops", 16, "Crop boxes per record in the crop bank.")
   flags.DEFINE_bool("overwrite", False, "Replace output shards that exist.")
+  flags.DEFINE_integer("worker_index", 0, "This run's share of the shards (with --num_workers).")
+  flags.DEFINE_integer("num_workers", 1, "Independent runs splitting the shards (e.g. one per "
+                       "TPU VM host, --worker_index=$HOST): worker i takes shards i, i+n, ...")
 
 
 if __name__ == "__main__":

@@ -457,7 +457,7 @@ def crop_bank_shards(tmp_path_factory):
   vq_dir = _vq_workdir(str(root / "vq"), map_size=cfg.data.map_size)
   tokenize.tokenize_shards(vq_dir, str(root / "ann"), str(root / "tok"), batch_size=16,
                            crop_size=cfg.data.hr_size, crops=4, log=lambda _: None)
-  return {"ann": str(root / "ann"), "tok": str(root / "tok"),
+  return {"ann": str(root / "ann"), "tok": str(root / "tok"), "vq": vq_dir,
           "tokenizer": tokenize.load_tokenizer(vq_dir)}
 
 
@@ -574,3 +574,38 @@ def test_cli_errors_are_one_clear_line(tmp_path):
   assert r.returncode == 2, r.stderr
   assert r.stderr.strip().splitlines()[-1] == (
       "error: config.vq_train.source='nope': expected one of ('demo', 'synthetic', 'shards')")
+
+
+def test_tokenize_split_between_workers_writes_what_one_run_writes(crop_bank_shards, tmp_path):
+  """Two workers (--worker_index 1 then 0 of 2) write the shards one run writes, with the same
+  whole-map ids and crop banks (the banks are keyed by the record's global index)."""
+  from array_record.python.array_record_module import ArrayRecordReader
+
+  from mmsr_jax import tokenize
+  b = crop_bank_shards
+  out = str(tmp_path / "split")
+  written = []
+  for worker in (1, 0):
+    written += tokenize.tokenize_shards(b["vq"], b["ann"], out, batch_size=16, crop_size=32,
+                                        crops=4, worker_index=worker, num_workers=2,
+                                        log=lambda _: None)
+  assert sorted(os.path.basename(w) for w in written) == sorted(os.listdir(b["ann"]))
+  assert sorted(f for f in os.listdir(out) if f.endswith(".json")) == [
+      "tokenize-00000-of-00002.json", "tokenize-00001-of-00002.json"]
+
+  def records(path):
+    r = ArrayRecordReader(path)
+    recs = [r.read([i])[0] for i in range(r.num_records())]
+    r.close()
+    return recs
+
+  for name in sorted(os.listdir(b["ann"])):
+    one, split = records(os.path.join(b["tok"], name)), records(os.path.join(out, name))
+    assert len(one) == len(split) == 3
+    for x, y in zip(one, split):
+      bank_x, bank_y = tokenize.read_crop_bank(x), tokenize.read_crop_bank(y)
+      for k in ("boxes", "ids", "present"):
+        np.testing.assert_array_equal(bank_x[k], bank_y[k])
+      np.testing.assert_array_equal(tokenize.read_ids(x)[0], tokenize.read_ids(y)[0])
+  with pytest.raises(ValueError, match="--worker_index=2 --num_workers=2"):
+    tokenize.tokenize_shards(b["vq"], b["ann"], out, worker_index=2, num_workers=2)
