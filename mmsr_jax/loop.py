@@ -132,6 +132,18 @@ class Preemption:
 
 
 # --- Observability ------------------------------------------------------------------------------
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The records :class:`Writer` logged to ``workdir/metrics.jsonl`` (empty when there are none)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
 class Writer:
   """metrics.jsonl and TensorBoard (tensorboardX) on the primary process; no-ops elsewhere."""
 
@@ -146,7 +158,7 @@ class Writer:
   def scalars(self, step: int, record: dict) -> None:
     if not self.primary:
       return
-    with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
+    with open(os.path.join(self.workdir, METRICS_FILE), "a") as f:
       f.write(json.dumps(record) + "\n")
     if self.tb is not None:
       for k, v in record.items():
@@ -301,3 +313,32 @@ def run(task: Task, workdir: str, *, stop_at: int | None = None,
     report = task.write_report(workdir, state)
     log("report: " + json.dumps({k: v for k, v in report.items() if k != "per_image"}))
   return state
+
+
+# --- Command line -------------------------------------------------------------------------------
+def define_flags(default_config: str, workdir_help: str) -> None:
+  """``--config`` (an ml_collections file, fields overridable) and ``--workdir`` of a task's CLI."""
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file(
+      "config", default_config, "Config file (ml_collections); override fields with "
+      "--config.field=value.", lock_config=True)
+  flags.DEFINE_string("workdir", None, workdir_help)
+
+
+def main(train_fn):
+  """The ``main(argv)`` of a task's CLI: checks ``--workdir``, joins the other processes of a
+  multi-host run (``mmsr_jax.distributed``, before any JAX work), then ``train_fn(config,
+  workdir)``."""
+  from absl import app, flags
+
+  from mmsr_jax import distributed
+
+  def _main(argv):
+    del argv
+    if not flags.FLAGS.workdir:
+      raise app.UsageError("--workdir is required")
+    distributed.initialize()
+    train_fn(flags.FLAGS.config, flags.FLAGS.workdir)
+
+  return _main

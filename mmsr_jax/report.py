@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmsr_jax import diffusion, metrics, sampler
+from mmsr_jax import diffusion, loop, metrics, sampler
 from mmsr_jax.data import degrade, pipeline
 from mmsr_jax.models.context import SPATIAL_MODALITIES
 from mmsr_jax.models.mmsr import MMSR
@@ -29,14 +29,6 @@ VAL_SETTINGS = ("all", "none", "no_text")
 def to_uint8(x) -> np.ndarray:
   """[-1, 1] floats -> uint8."""
   return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 def val_losses(config, trainer, params, examples) -> dict[str, float]:
@@ -108,7 +100,7 @@ def plot_losses(records: list[dict], path: str) -> None:
 
 def write_report(config, workdir: str, trainer, state) -> dict:
   from PIL import Image
-  records = read_metrics(workdir)
+  records = loop.read_metrics(workdir)
   examples = pipeline.make_eval_examples(config, trainer.tokenizer, "val")
   ema = state.ema_params
   report = {

@@ -16,11 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
 from flax import struct
-from ml_collections import config_flags
 
-from mmsr_jax import diffusion, distributed, loop
+from mmsr_jax import diffusion, loop
 from mmsr_jax import flops as flops_lib
 from mmsr_jax import report as report_lib
 from mmsr_jax import sharding
@@ -234,19 +232,11 @@ def train(config, workdir: str, *, devices=None, stop_at: int | None = None,
 
 
 # ---------------------------------------------------------------------------------------------
-def main(argv):
-  del argv
-  if not flags.FLAGS.workdir:
-    raise app.UsageError("--workdir is required")
-  distributed.initialize()  # several processes (TPU pod, GPU cluster): before any JAX work
-  train(flags.FLAGS.config, flags.FLAGS.workdir)
+main = loop.main(train)
 
 
 def define_flags() -> None:
-  config_flags.DEFINE_config_file(
-      "config", "configs/tiny.py", "Config file (ml_collections); override fields with "
-      "--config.field=value.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the report.")
+  loop.define_flags("configs/tiny.py", "Directory for checkpoints, logs and the report.")
 
 
 if __name__ == "__main__":

@@ -43,8 +43,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
-from ml_collections import config_flags
 
 from mmsr_jax import loop, params_io
 from mmsr_jax import sharding
@@ -673,7 +671,7 @@ def write_report(task: VQTask, workdir: str, state) -> dict:
   usage = [float(np.mean(c > 0)) for c in counts_all]
   perp = [float(L.perplexity(jnp.asarray(c))) for c in counts_all]
   train_usage = jax.device_get(state["codes"]["usage"])
-  metrics = _read_metrics(workdir)
+  metrics = loop.read_metrics(workdir)
   report = {
       "recon_psnr": recon,
       "continuous_recon_psnr": cont,
@@ -722,14 +720,6 @@ def _edge_scores(x: np.ndarray, x_rec: np.ndarray) -> dict[str, float]:
       L.edge_f1(jnp.asarray(x), jnp.asarray(x_rec), tolerance=0)).items()}
 
 
-def _read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 def _write_png(path: str, rows: list[list[np.ndarray]]) -> None:
   """Writes :func:`_grid` as a PNG (nothing when there are no rows)."""
   if rows:
@@ -763,19 +753,12 @@ def train(config, workdir: str, *, devices=None, stop_at: int | None = None,
                   write_report=write_report)
 
 
-def main(argv):
-  del argv
-  if not flags.FLAGS.workdir:
-    raise app.UsageError("--workdir is required")
-  train(flags.FLAGS.config, flags.FLAGS.workdir)
+main = loop.main(train)  # multi-host runs join their processes first, as in mmsr_jax.train
 
 
 def define_flags() -> None:
-  config_flags.DEFINE_config_file(
-      "config", "configs/vq_tiny.py", "Config file (ml_collections); override fields with "
-      "--config.field=value.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, the report and "
-                      "vq.safetensors.")
+  loop.define_flags("configs/vq_tiny.py",
+                    "Directory for checkpoints, logs, the report and vq.safetensors.")
 
 
 if __name__ == "__main__":
