@@ -19,7 +19,7 @@ arrays, like the annotator's own entries; the arrays are the bytes of ``.npy`` f
   whether there is one tokenizer per modality, and ``crop_size`` / ``crops`` of the bank.
 
 The crop bank holds the ids of exactly the maps the training pipeline renders: each record is
-read as the training source reads it (``mmsr_jax.data.sources.training_record``), resized so its
+read as the training source reads it (``mmsr_jax.data.sources.on_image_grid``), resized so its
 short side is at least S (``pipeline._resize_min_side``) and each box's depth and seg maps are
 cropped, flipped and rendered by ``pipeline.render_crop_maps``. S must be the DiT config's
 ``data.hr_size`` and the tokenizer's map size its ``data.map_size`` (the trainer checks both, and
@@ -208,13 +208,13 @@ def record_maps_full(decoded: dict[str, Any], map_size: int) -> dict[str, np.nda
   return {k: render_map(k, v, map_size) for k, v in maps.items()}
 
 
-def record_crop_maps(record: bytes, crop_size: int, crops: int, key: int, map_size: int
-                     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-  """The crop bank's boxes (int32 ``[N, 2]``) of one record and its rendered depth / seg crops
-  (``{modality: float32 [N, 2 (flip), M, M, 3]}`` for the maps the record has), made exactly as
-  the training pipeline makes them; ``key`` is the record's index."""
+def record_crop_maps(decoded: dict[str, Any], crop_size: int, crops: int, key: int,
+                     map_size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """The crop bank's boxes (int32 ``[N, 2]``) of one decoded record and its rendered depth / seg
+  crops (``{modality: float32 [N, 2 (flip), M, M, 3]}`` for the maps the record has), made
+  exactly as the training pipeline makes them; ``key`` is the record's index."""
   from mmsr_jax.data import pipeline, sources
-  rec = sources.training_record(record, f"record {key}")
+  rec = sources.on_image_grid(decoded, f"record {key}")
   rec = pipeline._resize_min_side(rec, crop_size)  # pylint: disable=protected-access
   h, w = rec["image"].shape[:2]
   boxes = pipeline.crop_bank_boxes(h, w, crop_size, crops, key)
@@ -284,10 +284,10 @@ def tokenize_records(tok: Tokenizer, records: Iterable[bytes], batch_size: int =
     return out
 
   for j, rec in enumerate(records):
-    boxes, cmaps = (record_crop_maps(rec, crop_size, crops, first_index + j, tok.map_size)
+    decoded = annotate.decode_record(rec)  # once: the PNG decodes are tokenize's main host cost
+    boxes, cmaps = (record_crop_maps(decoded, crop_size, crops, first_index + j, tok.map_size)
                     if crop_size else (None, {}))
-    pending.append((rec, record_maps_full(annotate.decode_record(rec), tok.map_size), boxes,
-                    cmaps))
+    pending.append((rec, record_maps_full(decoded, tok.map_size), boxes, cmaps))
     if len(pending) >= per_flush:
       yield from flush()
   if pending:

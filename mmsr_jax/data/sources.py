@@ -151,26 +151,31 @@ def annotation_shards(path: str) -> list[str]:
 
 
 def training_record(data: bytes, default_name: str) -> dict[str, Any]:
-  """An annotator record (bytes) as a training record: maps resized onto the image's grid, plus
-  ``'vq_bank'`` when the record was tokenized with a crop bank. ``ArrayRecordSource`` and
-  ``python -m mmsr_jax.tokenize`` both read records through this function."""
+  """An annotator record (bytes) as a training record (:func:`on_image_grid`), plus
+  ``'vq_bank'`` when the record was tokenized with a crop bank."""
   from mmsr_jax.annotate import decode_record  # pylint: disable=g-import-not-at-top
   from mmsr_jax.tokenize import read_crop_bank  # pylint: disable=g-import-not-at-top
-  rec = decode_record(data)
+  out = on_image_grid(decode_record(data), default_name)
+  bank = read_crop_bank(data)
+  if bank is not None:
+    out["vq_bank"] = bank
+  return out
+
+
+def on_image_grid(rec: dict[str, Any], default_name: str) -> dict[str, Any]:
+  """A decoded annotator record (``annotate.decode_record``) with its maps resized onto the
+  image's grid. ``ArrayRecordSource`` and ``python -m mmsr_jax.tokenize`` both read records
+  through this function."""
   h, w = rec["image"].shape[:2]
   def onto(x, interp):
     if x is None or x.shape == (h, w):
       return x
     return cv2.resize(x, (w, h), interpolation=interp)
-  out = {"name": rec["meta"].get("name", default_name),
-         "image": rec["image"],
-         "depth": onto(rec["depth"], cv2.INTER_LINEAR),
-         "seg": onto(rec["seg"], cv2.INTER_NEAREST),
-         "caption": rec["caption"] or ""}
-  bank = read_crop_bank(data)
-  if bank is not None:
-    out["vq_bank"] = bank
-  return out
+  return {"name": rec["meta"].get("name", default_name),
+          "image": rec["image"],
+          "depth": onto(rec["depth"], cv2.INTER_LINEAR),
+          "seg": onto(rec["seg"], cv2.INTER_NEAREST),
+          "caption": rec["caption"] or ""}
 
 
 class ArrayRecordSource:
