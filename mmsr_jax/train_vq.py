@@ -582,16 +582,19 @@ class VQTask:
   def write_report(self, workdir: str, state) -> dict:
     return write_report(self, workdir, state)
 
+  @functools.cached_property
+  def heldout(self) -> dict[str, dict[str, Any]]:
+    """:func:`heldout_maps`, made once for the periodic grids and the report."""
+    return heldout_maps(self.config)
+
   def sample_grid(self, state) -> dict[str, np.ndarray]:
     """Held-out maps and their reconstructions, logged every ``config.sample_every`` steps."""
-    if not hasattr(self, "_grid_maps"):
-      n = int(self.config.vq_train.png_examples)
-      self._grid_maps = {k: h["maps"][:n] for k, h in heldout_maps(self.config).items()}
+    n = int(self.config.vq_train.png_examples)
     params = jax.device_get(state["params"])
     rows = []
     for mi, name in enumerate(MODALITIES):
-      if name in self._grid_maps:
-        x = self._grid_maps[name]
+      if name in self.heldout:
+        x = self.heldout[name]["maps"][:n]
         g = mi if self.groups > 1 else 0
         row = [x, np.asarray(_reconstruct(self.model, group_params(params["vq"], g), x)[0])]
         if "cont" in params:
@@ -640,7 +643,7 @@ def write_report(task: VQTask, workdir: str, state) -> dict:
   """Held-out reconstruction quality, codebook usage, the PNG and the exported tokenizer."""
   config = task.config
   params = jax.device_get(state["params"])
-  held = heldout_maps(config)
+  held = task.heldout
   k = task.arch.num_vq_embeddings
   recon, cont, const, counts_all = {}, {}, {}, np.zeros((task.groups, k))
   edge_scores = {}
