@@ -7,7 +7,7 @@ The shared research settings (VAE, T5, VQGAN tokenizers, MMLC, 512px crops, bf16
 ``--config.vq.params=/ckpt/vq.safetensors --config.batch_size=64``.
 """
 
-from mmsr_jax.config_base import full_size_config
+from mmsr_jax.config.base import full_size_config
 
 
 def get_config():

@@ -19,7 +19,7 @@ Override any field, e.g. ``--config.num_train_steps=30``. Real data and degradat
 import os
 
 import mmsr_jax
-from mmsr_jax.config_base import base_config
+from mmsr_jax.config.base import base_config
 
 # The tokenizer trained by configs/vq_tiny.py (README: "VQ tokenizers"), shipped with the package.
 VQ_TINY = os.path.join(os.path.dirname(mmsr_jax.__file__), "assets", "vq_tiny.safetensors")

@@ -19,7 +19,7 @@ No result is claimed for this configuration yet (it needs an accelerator and ann
 tiny one (``configs/vq_tiny.py``) is measured in the README.
 """
 
-from mmsr_jax.config_base import base_config
+from mmsr_jax.config.base import base_config
 
 
 def get_config():

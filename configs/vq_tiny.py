@@ -15,7 +15,7 @@ raise edge recall but cost PSNR; they stay at 1 here.
 """
 
 from configs import tiny
-from mmsr_jax.config_base import base_config
+from mmsr_jax.config.base import base_config
 
 
 def get_config():

@@ -6,7 +6,7 @@ import sys
 
 from absl import app, logging
 
-from mmsr_jax import checkpoint as ckpt_lib
+from mmsr_jax.runtime import checkpoint as ckpt_lib
 
 # Errors that describe bad input, a bad setting or a run that cannot go on (a non-finite loss
 # naming its step, an unreadable checkpoint): printed as one line, exit status 2.

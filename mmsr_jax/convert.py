@@ -36,7 +36,7 @@ import shutil
 import numpy as np
 from absl import flags
 
-from mmsr_jax import params_io
+from mmsr_jax.weights import params_io
 
 KINDS = ("vae", "t5", "vqgan", "pixart")
 # Component subfolder inside a diffusers pipeline folder (one with model_index.json).
@@ -199,7 +199,7 @@ def convert(kind: str, sd: dict[str, np.ndarray], cfg: dict) -> tuple[dict, dict
     params = t5_lib.t5_params_from_torch_state_dict(sd, t5_lib.T5Config(**arch))["params"]
     return params, arch, {"text.encoder": arch}
   if kind == "pixart":
-    from mmsr_jax.models import pixart_import
+    from mmsr_jax.weights import pixart as pixart_import
     _require(cfg, ("num_layers", "num_attention_heads", "attention_head_dim"), kind)
     sample = cfg.get("sample_size", 128)
     extra = cfg.get("use_additional_conditions")

@@ -60,7 +60,7 @@ def _jsonable(p: dict) -> dict:
 def main(argv) -> None:
   del argv
   from mmsr_jax.data import realesrgan  # pylint: disable=g-import-not-at-top
-  from mmsr_jax.data.degrade import simple_degrade  # pylint: disable=g-import-not-at-top
+  from mmsr_jax.data.simple_degradation import simple_degrade  # pylint: disable=g-import-not-at-top
   from mmsr_jax.data.sources import BadImage, read_image  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   if not f.input or not f.output:

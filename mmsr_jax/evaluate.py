@@ -48,7 +48,9 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from mmsr_jax import cli, metrics, niqe, params_io
+from mmsr_jax import cli
+from mmsr_jax.evaluation import metrics, niqe
+from mmsr_jax.weights import params_io
 from mmsr_jax.metric_weights import DEFAULT_DIR, FILES, how_to_get
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -143,7 +145,7 @@ def bicubic(lr: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 @functools.lru_cache(maxsize=None)
 def _jitted(metric: str) -> Callable:
   """One jitted function per learned metric (compiled once per image size per process)."""
-  from mmsr_jax.models import dists, inception, lpips
+  from mmsr_jax.evaluation import dists, inception, lpips
   if metric == "dists":
     return jax.jit(dists.dists_from_uint8)
   if metric == "fid":
@@ -158,7 +160,7 @@ def load_learned(weights_dir: str, wanted=tuple(LEARNED),
 
   A missing file is reported with one ``log`` line (which file, how to make it) and skipped.
   """
-  from mmsr_jax.models import dists, inception, lpips
+  from mmsr_jax.evaluation import dists, inception, lpips
   fns = {}
   for key in wanted:
     metric = LEARNED[key]
@@ -273,7 +275,7 @@ def evaluate(pred_dir: str, gt_dir: str, lr_dir: str | None = None, *, crop_bord
     if len(pairs) < 2:
       log("fid: needs at least two images; not computed")
     else:
-      from mmsr_jax.models.inception import fid_from_features
+      from mmsr_jax.evaluation.inception import fid_from_features
       gt_f = np.concatenate(fid_feats["gt"])
       fid = {m: fid_from_features(np.concatenate(fid_feats[m]), gt_f) for m in methods}
 

@@ -23,7 +23,8 @@ import os
 import numpy as np
 from absl import flags
 
-from mmsr_jax import cli, params_io
+from mmsr_jax import cli
+from mmsr_jax.weights import params_io
 
 DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "mmsr_jax", "metrics")
 FILES = {"lpips_alex": "lpips_alex.safetensors", "lpips_vgg": "lpips_vgg.safetensors",
@@ -75,7 +76,7 @@ def read_state_dict(path: str, field: str) -> dict[str, np.ndarray]:
 
 def convert(metric: str, backbone: str, heads: str | None = None) -> dict:
   """The ``{"params": ...}`` tree of ``metric`` from its source files."""
-  from mmsr_jax.models import dists, inception, lpips
+  from mmsr_jax.evaluation import dists, inception, lpips
   if metric not in FILES:
     raise ValueError(f"--metric={metric}: expected one of {sorted(FILES)}")
   if metric == "fid":

@@ -46,9 +46,10 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from mmsr_jax import checkpoint as ckpt_lib
-from mmsr_jax import diffusion, image_io, sampler, tiling
-from mmsr_jax.data import pipeline
+from mmsr_jax.runtime import checkpoint as ckpt_lib
+from mmsr_jax.diffusion import schedule as diffusion, sampler, tiling
+from mmsr_jax.data import images as image_io
+from mmsr_jax.data import sr_examples as pipeline
 from mmsr_jax.models.context import CONTEXT_GROUPS, SPATIAL_MODALITIES
 
 IMAGE_SUFFIXES = image_io.SUFFIXES
@@ -96,7 +97,7 @@ def load_frozen(conditioner, config, mesh, text_device: str) -> dict:
   accelerator. (In that mode every randomly initialised frozen part is initialised on the host;
   weights read from files are the same either way.)
   """
-  from mmsr_jax import sharding
+  from mmsr_jax.runtime import sharding
   rng = jax.random.key(config.seed + 1)  # the trainer's key for the frozen encoders
   if text_device != "cpu":
     frozen = conditioner.init_params(config, rng)
@@ -114,9 +115,10 @@ class _SamplingParts:
   places whole on the mesh (T5-XXL included)."""
 
   def __init__(self, config, devices):
-    from mmsr_jax import sharding, train
+    from mmsr_jax import train
+    from mmsr_jax.runtime import sharding
     from mmsr_jax.models.mmsr import Conditioner, build_model
-    from mmsr_jax.text_tokenizer import make_tokenizer
+    from mmsr_jax.data.captions import make_tokenizer
     self.mesh = sharding.make_mesh(config, devices)
     self.model = build_model(config)
     self.conditioner = Conditioner.from_config(config)

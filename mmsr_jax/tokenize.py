@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from mmsr_jax import params_io
+from mmsr_jax.weights import params_io
 from mmsr_jax.data.modalities import MODALITIES, render_map
 from mmsr_jax.models import vqgan as vqgan_lib
 
@@ -111,7 +111,7 @@ def file_sha256(path: str) -> str:
 
 def load_tokenizer(vq_dir: str) -> Tokenizer:
   """Loads the tokenizer a ``train_vq`` workdir exported (``config.json`` + ``vq.safetensors``)."""
-  from mmsr_jax import checkpoint as ckpt_lib
+  from mmsr_jax.runtime import checkpoint as ckpt_lib
   from mmsr_jax import train_vq
   if not os.path.isdir(vq_dir):
     raise NotADirectoryError(f"--vq={vq_dir!r}: not a directory (expected a train_vq workdir)")
@@ -213,7 +213,8 @@ def record_crop_maps(decoded: dict[str, Any], crop_size: int, crops: int, key: i
   """The crop bank's boxes (int32 ``[N, 2]``) of one decoded record and its rendered depth / seg
   crops (``{modality: float32 [N, 2 (flip), M, M, 3]}`` for the maps the record has), made
   exactly as the training pipeline makes them; ``key`` is the record's index."""
-  from mmsr_jax.data import pipeline, sources
+  from mmsr_jax.data import sources
+  from mmsr_jax.data import sr_examples as pipeline
   rec = sources.on_image_grid(decoded, f"record {key}")
   rec = pipeline._resize_min_side(rec, crop_size)  # pylint: disable=protected-access
   h, w = rec["image"].shape[:2]

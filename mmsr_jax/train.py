@@ -18,15 +18,16 @@ import numpy as np
 import optax
 from flax import struct
 
-from mmsr_jax import diffusion, loop
-from mmsr_jax import flops as flops_lib
-from mmsr_jax import report as report_lib
-from mmsr_jax import sharding
-from mmsr_jax.data import degrade, pipeline
+from mmsr_jax.diffusion import schedule as diffusion
+from mmsr_jax.training import loop
+from mmsr_jax.training import flops as flops_lib
+from mmsr_jax.training import sr_report as report_lib
+from mmsr_jax.runtime import sharding
+from mmsr_jax.data import simple_degradation as degrade, sr_examples as pipeline
 from mmsr_jax.models.context import SPATIAL_MODALITIES
-from mmsr_jax.models import pixart_import
+from mmsr_jax.weights import pixart as pixart_import
 from mmsr_jax.models.mmsr import MMSR, Conditioner, build_model
-from mmsr_jax.text_tokenizer import make_tokenizer
+from mmsr_jax.data.captions import make_tokenizer
 
 
 @struct.dataclass

@@ -44,9 +44,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mmsr_jax import loop, params_io
-from mmsr_jax import sharding
-from mmsr_jax import vq_losses as L
+from mmsr_jax.training import loop
+from mmsr_jax.weights import params_io
+from mmsr_jax.runtime import sharding
+from mmsr_jax.training import vq_losses as L
 from mmsr_jax.data.modalities import CANNY_THRESHOLDS, MODALITIES, colorize_seg, render_map
 from mmsr_jax.models import vqgan as vqgan_lib
 
@@ -250,7 +251,7 @@ class MakeMapsExample(pygrain.RandomMapTransform):
 def _train_source(config):
   vt = config.vq_train
   if vt.source == "demo":
-    from mmsr_jax.data.pipeline import DemoSource
+    from mmsr_jax.data.sr_examples import DemoSource
     return DemoSource("train")
   if vt.source == "synthetic":
     return SyntheticRecords()
@@ -259,7 +260,7 @@ def _train_source(config):
 
 def make_loader(config) -> pygrain.DataLoader:
   """Infinite, shuffled, per-process-sharded loader of map batches (checkpointable iterator)."""
-  from mmsr_jax.data.pipeline import per_process_batch_size
+  from mmsr_jax.data.sr_examples import per_process_batch_size
   vt = config.vq_train
   source = _train_source(config)
   sampler = pygrain.IndexSampler(
@@ -404,7 +405,7 @@ class VQTask:
 
   # --- Pieces.
   def _load_lpips(self):
-    from mmsr_jax.models import lpips as lpips_lib
+    from mmsr_jax.evaluation import lpips as lpips_lib
     vt = self.config.vq_train
     abstract = lpips_lib.abstract_params(vt.lpips_net)
     params = params_io.load_params(vt.lpips_params, abstract["params"],

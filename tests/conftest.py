@@ -54,7 +54,7 @@ def save_random_run(path: str, config, *, devices, seed: int):
   """
   import jax
 
-  from mmsr_jax import checkpoint as ckpt_lib
+  from mmsr_jax.runtime import checkpoint as ckpt_lib
   from mmsr_jax import train
   trainer = train.Trainer(config, path, devices=devices)
   state = trainer.init_state()

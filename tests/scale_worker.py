@@ -30,11 +30,12 @@ def save_params(state, path: str) -> None:
 def main() -> None:
   mode, workdir, out = sys.argv[1:4]
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  from mmsr_jax import distributed
+  from mmsr_jax.runtime import distributed
   distributed.initialize()
   import jax
 
-  from mmsr_jax import loop, train
+  from mmsr_jax import train
+  from mmsr_jax.training import loop
   if mode == "multiprocess":
     config = small_config(5)
     config.mesh.data, config.mesh.fsdp = 2, 2

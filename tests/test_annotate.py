@@ -17,8 +17,9 @@ from PIL import Image
 pytest.importorskip("torch")
 
 from mmsr_jax import annotate  # noqa: E402
-from mmsr_jax.data import pipeline, sources  # noqa: E402
-from mmsr_jax.text_tokenizer import make_tokenizer  # noqa: E402
+from mmsr_jax.data import sources  # noqa: E402
+from mmsr_jax.data import sr_examples as pipeline
+from mmsr_jax.data.captions import make_tokenizer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"] + (

@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmsr_jax import convert, params_io, train
+from mmsr_jax import convert, train
+from mmsr_jax.weights import params_io
 from mmsr_jax.models import vae as vae_lib
 from mmsr_jax.models.mmsr import MMSR
-from mmsr_jax.models.pixart_import import CaptionProjection
+from mmsr_jax.weights.pixart import CaptionProjection
 from tests.conftest import small_config
 
 torch = pytest.importorskip("torch", reason="converter tests build PyTorch references")

@@ -10,11 +10,12 @@ import orbax.checkpoint as ocp
 import pytest
 from skimage.metrics import structural_similarity
 
-from mmsr_jax import metrics
-from mmsr_jax.data import demo, pipeline
-from mmsr_jax.data.degrade import bicubic_upsample, simple_degrade
+from mmsr_jax.evaluation import metrics
+from mmsr_jax.data import demo
+from mmsr_jax.data import sr_examples as pipeline
+from mmsr_jax.data.simple_degradation import bicubic_upsample, simple_degrade
 from mmsr_jax.data.modalities import MODALITIES, SEG_PALETTE, canny_edges, render_map
-from mmsr_jax.text_tokenizer import make_tokenizer
+from mmsr_jax.data.captions import make_tokenizer
 from tests.conftest import apply_overrides
 
 HR, SCALE, MAP, TEXT_LEN = 64, 4, 64, 32

@@ -6,9 +6,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mmsr_jax import diffusion, sampler
+from mmsr_jax.diffusion import schedule as diffusion, sampler
 from mmsr_jax.models.mmsr import MMSR, Conditioner, build_model
-from mmsr_jax.text_tokenizer import ByteTokenizer
+from mmsr_jax.data.captions import ByteTokenizer
 
 
 def _sched_cfg(**kw):

@@ -21,7 +21,9 @@ from scipy.ndimage import convolve
 from scipy.special import gamma
 from skimage import data as skdata
 
-from mmsr_jax import evaluate, metric_weights, metrics, niqe, params_io
+from mmsr_jax import evaluate, metric_weights
+from mmsr_jax.evaluation import metrics, niqe
+from mmsr_jax.weights import params_io
 from tests.conftest import small_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -234,7 +236,7 @@ def _pair(size=64, seed=0):
 
 def test_lpips_matches_torchmetrics(monkeypatch):
   torch, tm_lpips, _, models = _torch_refs()
-  from mmsr_jax.models import lpips
+  from mmsr_jax.evaluation import lpips
   monkeypatch.setitem(sys.modules, "torchvision", types.SimpleNamespace(models=models))
   monkeypatch.setattr(tm_lpips, "_TORCHVISION_AVAILABLE", True)
   for net, size in (("alex", 64), ("vgg", 32)):
@@ -256,7 +258,7 @@ def test_lpips_matches_torchmetrics(monkeypatch):
 
 def test_dists_matches_torchmetrics(monkeypatch):
   torch, _, tm_dists, models = _torch_refs()
-  from mmsr_jax.models import dists
+  from mmsr_jax.evaluation import dists
   monkeypatch.setattr(tm_dists, "_TORCHVISION_AVAILABLE", True)
   monkeypatch.setattr(tm_dists, "vgg16", models.vgg16, raising=False)
   monkeypatch.setattr(tm_dists, "VGG16_Weights", models.VGG16_Weights, raising=False)
@@ -278,7 +280,7 @@ def test_dists_matches_torchmetrics(monkeypatch):
 
 def test_weight_converter_reads_pth_safely_and_refuses_overwrite(tmp_path):
   torch = pytest.importorskip("torch")
-  from mmsr_jax.models import lpips
+  from mmsr_jax.evaluation import lpips
   rng = np.random.default_rng(0)
   sd = {}
   for layer in lpips.ALEXNET:
@@ -372,7 +374,7 @@ def test_evaluate_api_scores_and_structure(folders, tmp_path):
 
 
 def test_evaluate_with_learned_metric_weights(folders, tmp_path):
-  from mmsr_jax.models import dists, lpips
+  from mmsr_jax.evaluation import dists, lpips
   wdir = tmp_path / "w"
   x = jnp.zeros((1, 32, 32, 3))
   lp = lpips.LPIPS("alex").init(jax.random.key(0), x, x)
@@ -603,7 +605,7 @@ def _torch_fid_inception():
 
 
 def test_fid_inception_parity_and_evaluate(tmp_path):
-  from mmsr_jax.models import inception
+  from mmsr_jax.evaluation import inception
   torch, net = _torch_fid_inception()
   rng = np.random.default_rng(0)
   imgs = rng.integers(0, 256, (3, 40, 56, 3)).astype(np.uint8)
@@ -633,7 +635,7 @@ def test_fid_inception_parity_and_evaluate(tmp_path):
 
 
 def test_frechet_distance_against_eigenvalues():
-  from mmsr_jax.models import inception
+  from mmsr_jax.evaluation import inception
   rng = np.random.default_rng(0)
   f1 = rng.normal(size=(60, 6)) @ rng.normal(size=(6, 6))
   f2 = rng.normal(size=(80, 6)) @ rng.normal(size=(6, 6)) + 0.5

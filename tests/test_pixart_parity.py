@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mmsr_jax.models.dit import DiT
-from mmsr_jax.models.pixart_import import (
+from mmsr_jax.weights.pixart import (
   CaptionProjection,
   pixart_params_from_torch_state_dict,
   widen_patch_embed,

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from mmsr_jax import image_io, sampler, tiling
-from mmsr_jax.data import pipeline
+from mmsr_jax.data import images as image_io
+from mmsr_jax.diffusion import sampler, tiling
+from mmsr_jax.data import sr_examples as pipeline
 from mmsr_jax.sample import SuperResolver, parse_temperature, read_map
 from tests.conftest import save_random_run, small_config
 
@@ -383,7 +384,7 @@ def test_sampling_restores_only_the_ema_weights(tmp_path):
   import jax.numpy as jnp
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-  from mmsr_jax import checkpoint as ckpt_lib
+  from mmsr_jax.runtime import checkpoint as ckpt_lib
   from mmsr_jax.train import TrainState
   ema = {"w": jnp.arange(32.0).reshape(8, 4), "b": jnp.full((3,), 2.0)}
   state = TrainState(step=jnp.int32(5), params=jax.tree.map(lambda a: a + 100.0, ema),

@@ -16,9 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmsr_jax import checkpoint as ckpt_lib
-from mmsr_jax import distributed, flops, loop, sharding, train
-from mmsr_jax.data import pipeline
+from mmsr_jax.runtime import checkpoint as ckpt_lib
+from mmsr_jax import train
+from mmsr_jax.runtime import distributed, sharding
+from mmsr_jax.training import flops, loop
+from mmsr_jax.data import sr_examples as pipeline
 from tests.conftest import small_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

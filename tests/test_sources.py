@@ -17,8 +17,9 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from mmsr_jax.data import pipeline, sources
-from mmsr_jax.text_tokenizer import make_tokenizer
+from mmsr_jax.data import sources
+from mmsr_jax.data import sr_examples as pipeline
+from mmsr_jax.data.captions import make_tokenizer
 from tests.conftest import apply_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -161,8 +162,8 @@ _SHARD_SCRIPT = textwrap.dedent("""
     jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
                                process_id=int(sys.argv[2]))
     from tests.test_sources import _config, _ids
-    from mmsr_jax.data import pipeline
-    from mmsr_jax.text_tokenizer import make_tokenizer
+    from mmsr_jax.data import sr_examples as pipeline
+    from mmsr_jax.data.captions import make_tokenizer
     cfg = _config(sys.argv[3], batch_size=4)
     it = iter(pipeline.make_train_loader(cfg, make_tokenizer("byte")))
     ids = [i for _ in range(int(sys.argv[4])) for i in _ids(next(it))]

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmsr_jax import sharding, train
-from mmsr_jax.data import pipeline
+from mmsr_jax import train
+from mmsr_jax.runtime import sharding
+from mmsr_jax.data import sr_examples as pipeline
 from tests.conftest import small_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,7 +114,7 @@ def test_cli_errors_are_one_clear_line(tmp_path):
 
 
   # A run folder with its config but no checkpoint yet.
-  from mmsr_jax import checkpoint
+  from mmsr_jax.runtime import checkpoint
   checkpoint.save_config(str(tmp_path / "no_ckpt"), small_config())
   r = _run("mmsr_jax.sample", f"--workdir={tmp_path}/no_ckpt", f"--input={good}",
            f"--output={tmp_path}/out")

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mmsr_jax import params_io
+from mmsr_jax.weights import params_io
 from mmsr_jax.models import autoencoder as ae_lib
 from mmsr_jax.models import vae as vae_lib
 from mmsr_jax.models.vae import AutoencoderKL, VAEConfig

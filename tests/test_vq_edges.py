@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmsr_jax import vq_losses as L
+from mmsr_jax.training import vq_losses as L
 
 
 def _edge_map(lines):

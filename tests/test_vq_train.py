@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmsr_jax import vq_losses as L
+from mmsr_jax.training import vq_losses as L
 from mmsr_jax.models import vqgan as vqgan_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -280,8 +280,9 @@ def test_bad_settings_are_clear_errors(tmp_path):
 
 
 def test_perceptual_term_loads_lpips_weights(tmp_path):
-  from mmsr_jax import params_io, train_vq
-  from mmsr_jax.models import lpips as lpips_lib
+  from mmsr_jax import train_vq
+  from mmsr_jax.weights import params_io
+  from mmsr_jax.evaluation import lpips as lpips_lib
   abstract = lpips_lib.abstract_params("vgg")["params"]
   rng = np.random.default_rng(0)
   path = str(tmp_path / "lpips.safetensors")
@@ -344,7 +345,7 @@ def _vq_workdir(path, map_size=None):
   """A train_vq workdir holding the shipped tiny tokenizer (trained by configs/vq_tiny.py), its
   config's map size replaced by ``map_size`` when given (the weights are convolutional)."""
   from configs import vq_tiny
-  from mmsr_jax import checkpoint as ckpt_lib
+  from mmsr_jax.runtime import checkpoint as ckpt_lib
   os.makedirs(path)
   c = vq_tiny.get_config()
   if map_size is not None:
@@ -468,7 +469,7 @@ def _shards_config(path, **overrides):
 
 
 def test_crop_bank_boxes():
-  from mmsr_jax.data import pipeline
+  from mmsr_jax.data import sr_examples as pipeline
   boxes = pipeline.crop_bank_boxes(48, 60, 32, 16, key=3)
   assert boxes.shape == (16, 2) and boxes.dtype == np.int32
   np.testing.assert_array_equal(boxes[0], [8, 14])  # the centre crop first
@@ -485,7 +486,8 @@ def test_crop_bank_boxes():
 
 def test_shard_ids_equal_the_encoder_ids_of_the_training_crops(crop_bank_shards):
   from mmsr_jax import train
-  from mmsr_jax.data import pipeline, sources
+  from mmsr_jax.data import sources
+  from mmsr_jax.data import sr_examples as pipeline
   from mmsr_jax.models.mmsr import Conditioner
   tok = crop_bank_shards["tokenizer"]
   cfg = _shards_config(crop_bank_shards["tok"])
@@ -520,7 +522,8 @@ def test_shard_ids_equal_the_encoder_ids_of_the_training_crops(crop_bank_shards)
 
 
 def test_trainer_step_with_ids_from_shards(crop_bank_shards):
-  from mmsr_jax import sharding, train
+  from mmsr_jax import train
+  from mmsr_jax.runtime import sharding
   cfg = _shards_config(crop_bank_shards["tok"])
   trainer = train.Trainer(cfg, "/unused", devices=jax.devices()[:1])
   batch = next(iter(trainer.make_loader()))
@@ -534,7 +537,8 @@ def test_trainer_step_with_ids_from_shards(crop_bank_shards):
 
 def test_ids_from_shards_errors(crop_bank_shards):
   from mmsr_jax import train
-  from mmsr_jax.data import pipeline, sources
+  from mmsr_jax.data import sources
+  from mmsr_jax.data import sr_examples as pipeline
   tok = train.make_tokenizer("byte")
 
   def make(**overrides):

@@ -34,8 +34,8 @@ def _throughput() -> dict:
   Canny (what a TPU/GPU host does); the jitted stages run on the default device (here the CPU
   too, so the end-to-end number is the CPU-only fallback)."""
   import numpy as np
-  from mmsr_jax.data import pipeline
-  from mmsr_jax.text_tokenizer import make_tokenizer
+  from mmsr_jax.data import sr_examples as pipeline
+  from mmsr_jax.data.captions import make_tokenizer
   tok = make_tokenizer("byte")
   src = pipeline.DemoSource("train")
   t = pipeline.MakeTrainingExample(_SIZE.value, 4, 256, 77, tok, degradation=_PRESET.value)
@@ -92,8 +92,8 @@ def _throughput() -> dict:
 
 def _wait_share() -> dict:
   import jax
-  from mmsr_jax import sharding
-  from mmsr_jax.data import pipeline
+  from mmsr_jax.runtime import sharding
+  from mmsr_jax.data import sr_examples as pipeline
   from mmsr_jax.train import Trainer
   cfg = common.CONFIG.value
   if cfg is None:

@@ -37,7 +37,7 @@ def run() -> dict:
   from diffusers import PixArtTransformer2DModel
 
   from mmsr_jax.models.dit import DiT
-  from mmsr_jax.models.pixart_import import CaptionProjection, pixart_params_from_torch_state_dict
+  from mmsr_jax.weights.pixart import CaptionProjection, pixart_params_from_torch_state_dict
 
   depth, width, heads = SIZES[_SIZE.value]
   lat, b, n_txt, cap = _LATENT.value, _BATCH.value, _TEXT.value, _CAPTION.value

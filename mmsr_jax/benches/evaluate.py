@@ -30,7 +30,8 @@ def define_flags() -> None:
 
 
 def run() -> dict:
-  from mmsr_jax import evaluate, metrics, niqe
+  from mmsr_jax import evaluate
+  from mmsr_jax.evaluation import metrics, niqe
   f = flags.FLAGS
   pred_dir, gt_dir = f.evaluate_pred, f.evaluate_gt
   if pred_dir is None and os.path.isdir(_REALSR):

@@ -84,7 +84,8 @@ class _Setup:
   """Model, frozen encoders and random parameters for a config."""
 
   def __init__(self, config):
-    from mmsr_jax import diffusion, sharding
+    from mmsr_jax.diffusion import schedule as diffusion
+    from mmsr_jax.runtime import sharding
     from mmsr_jax.models.mmsr import Conditioner, build_model
     self.config = config
     self.model = build_model(config)
@@ -108,7 +109,7 @@ class _Setup:
     self.params = jax.jit(init, out_shardings=repl)(jax.random.key(0))
     r_ae, r_vq = jax.random.split(jax.random.key(1))
     m = config.data.map_size
-    from mmsr_jax import params_io
+    from mmsr_jax.weights import params_io
     vq_init = lambda: self.conditioner.vq.init(r_vq, jnp.zeros((1, m, m, 3)))["params"]  # noqa
     vq = (params_io.load_params(config.vq.params, jax.eval_shape(vq_init), field="config.vq.params")
           if config.vq.params else jax.jit(vq_init)())
@@ -117,7 +118,7 @@ class _Setup:
 
   def sample_fn(self, size: int, steps: int, guidance: str, tile_batch: int = 0,
                 map_batch: int = 0):
-    from mmsr_jax import tiling
+    from mmsr_jax.diffusion import tiling
     s = self.config.data.scale
     if size % (s * self.config.autoencoder.factor):
       raise ValueError(f"output size {size} is not a multiple of scale x autoencoder factor")

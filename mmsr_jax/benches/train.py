@@ -54,8 +54,9 @@ def measure(config, *, peak_flops: float = 0.0, repeats: int | None = None,
   """Builds the trainer for ``config`` (on ``devices``, default all) and times its update step."""
   import jax
 
-  from mmsr_jax import flops as flops_lib
-  from mmsr_jax import sharding, train
+  from mmsr_jax.training import flops as flops_lib
+  from mmsr_jax import train
+  from mmsr_jax.runtime import sharding
   config = config.copy_and_resolve_references()
   config.text.params = config.vq.params = config.autoencoder.params = ""
   config.text.tokenizer = "byte"

@@ -36,7 +36,7 @@ def _xla_peak(fn, *args) -> int:
 
 
 def run() -> dict:
-  from mmsr_jax import tiling
+  from mmsr_jax.diffusion import tiling
   from mmsr_jax.models import autoencoder as ae_lib
   from mmsr_jax.models import vae as vae_lib
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from mmsr_jax.data.degrade import bicubic_upsample
+from mmsr_jax.data.simple_degradation import bicubic_upsample
 from mmsr_jax.models.context import SPATIAL_MODALITIES
 
 MODALITIES = SPATIAL_MODALITIES  # one definition of the order, shared with the model

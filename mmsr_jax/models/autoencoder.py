@@ -21,7 +21,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from mmsr_jax import params_io
+from mmsr_jax.weights import params_io
 from mmsr_jax.models import vae as vae_lib
 
 

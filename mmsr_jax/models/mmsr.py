@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmsr_jax import params_io
+from mmsr_jax.weights import params_io
 from mmsr_jax.models import autoencoder as ae_lib
 from mmsr_jax.models import context as context_lib
 from mmsr_jax.models import dit as dit_lib

@@ -27,8 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmsr_jax import tile_grid
-from mmsr_jax.models import torch_import
+from mmsr_jax.diffusion import tiles as tile_grid
+from mmsr_jax.weights import torch_import
 from mmsr_jax.models import vqgan
 
 Array = jax.Array

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmsr_jax.models import torch_import
+from mmsr_jax.weights import torch_import
 
 Array = jax.Array
 

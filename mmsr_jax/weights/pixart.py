@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmsr_jax.models import layers, torch_import
+from mmsr_jax.models import layers
+from mmsr_jax.weights import torch_import
 from mmsr_jax.models.dit import DiT
 
 # Flax sub-module name -> diffusers sub-module name, inside one transformer block.
@@ -206,7 +207,7 @@ def pixart_for_mmsr(path: str, abstract_params: dict[str, Any], *, num_heads: in
   """
   from flax import traverse_util
 
-  from mmsr_jax import params_io
+  from mmsr_jax.weights import params_io
   file = params_io.params_file(path)
   info_path = os.path.join(os.path.dirname(os.path.abspath(file)), "config.json")
   if os.path.isfile(info_path):

@@ -18,8 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmsr_jax import diffusion, loop, metrics, sampler
-from mmsr_jax.data import degrade, pipeline
+from mmsr_jax.diffusion import schedule as diffusion, sampler
+from mmsr_jax.training import loop
+from mmsr_jax.evaluation import metrics
+from mmsr_jax.data import simple_degradation as degrade, sr_examples as pipeline
 from mmsr_jax.models.context import SPATIAL_MODALITIES
 from mmsr_jax.models.mmsr import MMSR
 

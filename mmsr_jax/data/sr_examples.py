@@ -44,7 +44,7 @@ import ml_collections
 import numpy as np
 
 from mmsr_jax.data import demo, realesrgan, sources
-from mmsr_jax.data.degrade import simple_degrade
+from mmsr_jax.data.simple_degradation import simple_degrade
 from mmsr_jax.data.modalities import MODALITIES, canny_edges, render_map
 
 ALLOWED_SOURCES: tuple[str, ...] = ("demo", "folder", "tfds", "arrayrecord")
@@ -581,7 +581,7 @@ def check_shards_for_ids(config: ml_collections.ConfigDict, source) -> int:
   if bool(meta.get("per_modality", False)) != bool(config.vq.get("per_modality", False)):
     raise ValueError(f"{first}: tokenized with per_modality={meta.get('per_modality')} but "
                      f"config.vq.per_modality={config.vq.get('per_modality', False)}")
-  from mmsr_jax.params_io import params_file  # pylint: disable=g-import-not-at-top
+  from mmsr_jax.weights.params_io import params_file  # pylint: disable=g-import-not-at-top
   params = config.vq.params
   if not params or not os.path.isfile(params_file(params)):
     raise ValueError(f"config.vq.params={params!r} is not a tokenizer file, but the shards' "

@@ -49,9 +49,9 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
-from mmsr_jax import checkpoint as ckpt_lib
-from mmsr_jax import flops as flops_lib
-from mmsr_jax import sharding
+from mmsr_jax.runtime import checkpoint as ckpt_lib
+from mmsr_jax.training import flops as flops_lib
+from mmsr_jax.runtime import sharding
 
 
 class Task(Protocol):
@@ -332,7 +332,7 @@ def main(train_fn):
   workdir)``."""
   from absl import app, flags
 
-  from mmsr_jax import distributed
+  from mmsr_jax.runtime import distributed
 
   def _main(argv):
     del argv

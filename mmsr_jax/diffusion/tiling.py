@@ -30,12 +30,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmsr_jax import diffusion, sharding
+from mmsr_jax.diffusion import schedule as diffusion
+from mmsr_jax.runtime import sharding
 # The tile geometry lives below the models (the KL VAE tiles with it too); re-exported here.
-from mmsr_jax.tile_grid import VAE_TILE, TileGrid, vae_tiled
+from mmsr_jax.diffusion.tiles import VAE_TILE, TileGrid, vae_tiled
 from mmsr_jax.models import autoencoder as ae_lib
 from mmsr_jax.models.mmsr import MMSR, Conditioner
-from mmsr_jax.sampler import negative_branch
+from mmsr_jax.diffusion.sampler import negative_branch
 
 def make_grid(config, lr_hw: tuple[int, int], *, tile: int | None = None,
               overlap: int | None = None) -> TileGrid:
@@ -226,7 +227,7 @@ def make_tiled_inputs(tile_examples: list[dict], lr_images: np.ndarray, num_tile
   ``lr_images [B, h, w, 3]`` in [-1, 1]; ``kwargs`` as :func:`mmsr_jax.sampler.make_inputs`
   (negative prompt, temperature, switches), which builds the per-tile fields.
   """
-  from mmsr_jax import sampler
+  from mmsr_jax.diffusion import sampler
   inputs = sampler.make_inputs(tile_examples, tokenizer, config, **kwargs)
   per_image = slice(None, None, num_tiles)
   for key in ("text_ids", "text_mask", "neg_ids", "neg_mask", "null_ids", "null_mask",

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmsr_jax import diffusion
+from mmsr_jax.diffusion import schedule as diffusion
 from mmsr_jax.models import autoencoder as ae_lib
 from mmsr_jax.models import context as context_lib
 from mmsr_jax.models.mmsr import MMSR, Conditioner

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmsr_jax.models.lpips import VGG16, FeatureNet
+from mmsr_jax.evaluation.lpips import VGG16, FeatureNet
 
 CHANNELS = (3, 64, 128, 256, 512, 512)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
