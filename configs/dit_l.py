@@ -2,12 +2,10 @@
 
   python -m mmsr_jax.train --config=configs/dit_l.py --workdir=gs://BUCKET/runs/dit_l
 
-The shared research settings (VAE, T5, VQGAN tokenizers, MMLC, 512px crops, bf16) are in
-``mmsr_jax.config_base.full_size_config``; override any field on the command line, e.g.
-``--config.vq.params=/ckpt/vq.safetensors --config.batch_size=64``.
+The shared research settings are ``mmsr_jax.config.sr.full_size_config``.
 """
 
-from mmsr_jax.config.base import full_size_config
+from mmsr_jax.config.sr import full_size_config
 
 
 def get_config():

@@ -1,32 +1,22 @@
-"""Tiny CPU demo: trains a small MMSR on the built-in demo photos in a few minutes.
+"""Tiny CPU demo: a small MMSR trained on the built-in demo photos in minutes.
 
   python -m mmsr_jax.train --config=configs/tiny.py --workdir=runs/tiny
 
-Measured on a 2-core CPU with the trained tokenizer below: 7.5 to 8 minutes including
-compilation when the machine is otherwise idle (13.5 minutes while the test suite ran beside it);
-report.json with first_train_loss 0.966 -> final_train_loss 0.117, and on the two held-out 128x128
-crops psnr_sr 27.68 / ssim_sr 0.676 against psnr_bicubic 28.01 / ssim_bicubic 0.711 (the same to
-two decimals as with a random VQ: at this size the modalities barely move the result, val_loss
-0.0826 with them and 0.0827 with every modality null).
-Space-to-depth ("pixel") autoencoder, a 4-block width-192 DiT, random frozen T5; the VQ tokenizer
-is mmsr_jax/assets/vq_tiny.safetensors, trained by ``python -m mmsr_jax.train_vq
---config=configs/vq_tiny.py``.
-Override any field, e.g. ``--config.num_train_steps=30``. Real data and degradations:
-``--config.data.source=folder --config.data.path=DIR --config.data.degradation=realesrgan``
-(or ``source=tfds`` / ``arrayrecord``; see mmsr_jax/data/sources.py).
+Space-to-depth autoencoder, a 4-block width-192 DiT, a random frozen T5, and the VQ tokenizer
+trained by ``configs/vq_tiny.py`` (shipped in ``mmsr_jax/assets``). Residual diffusion with
+fidelity-first sampling; the README's "Tiny demo" section gives the reasons and the result.
 """
 
 import os
 
 import mmsr_jax
-from mmsr_jax.config.base import base_config
+from mmsr_jax.config.sr import sr_config
 
-# The tokenizer trained by configs/vq_tiny.py (README: "VQ tokenizers"), shipped with the package.
 VQ_TINY = os.path.join(os.path.dirname(mmsr_jax.__file__), "assets", "vq_tiny.safetensors")
 
 
 def get_config():
-  c = base_config()
+  c = sr_config()
   c.batch_size = 16
   c.num_train_steps = 1500
   c.log_every = 50

@@ -1,13 +1,6 @@
-r"""Benchmarks: ``python -m mmsr_jax.bench NAME [--json] [--config=...] [flags]``.
-
-Each benchmark lives in ``mmsr_jax/benches/<name>.py`` and exposes ``define_flags()`` (flags
-prefixed with its own name where they are specific) and ``run() -> dict``. The dict is printed as
-``key: value`` lines, or, with ``--json``, as one JSON object on stdout. Every result carries
-``device`` (what ran it). Compare ratios measured in one run; absolute times only mean something
-on an accelerator.
-
-  python -m mmsr_jax.bench dit-forward --json
-  python -m mmsr_jax.bench vae-tiled --bench_size=2048
+r"""Benchmarks: ``python -m mmsr_jax.bench NAME [--json] [--config=...] [flags]``; each lives in
+``mmsr_jax/benches/<name>.py`` (``define_flags()``, ``run() -> dict``). Compare ratios from one run;
+absolute times only mean something on an accelerator.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""Command-line plumbing shared by the entry points: errors become one clear line."""
+"""Command-line plumbing shared by the entry points: flags of the trainers, and errors as one
+``error:`` line (exit status 2) instead of a traceback."""
 
 from __future__ import annotations
 
 import sys
 
-from absl import app, logging
+from absl import app, flags, logging
 
 from mmsr_jax.runtime import checkpoint as ckpt_lib
 
@@ -31,6 +32,7 @@ def run(main, define_flags=None) -> None:
   try:
     if define_flags is not None:
       define_flags()  # config_flags parses --config.* overrides here
+    _show_own_flags_in_help()
     app.run(guarded)
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     # Raised while parsing flags, e.g. a --config.field override that names no field or gives a
@@ -41,3 +43,38 @@ def run(main, define_flags=None) -> None:
     if isinstance(e, (AttributeError, KeyError)):
       _fail(f"{where}: no such config field ({name!r} is not in the config file's fields)")
     _fail(f"{where}: {e}")
+
+
+def _show_own_flags_in_help() -> None:
+  """``--help`` lists the main module's key flags only; make every flag this project defines
+  (in the command, the library or a benchmark) key to it, so ``--help`` shows them all."""
+  main = sys.argv[0]
+  for module, defined in flags.FLAGS.flags_by_module_dict().items():
+    if module == main or "mmsr_jax" in module or module.startswith("configs"):
+      for flag in defined:
+        flags.FLAGS.register_key_flag_for_module(main, flag)
+
+
+def run_training(train_fn, default_config: str, workdir_help: str) -> None:
+  """The CLI of a trainer: ``--config`` (an ml_collections file, fields overridable with
+  ``--config.field=value``) and ``--workdir``; joins the other processes of a multi-host run
+  before any JAX work, then ``train_fn(config, workdir)``."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  from mmsr_jax.runtime import distributed
+
+  def define_flags():
+    config_flags.DEFINE_config_file(
+        "config", default_config, "Config file (ml_collections); override fields with "
+        "--config.field=value.", lock_config=True)
+    flags.DEFINE_string("workdir", None, workdir_help)
+
+  def main(argv):
+    del argv
+    if not flags.FLAGS.workdir:
+      raise app.UsageError("--workdir is required")
+    distributed.initialize()
+    train_fn(flags.FLAGS.config, flags.FLAGS.workdir)
+
+  run(main, define_flags)

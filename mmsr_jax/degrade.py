@@ -1,13 +1,5 @@
-r"""Look at what the model will see: degraded LR samples of one image, plus a contact sheet.
-
-  python -m mmsr_jax.degrade --input=IMG --output=DIR --num=16 --seed=0 [--preset=realesrgan]
-
-Writes ``DIR/lr_XX.png`` (each exactly H/scale x W/scale; the image is cropped to a multiple of
-the scale first), ``DIR/params_XX.json`` (the sampled kernels' sizes, resize sizes and modes,
-noise and JPEG settings) and ``DIR/contact_sheet.png`` (the HR image, then every sample
-nearest-upscaled to the HR size, in a grid). Sample i uses the generator seeded by (seed, i), the
-same way the training pipeline seeds an example. Existing outputs are never replaced without
-``--overwrite``.
+r"""Writes contact sheets of the training degradations of an image, to look at what the model sees:
+``python -m mmsr_jax.degrade --input=photo.png --output=DIR [--preset=realesrgan] [--samples=8]``.
 """
 
 from __future__ import annotations

@@ -1,519 +1,28 @@
-r"""Super-resolves images x4 with a trained run's EMA weights: the CLI and the Python API.
+r"""Super-resolves images x4 with a trained run's EMA weights.
 
   python -m mmsr_jax.sample --workdir=runs/tiny --input=photo.png --output=out/
 
-``--input`` is an image file or a folder of images of any mode (RGB, RGBA with the alpha upscaled
-separately, greyscale, palette, 16-bit PNG, JPEG, WebP; EXIF orientation applied) and any size
-(padded to the model's multiple, cropped back). Each output is a PNG of the input's kind (grey
-stays grey, 16-bit stays 16-bit) with a JSON sidecar holding every setting used. Outputs larger
-than the trained size are sampled on overlapping latent tiles blended smoothly, the tiles of a
-step batched and split over all devices (:mod:`mmsr_jax.tiling`).
-
-Controls (unset flags take the run's ``config.sampling`` values): ``--guidance={cfg,m0cfg,mcfg}``,
-``--scale``, ``--steps``, ``--eta``, ``--seed``, ``--strength``, ``--caption`` and
-``--negative_prompt``, per-group temperature (``--temperature=depth=0.5,edge=2``), switches
-(``--disable=depth,seg``), user-supplied maps (``--depth=FILE``, ``--seg=FILE``, ``--edge=FILE``)
-the tile size / overlap in latent pixels (``--tile``, ``--tile_overlap``) and, for large outputs
-on small accelerators, the most tiles per denoiser / VQ pass (``--tile_batch``, ``--map_batch``)
-and where the text encoder lives (``--text_device``, see :class:`SuperResolver`). Modalities that
-are not given: edges by Canny on each tile's LR crop; depth, segmentation and the caption from
-the annotator when its models are named (``--annotate_depth=PATH`` etc., needs the torch extras),
-else null. Existing outputs are never replaced without ``--overwrite``; every input, map and
-output name is checked before the model is built.
-
-The Python API, used by this CLI and the Colab notebook::
-
-  sr = SuperResolver.from_workdir("runs/tiny")
-  out = sr(image, caption="a cat", guidance="mcfg", scale=2.0, temperature={"depth": 0.5})
-
-``image`` may be a PIL image or an array (HxW, HxWx2, HxWx3, HxWx4; uint8, uint16 or float in
-[0, 1]); the result has the same kind at 4x the size.
+Each output is a PNG of the input's kind with a JSON sidecar of every setting used; unset controls
+take the run's ``config.sampling`` values. The Python API is
+:class:`mmsr_jax.inference.super_resolver.SuperResolver`.
 """
 
 from __future__ import annotations
 
-import collections
 import json
-import math
 import os
-import time
-from typing import Any, Callable
 
-import cv2
-import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
-from PIL import Image
 
-from mmsr_jax.runtime import checkpoint as ckpt_lib
-from mmsr_jax.diffusion import schedule as diffusion, sampler, tiling
+from mmsr_jax import cli
 from mmsr_jax.data import images as image_io
-from mmsr_jax.data import sr_examples as pipeline
-from mmsr_jax.models.context import CONTEXT_GROUPS, SPATIAL_MODALITIES
+from mmsr_jax.diffusion.guidance import GUIDANCE_MODES
+from mmsr_jax.formats.records import CONTEXT_GROUPS, MODALITIES
+from mmsr_jax.inference.super_resolver import (TEXT_DEVICES, SuperResolver, parse_temperature,
+                                               read_map)
+from mmsr_jax.runtime import checkpoint as ckpt_lib
 
 IMAGE_SUFFIXES = image_io.SUFFIXES
-# Settings a call may change; None = the run's config.sampling value.
-SETTINGS = ("guidance", "scale", "steps", "eta", "seed", "strength", "negative_prompt")
-# Where the frozen text encoder runs (config.sampling.text_device).
-TEXT_DEVICES = ("auto", "accelerator", "cpu")
-AUTO_HOST_TEXT_BYTES = 2 ** 30  # "auto": T5 weights above this stay on the host (T5-XXL: 19 GB)
-TEXT_CACHE_SIZE = 8  # host text states kept per distinct token row (caption, negative, empty)
-
-
-def host_device():
-  """The host CPU device the text encoder uses in ``text_device='cpu'`` mode."""
-  return jax.devices("cpu")[0]
-
-
-def check_text_device(value: str) -> str:
-  if value not in TEXT_DEVICES:
-    raise ValueError(f"config.sampling.text_device={value!r}: expected one of {TEXT_DEVICES}")
-  return value
-
-
-def text_param_bytes(conditioner, config) -> int:
-  """Bytes of the frozen text encoder's weights (from shapes only; nothing is allocated)."""
-  l = config.text.max_length
-  shapes = jax.eval_shape(lambda: conditioner.text_encoder.init(
-      jax.random.key(0), jnp.zeros((1, l), jnp.int32), jnp.ones((1, l), jnp.int32))["params"])
-  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)))
-
-
-def choose_text_device(value: str, text_bytes: int) -> str:
-  """``"accelerator"`` or ``"cpu"`` for a setting; ``"auto"`` keeps a text encoder larger than
-  :data:`AUTO_HOST_TEXT_BYTES` on the host when the default backend is an accelerator."""
-  if check_text_device(value) != "auto":
-    return value
-  big = text_bytes > AUTO_HOST_TEXT_BYTES
-  return "cpu" if big and jax.default_backend() != "cpu" else "accelerator"
-
-
-def load_frozen(conditioner, config, mesh, text_device: str) -> dict:
-  """The frozen encoders' weights, VAE and VQ placed on ``mesh`` (as the trainer places them).
-
-  With ``text_device='cpu'`` the text encoder's weights are read (or, without a path, randomly
-  initialised) on the host and committed to :func:`host_device`; they never reach the
-  accelerator. (In that mode every randomly initialised frozen part is initialised on the host;
-  weights read from files are the same either way.)
-  """
-  from mmsr_jax.runtime import sharding
-  rng = jax.random.key(config.seed + 1)  # the trainer's key for the frozen encoders
-  if text_device != "cpu":
-    frozen = conditioner.init_params(config, rng)
-    return sharding.put(frozen, sharding.frozen_shardings(frozen, mesh))
-  with jax.default_device(host_device()):
-    frozen = conditioner.init_params(config, rng)
-  text = jax.device_put(frozen.pop("text"), host_device())
-  placed = sharding.put(frozen, sharding.frozen_shardings(frozen, mesh))
-  return {**placed, "text": text}
-
-
-class _SamplingParts:
-  """What sampling needs of a run's :class:`mmsr_jax.train.Trainer` (mesh, model, conditioner,
-  schedule, tokenizer, state shardings), built without the trainer's frozen weights, which it
-  places whole on the mesh (T5-XXL included)."""
-
-  def __init__(self, config, devices):
-    from mmsr_jax import train
-    from mmsr_jax.runtime import sharding
-    from mmsr_jax.models.mmsr import Conditioner, build_model
-    from mmsr_jax.data.captions import make_tokenizer
-    self.mesh = sharding.make_mesh(config, devices)
-    self.model = build_model(config)
-    self.conditioner = Conditioner.from_config(config)
-    self.schedule = diffusion.Schedule.from_config(config.diffusion)
-    self.tokenizer = make_tokenizer(config.text.tokenizer)
-    tx, _ = train.make_optimizer(config)
-    init, boxed = train.create_state_fn(config, self.model, self.conditioner, tx)
-    self.state_sharding, self.abstract_state = train.state_shardings(init, boxed, tx, self.mesh)
-
-  def abstract_with_shardings(self):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        self.abstract_state, self.state_sharding)
-
-
-def read_image(path: str) -> image_io.Picture:
-  """Reads an input image of any mode (see :func:`mmsr_jax.image_io.read`)."""
-  return image_io.read(path)
-
-
-def read_map(path: str, kind: str) -> np.ndarray:
-  """A user-supplied modality map: float HxW in [0, 1] for depth/edge (8- or 16-bit greyscale or
-  colour, which is turned into luma), integer labels HxW for seg (``L``, ``P``, ``I;16``, or the
-  first channel of a colour image)."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"--{kind}={path}: no such file")
-  if kind != "seg":
-    try:
-      pic = image_io.read(path)
-    except ValueError as e:
-      raise ValueError(f"--{kind}={e}") from e
-    return image_io.luma(pic.rgb)
-  try:
-    with Image.open(path) as im:
-      arr = np.asarray(im)
-  except Exception as e:  # noqa: BLE001
-    raise ValueError(f"--{kind}={path}: not a readable image ({type(e).__name__}: {e})") from e
-  arr = arr if arr.ndim == 2 else arr[..., 0]
-  if arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
-    raise ValueError(f"--{kind}={path}: expected a non-empty integer label image, got "
-                     f"{arr.dtype} {arr.shape}")
-  return arr.astype(np.int32)
-
-
-def _resize_map(kind: str, m: np.ndarray, height: int, width: int) -> np.ndarray:
-  """A whole-image map onto the output pixel grid (nearest for labels, so no label mixing)."""
-  m = np.asarray(m)
-  if m.shape[:2] == (height, width):
-    return m
-  if kind == "seg":
-    return cv2.resize(m.astype(np.int32).astype(np.float32), (width, height),
-                      interpolation=cv2.INTER_NEAREST).astype(np.int32)
-  return cv2.resize(np.asarray(m, np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-
-
-def _pad(x: np.ndarray, ph: int, pw: int) -> np.ndarray:
-  pad = ((0, ph), (0, pw)) + ((0, 0),) * (x.ndim - 2)
-  return np.pad(x, pad, mode="reflect" if min(x.shape[:2]) > 1 else "edge")
-
-
-class SuperResolver:
-  """A trained MMSR model ready to super-resolve images (restores the newest checkpoint).
-
-  The EMA parameters are replicated on a mesh of all devices; the tiles of every sampling step
-  are split over it. ``annotator`` (an :class:`mmsr_jax.annotate.Annotator`, optional) supplies
-  depth / segmentation / caption when a call does not.
-
-  ``text_device`` (default ``config.sampling.text_device``, else ``"auto"``): ``"accelerator"``
-  runs the text encoder inside the jitted sampler with the other frozen weights; ``"cpu"`` keeps
-  its weights on the host CPU (:func:`host_device`), computes the text states there once per
-  distinct caption / negative prompt (an LRU of :data:`TEXT_CACHE_SIZE` token rows) and hands
-  them to the sampler as inputs, so T5-XXL (19 GB in float32) takes no accelerator memory;
-  ``"auto"`` is ``"cpu"`` for a text encoder over 1 GiB on an accelerator backend. The DiT, VAE
-  and VQ weights stay on the mesh in both modes.
-  """
-
-  def __init__(self, config, params, trainer, *, frozen=None, step: int | None = None,
-               workdir: str | None = None, annotator=None, text_device: str | None = None):
-    self.config, self.params, self._t = config, params, trainer
-    setting = config.sampling.get("text_device", "auto") if text_device is None else text_device
-    check_text_device(setting)
-    self.text_device = choose_text_device(setting,
-                                          text_param_bytes(trainer.conditioner, config))
-    frozen = trainer.frozen if frozen is None else frozen
-    self._text_params = None
-    if self.text_device == "cpu":  # the sampler gets no text weights, only their states
-      self._text_params = jax.device_put(frozen["text"], host_device())
-      frozen = {**frozen, "text": {}}
-      conditioner = trainer.conditioner
-      self._host_text_fn = jax.jit(
-          lambda p, ids, mask: conditioner.text_states({"text": p}, ids, mask))
-    self.frozen = frozen
-    self._text_cache: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
-    self.text_cache_hits = self.text_cache_misses = 0
-    self.mesh = trainer.mesh
-    self.step, self.workdir, self.annotator = step, workdir, annotator
-    self._fns: dict[tuple, Callable] = {}
-    self._on_step: Callable[[], None] | None = None
-
-  @classmethod
-  def from_workdir(cls, workdir: str, *, step: int | None = None, devices=None,
-                   annotator=None, text_device: str | None = None) -> "SuperResolver":
-    config = ckpt_lib.load_config(workdir)
-    setting = check_text_device(config.sampling.get("text_device", "auto")
-                                if text_device is None else text_device)
-    ckpt = ckpt_lib.Checkpointer(workdir, create=False)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"{ckpt.directory}: no checkpoints; train first with "
-                              "python -m mmsr_jax.train")
-    devices = list(jax.devices() if devices is None else devices)
-    config.unlock()
-    config.mesh.data = len(devices)  # sampling splits tiles, not a training batch, over these
-    config.mesh.fsdp = config.mesh.tensor = 1  # (the training run's mesh may have used them)
-    config.batch_size = len(devices)
-    parts = _SamplingParts(config, devices)  # the trainer's model, encoders and state layout
-    abstract = parts.abstract_with_shardings()
-    check_checkpoint_matches(ckpt, step, abstract, workdir)
-    ema_params = ckpt.restore_part(step, "ema_params", abstract.ema_params)  # not the optimizer
-    ckpt.close()
-    where = choose_text_device(setting, text_param_bytes(parts.conditioner, config))
-    frozen = load_frozen(parts.conditioner, config, parts.mesh, where)
-    return cls(config, ema_params, parts, frozen=frozen, step=int(step),
-               workdir=workdir, annotator=annotator, text_device=where)
-
-  # --- Settings.
-
-  @property
-  def lr_multiple(self) -> int:
-    """LR sides are padded to a multiple of this (autoencoder factor x patch / scale)."""
-    need = self._t.conditioner.autoencoder.downsample * self.config.model.patch_size
-    return max(1, math.ceil(need / self.config.data.scale))
-
-  @property
-  def scale_factor(self) -> int:
-    return int(self.config.data.scale)
-
-  def resolve(self, *, temperature: dict[str, float] | None = None,
-              enabled: dict[str, bool] | None = None, tile: int | None = None,
-              tile_overlap: int | None = None, tile_batch: int | None = None,
-              map_batch: int | None = None, **settings) -> dict[str, Any]:
-    """The effective settings of a call (the run's defaults filled in), checked: every value
-    that can be wrong is rejected here, before any image work."""
-    unknown = set(settings) - set(SETTINGS)
-    if unknown:
-      raise ValueError(f"unknown setting(s) {sorted(unknown)}; expected {SETTINGS}")
-    sc = self.config.sampling
-    out = {k: (sc[k] if settings.get(k) is None else settings[k]) for k in SETTINGS}
-    if out["guidance"] not in diffusion.GUIDANCE_MODES:
-      raise ValueError(f"guidance={out['guidance']!r}: expected one of {diffusion.GUIDANCE_MODES}")
-    out["steps"], out["seed"] = int(out["steps"]), int(out["seed"])
-    out["scale"], out["eta"], out["strength"] = (float(out[k]) for k in ("scale", "eta",
-                                                                          "strength"))
-    if not (math.isfinite(out["scale"]) and out["scale"] >= 0):
-      raise ValueError(f"scale={out['scale']}: expected a finite value >= 0")
-    if not 0.0 <= out["eta"] <= 1.0:
-      raise ValueError(f"eta={out['eta']}: expected a value in [0, 1]")
-    diffusion.ddim_timesteps(self._t.schedule.num_timesteps, out["steps"],
-                             self.config.sampling.spacing)  # checks steps
-    diffusion.start_step(out["steps"], out["strength"])  # checks strength
-    temps = {g: 1.0 for g in CONTEXT_GROUPS}
-    for name, value in (temperature or {}).items():
-      if name not in CONTEXT_GROUPS:
-        raise ValueError(f"temperature for {name!r}: expected one of {CONTEXT_GROUPS}")
-      if not (math.isfinite(float(value)) and float(value) > 0):
-        raise ValueError(f"temperature {name}={value}: must be a finite value > 0")
-      temps[name] = float(value)
-    on = {g: True for g in CONTEXT_GROUPS}
-    for name, value in (enabled or {}).items():
-      if name not in CONTEXT_GROUPS:
-        raise ValueError(f"modality switch {name!r}: expected one of {CONTEXT_GROUPS}")
-      on[name] = bool(value)
-    # Validates the tile geometry on a one-tile image.
-    m = self.lr_multiple
-    grid = tiling.make_grid(self.config, (m, m), tile=tile, overlap=tile_overlap)
-    for name, value in (("tile_batch", tile_batch), ("map_batch", map_batch)):
-      if value is not None and int(value) < 1:
-        raise ValueError(f"{name}={value}: expected a positive number (or None: no limit)")
-    out.update(temperature=temps, enabled=on, tile=grid.tile, tile_overlap=grid.overlap,
-               tile_batch=None if tile_batch is None else int(tile_batch),
-               map_batch=None if map_batch is None else int(map_batch))
-    return out
-
-  def _sample_fn(self, grid: tiling.TileGrid, guidance: str, steps: int, strength: float,
-                 tile_batch: int | None = None, map_batch: int | None = None):
-    key = (grid, guidance, steps, strength, tile_batch, map_batch)
-    if key not in self._fns:
-      self._fns[key] = tiling.make_tiled_sample_fn(
-          self._t.model, self._t.conditioner, self._t.schedule, grid, steps=steps,
-          guidance=guidance, spacing=self.config.sampling.spacing,
-          clip_x0=self.config.sampling.clip_x0, strength=strength, mesh=self.mesh,
-          progress=self._step_done, tile_batch=tile_batch, map_batch=map_batch)
-    return self._fns[key]
-
-  def _step_done(self) -> None:
-    if self._on_step is not None:
-      self._on_step()
-
-  def _text_rows(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Host text states ``[n, L, D]`` of token rows ``[n, L]``, each row computed once on the
-    host CPU and kept in a small LRU (the caption, negative prompt and empty caption repeat
-    from image to image)."""
-    rows = []
-    for i, m in zip(np.asarray(ids), np.asarray(mask)):
-      key = (i.dtype.str, i.tobytes(), m.dtype.str, m.tobytes())
-      states = self._text_cache.get(key)
-      if states is None:
-        self.text_cache_misses += 1
-        args = jax.device_put((i[None], m[None]), host_device())
-        states = np.asarray(jax.device_get(self._host_text_fn(self._text_params, *args)))[0]
-        self._text_cache[key] = states
-        while len(self._text_cache) > TEXT_CACHE_SIZE:
-          self._text_cache.popitem(last=False)
-      else:
-        self.text_cache_hits += 1
-        self._text_cache.move_to_end(key)
-      rows.append(states)
-    return np.stack(rows)
-
-  def _with_text_states(self, inputs: dict, guidance: str) -> dict:
-    """Sampler inputs with host-computed ``states`` / ``states_mask`` (positive rows, then the
-    negative branch's) in place of the token ids."""
-    text = (inputs["text_ids"], inputs["text_mask"])
-    if guidance != "none":
-      (n_ids, n_mask), _ = sampler.negative_branch(
-          guidance, text, (inputs["neg_ids"], inputs["neg_mask"]),
-          (inputs["null_ids"], inputs["null_mask"]), inputs["present"])
-      text = (np.concatenate([text[0], n_ids]), np.concatenate([text[1], n_mask]))
-    ids_keys = ("text_ids", "text_mask", "neg_ids", "neg_mask", "null_ids", "null_mask")
-    out = {k: v for k, v in inputs.items() if k not in ids_keys}
-    out["states"], out["states_mask"] = self._text_rows(*text), np.asarray(text[1])
-    return out
-
-  def num_steps_run(self, steps: int, strength: float) -> int:
-    """DDIM steps a call really runs (``strength < 1`` skips the noisiest ones)."""
-    return steps - diffusion.start_step(steps, strength)
-
-  # --- Super-resolution.
-
-  def __call__(self, image, *, caption: str | None = None,
-               maps: dict[str, np.ndarray] | None = None, **kwargs):
-    """Super-resolves ``image`` (PIL image or array, any mode) -> the same kind, 4x the size.
-
-    Keyword arguments: ``caption`` (None: the annotator's when it has a captioner, else empty),
-    ``maps`` (``{'depth': HxW in [0, 1], 'seg': HxW labels, 'edge': HxW in [0, 1]}``, any size),
-    and the settings of :meth:`resolve` (``guidance``, ``scale``, ``steps``, ``eta``, ``seed``,
-    ``strength``, ``negative_prompt``, ``temperature``, ``enabled``, ``tile``,
-    ``tile_overlap``, and the memory caps ``tile_batch`` / ``map_batch``).
-    """
-    pic = image_io.from_array(image)
-    out, _ = self.upscale(pic, caption=caption, maps=maps, **kwargs)
-    if isinstance(image, Image.Image):
-      return image_io.to_pil(out)
-    if isinstance(image, image_io.Picture):
-      return out
-    arr = np.asarray(image)
-    res = image_io.to_array(out)
-    if np.issubdtype(arr.dtype, np.floating):  # float in -> float in [0, 1] out
-      top = 65535.0 if res.dtype == np.uint16 else 255.0
-      res = res.astype(np.float32) / top
-    if arr.ndim == 3 and arr.shape[2] == 1:
-      res = res[..., None]
-    return res
-
-  def upscale(self, pic: image_io.Picture, *, caption: str | None = None,
-              maps: dict[str, np.ndarray] | None = None,
-              progress: Callable[[], None] | None = None,
-              **kwargs) -> tuple[image_io.Picture, dict[str, Any]]:
-    """Super-resolves a :class:`~mmsr_jax.image_io.Picture`; returns it with a record of what
-    was used (settings, caption, where each map came from, tiles, time)."""
-    t0 = time.time()
-    st = self.resolve(**kwargs)
-    maps = dict(maps or {})
-    for name in maps:
-      if name not in SPATIAL_MODALITIES:
-        raise ValueError(f"map {name!r}: expected one of {SPATIAL_MODALITIES}")
-    h, w = pic.size
-    s = self.scale_factor
-    sources = {k: "user" for k in maps}
-    caption_source = "user" if caption is not None else "empty"
-    if self.annotator is not None and (caption is None or
-                                       any(k not in maps for k in ("depth", "seg"))):
-      ann = self.annotator.annotate_one(image_io.to_array(
-          image_io.Picture(pic.rgb, None, False, 8)))
-      for k in ("depth", "seg"):
-        if k in ann and k not in maps:
-          maps[k], sources[k] = ann[k], "annotator"
-      if caption is None and ann.get("caption"):
-        caption, caption_source = ann["caption"], "annotator"
-    caption = caption or ""
-    sources.setdefault("edge", "canny per tile")
-    for k in SPATIAL_MODALITIES:
-      sources.setdefault(k, "null")
-
-    # --- Pad to the model's multiple; tile grid; per-tile conditions.
-    m = self.lr_multiple
-    ph, pw = -h % m, -w % m
-    lr = _pad(pic.rgb, ph, pw)
-    grid = tiling.make_grid(self.config, lr.shape[:2], tile=st["tile"],
-                            overlap=st["tile_overlap"])
-    full_maps = {k: _pad(_resize_map(k, v, h * s, w * s), ph * s, pw * s)
-                 for k, v in maps.items()}
-    f = self._t.conditioner.autoencoder.downsample
-    th, tw = grid.tile_hw
-    examples = []
-    for r, c in grid.origins:
-      ly, lx, lh, lw = r * f // s, c * f // s, th * f // s, tw * f // s
-      tile_maps = {k: v[r * f:(r + th) * f, c * f:(c + tw) * f] for k, v in full_maps.items()}
-      examples.append(pipeline.conditioning_example(
-          lr[ly:ly + lh, lx:lx + lw], tile_maps, caption, map_size=self.config.data.map_size,
-          text_len=self.config.text.max_length, tokenizer=self._t.tokenizer))
-    lr_full = np.asarray(lr, np.float32) * np.float32(2.0) - np.float32(1.0)
-    inputs = tiling.make_tiled_inputs(
-        examples, lr_full[None], grid.num_tiles, self._t.tokenizer, self.config,
-        negative_prompt=st["negative_prompt"], temperature=st["temperature"],
-        enabled=st["enabled"])
-
-    # --- Sample.
-    guidance = st["guidance"] if st["scale"] else "none"
-    if self._text_params is not None:
-      inputs = self._with_text_states(inputs, guidance)
-    fn = self._sample_fn(grid, guidance, st["steps"], st["strength"], st["tile_batch"],
-                         st["map_batch"])
-    self._on_step = progress
-    try:
-      out = fn(self.params, self.frozen, inputs, jax.random.key(st["seed"]), st["scale"],
-               st["eta"])
-      out = np.asarray(jax.device_get(out))[0, : h * s, : w * s]
-    finally:
-      self._on_step = None
-    rgb = np.clip((out.astype(np.float32) + 1.0) * 0.5, 0.0, 1.0)
-    alpha = None if pic.alpha is None else image_io.upscale_alpha(pic.alpha, h * s, w * s)
-    result = image_io.Picture(rgb, alpha, pic.grey, pic.bits, pic.mode)
-    record = dict(st, caption=caption, caption_source=caption_source, maps=sources,
-                  num_tiles=grid.num_tiles, latent_size=list(grid.latent_hw),
-                  input_size=[h, w], output_size=[h * s, w * s], input_mode=pic.mode,
-                  bits=pic.bits, alpha=pic.alpha is not None, grey=pic.grey,
-                  devices=len(self.mesh.devices.flat), text_device=self.text_device,
-                  seconds=round(time.time() - t0, 3))
-    return result, record
-
-
-def check_checkpoint_matches(ckpt: ckpt_lib.Checkpointer, step: int, abstract_state,
-                             workdir: str) -> None:
-  """One clear error when the checkpoint's arrays do not have the shapes the run's config.json
-  gives (a config edited after training, or checkpoints copied from another run)."""
-  try:
-    meta = ckpt.manager.item_metadata(step)["state"]
-  except Exception:  # noqa: BLE001 - no metadata to compare: the restore itself will report
-    return
-  if meta is None:
-    return
-  saved = {_path_name(p): tuple(getattr(v, "shape", ()) or ())
-           for p, v in jax.tree_util.tree_leaves_with_path(meta)}
-  for p, v in jax.tree_util.tree_leaves_with_path(abstract_state):
-    key = _path_name(p)
-    want = tuple(v.shape)
-    if key not in saved:
-      raise ValueError(f"{os.path.join(ckpt.directory, str(step))}: has no array {key} that "
-                       f"{ckpt_lib.config_path(workdir)} needs; the checkpoint does not match "
-                       "the config")
-    if saved[key] != want:
-      raise ValueError(f"{os.path.join(ckpt.directory, str(step))}: array {key} has shape "
-                       f"{saved[key]} but {ckpt_lib.config_path(workdir)} gives {want}; the "
-                       "checkpoint does not match the config")
-
-
-def _path_name(path) -> str:
-  """``a.b.c`` for a tree path, whether its parts are dict keys or dataclass attributes."""
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-  return ".".join(parts)
-
-
-# --- Command line.
-
-
-def parse_temperature(text: str) -> dict[str, float]:
-  """``"depth=0.5,edge=2"`` -> ``{"depth": 0.5, "edge": 2.0}``."""
-  out = {}
-  for item in filter(None, (p.strip() for p in text.split(","))):
-    name, _, value = item.partition("=")
-    name = name.strip()
-    try:
-      number = float(value)
-    except ValueError:
-      number = None
-    if name not in CONTEXT_GROUPS or number is None:
-      raise ValueError(f"--temperature item {item!r}: expected NAME=NUMBER with NAME in "
-                       f"{CONTEXT_GROUPS}")
-    out[name] = number
-  return out
 
 
 def list_inputs(path: str) -> list[str]:
@@ -549,7 +58,7 @@ def define_flags() -> None:
   d.DEFINE_string("output", None, "Output folder for the x4 PNGs and their JSON sidecars.")
   d.DEFINE_string("caption", None, "Caption for every input (default: the annotator's, else '').")
   d.DEFINE_string("negative_prompt", None, "Negative prompt (default: the config's).")
-  d.DEFINE_enum("guidance", None, list(diffusion.GUIDANCE_MODES), "Guidance mode.")
+  d.DEFINE_enum("guidance", None, list(GUIDANCE_MODES), "Guidance mode.")
   d.DEFINE_float("scale", None, "Guidance scale w (0: conditional only).")
   d.DEFINE_integer("steps", None, "DDIM steps.")
   d.DEFINE_float("eta", None, "DDIM eta.")
@@ -557,7 +66,7 @@ def define_flags() -> None:
   d.DEFINE_float("strength", None, "1 = from pure noise; < 1 = from the noised upsampled LR.")
   d.DEFINE_string("temperature", "", "Per-group temperature, e.g. depth=0.5,edge=2.")
   d.DEFINE_list("disable", [], "Groups to switch off: text, depth, seg, edge.")
-  for k in SPATIAL_MODALITIES:
+  for k in MODALITIES:
     d.DEFINE_string(k, None, f"User-supplied {k} map (image file), used for every input.")
   d.DEFINE_integer("tile", None, "Latent tile side (default: the trained latent size).")
   d.DEFINE_integer("tile_overlap", None, "Latent pixels shared by neighbouring tiles "
@@ -585,8 +94,8 @@ def main(argv):
   files = list_inputs(F.input)
   sizes = {}
   for f in files:  # read once to check (decoded again when its turn comes)
-    sizes[f] = read_image(f).size
-  maps = {k: read_map(F[k].value, k) for k in SPATIAL_MODALITIES if F[k].value}
+    sizes[f] = image_io.read(f).size
+  maps = {k: read_map(F[k].value, k) for k in MODALITIES if F[k].value}
   temperature = parse_temperature(F.temperature)
   for name in F.disable:
     if name not in CONTEXT_GROUPS:
@@ -603,7 +112,7 @@ def main(argv):
   ckpt_lib.load_config(F.workdir)  # fails early on a folder that is not a run
   annotator = None
   if F.annotate_depth or F.annotate_seg or F.annotate_caption:
-    from mmsr_jax.annotate import Annotator  # torch extras: only when asked for
+    from mmsr_jax.data.annotator import Annotator  # torch extras: only when asked for
     annotator = Annotator(depth=F.annotate_depth, seg=F.annotate_seg,
                           caption=F.annotate_caption, caption_kind=F.annotate_caption_kind)
 
@@ -623,7 +132,7 @@ def main(argv):
   for f in files:
     steps_bar.reset(total=per_image)
     steps_bar.set_postfix_str(os.path.basename(f))
-    out, record = sr.upscale(read_image(f), caption=F.caption, maps=maps,
+    out, record = sr.upscale(image_io.read(f), caption=F.caption, maps=maps,
                              progress=steps_bar.update, **settings)
     image_io.write_png(targets[f], out)
     with open(os.path.splitext(targets[f])[0] + ".json", "w") as fh:
@@ -639,5 +148,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from mmsr_jax import cli
   cli.run(main, define_flags)

@@ -6,6 +6,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
+from mmsr_jax.training import sr_task
 
 
 def small_config(**overrides):
@@ -55,8 +56,7 @@ def save_random_run(path: str, config, *, devices, seed: int):
   import jax
 
   from mmsr_jax.runtime import checkpoint as ckpt_lib
-  from mmsr_jax import train
-  trainer = train.Trainer(config, path, devices=devices)
+  trainer = sr_task.SRTask(config, path, devices=devices)
   state = trainer.init_state()
   leaves, treedef = jax.tree.flatten(state.params)
   keys = jax.random.split(jax.random.key(seed), len(leaves))

@@ -10,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+from mmsr_jax.training import sr_task
 
 
 def small_config(num_steps: int):
@@ -34,12 +35,11 @@ def main() -> None:
   distributed.initialize()
   import jax
 
-  from mmsr_jax import train
   from mmsr_jax.training import loop
   if mode == "multiprocess":
     config = small_config(5)
     config.mesh.data, config.mesh.fsdp = 2, 2
-    state = train.train(config, workdir, write_report=False)
+    state = sr_task.train(config, workdir, write_report=False)
     # Every process takes part in the gather; process 0 writes the result.
     from jax.experimental import multihost_utils
     params = multihost_utils.process_allgather(state.params, tiled=True)
@@ -52,7 +52,7 @@ def main() -> None:
     config.log_every = 1
     config.checkpoint_every = 1000
 
-    class SlowTrainer(train.Trainer):
+    class SlowTrainer(sr_task.SRTask):
       def step(self, state, batch):
         time.sleep(0.2)
         return super().step(state, batch)

@@ -1,6 +1,6 @@
 """The annotator end to end with tiny random-config Depth Anything, Mask2Former and BLIP models
 built here (saved as safetensors, loaded back from folders), and the shards it writes read by the
-training pipeline."""
+training sr_examples."""
 
 from __future__ import annotations
 
@@ -9,17 +9,20 @@ import os
 import subprocess
 import sys
 
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
 pytest.importorskip("torch")
 
-from mmsr_jax import annotate  # noqa: E402
 from mmsr_jax.data import sources  # noqa: E402
-from mmsr_jax.data import sr_examples as pipeline
 from mmsr_jax.data.captions import make_tokenizer  # noqa: E402
+from mmsr_jax.config.sr import sr_config
+from mmsr_jax.formats import records
+from tests.conftest import apply_overrides
+from mmsr_jax.formats.records import list_shards
+from mmsr_jax.data import annotator
+from mmsr_jax.data import sr_examples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"] + (
@@ -30,7 +33,7 @@ def _build_models(root: str) -> dict[str, str]:
   """Tiny random Depth Anything (Dinov2 backbone), Mask2Former (Swin) and BLIP, with their
   processors, saved with save_pretrained(safe_serialization=True)."""
   import torch
-  tr = annotate.import_transformers()
+  tr = annotator.import_transformers()
   torch.manual_seed(0)
   paths = {k: os.path.join(root, k) for k in ("depth", "seg", "caption")}
   backbone = tr.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -90,7 +93,7 @@ def _images(root, n: int) -> None:
 
 
 def test_annotate_one_interface(models):
-  ann = annotate.Annotator(depth=models["depth"], seg=models["seg"], caption=models["caption"],
+  ann = annotator.Annotator(depth=models["depth"], seg=models["seg"], caption=models["caption"],
                            caption_kind="blip", device="cpu")
   assert ann.modalities == ("edge", "depth", "seg", "caption")
   img = np.random.default_rng(1).integers(0, 255, (20, 28, 3), np.uint8)
@@ -113,28 +116,28 @@ def test_annotate_one_interface(models):
   assert c["depth"].shape == c["seg"].shape == (20, 28)
   assert d["depth"].shape == d["seg"].shape == d["edge"].shape == (40, 16)
   np.testing.assert_allclose(c["depth"], a["depth"], atol=1e-5)
-  only_edges = annotate.Annotator()
+  only_edges = annotator.Annotator()
   assert set(only_edges.annotate_one(img)) == {"edge"}
   with pytest.raises(ValueError, match="uint8 HxWx3"):
     only_edges.annotate_one(img.astype(np.float32))
   with pytest.raises(FileNotFoundError, match="depth model folder"):
-    annotate.Annotator(depth="./no/such/model")
+    annotator.Annotator(depth="./no/such/model")
   with pytest.raises(ValueError, match="caption_kind"):
-    annotate.Annotator(caption_kind="gpt")
+    annotator.Annotator(caption_kind="gpt")
 
 
 def test_record_roundtrip():
   img = np.random.default_rng(0).integers(0, 255, (12, 16, 3), np.uint8)
   depth = np.linspace(0, 1, 6 * 8, dtype=np.float32).reshape(6, 8)
   seg = np.arange(48, dtype=np.int32).reshape(6, 8) % 5
-  rec = annotate.decode_record(annotate.encode_record(
+  rec = records.decode_record(records.encode_record(
       img, {"depth": depth, "seg": seg, "edge": (depth > 0.5).astype(np.float32),
             "caption": "a red cat"}, {"name": "x"}))
   np.testing.assert_array_equal(rec["image"], img)
   np.testing.assert_allclose(rec["depth"], depth, atol=1 / 65535)
   np.testing.assert_array_equal(rec["seg"], seg)
   assert rec["caption"] == "a red cat" and rec["meta"]["name"] == "x"
-  bare = annotate.decode_record(annotate.encode_record(img, {}, {"name": "y"}))
+  bare = records.decode_record(records.encode_record(img, {}, {"name": "y"}))
   assert bare["depth"] is None and bare["seg"] is None and bare["caption"] is None
 
 
@@ -147,12 +150,12 @@ def _run(*args):
 def test_annotate_end_to_end(models, tmp_path):
   _images(tmp_path / "imgs", 5)
   out = tmp_path / "ann"
-  opts = annotate.AnnotateOptions(
+  opts = annotator.AnnotateOptions(
       input=str(tmp_path / "imgs"), output=str(out), depth=models["depth"], seg=models["seg"],
       caption=models["caption"], shard_size=2, batch_size=2)
-  res = annotate.run_annotation(opts)
+  res = annotator.run_annotation(opts)
   assert res == {"images": 5, "shards": 3, "already_done": 0, "written": 3, "skipped": 0}
-  shards = sources.annotation_shards(str(out))
+  shards = list_shards(str(out), "shards")
   assert [os.path.basename(s) for s in shards] == [
       f"annotations-0000{i}-of-00003.array_record" for i in range(3)]
   manifest = json.loads((out / "manifest.json").read_text())
@@ -163,7 +166,7 @@ def test_annotate_end_to_end(models, tmp_path):
   from array_record.python import array_record_data_source as ards
   raw = ards.ArrayRecordDataSource(shards)
   for i in range(5):
-    rec = annotate.decode_record(raw[i])
+    rec = records.decode_record(raw[i])
     assert rec["image"].shape == (48, 64, 3)
     assert rec["depth"].shape == rec["seg"].shape == rec["edge"].shape == (12, 16)
     assert rec["meta"]["maps_from"] == "lr" and rec["meta"]["maps_size"] == [12, 16]
@@ -174,21 +177,20 @@ def test_annotate_end_to_end(models, tmp_path):
   # Resumable: a missing shard is redone, finished ones are kept untouched.
   mtimes = {s: os.path.getmtime(s) for s in shards}
   os.remove(shards[1])
-  assert annotate.run_annotation(opts)["already_done"] == 2
+  assert annotator.run_annotation(opts)["already_done"] == 2
   assert os.path.getmtime(shards[0]) == mtimes[shards[0]]
   assert os.path.exists(shards[1])
-  assert annotate.run_annotation(opts)["written"] == 0
+  assert annotator.run_annotation(opts)["written"] == 0
   # Other settings into the same folder: one clear error, nothing overwritten.
   with pytest.raises(FileExistsError, match="new --output"):
-    annotate.run_annotation(annotate.AnnotateOptions(opts.input, opts.output, from_hr=True))
+    annotator.run_annotation(annotator.AnnotateOptions(opts.input, opts.output, from_hr=True))
   # The training pipeline reads the shards: depth and seg present, edges from the LR.
-  cfg = ml_collections.ConfigDict({
-      "seed": 0, "batch_size": 2,
-      "data": {"source": "arrayrecord", "path": str(out), "hr_size": 32, "scale": 4,
-               "map_size": 16, "num_workers": 0, "min_image_size": 16,
-               "max_bad_fraction": 0.0, "degradation": "simple"},
-      "text": {"max_length": 16}})
-  batch = next(iter(pipeline.make_train_loader(cfg, make_tokenizer("byte"))))
+  cfg = apply_overrides(sr_config(), {
+      "seed": 0, "batch_size": 2, "data.source": "arrayrecord", "data.path": str(out),
+      "data.hr_size": 32, "data.scale": 4, "data.map_size": 16, "data.num_workers": 0,
+      "data.min_image_size": 16, "data.max_bad_fraction": 0.0, "data.degradation": "simple",
+      "text.max_length": 16})
+  batch = next(iter(sr_examples.make_train_loader(cfg, make_tokenizer("byte"))))
   assert batch["hr"].shape == (2, 32, 32, 3) and batch["lr"].shape == (2, 8, 8, 3)
   assert batch["present"].all()
   assert np.abs(batch["depth"]).sum() > 0 and np.abs(batch["seg"]).sum() > 0
@@ -201,11 +203,11 @@ def test_annotate_cli_from_hr_and_errors(tmp_path):
   r = _run(f"--input={tmp_path / 'imgs'}", f"--output={tmp_path / 'ann'}", "--from_hr")
   assert r.returncode == 0, r.stderr[-3000:]
   assert "2 images, 1 shards, 0 already done" in r.stdout
-  (shard,) = sources.annotation_shards(str(tmp_path / "ann"))
+  (shard,) = list_shards(str(tmp_path / "ann"), "shards")
   rec = sources.ArrayRecordSource(shard)[0]
   assert rec["depth"] is None and rec["seg"] is None and rec["caption"] == ""
   from array_record.python import array_record_data_source as ards
-  meta = annotate.decode_record(ards.ArrayRecordDataSource([shard])[0])["meta"]
+  meta = records.decode_record(ards.ArrayRecordDataSource([shard])[0])["meta"]
   assert meta["maps_from"] == "hr" and meta["maps_size"] == [48, 64]
   r = _run("--input=/no/such/dir", f"--output={tmp_path / 'x'}")
   assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ")
@@ -232,7 +234,7 @@ def _build_florence2(path: str) -> None:
   special ones, so random weights still give a non-empty caption (not only an end token).
   """
   import torch
-  tr = annotate.import_transformers()
+  tr = annotator.import_transformers()
   torch.manual_seed(0)
   tok = _word_tokenizer(tr, F2_WORDS, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                         extra_special_tokens={"image_token": "<image>"})
@@ -259,7 +261,7 @@ def test_caption_florence2(tmp_path):
   and without the prompt (an encoder-decoder returns only the decoder's tokens)."""
   path = str(tmp_path / "florence2")
   _build_florence2(path)
-  ann = annotate.Annotator(caption=path, caption_kind="florence2", max_new_tokens=4)
+  ann = annotator.Annotator(caption=path, caption_kind="florence2", max_new_tokens=4)
   assert ann.modalities == ("edge", "caption")
   rng = np.random.default_rng(3)
   img, other = rng.integers(0, 255, (20, 28, 3), np.uint8), rng.integers(0, 255, (30, 16, 3),
@@ -269,7 +271,7 @@ def test_caption_florence2(tmp_path):
   assert set(cap.split()) <= set(F2_WORDS[5:])
   a, b = ann.annotate_batch([img, other])
   assert a["caption"] == cap and isinstance(b["caption"], str) and b["caption"]
-  assert annotate.Annotator(caption=path, caption_kind="florence2",
+  assert annotator.Annotator(caption=path, caption_kind="florence2",
                             max_new_tokens=4).annotate_one(img)["caption"] == cap
 
 
@@ -294,7 +296,7 @@ def _build_qwen2_5_vl(path: str) -> None:
   two parts. Generation as for Florence-2: at least 3 new tokens, never special ones.
   """
   import torch
-  tr = annotate.import_transformers()
+  tr = annotator.import_transformers()
   torch.manual_seed(0)
   tok = _word_tokenizer(tr, QWEN_WORDS, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                         additional_special_tokens=QWEN_SPECIAL[1:7])
@@ -327,7 +329,7 @@ def test_caption_qwen2_5_vl(tmp_path):
   (left padding) as alone."""
   path = str(tmp_path / "qwen2_5_vl")
   _build_qwen2_5_vl(path)
-  ann = annotate.Annotator(caption=path, caption_kind="qwen2_5_vl", max_new_tokens=4)
+  ann = annotator.Annotator(caption=path, caption_kind="qwen2_5_vl", max_new_tokens=4)
   assert ann.modalities == ("edge", "caption")
   rng = np.random.default_rng(3)
   # 20x28 -> 24x32 pixels -> 12 image tokens; 40x16 -> 10 image tokens.
@@ -338,5 +340,5 @@ def test_caption_qwen2_5_vl(tmp_path):
     assert isinstance(c, str) and 3 <= len(c.split()) <= 4
     assert set(c.split()) <= set(QWEN_WORDS[len(QWEN_SPECIAL):])
   assert [o["caption"] for o in ann.annotate_batch([img, tall])] == [cap, cap_tall]
-  assert annotate.Annotator(caption=path, caption_kind="qwen2_5_vl",
+  assert annotator.Annotator(caption=path, caption_kind="qwen2_5_vl",
                             max_new_tokens=4).annotate_one(img)["caption"] == cap

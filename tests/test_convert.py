@@ -11,12 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmsr_jax import convert, train
 from mmsr_jax.weights import params_io
 from mmsr_jax.models import vae as vae_lib
-from mmsr_jax.models.mmsr import MMSR
 from mmsr_jax.weights.pixart import CaptionProjection
 from tests.conftest import small_config
+from mmsr_jax.training import sr_task
+from mmsr_jax.weights import importers
+from mmsr_jax.weights import convert
+from mmsr_jax.models.mmsr import MMSR
 
 torch = pytest.importorskip("torch", reason="converter tests build PyTorch references")
 diffusers = pytest.importorskip("diffusers", reason="converter tests need diffusers")
@@ -52,7 +54,7 @@ def test_vae_pipeline_folder_bf16_weights(tmp_path):
   dst = str(tmp_path / "out")
   info = convert.convert_to_folder("vae", str(tmp_path / "pipe"), dst)
   assert info["config_overrides"]["autoencoder.scaling_factor"] == 0.13025
-  params = params_io.load_params(dst, vae_lib.vae_param_shapes(cfg)["params"])
+  params = params_io.load_params(dst, importers.vae_param_shapes(cfg)["params"])
   want = ref.decoder.conv_out.weight.float().detach().numpy().transpose(2, 3, 1, 0)
   np.testing.assert_array_equal(params["decoder"]["conv_out"]["kernel"], want)
   ref = ref.float()
@@ -78,7 +80,7 @@ def test_t5_folder_with_tokenizer_files(tmp_path):
   assert info["tokenizer_files"] == ["tokenizer_config.json"]
   assert os.path.isfile(os.path.join(dst, "tokenizer_config.json"))
   arch = t5_lib.T5Config(**info["config_overrides"]["text.encoder"])
-  params = params_io.load_params(dst, t5_lib.t5_param_shapes(arch)["params"])
+  params = params_io.load_params(dst, importers.t5_param_shapes(arch)["params"])
   ids = np.random.default_rng(1).integers(0, 300, (2, 20)).astype(np.int32)
   mask = np.ones_like(ids)
   mask[0, 12:] = 0
@@ -106,7 +108,7 @@ def test_vqgan_single_file_with_config_ids_identical(tmp_path):
   info = convert.convert_to_folder("vqgan", src, dst)
   arch = vqgan_lib.VQGANConfig(**info["config_overrides"]["vq.arch"])
   assert arch == cfg
-  params = params_io.load_params(dst, vqgan_lib.vqgan_param_shapes(cfg)["params"])
+  params = params_io.load_params(dst, importers.vqgan_param_shapes(cfg)["params"])
   x = np.random.default_rng(2).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
   with torch.no_grad():
     z = ref.encode(torch.from_numpy(x).permute(0, 3, 1, 2)).latents
@@ -154,7 +156,7 @@ def test_pixart_cli_then_train_start_keeps_text_to_image_function(tmp_path):
   assert again.returncode == 2 and "exists" in again.stderr
 
   config.model.init_from = dst
-  trainer = train.Trainer(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+  trainer = sr_task.SRTask(config, str(tmp_path / "run"), devices=jax.devices()[:1])
   state = jax.device_get(trainer.init_state())
   params = state.params
   rng = np.random.default_rng(3)
@@ -188,11 +190,11 @@ def test_pixart_init_from_checks_the_architecture(tmp_path):
   convert.convert_to_folder("pixart", str(tmp_path / "pixart"), dst)
   bad_heads = small_config(**{"model.init_from": dst, "model.num_heads": 2})
   with pytest.raises(ValueError, match="4 attention heads but config.model.num_heads=2"):
-    train.Trainer(bad_heads, str(tmp_path / "a"), devices=jax.devices()[:1])
+    sr_task.SRTask(bad_heads, str(tmp_path / "a"), devices=jax.devices()[:1])
   bad_text = small_config(**{"model.init_from": dst, "text.encoder.d_model": 32,
                              "text.encoder.num_heads": 2})
   with pytest.raises(ValueError, match=r"caption_projection_1/kernel.*\(64, 64\).*\(32, 64\)"):
-    train.Trainer(bad_text, str(tmp_path / "b"), devices=jax.devices()[:1])
+    sr_task.SRTask(bad_text, str(tmp_path / "b"), devices=jax.devices()[:1])
 
 
 def test_refuses_pickles_and_names_mismatched_keys(tmp_path):

@@ -10,25 +10,25 @@ import orbax.checkpoint as ocp
 import pytest
 from skimage.metrics import structural_similarity
 
+from mmsr_jax.config import schema
+from mmsr_jax.config.sr import sr_config
 from mmsr_jax.evaluation import metrics
 from mmsr_jax.data import demo
-from mmsr_jax.data import sr_examples as pipeline
 from mmsr_jax.data.simple_degradation import bicubic_upsample, simple_degrade
 from mmsr_jax.data.modalities import MODALITIES, SEG_PALETTE, canny_edges, render_map
 from mmsr_jax.data.captions import make_tokenizer
 from tests.conftest import apply_overrides
+from mmsr_jax.data import sr_examples
+from mmsr_jax.data import sources
 
 HR, SCALE, MAP, TEXT_LEN = 64, 4, 64, 32
 
 
 def _config(**overrides) -> ml_collections.ConfigDict:
-  cfg = ml_collections.ConfigDict({
-      "seed": 0,
-      "batch_size": 2,
-      "data": {"source": "demo", "hr_size": HR, "scale": SCALE, "map_size": MAP,
-               "num_workers": 0, "eval_size": 128},
-      "text": {"max_length": TEXT_LEN},
-  })
+  cfg = apply_overrides(sr_config(), {
+      "seed": 0, "batch_size": 2, "data.source": "demo", "data.hr_size": HR, "data.scale": SCALE,
+      "data.map_size": MAP, "data.num_workers": 0, "data.eval_size": 128,
+      "text.max_length": TEXT_LEN})
   return apply_overrides(cfg, overrides)
 
 
@@ -155,8 +155,8 @@ def _check_example(ex, lead=()):
 
 
 def test_training_example(tok):
-  t = pipeline.MakeTrainingExample(HR, SCALE, MAP, TEXT_LEN, tok)
-  source = pipeline.DemoSource("train")
+  t = sr_examples.MakeTrainingExample(HR, SCALE, MAP, TEXT_LEN, tok)
+  source = sources.DemoSource("train")
   for i in range(len(source)):
     rec = source[i]
     ex = t.random_map(rec, np.random.default_rng(i))
@@ -174,9 +174,9 @@ def test_training_example(tok):
 
 
 def test_loader_batches_and_determinism(tok):
-  b1 = next(iter(pipeline.make_train_loader(_config(), tok)))
-  b2 = next(iter(pipeline.make_train_loader(_config(), tok)))
-  b3 = next(iter(pipeline.make_train_loader(_config(seed=5), tok)))
+  b1 = next(iter(sr_examples.make_train_loader(_config(), tok)))
+  b2 = next(iter(sr_examples.make_train_loader(_config(), tok)))
+  b3 = next(iter(sr_examples.make_train_loader(_config(seed=5), tok)))
   _check_example(b1, lead=(2,))
   for k in b1:
     np.testing.assert_array_equal(b1[k], b2[k])
@@ -185,14 +185,14 @@ def test_loader_batches_and_determinism(tok):
 
 def test_loader_checkpoint_restore(tok, tmp_path):
   cfg = _config()
-  it = iter(pipeline.make_train_loader(cfg, tok))
+  it = iter(sr_examples.make_train_loader(cfg, tok))
   for _ in range(2):
     next(it)
   mngr = ocp.CheckpointManager(tmp_path / "ckpt")
   mngr.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
   mngr.wait_until_finished()
   expected = [next(it) for _ in range(4)]  # crosses an epoch boundary (6 records, batch 2)
-  fresh = iter(pipeline.make_train_loader(cfg, tok))
+  fresh = iter(sr_examples.make_train_loader(cfg, tok))
   restored = mngr.restore(
       2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh))).data
   mngr.close()
@@ -204,18 +204,16 @@ def test_loader_checkpoint_restore(tok, tmp_path):
 
 def test_config_errors(tok, monkeypatch):
   with pytest.raises(ValueError, match=r"config\.data\.source='nope'.*demo"):
-    pipeline.make_train_loader(_config(**{"data.source": "nope"}), tok)
-  with pytest.raises(ValueError, match=r"config\.data\.source"):
-    pipeline.make_eval_examples(_config(**{"data.source": "nope"}), tok)
-  monkeypatch.setattr(pipeline.jax, "process_count", lambda: 3)
+    schema.validate(_config(**{"data.source": "nope"}))
+  monkeypatch.setattr(sources.jax, "process_count", lambda: 3)
   with pytest.raises(ValueError, match=r"config\.batch_size=2"):
-    pipeline.make_train_loader(_config(), tok)
+    sr_examples.make_train_loader(_config(), tok)
 
 
 def test_eval_examples(tok):
   cfg = _config(**{"data.eval_size": 130})  # clamped down to a multiple of 4
-  val = pipeline.make_eval_examples(cfg, tok)
-  again = pipeline.make_eval_examples(cfg, tok)
+  val = sr_examples.make_eval_examples(cfg, tok)
+  again = sr_examples.make_eval_examples(cfg, tok)
   assert [e["name"] for e in val] == ["chelsea", "coffee"]
   for e, f in zip(val, again):
     assert e["hr"].shape == (128, 128, 3) and e["lr"].shape == (32, 32, 3)
@@ -223,7 +221,7 @@ def test_eval_examples(tok):
     assert e["caption"] == demo.CAPTIONS[e["name"]]
     for k in EXPECTED:
       np.testing.assert_array_equal(e[k], f[k])
-  train = pipeline.make_eval_examples(_config(**{"data.eval_size": 1000}), tok, split="train")
+  train = sr_examples.make_eval_examples(_config(**{"data.eval_size": 1000}), tok, split="train")
   assert len(train) == 6
   for e in train:
     side = e["hr"].shape[0]

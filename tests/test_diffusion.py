@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from mmsr_jax.diffusion import schedule as diffusion, sampler
-from mmsr_jax.models.mmsr import MMSR, Conditioner, build_model
 from mmsr_jax.data.captions import ByteTokenizer
+from mmsr_jax.models import build
+from mmsr_jax.system import dummy_inputs, frozen_params
+from mmsr_jax.models.mmsr import MMSR
 
 
 def _sched_cfg(**kw):
@@ -152,10 +154,9 @@ def test_guidance_modes_match_their_formulas(config, mode):
   the negative branch by hand for each mode and compare."""
   config.diffusion.prediction = "epsilon"
   config.sampling.clip_x0 = 0.0
-  model, cond = build_model(config), Conditioner.from_config(config)
+  model, cond = build.mmsr(config), build.conditioner(config)
   sched = diffusion.Schedule.from_config(config.diffusion)
   tok = ByteTokenizer()
-  from mmsr_jax.train import dummy_inputs
   params = model.init(jax.random.key(0), *dummy_inputs(config, cond))["params"]
   # Give the zero-initialised output layer weights, so predictions depend on the conditions.
   params = jax.tree.map(lambda x: x, params)
@@ -164,7 +165,7 @@ def test_guidance_modes_match_their_formulas(config, mode):
       jax.random.normal(jax.random.key(3), proj.value.shape) * 0.2)
   params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
                         is_leaf=lambda x: hasattr(x, "value"))
-  frozen = cond.init_params(config, jax.random.key(1))
+  frozen = frozen_params(config, cond)
   rng = np.random.default_rng(0)
   m, lr_size, L = config.data.map_size, config.data.hr_size // 4, config.text.max_length
   ex = []
@@ -178,7 +179,9 @@ def test_guidance_modes_match_their_formulas(config, mode):
                "present": np.array([True, False, True])})
   inputs = sampler.make_inputs(ex, tok, config, negative_prompt="blurry")
   w = 3.0
-  fn = sampler.make_sample_fn(model, cond, sched, steps=1, guidance=mode)
+  grid = sampler.make_grid(config, (lr_size, lr_size))
+  assert grid.num_tiles == 1
+  fn = sampler.make_sample_fn(model, cond, sched, grid, steps=1, guidance=mode)
   got = fn(params, frozen, inputs, jax.random.key(7), w, 0.0)
 
   # By hand.

@@ -21,10 +21,12 @@ from scipy.ndimage import convolve
 from scipy.special import gamma
 from skimage import data as skdata
 
-from mmsr_jax import evaluate, metric_weights
 from mmsr_jax.evaluation import metrics, niqe
 from mmsr_jax.weights import params_io
 from tests.conftest import small_config
+from mmsr_jax.training import sr_task
+from mmsr_jax.evaluation import benchmark
+from mmsr_jax.weights import metric_nets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -250,7 +252,7 @@ def test_lpips_matches_torchmetrics(monkeypatch):
           .replace("net.slice3.", "features.").replace("net.slice4.", "features.")
           .replace("net.slice5.", "features."): v.numpy()
           for k, v in ref_model.state_dict().items()}
-    params = lpips.torch_to_flax(sd, net)
+    params = metric_nets.lpips_from_torch(sd, net)
     got = np.asarray(lpips.lpips_from_uint8(params, jnp.asarray(a), jnp.asarray(b), net=net))
     assert want.min() > 1e-3
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
@@ -270,7 +272,7 @@ def test_dists_matches_torchmetrics(monkeypatch):
     want = ref_model(ta, tb).reshape(-1).numpy()
   sd = {("features." + k.split(".", 1)[1] if k.startswith("stage") else k): v.numpy()
         for k, v in ref_model.state_dict().items()}
-  params = dists.torch_to_flax(sd)
+  params = metric_nets.dists_from_torch(sd)
   got = np.asarray(dists.dists_from_uint8(params, jnp.asarray(a), jnp.asarray(b)))
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
   # Identical images: distance 0.
@@ -293,7 +295,7 @@ def test_weight_converter_reads_pth_safely_and_refuses_overwrite(tmp_path):
            for k, c in enumerate(lpips.CHANNELS["alex"])}
   torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, tmp_path / "alexnet.pth")
   torch.save({k: torch.from_numpy(v) for k, v in heads.items()}, tmp_path / "alex_heads.pth")
-  params = metric_weights.convert("lpips_alex", str(tmp_path / "alexnet.pth"),
+  params = metric_nets.convert("lpips_alex", str(tmp_path / "alexnet.pth"),
                                   str(tmp_path / "alex_heads.pth"))
   np.testing.assert_array_equal(params["params"]["net"]["features_3"]["kernel"],
                                 sd["features.3.weight"].transpose(2, 3, 1, 0))
@@ -310,7 +312,7 @@ def test_weight_converter_reads_pth_safely_and_refuses_overwrite(tmp_path):
   bad = dict(sd)
   del bad["features.8.bias"]
   with pytest.raises(ValueError, match="features.8.bias"):
-    lpips.torch_to_flax({**bad, **heads}, "alex")
+    metric_nets.lpips_from_torch({**bad, **heads}, "alex")
 
 
 # ------------------------------------------------------------------------------- evaluate CLI
@@ -343,7 +345,7 @@ def folders(tmp_path_factory):
 
 def test_evaluate_api_scores_and_structure(folders, tmp_path):
   logs = []
-  res = evaluate.evaluate(str(folders / "pred"), str(folders / "gt"), str(folders / "lr"),
+  res = benchmark.evaluate(str(folders / "pred"), str(folders / "gt"), str(folders / "lr"),
                           weights_dir=str(tmp_path / "none"), batch_size=2, log=logs.append)
   assert [r["name"] for r in res["per_image"]] == ["a", "b", "c"]
   assert res["metrics"] == ["psnr", "ssim", "niqe"]
@@ -365,9 +367,9 @@ def test_evaluate_api_scores_and_structure(folders, tmp_path):
   bic = res["baselines"]["bicubic"]
   gt_b = np.asarray(Image.open(folders / "gt" / "b.png"))
   lr_b = np.asarray(Image.open(folders / "lr" / "b.png"))
-  up = evaluate.bicubic(lr_b, gt_b.shape[:2])
+  up = benchmark.bicubic(lr_b, gt_b.shape[:2])
   assert abs(bic["per_image"][1]["psnr"] - metrics.psnr_y_np(up, gt_b)) < 1e-4
-  table = evaluate.markdown_table(res)
+  table = benchmark.markdown_table(res)
   assert table.splitlines()[0] == "| method | PSNR↑ | SSIM↑ | NIQE↓ |"
   assert table.splitlines()[2].startswith(f"| ours | {res['mean']['psnr']:.4f} |")
   assert table.splitlines()[3].startswith("| bicubic |")
@@ -379,7 +381,7 @@ def test_evaluate_with_learned_metric_weights(folders, tmp_path):
   x = jnp.zeros((1, 32, 32, 3))
   lp = lpips.LPIPS("alex").init(jax.random.key(0), x, x)
   params_io.save_params(str(wdir / "lpips_alex.safetensors"), lp)
-  res = evaluate.evaluate(str(folders / "pred"), str(folders / "gt"), weights_dir=str(wdir),
+  res = benchmark.evaluate(str(folders / "pred"), str(folders / "gt"), weights_dir=str(wdir),
                           learned_metrics=("lpips", "dists"), batch_size=3, log=lambda s: None)
   assert res["metrics"] == ["psnr", "ssim", "lpips", "niqe"]
   assert list(res["skipped"]) == ["dists"]
@@ -431,21 +433,20 @@ def test_cli_outputs_and_errors(folders, tmp_path):
   os.remove(bad / "extra.png")
   _write(str(bad / "b.png"), np.zeros((100, 192, 3), np.uint8))
   with pytest.raises(ValueError, match=r"b.png: size 100x192 but its ground truth .* 96x192"):
-    evaluate.match_pairs(str(bad), str(folders / "gt"))
+    benchmark.match_pairs(str(bad), str(folders / "gt"))
   os.remove(bad / "a.png")
   with pytest.raises(FileNotFoundError, match=r"a.png: no prediction named a.\*"):
-    evaluate.match_pairs(str(bad), str(folders / "gt"))
+    benchmark.match_pairs(str(bad), str(folders / "gt"))
 
 
 # ------------------------------------------------------------------------------ benchmark mode
 
 
 def test_benchmark_mode_end_to_end(tmp_path):
-  from mmsr_jax import train
   config = small_config(**{"num_train_steps": 1, "checkpoint_every": 1, "log_every": 1,
                            "sampling.steps": 2, "sampling.strength": 1.0})
   workdir = str(tmp_path / "run")
-  train.train(config, workdir, devices=jax.devices()[:1], write_report=False)
+  sr_task.train(config, workdir, devices=jax.devices()[:1], write_report=False)
   bench = tmp_path / "bench"
   src = skdata.astronaut()
   import cv2
@@ -455,7 +456,7 @@ def test_benchmark_mode_end_to_end(tmp_path):
     _write(str(bench / "test_LR" / f"img{i}.png"),
            cv2.resize(gt, (16, 12), interpolation=cv2.INTER_AREA))
   out = tmp_path / "out"
-  res = evaluate.run_benchmark(str(bench), workdir, str(out), log=lambda s: None,
+  res = benchmark.run_benchmark(str(bench), workdir, str(out), log=lambda s: None,
                                weights_dir=str(tmp_path / "none"))
   assert sorted(os.listdir(out)) == ["img0.png", "img1.png"]
   for r in res["per_image"]:
@@ -467,9 +468,9 @@ def test_benchmark_mode_end_to_end(tmp_path):
   assert set(res["baselines"]) == {"bicubic"} and res["benchmark"]["sr_seconds"] > 0
   # Outputs exist now: a second run refuses before loading the model.
   with pytest.raises(FileExistsError, match="img0.png exists"):
-    evaluate.run_benchmark(str(bench), workdir, str(out), log=lambda s: None)
+    benchmark.run_benchmark(str(bench), workdir, str(out), log=lambda s: None)
   with pytest.raises(NotADirectoryError, match="test_LR"):
-    evaluate.run_benchmark(str(tmp_path), workdir, str(tmp_path / "o2"))
+    benchmark.run_benchmark(str(tmp_path), workdir, str(tmp_path / "o2"))
 
 
 # ------------------------------------------------------------------------------------------ FID
@@ -614,8 +615,8 @@ def test_fid_inception_parity_and_evaluate(tmp_path):
     want = net(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255).numpy()
   sd = {k: v.numpy() for k, v in net.state_dict().items()}
   wdir = tmp_path / "w"
-  params_io.save_params(str(wdir / "fid_inception_v3.safetensors"), inception.torch_to_flax(sd))
-  feats = evaluate.load_learned(str(wdir), ("fid",), log=print)["fid"]
+  params_io.save_params(str(wdir / "fid_inception_v3.safetensors"), metric_nets.inception_from_torch(sd))
+  feats = benchmark.load_learned(str(wdir), ("fid",), log=print)["fid"]
   got = np.asarray(feats(jnp.asarray(imgs)))
   assert got.shape == (3, 2048)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
@@ -623,14 +624,14 @@ def test_fid_inception_parity_and_evaluate(tmp_path):
   for i in range(3):
     _write(str(tmp_path / "pred" / f"{i}.png"), imgs[i])
     _write(str(tmp_path / "gt" / f"{i}.png"), gts[i])
-  res = evaluate.evaluate(str(tmp_path / "pred"), str(tmp_path / "gt"), weights_dir=str(wdir),
+  res = benchmark.evaluate(str(tmp_path / "pred"), str(tmp_path / "gt"), weights_dir=str(wdir),
                           learned_metrics=("fid",), log=lambda s: None)
   assert res["metrics"] == ["psnr", "ssim", "niqe", "fid"]
   want_fid = inception.fid_from_features(got, np.asarray(feats(jnp.asarray(gts))))
   assert want_fid > 0 and abs(res["mean"]["fid"] - want_fid) < 1e-6 * want_fid
   assert "fid" not in res["per_image"][0]
   with pytest.raises(ValueError, match="Mixed_7c.branch_pool.bn.running_var"):
-    inception.torch_to_flax({k: v for k, v in sd.items()
+    metric_nets.inception_from_torch({k: v for k, v in sd.items()
                              if k != "Mixed_7c.branch_pool.bn.running_var"})
 
 

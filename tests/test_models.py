@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 
 from mmsr_jax.models import autoencoder, context, dit, layers
-from mmsr_jax.models.mmsr import MMSR, Conditioner, build_model
-from mmsr_jax.train import dummy_inputs
+from mmsr_jax.config import sr as sr_schema
+from mmsr_jax.models import build
+from mmsr_jax.system import dummy_inputs, frozen_params
+from mmsr_jax.models.mmsr import MMSR
+from mmsr_jax.formats.records import MODALITIES
 
 
 def test_pixel_autoencoder_is_exact_and_shaped():
@@ -66,7 +69,7 @@ def test_context_shapes_and_params():
   out = mod.apply(params, *inputs)
   assert out.shape == (2, 4, 32) and out.dtype == jnp.float32
   p = params["params"]
-  for name in context.SPATIAL_MODALITIES:
+  for name in MODALITIES:
     assert p[f"{name}_null"].value.shape == (4, 32)  # one null vector per token position
     assert p[f"{name}_embed"]["embedding"].value.shape == (16, 32)
   assert p["latents"].value.shape == (4, 32)
@@ -123,15 +126,15 @@ def test_low_temperature_moves_attention_mass_to_that_modality():
 
 
 def test_mmsr_shapes_from_config(config):
-  model = build_model(config)
-  cond = Conditioner.from_config(config)
+  model = build.mmsr(config)
+  cond = build.conditioner(config)
   inputs = dummy_inputs(config, cond, batch=2)
   params = model.init(jax.random.key(0), *inputs)
   out = model.apply(params, *inputs)
   assert out.shape == inputs[0].shape == (2, 8, 8, 48)
   ctx = model.apply(params, *inputs[3:], method=MMSR.encode_context)
   assert ctx.shape == (2, config.model.context_latents, config.model.width)
-  frozen = cond.init_params(config, jax.random.key(1))
+  frozen = frozen_params(config, cond)
   maps = jnp.zeros((2, 3, config.data.map_size, config.data.map_size, 3))
   ids = cond.modality_ids(frozen, maps)
   assert ids.shape == (2, 3, 4, 4) and ids.dtype == jnp.int32
@@ -145,15 +148,15 @@ def test_mmsr_shapes_from_config(config):
 def test_bad_sizes_are_named(config):
   config.data.hr_size = 36  # 9px latent, patch 2
   with pytest.raises(ValueError, match="config.data.hr_size=36"):
-    build_model(config)
+    sr_schema.validate(config)
 
 
 @pytest.mark.parametrize("residual", [False, True])
 def test_diffusion_target_round_trips(config, residual):
   config.diffusion.residual = residual
   config.diffusion.residual_scale = 4.0
-  cond = Conditioner.from_config(config)
-  frozen = cond.init_params(config, jax.random.key(0))
+  cond = build.conditioner(config)
+  frozen = frozen_params(config, cond)
   k = jax.random.split(jax.random.key(1))
   hr = jax.random.uniform(k[0], (2, 32, 32, 3), minval=-1, maxval=1)
   lr = jax.random.uniform(k[1], (2, 8, 8, 3), minval=-1, maxval=1)

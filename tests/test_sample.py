@@ -18,10 +18,14 @@ import pytest
 from PIL import Image, ImageOps
 
 from mmsr_jax.data import images as image_io
-from mmsr_jax.diffusion import sampler, tiling
-from mmsr_jax.data import sr_examples as pipeline
-from mmsr_jax.sample import SuperResolver, parse_temperature, read_map
 from tests.conftest import save_random_run, small_config
+from mmsr_jax.data import sr_examples
+from mmsr_jax.diffusion import tiles
+from mmsr_jax.diffusion import sampler
+from mmsr_jax.training.optimizer import TrainState
+from mmsr_jax.inference.super_resolver import SuperResolver
+from mmsr_jax.inference.super_resolver import parse_temperature
+from mmsr_jax.inference.super_resolver import read_map
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 2
@@ -35,7 +39,8 @@ def run(tmp_path_factory):
   trainer, state = save_random_run(path, config, devices=jax.devices(), seed=7)
   # The resolver from_workdir would build (restoring onto the same 8-device shardings); built
   # directly from this trainer to save a second compilation of the frozen encoders' init.
-  resolver = SuperResolver(config, state.ema_params, trainer, step=1, workdir=path)
+  resolver = SuperResolver(trainer.system, state.ema_params, trainer.frozen, step=1,
+                           workdir=path)
   assert resolver.mesh.devices.size == 8
   return path, resolver
 
@@ -151,7 +156,7 @@ def test_exif_orientation_matches_pillow():
 
 
 def test_tile_weights_are_a_smooth_partition_of_unity():
-  grid = tiling.TileGrid((40, 26), tile=8, overlap=2, align=2)
+  grid = tiles.TileGrid((40, 26), tile=8, overlap=2, align=2)
   assert grid.rows[0] == 0 and grid.rows[-1] == 32 and grid.cols[-1] == 18
   assert all(r % 2 == 0 for r in grid.rows + grid.cols)
   w = grid.weights()
@@ -164,46 +169,41 @@ def test_tile_weights_are_a_smooth_partition_of_unity():
   # The KL VAE's sequential tiles (encode: unit_in 8 -> 1; decode: 1 -> 8) blend back exactly.
   up = lambda t: jax.numpy.repeat(jax.numpy.repeat(t, 3, 1), 3, 2)  # noqa: E731
   z = jax.random.normal(jax.random.key(1), (1, 150, 70, 4))
-  np.testing.assert_allclose(tiling.vae_tiled(up, z, unit_in=1, unit_out=3), up(z), atol=1e-6)
+  np.testing.assert_allclose(tiles.vae_tiled(up, z, unit_in=1, unit_out=3), up(z), atol=1e-6)
   # Output tiles sit exactly x unit_out where the input tiles are, also where spreading tiles
   # evenly over the output size would round differently (0, 17, 35, 52 instead of 0, 16, 36, 52).
-  small = tiling.TileGrid((21, 17), tile=8, overlap=3)
+  small = tiles.TileGrid((21, 17), tile=8, overlap=3)
   assert small.rows == [0, 4, 9, 13] and small.scaled(4).rows == [0, 16, 36, 52]
   up4 = lambda t: jax.numpy.repeat(jax.numpy.repeat(t, 4, 1), 4, 2)  # noqa: E731
   z = jax.random.normal(jax.random.key(2), (1, 21, 17, 4))
-  np.testing.assert_allclose(tiling.vae_tiled(up4, z, unit_in=1, unit_out=4, tile=8, overlap=3),
+  np.testing.assert_allclose(tiles.vae_tiled(up4, z, unit_in=1, unit_out=4, tile=8, overlap=3),
                              up4(z), atol=1e-6)
-  one = tiling.TileGrid((6, 8), tile=8, overlap=2, align=2)
+  one = tiles.TileGrid((6, 8), tile=8, overlap=2, align=2)
   assert one.num_tiles == 1 and (one.weights() == 1.0).all()
 
 
-@pytest.mark.parametrize("guidance,scale,meshes", [
-    ("mcfg", 2.0, (False, True)), ("cfg", 3.0, (False,)), ("none", 0.0, (False,))])
-def test_one_tile_tiled_equals_untiled(sr, guidance, scale, meshes):
-  """Tolerance: exactly equal without a mesh; <= 1e-6 (fp32 round-off of the tile batch padded
-  to 8 devices; measured 6e-8) with the batch split over 8 devices."""
+@pytest.mark.parametrize("guidance,scale", [("mcfg", 2.0), ("cfg", 3.0), ("none", 0.0)])
+def test_sampler_split_over_devices_equals_one_device(sr, guidance, scale):
+  """The one sampler with its tile batch split over 8 devices equals it unsplit, <= 1e-6 (fp32
+  round-off of the batch padded to 8 devices; measured 6e-8)."""
   lr = np.random.default_rng(2).random((8, 6, 3)).astype(np.float32)
-  t = sr._t
-  ex = pipeline.conditioning_example(lr, {}, "a cat", map_size=sr.config.data.map_size,
-                                     text_len=sr.config.text.max_length, tokenizer=t.tokenizer)
+  t = sr.system
+  ex = sr_examples.conditioning_example(lr, {}, "a cat", map_size=sr.config.data.map_size,
+                                        text_len=sr.config.text.max_length,
+                                        tokenizer=t.tokenizer)
   kw = dict(steps=3, guidance=guidance, spacing=sr.config.sampling.spacing,
             clip_x0=sr.config.sampling.clip_x0, strength=0.5)
-  untiled = sampler.make_sample_fn(t.model, t.conditioner, t.schedule, **kw)
-  inputs = sampler.make_inputs([ex], t.tokenizer, sr.config, temperature={"depth": 0.5})
-  want = np.asarray(untiled(sr.params, sr.frozen, inputs, jax.random.key(3), scale, 0.5))
-  grid = tiling.make_grid(sr.config, (8, 6))
+  grid = sampler.make_grid(sr.config, (8, 6))
   assert grid.num_tiles == 1
-  tiled_inputs = tiling.make_tiled_inputs([ex], (lr * 2 - 1)[None], 1, t.tokenizer, sr.config,
-                                          temperature={"depth": 0.5})
-  for sharded in meshes:
-    mesh, atol = (sr.mesh, 1e-6) if sharded else (None, 0.0)
-    fn = tiling.make_tiled_sample_fn(t.model, t.conditioner, t.schedule, grid, mesh=mesh, **kw)
-    got = np.asarray(fn(sr.params, sr.frozen, tiled_inputs, jax.random.key(3), scale, 0.5))
-    np.testing.assert_allclose(got, want, atol=atol, rtol=0)
-  assert np.abs(want).max() > 0.1
+  inputs = sampler.make_inputs([ex], t.tokenizer, sr.config, temperature={"depth": 0.5})
+  outs = [np.asarray(sampler.make_sample_fn(t.model, t.conditioner, t.schedule, grid,
+                                            mesh=mesh, **kw)(
+      sr.params, sr.frozen, inputs, jax.random.key(3), scale, 0.5)) for mesh in (None, sr.mesh)]
+  np.testing.assert_allclose(outs[1], outs[0], atol=1e-6, rtol=0)
+  assert np.abs(outs[0]).max() > 0.1
 
 
-def _border_ratio(out: np.ndarray, grid: tiling.TileGrid, f: int, patch: int) -> float:
+def _border_ratio(out: np.ndarray, grid: tiles.TileGrid, f: int, patch: int) -> float:
   """Largest mean |gradient| across a tile border (in either direction) / the median across the
   other denoiser-patch boundaries (every ``f * patch`` output pixels). Tile borders lie on patch
   boundaries, and a DiT's output differs a little from patch to patch everywhere, so those are the
@@ -229,7 +229,7 @@ def test_tiled_output_of_a_smooth_image_has_no_seam(sr):
   patch grid: see _border_ratio. With the trained tiny config on a 64x64 input, 25 tiles: 1.085.)"""
   img = _smooth(32)
   out = sr(img, caption="smooth", steps=4, strength=0.2)
-  grid = tiling.make_grid(sr.config, (32, 32))
+  grid = sampler.make_grid(sr.config, (32, 32))
   assert grid.num_tiles == 25
   f, p = sr.config.autoencoder.factor, sr.config.model.patch_size
   tiled = _border_ratio(out, grid, f, p)
@@ -238,7 +238,7 @@ def test_tiled_output_of_a_smooth_image_has_no_seam(sr):
     for c in range(0, 32, 8):
       pasted[4 * r:4 * r + 32, 4 * c:4 * c + 32] = sr(img[r:r + 8, c:c + 8], caption="smooth",
                                                       steps=4, strength=0.2)
-  hard = _border_ratio(pasted, tiling.make_grid(sr.config, (32, 32), overlap=0), f, p)
+  hard = _border_ratio(pasted, sampler.make_grid(sr.config, (32, 32), overlap=0), f, p)
   print(f"border gradient ratio: tiled {tiled:.3f}, pasted {hard:.3f}")
   assert tiled < 1.4, tiled  # measured 1.275
   assert hard > 1.8, hard  # measured 2.46
@@ -275,7 +275,7 @@ def test_text_encoder_on_host_matches_and_caches_states(sr):
   """``text_device='cpu'``: the T5 weights are committed to the host CPU device and are not part
   of what the jitted sampler receives (DiT / VQ weights stay on the 8-device mesh); the output
   equals the in-sampler text encoder's to 1e-6; each distinct token row is encoded once."""
-  host = SuperResolver(sr.config, sr.params, sr._t, step=1, text_device="cpu")
+  host = SuperResolver(sr.system, sr.params, dict(sr.frozen), step=1, text_device="cpu")
   assert sr.text_device == "accelerator"  # "auto" on a CPU backend keeps the default path
   assert host.text_device == "cpu" and host.frozen["text"] == {}
   cpu0 = jax.devices("cpu")[0]
@@ -299,7 +299,7 @@ def test_text_encoder_on_host_matches_and_caches_states(sr):
   host.upscale(pic, **dict(kw, guidance="cfg", caption="another"))  # new caption; empty negative
   assert (host.text_cache_misses, host.text_cache_hits) == (4, 2)
   with pytest.raises(ValueError, match="text_device='gpu'"):
-    SuperResolver(sr.config, sr.params, sr._t, text_device="gpu")
+    SuperResolver(sr.system, sr.params, sr.frozen, text_device="gpu")
 
 
 # --- The command line.
@@ -385,7 +385,6 @@ def test_sampling_restores_only_the_ema_weights(tmp_path):
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
   from mmsr_jax.runtime import checkpoint as ckpt_lib
-  from mmsr_jax.train import TrainState
   ema = {"w": jnp.arange(32.0).reshape(8, 4), "b": jnp.full((3,), 2.0)}
   state = TrainState(step=jnp.int32(5), params=jax.tree.map(lambda a: a + 100.0, ema),
                      opt_state=({"mu": jnp.zeros((8, 4))},), ema_params=ema)

@@ -16,12 +16,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mmsr_jax.config import schema
 from mmsr_jax.runtime import checkpoint as ckpt_lib
-from mmsr_jax import train
 from mmsr_jax.runtime import distributed, sharding
 from mmsr_jax.training import flops, loop
-from mmsr_jax.data import sr_examples as pipeline
 from tests.conftest import small_config
+from mmsr_jax.training import sr_task
+from mmsr_jax.data import sr_examples
+from mmsr_jax.models import build
+from mmsr_jax.data.captions import make_tokenizer
+from mmsr_jax.system import dummy_inputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,7 +52,7 @@ def test_mesh_shape_from_config():
   assert sharding.mesh_shape(c, 8) == (1, 4, 2)
   c.mesh.data, c.mesh.fsdp = -1, -1
   with pytest.raises(ValueError, match="only one axis may be -1"):
-    sharding.mesh_shape(c, 8)
+    schema.validate(c)
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 1
   with pytest.raises(ValueError, match="needs 4 devices but 8"):
     sharding.mesh_shape(c, 8)
@@ -60,9 +64,9 @@ def test_mesh_shape_from_config():
 def test_every_parameter_has_logical_axes_and_fsdp_shards_it():
   c = small_config()
   c.mesh.data, c.mesh.fsdp = 1, 8
-  model = train.build_model(c)
-  cond = train.Conditioner.from_config(c)
-  boxed = jax.eval_shape(lambda r: model.init(r, *train.dummy_inputs(c, cond))["params"],
+  model = build.mmsr(c)
+  cond = build.conditioner(c)
+  boxed = jax.eval_shape(lambda r: model.init(r, *dummy_inputs(c, cond))["params"],
                          jax.random.key(0))
   mesh = sharding.make_mesh(c, jax.devices())
   shardings = sharding.param_shardings(boxed, mesh)  # raises on a parameter without names
@@ -84,13 +88,13 @@ def nn_unbox(tree):
 
 def test_fsdp_step_on_8_devices_equals_the_single_device_step(config):
   """Pure FSDP (1 x 8 x 1) and all three axes (data 2 x fsdp 2 x tensor 2) against 1 device."""
-  batch = next(iter(pipeline.make_train_loader(config, train.make_tokenizer("byte"))))
+  batch = next(iter(sr_examples.make_train_loader(config, make_tokenizer("byte"))))
   results = {}
   w = config.model.width
   for n, shape, shard in ((8, (1, 8, 1), (w // 8, 4 * w)), (8, (2, 2, 2), (w // 2, 2 * w)),
                           (1, (1, 1, 1), (w, 4 * w))):
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
-    trainer = train.Trainer(config, "/unused", devices=jax.devices()[:n])
+    trainer = sr_task.SRTask(config, "/unused", devices=jax.devices()[:n])
     state = trainer.init_state()
     # Parameters, Adam moments and EMA are created split, never whole on one device.
     for tree in (state.params, state.opt_state[1][0].mu, state.ema_params):
@@ -140,10 +144,10 @@ def test_checkpoint_of_8_devices_restores_onto_2_and_observability(tmp_path):
                     peak_flops=1e9)
   c8.mesh.data, c8.mesh.fsdp = 2, 4
   c8.profile.start_step, c8.profile.num_steps = 2, 1
-  saved = train.train(c8, workdir, devices=jax.devices(), write_report=False)
+  saved = sr_task.train(c8, workdir, devices=jax.devices(), write_report=False)
   saved_params = jax.device_get(saved.params)
   # The data position after 3 steps, as an uninterrupted loader would have it.
-  it = iter(pipeline.make_train_loader(c8, train.make_tokenizer("byte")))
+  it = iter(sr_examples.make_train_loader(c8, make_tokenizer("byte")))
   for _ in range(3):
     next(it)
   saved_data_state = it.get_state()
@@ -168,7 +172,7 @@ def test_checkpoint_of_8_devices_restores_onto_2_and_observability(tmp_path):
   for fsdp, tensor in ((2, 1), (1, 2)):
     c2 = small_config()
     c2.mesh.data, c2.mesh.fsdp, c2.mesh.tensor = 1, fsdp, tensor
-    trainer = train.Trainer(c2, workdir, devices=jax.devices()[:2])
+    trainer = sr_task.SRTask(c2, workdir, devices=jax.devices()[:2])
     ckpt = ckpt_lib.Checkpointer(workdir, create=False)
     data_iter = iter(trainer.make_loader())
     restored = ckpt.restore(3, trainer.abstract_with_shardings(), data_iter)
@@ -184,7 +188,7 @@ def test_checkpoint_of_8_devices_restores_onto_2_and_observability(tmp_path):
 
 
 # --- Faults ---------------------------------------------------------------------------------------
-class _PoisonAt(train.Trainer):
+class _PoisonAt(sr_task.SRTask):
   """Feeds a NaN image at one step (counted from the start of this run)."""
 
   poison_step = 5
@@ -204,7 +208,7 @@ def test_injected_nan_stops_the_run_and_a_corrupt_checkpoint_is_an_error(config,
     loop.run(_PoisonAt(config, workdir, jax.devices()[:1]), workdir, write_report=False)
   ckpt = ckpt_lib.Checkpointer(workdir, create=False)
   assert ckpt.manager.all_steps() == [3]  # the last good one is kept, nothing after it
-  trainer = train.Trainer(config, workdir, devices=jax.devices()[:1])
+  trainer = sr_task.SRTask(config, workdir, devices=jax.devices()[:1])
   good = ckpt.restore(3, trainer.abstract_with_shardings())
   ckpt.close()
   assert int(good.step) == 3
@@ -217,7 +221,7 @@ def test_injected_nan_stops_the_run_and_a_corrupt_checkpoint_is_an_error(config,
   with open(biggest, "r+b") as f:
     f.truncate(os.path.getsize(biggest) // 2)
   with pytest.raises(RuntimeError, match=r"checkpoints/3 could not be restored"):
-    train.train(config, workdir, devices=jax.devices()[:1], write_report=False)
+    sr_task.train(config, workdir, devices=jax.devices()[:1], write_report=False)
 
 
 def test_sigterm_saves_exits_0_and_the_restart_matches_an_uninterrupted_run(tmp_path):
@@ -273,7 +277,7 @@ def _per_process_batches(config, num_processes: int, steps: int):
   try:
     for i in range(num_processes):
       jax.process_index, jax.process_count = (lambda i=i: i), (lambda: num_processes)
-      loaders.append(iter(pipeline.make_train_loader(config, train.make_tokenizer("byte"))))
+      loaders.append(iter(sr_examples.make_train_loader(config, make_tokenizer("byte"))))
   finally:
     jax.process_index, jax.process_count = real
   return [jax.tree.map(lambda *xs: np.concatenate(xs), *[next(it) for it in loaders])
@@ -304,7 +308,7 @@ def test_two_processes_over_gloo_equal_one_process(tmp_path):
   # One process, 4 devices, the same mesh and the same global batches.
   config = small_config(num_train_steps=5)
   config.mesh.data, config.mesh.fsdp = 2, 2
-  trainer = train.Trainer(config, "/unused", devices=jax.devices()[:4])
+  trainer = sr_task.SRTask(config, "/unused", devices=jax.devices()[:4])
   state = trainer.init_state()
   for batch in _per_process_batches(config, 2, 5):
     state, _ = trainer.train_step(state, trainer.frozen, sharding.global_batch(batch, trainer.mesh))
@@ -340,9 +344,9 @@ def test_analytic_flops_match_xla_cost_analysis():
   also counts element-wise work, hence the tolerance)."""
   c = small_config(**{"model.width": 256, "model.num_heads": 4, "model.context_heads": 4,
                       "data.hr_size": 64, "model.context_latents": 32})
-  model = train.build_model(c)
-  cond = train.Conditioner.from_config(c)
-  inputs = train.dummy_inputs(c, cond, batch=2)
+  model = build.mmsr(c)
+  cond = build.conditioner(c)
+  inputs = dummy_inputs(c, cond, batch=2)
   params = jax.eval_shape(lambda r: nn_unbox(model.init(r, *inputs)["params"]), jax.random.key(0))
   cost = jax.jit(lambda p, *x: model.apply({"params": p}, *x)).lower(params, *inputs).compile()
   cost = cost.cost_analysis()

@@ -17,23 +17,23 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
+from mmsr_jax.config import schema
+from mmsr_jax.config.sr import sr_config
 from mmsr_jax.data import sources
-from mmsr_jax.data import sr_examples as pipeline
 from mmsr_jax.data.captions import make_tokenizer
 from tests.conftest import apply_overrides
+from mmsr_jax.data import sr_examples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIDE, HR = 40, 32
 
 
 def _config(path, **overrides) -> ml_collections.ConfigDict:
-  cfg = ml_collections.ConfigDict({
-      "seed": 0, "batch_size": 2,
-      "data": {"source": "folder", "path": str(path), "hr_size": HR, "scale": 4, "map_size": 16,
-               "num_workers": 0, "eval_size": 32, "min_image_size": 16,
-               "max_bad_fraction": 0.5, "degradation": "simple", "prefetch": 2},
-      "text": {"max_length": 16},
-  })
+  cfg = apply_overrides(sr_config(), {
+      "seed": 0, "batch_size": 2, "data.source": "folder", "data.path": str(path),
+      "data.hr_size": HR, "data.scale": 4, "data.map_size": 16, "data.num_workers": 0,
+      "data.eval_size": 32, "data.min_image_size": 16, "data.max_bad_fraction": 0.5,
+      "data.degradation": "simple", "data.prefetch": 2, "text.max_length": 16})
   return apply_overrides(cfg, overrides)
 
 
@@ -105,7 +105,7 @@ def _write_bad(root) -> list[str]:
 def test_bad_files_skipped_counted_logged(tmp_path, tok, caplog):
   _write_images(tmp_path, 8)
   bad = _write_bad(tmp_path)
-  checked = pipeline.make_source(_config(tmp_path))
+  checked = sources.make_source(_config(tmp_path))
   assert isinstance(checked, sources.CheckedSource) and len(checked) == 11
   with caplog.at_level(logging.WARNING):
     recs = [checked[i] for i in range(len(checked))]
@@ -117,7 +117,7 @@ def test_bad_files_skipped_counted_logged(tmp_path, tok, caplog):
   assert "truncated" in caplog.text or "cannot decode" in caplog.text
   assert "too small: 8x8" in caplog.text
   # Through the loader: one epoch of good images only (8 per epoch, batch 2 -> 4 batches).
-  it = iter(pipeline.make_train_loader(_config(tmp_path), tok))
+  it = iter(sr_examples.make_train_loader(_config(tmp_path), tok))
   seen = [i for _ in range(4) for i in _ids(next(it))]
   assert sorted(seen) == list(range(8))
 
@@ -125,14 +125,14 @@ def test_bad_files_skipped_counted_logged(tmp_path, tok, caplog):
 def test_too_many_bad_files_stop(tmp_path, tok):
   _write_images(tmp_path, 3)
   _write_bad(tmp_path)
-  it = iter(pipeline.make_train_loader(_config(tmp_path, **{"data.max_bad_fraction": 0.1}), tok))
+  it = iter(sr_examples.make_train_loader(_config(tmp_path, **{"data.max_bad_fraction": 0.1}), tok))
   with pytest.raises(ValueError, match=r"images read so far are bad .*max_bad_fraction"):
     for _ in range(6):
       next(it)
   with pytest.raises(ValueError, match=r"max_bad_fraction=2"):
-    pipeline.make_source(_config(tmp_path, **{"data.max_bad_fraction": 2.0}))
-  with pytest.raises(ValueError, match=r"config\.data\.path is empty"):
-    pipeline.make_source(_config(""))
+    schema.validate(_config(tmp_path, **{"data.max_bad_fraction": 2.0}))
+  with pytest.raises(ValueError, match=r"config\.data\.path='': expected a path"):
+    schema.validate(_config(""))
 
 
 def test_tfds_source_through_data_source(tok):
@@ -146,8 +146,8 @@ def test_tfds_source_through_data_source(tok):
     return data
   with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, as_data_source_fn=fake):
     cfg = _config("div2k", **{"data.source": "tfds", "data.tfds_split": "validation"})
-    src = pipeline.make_source(cfg)
-    it = iter(pipeline.make_train_loader(cfg, tok))
+    src = sources.make_source(cfg)
+    it = iter(sr_examples.make_train_loader(cfg, tok))
     seen = [i for _ in range(3) for i in _ids(next(it))]
   assert ("div2k", "validation") in calls
   assert src.inner.image_key == "hr" and len(src) == 6
@@ -162,10 +162,10 @@ _SHARD_SCRIPT = textwrap.dedent("""
     jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
                                process_id=int(sys.argv[2]))
     from tests.test_sources import _config, _ids
-    from mmsr_jax.data import sr_examples as pipeline
+    from mmsr_jax.data import sr_examples
     from mmsr_jax.data.captions import make_tokenizer
     cfg = _config(sys.argv[3], batch_size=4)
-    it = iter(pipeline.make_train_loader(cfg, make_tokenizer("byte")))
+    it = iter(sr_examples.make_train_loader(cfg, make_tokenizer("byte")))
     ids = [i for _ in range(int(sys.argv[4])) for i in _ids(next(it))]
     print("IDS", json.dumps([jax.process_index(), jax.process_count(), ids]))
 """)
@@ -206,8 +206,8 @@ def test_realesrgan_loader_resume(tmp_path, tok, prefetch):
   _write_images(tmp_path / "imgs", 5)
   cfg = _config(tmp_path / "imgs", **{"data.degradation": "realesrgan",
                                        "data.prefetch": prefetch})
-  loader = pipeline.make_train_loader(cfg, tok)
-  assert isinstance(loader, pipeline.DegradedLoader)
+  loader = sr_examples.make_train_loader(cfg, tok)
+  assert isinstance(loader, sr_examples.DegradedLoader)
   it = iter(loader)
   first = next(it)
   assert first["lr"].shape == (2, HR // 4, HR // 4, 3)
@@ -220,7 +220,7 @@ def test_realesrgan_loader_resume(tmp_path, tok, prefetch):
   mngr.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
   mngr.wait_until_finished()
   expected = [next(it) for _ in range(3)]  # crosses the epoch boundary (5 records)
-  fresh = iter(pipeline.make_train_loader(cfg, tok))
+  fresh = iter(sr_examples.make_train_loader(cfg, tok))
   next(fresh)  # a started iterator (its prefetch running) is reset by the restore
   restored = mngr.restore(
       2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh))).data
@@ -238,8 +238,8 @@ def test_eval_examples_from_folder_with_realesrgan(tmp_path, tok):
   _write_images(tmp_path / "val", 2)
   cfg = _config(tmp_path / "imgs", **{"data.degradation": "seesr",
                                        "data.eval_path": str(tmp_path / "val")})
-  ex = pipeline.make_eval_examples(cfg, tok)
-  again = pipeline.make_eval_examples(cfg, tok)
+  ex = sr_examples.make_eval_examples(cfg, tok)
+  again = sr_examples.make_eval_examples(cfg, tok)
   assert [e["name"] for e in ex] == ["0000/0000.jpg", "0000/0001.png"]
   for a, b in zip(ex, again):
     assert a["hr"].shape == (32, 32, 3) and a["lr"].shape == (8, 8, 3)
@@ -247,4 +247,4 @@ def test_eval_examples_from_folder_with_realesrgan(tmp_path, tok):
       np.testing.assert_array_equal(a[k], b[k])
   assert not np.array_equal(ex[0]["lr"][..., 1], ex[1]["lr"][..., 1])  # per-name seeds
   with pytest.raises(ValueError, match="config.data.degradation='x'"):
-    pipeline.make_eval_examples(_config(tmp_path, **{"data.degradation": "x"}), tok)
+    schema.validate(_config(tmp_path, **{"data.degradation": "x"}))

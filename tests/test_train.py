@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmsr_jax import train
 from mmsr_jax.runtime import sharding
-from mmsr_jax.data import sr_examples as pipeline
 from tests.conftest import small_config
+from mmsr_jax.training import sr_task
+from mmsr_jax.data import sr_examples
+from mmsr_jax.data.captions import make_tokenizer
+from mmsr_jax.inference.super_resolver import SuperResolver
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,10 +36,10 @@ def _assert_trees_close(a, b, atol):
 
 def test_resume_continues_exactly(config, tmp_path):
   devices = jax.devices()[:2]
-  straight = train.train(config, str(tmp_path / "a"), devices=devices, write_report=False)
-  first = train.train(config, str(tmp_path / "b"), devices=devices, stop_at=4, write_report=False)
+  straight = sr_task.train(config, str(tmp_path / "a"), devices=devices, write_report=False)
+  first = sr_task.train(config, str(tmp_path / "b"), devices=devices, stop_at=4, write_report=False)
   assert int(first.step) == 4
-  resumed = train.train(config, str(tmp_path / "b"), devices=devices, write_report=False)
+  resumed = sr_task.train(config, str(tmp_path / "b"), devices=devices, write_report=False)
   assert int(resumed.step) == int(straight.step) == config.num_train_steps
   _assert_trees_close(_params(resumed), _params(straight), atol=0)
   _assert_trees_close(jax.device_get(resumed.opt_state), jax.device_get(straight.opt_state), atol=0)
@@ -46,16 +48,15 @@ def test_resume_continues_exactly(config, tmp_path):
 
 
 def test_resume_refuses_an_incompatible_config(config, tmp_path):
-  train.train(config, str(tmp_path), devices=jax.devices()[:1], stop_at=1, write_report=False)
+  sr_task.train(config, str(tmp_path), devices=jax.devices()[:1], stop_at=1, write_report=False)
   config.model.width = 32
   with pytest.raises(ValueError, match="model.width"):
-    train.train(config, str(tmp_path), devices=jax.devices()[:1], write_report=False)
+    sr_task.train(config, str(tmp_path), devices=jax.devices()[:1], write_report=False)
 
 
 def test_end_to_end_train_report_and_sample(config, tmp_path):
-  from mmsr_jax.sample import SuperResolver
   workdir = str(tmp_path / "run")
-  train.train(config, workdir, devices=jax.devices()[:1])
+  sr_task.train(config, workdir, devices=jax.devices()[:1])
   report = json.load(open(os.path.join(workdir, "report.json")))
   for key in ("first_train_loss", "final_train_loss", "psnr_sr", "ssim_sr", "psnr_bicubic",
               "ssim_bicubic"):
@@ -126,13 +127,13 @@ def test_cli_errors_are_one_clear_line(tmp_path):
 def test_condition_dropout_selects_the_null_blocks(config):
   """With modality dropout 1 every map is replaced by its null block, so the maps no longer
   change the loss; with dropout 0 they do."""
-  batch = next(iter(pipeline.make_train_loader(config, train.make_tokenizer("byte"))))
+  batch = next(iter(sr_examples.make_train_loader(config, make_tokenizer("byte"))))
   changed = dict(batch, edge=-batch["edge"], depth=np.ones_like(batch["depth"]),
                  present=np.ones_like(batch["present"]))
   losses = {}
   for p in (1.0, 0.0):
     config.cond_dropout.modality = p
-    trainer = train.Trainer(config, "/unused", devices=jax.devices()[:1])
+    trainer = sr_task.SRTask(config, "/unused", devices=jax.devices()[:1])
     # Two steps first (the first has lr 0 under warm-up): the zero-initialised output layer
     # ignores every input at init.
     state = trainer.init_state()

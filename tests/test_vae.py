@@ -10,8 +10,10 @@ import pytest
 
 from mmsr_jax.weights import params_io
 from mmsr_jax.models import autoencoder as ae_lib
-from mmsr_jax.models import vae as vae_lib
 from mmsr_jax.models.vae import AutoencoderKL, VAEConfig
+from mmsr_jax.diffusion import tiles
+from mmsr_jax.weights import importers
+from mmsr_jax.models import build
 
 
 def _image(shape, seed: int = 0) -> np.ndarray:
@@ -32,7 +34,7 @@ def _vae_cfg(params: str = "") -> ml_collections.ConfigDict:
 @pytest.fixture(scope="module")
 def tiny_vae():
   """(autoencoder, config, module, variables, jitted encode, jitted decode); random init."""
-  ae = ae_lib.make_autoencoder(_vae_cfg())
+  ae = build.autoencoder(_vae_cfg())
   cfg = ae.config
   model = AutoencoderKL(cfg)
   variables = {"params": ae.init_params(jax.random.key(0))}
@@ -44,7 +46,7 @@ def tiny_vae():
 def test_default_config_matches_sd_vae():
   cfg = VAEConfig()
   assert cfg.downsample_factor == 8
-  shapes = vae_lib.vae_param_shapes(cfg)["params"]
+  shapes = importers.vae_param_shapes(cfg)["params"]
   n = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
   assert n == 83_653_863  # parameter count of the SD KL-f8 VAE
   assert shapes["quant_conv"]["kernel"].shape == (1, 1, 8, 8)
@@ -66,10 +68,10 @@ def test_shapes(tiny_vae):
 def test_converter_rejects_wrong_state_dict():
   cfg = VAEConfig.tiny()
   with pytest.raises(ValueError, match="missing keys.*quant_conv"):
-    vae_lib.vae_params_from_torch_state_dict({}, cfg)
+    importers.vae_params_from_torch_state_dict({}, cfg)
   sd = {"quant_conv.weight": np.zeros((4, 4, 1, 1), np.float32)}
   with pytest.raises(ValueError, match="quant_conv.weight"):
-    vae_lib.vae_params_from_torch_state_dict(sd, cfg)
+    importers.vae_params_from_torch_state_dict(sd, cfg)
 
 
 def test_parity_with_diffusers(tmp_path):
@@ -90,7 +92,7 @@ def test_parity_with_diffusers(tmp_path):
       scaling_factor=cfg.scaling_factor).float().eval()
   path = str(tmp_path / "vae.safetensors")
   safetensors_torch.save_file(ref.state_dict(), path)
-  variables = vae_lib.vae_params_from_torch_state_dict(safetensors_numpy.load_file(path), cfg)
+  variables = importers.vae_params_from_torch_state_dict(safetensors_numpy.load_file(path), cfg)
 
   x = _image((2, 32, 32, 3), seed=3)
   z = _image((2, 8, 8, cfg.latent_channels), seed=4) * 2.0
@@ -114,13 +116,13 @@ def test_tiled_blend_is_exact_for_a_local_map():
   """With a pointwise map (no context), the blend weights must reproduce it exactly."""
   z = jnp.asarray(_image((1, 21, 17, 3), seed=1))
   up = lambda t: jnp.repeat(jnp.repeat(t, 4, axis=1), 4, axis=2) * 2.0
-  got = vae_lib.tiled_decode(up, z, factor=4, tile_latent=8, overlap_latent=3)
+  got = tiles.tiled_decode(up, z, factor=4, tile_latent=8, overlap_latent=3)
   np.testing.assert_allclose(np.asarray(got), np.asarray(up(z)), atol=1e-6)
 
   x = jnp.asarray(_image((1, 84, 68, 3), seed=2))
   pool = lambda t: (t.reshape(1, t.shape[1] // 4, 4, t.shape[2] // 4, 4, 3).mean((2, 4)),
                     -t[:, ::4, ::4])
-  got = vae_lib.tiled_encode(pool, x, factor=4, tile_latent=8, overlap_latent=2)
+  got = tiles.tiled_encode(pool, x, factor=4, tile_latent=8, overlap_latent=2)
   for g, w in zip(got, pool(x)):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-6)
 
@@ -128,11 +130,11 @@ def test_tiled_blend_is_exact_for_a_local_map():
 def test_tiled_decode_one_tile_is_exact(tiny_vae):
   _, cfg, _, _, enc, dec = tiny_vae
   z = jnp.asarray(_image((1, 8, 6, cfg.latent_channels), seed=5))
-  got = vae_lib.tiled_decode(dec, z, factor=cfg.downsample_factor, tile_latent=8,
+  got = tiles.tiled_decode(dec, z, factor=cfg.downsample_factor, tile_latent=8,
                              overlap_latent=2)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(dec(z)))
   x = jnp.asarray(_image((1, 32, 32, 3), seed=6))
-  got = vae_lib.tiled_encode(enc, x, factor=cfg.downsample_factor, tile_latent=8,
+  got = tiles.tiled_encode(enc, x, factor=cfg.downsample_factor, tile_latent=8,
                              overlap_latent=2)
   for g, w in zip(got, enc(x)):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
@@ -147,7 +149,7 @@ def test_tiled_decode_multi_tile_is_close(tiny_vae):
   z, _ = enc(jnp.asarray(img))
   assert z.shape[1:3] == (20, 20)  # tile 8, overlap 2: 3 x 3 tiles
   full = np.asarray(dec(z))
-  tiled = np.asarray(vae_lib.tiled_decode(dec, z, factor=f, tile_latent=8, overlap_latent=2))
+  tiled = np.asarray(tiles.tiled_decode(dec, z, factor=f, tile_latent=8, overlap_latent=2))
   scale = np.abs(full).max()
   max_err = np.abs(tiled - full).max() / scale
   mean_err = np.abs(tiled - full).mean() / scale
@@ -186,18 +188,22 @@ def test_make_autoencoder_vae_round_trip(tmp_path, tiny_vae):
                              atol=1e-5)
   raw = jax.jit(model.apply, static_argnames="method")(variables, mean, method="decode")
   np.testing.assert_allclose(np.asarray(y), np.asarray(raw), atol=1e-4)
-  np.testing.assert_array_equal(np.asarray(ae.decode_tiled(params, z, tile_latent=8,
-                                                           overlap_latent=2)), np.asarray(y))
+  np.testing.assert_array_equal(np.asarray(tiles.tiled_decode(
+      lambda t: jax.jit(ae.decode)(params, t), z, factor=4, tile_latent=8, overlap_latent=2)),
+      np.asarray(y))
 
   # Loading from a safetensors file gives those weights back.
   path = str(tmp_path / "ae.safetensors")
   params_io.save_params(path, variables["params"])
-  loaded = ae_lib.make_autoencoder(_vae_cfg(path)).init_params(jax.random.key(2))
+  loaded = params_io.load_params(path, build.autoencoder(_vae_cfg(path)).abstract_params())
   jax.tree.map(np.testing.assert_array_equal, loaded, jax.device_get(params))
 
 
-def test_make_autoencoder_checks_factor():
-  cfg = _vae_cfg()
-  cfg.factor = 8
-  with pytest.raises(ValueError, match="factor"):
-    ae_lib.make_autoencoder(cfg)
+def test_config_checks_the_autoencoder_factor():
+  from mmsr_jax.config import sr
+  config = sr.sr_config()
+  config.autoencoder = _vae_cfg()
+  sr.validate(config)
+  config.autoencoder.factor = 8
+  with pytest.raises(ValueError, match="config.autoencoder.factor=8"):
+    sr.validate(config)

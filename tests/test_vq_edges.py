@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mmsr_jax.training import vq_losses as L
+from mmsr_jax.config import vq as vq_schema
 
 
 def _edge_map(lines):
@@ -78,8 +79,7 @@ def test_pooled_psnr_is_the_psnr_of_the_pooled_error():
 
 def test_edge_weight_below_one_is_a_clear_error():
   from configs import vq_tiny
-  from mmsr_jax import train_vq
   config = vq_tiny.get_config()
   config.vq_train.edge_weight = 0.5
-  with pytest.raises(ValueError, match=r"config.vq_train.edge_weight=0.5: expected >= 1"):
-    train_vq._check_config(config)
+  with pytest.raises(ValueError, match=r"config.vq_train.edge_weight=0.5: expected a number >= 1"):
+    vq_schema.validate(config)

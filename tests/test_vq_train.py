@@ -14,8 +14,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mmsr_jax.config import schema
 from mmsr_jax.training import vq_losses as L
 from mmsr_jax.models import vqgan as vqgan_lib
+from mmsr_jax.training import sr_task
+from mmsr_jax.training import vq_task
+from mmsr_jax.training import vq_report
+from mmsr_jax.data import vq_examples
+from mmsr_jax.data import synthetic
+from mmsr_jax.training import precompute
+from mmsr_jax.data import sr_examples
+from mmsr_jax.models import build
+from mmsr_jax.data.captions import make_tokenizer
+from mmsr_jax.system import frozen_params
+from mmsr_jax.formats.records import SHARD_PATTERN, decode_record, encode_record, read_crop_bank, read_ids
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSET = os.path.join(REPO, "mmsr_jax", "assets", "vq_tiny.safetensors")
@@ -155,22 +167,21 @@ def test_psnr_and_perplexity():
 
 # ----------------------------------------------------------------------------- synthetic maps
 def test_synthetic_maps_and_loader_examples():
-  from mmsr_jax import train_vq
   rng = np.random.default_rng(0)
-  seg = train_vq.synthetic_seg(rng, 32)
+  seg = synthetic.synthetic_seg(rng, 32)
   assert seg.dtype == np.int32 and seg.shape == (32, 32) and len(np.unique(seg)) >= 1
-  depth = train_vq.synthetic_depth(rng, 32)
+  depth = synthetic.synthetic_depth(rng, 32)
   assert depth.min() == pytest.approx(0.0, abs=1e-6) and depth.max() == pytest.approx(1.0, abs=1e-6)
-  edge = train_vq.synthetic_edge(rng, 32)
+  edge = synthetic.synthetic_edge(rng, 32)
   assert set(np.unique(edge)) <= {0.0, 1.0}
-  t = train_vq.MakeMapsExample(16, 0.0, True)
+  t = vq_examples.MakeMapsExample(16, 0.0, True)
   ex = t.random_map({}, np.random.default_rng(1))
   assert ex["maps"].shape == (3, 16, 16, 3) and ex["present"].all()
   assert -1.0 <= ex["maps"].min() and ex["maps"].max() <= 1.0
   # A record with an image and depth only: seg is absent unless synthetic maps fill it.
   rec = {"image": np.random.default_rng(2).integers(0, 256, (40, 50, 3), np.uint8),
          "depth": np.linspace(0, 1, 40 * 50, dtype=np.float32).reshape(40, 50)}
-  ex = train_vq.MakeMapsExample(16, 0.0, False).random_map(rec, np.random.default_rng(3))
+  ex = vq_examples.MakeMapsExample(16, 0.0, False).random_map(rec, np.random.default_rng(3))
   np.testing.assert_array_equal(ex["present"], [True, False, True])
   assert np.all(ex["maps"][1] == 0)
 
@@ -182,13 +193,11 @@ def _metrics(workdir):
 
 
 def test_short_train_raises_usage_lowers_error_and_reports(tmp_path):
-  from mmsr_jax import train_vq
-  from mmsr_jax.models.mmsr import Conditioner
   # 128 codes for 1536 tokens a step: at initialisation few codes win the nearest-code search.
   config = micro_config(num_train_steps=20, log_every=1, checkpoint_every=20,
                         **{"vq.arch.num_vq_embeddings": 128, "vq_train.restart_every": 4})
   wd = str(tmp_path / "vq")
-  state = train_vq.train(config, wd, devices=jax.devices()[:2])
+  state = vq_task.train(config, wd, devices=jax.devices()[:2])
   assert int(state["step"]) == config.num_train_steps
   m = _metrics(wd)
   usage = [r["codebook_usage"] for r in m]
@@ -203,7 +212,7 @@ def test_short_train_raises_usage_lowers_error_and_reports(tmp_path):
   assert 0.0 < report["codebook_usage"] <= 1.0
   assert 1.0 <= report["perplexity"] <= 128.0
   assert os.path.getsize(os.path.join(wd, "reconstructions.png")) > 0
-  grid = train_vq.VQTask(config, wd, devices=jax.devices()[:1]).sample_grid(state)
+  grid = vq_task.VQTask(config, wd, devices=jax.devices()[:1]).sample_grid(state)
   # 3 modalities x (maps, VQ, continuous) rows of 2 maps of 16 px, 4 px gaps, enlarged x16.
   assert grid["reconstructions"].shape == (16 * 3 * (3 * 16 + 4), 16 * 32, 3)
   # The exported tokenizer is what config.vq.params loads, and reproduces the report's ids.
@@ -212,27 +221,26 @@ def test_short_train_raises_usage_lowers_error_and_reports(tmp_path):
   mc.vq.arch = config.vq.arch.to_dict()
   mc.data.map_size = 16
   mc.vq.params = os.path.join(wd, "vq.safetensors")
-  cond = Conditioner.from_config(mc)
-  frozen = cond.init_params(mc, jax.random.key(0))
-  x = jnp.asarray(train_vq.heldout_maps(config)["depth"]["maps"][:2])
+  cond = build.conditioner(mc)
+  frozen = frozen_params(mc, cond)
+  x = jnp.asarray(vq_examples.heldout_maps(config)["depth"]["maps"][:2])
   ids = cond.modality_ids(frozen, jnp.stack([x, x, x], axis=1))
   p = jax.tree.map(lambda a: a[0], jax.device_get(state["params"]["vq"]))
-  _, want = train_vq._reconstruct(vqgan_lib.VQGAN(train_vq.vq_config(config)), p, x)
+  _, want = vq_report.reconstruct(vqgan_lib.VQGAN(build.vq_arch(config, config.compute_dtype)), p, x)
   np.testing.assert_array_equal(ids[:, 0], want)
 
 
 @pytest.mark.slow  # the loop's resume is covered by test_train; this checks the VQ task's state
 def test_resume_continues_exactly(tmp_path):
-  from mmsr_jax import train_vq
   config = micro_config(num_train_steps=6, checkpoint_every=3, log_every=3,
                         **{"vq_train.restart_every": 2, "vq_train.continuous_baseline": False,
                            "vq_train.codebook": "loss"})
   devices = jax.devices()[:2]
-  straight = train_vq.train(config, str(tmp_path / "a"), devices=devices, write_report=False)
-  first = train_vq.train(config, str(tmp_path / "b"), devices=devices, stop_at=3,
+  straight = vq_task.train(config, str(tmp_path / "a"), devices=devices, write_report=False)
+  first = vq_task.train(config, str(tmp_path / "b"), devices=devices, stop_at=3,
                          write_report=False)
   assert int(first["step"]) == 3
-  resumed = train_vq.train(config, str(tmp_path / "b"), devices=devices, write_report=False)
+  resumed = vq_task.train(config, str(tmp_path / "b"), devices=devices, write_report=False)
   for a, b in zip(jax.tree.leaves(jax.device_get(straight)), jax.tree.leaves(jax.device_get(resumed))):
     np.testing.assert_array_equal(a, b)
 
@@ -240,13 +248,11 @@ def test_resume_continues_exactly(tmp_path):
 @pytest.mark.slow  # same vmapped step as the default test, with 3 groups and the discriminator
 def test_per_modality_tokenizers_load_into_the_conditioner(tmp_path):
   from configs import tiny
-  from mmsr_jax import train_vq
-  from mmsr_jax.models.mmsr import Conditioner
   config = micro_config(num_train_steps=2, log_every=1, checkpoint_every=2,
                         **{"vq.per_modality": True, "vq_train.continuous_baseline": False,
                            "vq_train.adv_weight": 0.1, "vq_train.disc_layers": 1})
   wd = str(tmp_path / "pm")
-  state = train_vq.train(config, wd, devices=jax.devices()[:1])
+  state = vq_task.train(config, wd, devices=jax.devices()[:1])
   assert jax.tree.leaves(state["params"]["vq"])[0].shape[0] == 3
   assert "disc" in state
   report = json.load(open(os.path.join(wd, "report.json")))
@@ -255,32 +261,30 @@ def test_per_modality_tokenizers_load_into_the_conditioner(tmp_path):
   mc = tiny.get_config()
   mc.vq.arch, mc.data.map_size = config.vq.arch.to_dict(), 16
   mc.vq.per_modality, mc.vq.params = True, os.path.join(wd, "vq.safetensors")
-  cond = Conditioner.from_config(mc)
-  frozen = cond.init_params(mc, jax.random.key(0))
+  cond = build.conditioner(mc)
+  frozen = frozen_params(mc, cond)
   maps = jax.random.uniform(jax.random.key(1), (2, 3, 16, 16, 3), minval=-1, maxval=1)
   ids = cond.modality_ids(frozen, maps)
   assert ids.shape == (2, 3, 8, 8)
-  model = vqgan_lib.VQGAN(train_vq.vq_config(config))
+  model = vqgan_lib.VQGAN(build.vq_arch(config, config.compute_dtype))
   for k in range(3):  # modality k goes through tokenizer k
     p = jax.tree.map(lambda a: a[k], jax.device_get(state["params"]["vq"]))
-    np.testing.assert_array_equal(ids[:, k], train_vq._reconstruct(model, p, maps[:, k])[1])
+    np.testing.assert_array_equal(ids[:, k], vq_report.reconstruct(model, p, maps[:, k])[1])
 
 
 def test_bad_settings_are_clear_errors(tmp_path):
-  from mmsr_jax import train_vq
   with pytest.raises(ValueError, match="config.vq_train.codebook"):
-    train_vq.VQTask(micro_config(**{"vq_train.codebook": "kmeans"}), str(tmp_path))
+    vq_task.VQTask(micro_config(**{"vq_train.codebook": "kmeans"}), str(tmp_path))
   with pytest.raises(FileNotFoundError, match="config.vq_train.shards"):
-    train_vq.VQTask(micro_config(**{"vq_train.source": "shards",
+    vq_task.VQTask(micro_config(**{"vq_train.source": "shards",
                                     "vq_train.shards": str(tmp_path / "none")}), str(tmp_path))
   with pytest.raises(ValueError, match="disc_layers=3 is too deep"):
-    train_vq.VQTask(micro_config(**{"vq_train.adv_weight": 0.1}), str(tmp_path))
+    vq_task.VQTask(micro_config(**{"vq_train.adv_weight": 0.1}), str(tmp_path))
   with pytest.raises(ValueError, match="lpips_params"):
-    train_vq.VQTask(micro_config(**{"vq_train.perceptual_weight": 1.0}), str(tmp_path))
+    vq_task.VQTask(micro_config(**{"vq_train.perceptual_weight": 1.0}), str(tmp_path))
 
 
 def test_perceptual_term_loads_lpips_weights(tmp_path):
-  from mmsr_jax import train_vq
   from mmsr_jax.weights import params_io
   from mmsr_jax.evaluation import lpips as lpips_lib
   abstract = lpips_lib.abstract_params("vgg")["params"]
@@ -288,7 +292,7 @@ def test_perceptual_term_loads_lpips_weights(tmp_path):
   path = str(tmp_path / "lpips.safetensors")
   params_io.save_params(path, jax.tree.map(
       lambda a: rng.uniform(0, 0.1, a.shape).astype(np.float32), abstract))
-  task = train_vq.VQTask(micro_config(**{"vq_train.perceptual_weight": 1.0,
+  task = vq_task.VQTask(micro_config(**{"vq_train.perceptual_weight": 1.0,
                                          "vq_train.lpips_params": path}), str(tmp_path),
                          devices=jax.devices()[:1])
   x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3), minval=-1, maxval=1)
@@ -302,21 +306,20 @@ def test_perceptual_term_loads_lpips_weights(tmp_path):
 def _write_annotated_shards(folder, n_shards=2, per_shard=3):
   from array_record.python.array_record_module import ArrayRecordWriter
 
-  from mmsr_jax import annotate, train_vq
   os.makedirs(folder, exist_ok=True)
   rng = np.random.default_rng(0)
   records = []
   for s in range(n_shards):
-    w = ArrayRecordWriter(os.path.join(folder, annotate.SHARD_PATTERN.format(s, n_shards)),
+    w = ArrayRecordWriter(os.path.join(folder, SHARD_PATTERN.format(s, n_shards)),
                           "group_size:1")
     for i in range(per_shard):
-      seg = train_vq.synthetic_seg(rng, 48)
-      maps = {"depth": train_vq.synthetic_depth(rng, 48, seg), "seg": seg,
-              "edge": train_vq.synthetic_edge(rng, 48)}
+      seg = synthetic.synthetic_seg(rng, 48)
+      maps = {"depth": synthetic.synthetic_depth(rng, 48, seg), "seg": seg,
+              "edge": synthetic.synthetic_edge(rng, 48)}
       if i == 1:
         del maps["seg"]  # a record without segmentation
       image = rng.integers(0, 256, (48, 48, 3), np.uint8)
-      rec = annotate.encode_record(image, dict(maps, caption=f"record {s}-{i}"),
+      rec = encode_record(image, dict(maps, caption=f"record {s}-{i}"),
                                    {"name": f"r{s}{i}"})
       w.write(rec)
       records.append(rec)
@@ -325,18 +328,17 @@ def _write_annotated_shards(folder, n_shards=2, per_shard=3):
 
 
 def test_maps_from_annotator_shards(tmp_path):
-  from mmsr_jax import train_vq
   _write_annotated_shards(str(tmp_path / "ann"))  # 6 records, the one at index 1 of each without seg
   config = micro_config(**{"vq_train.source": "shards", "vq_train.shards": str(tmp_path / "ann"),
                            "vq_train.heldout_every": 3, "vq_train.synthetic_for_missing": False,
                            "vq_train.synthetic_fraction": 0.0, "vq_train.eval_synthetic": 0,
                            "vq_train.eval_crops": 2, "batch_size": 4})
-  assert len(train_vq.ShardRecords(config.vq_train.shards, "train", 3)) == 4
-  batch = next(iter(train_vq.make_loader(config)))
+  assert len(vq_examples.ShardRecords(config.vq_train.shards, "train", 3)) == 4
+  batch = next(iter(vq_examples.make_loader(config)))
   assert batch["maps"].shape == (4, 3, 16, 16, 3)
   assert batch["present"][:, 0].all() and batch["present"][:, 2].all()
   assert not batch["present"][:, 1].all()  # the records without seg stay without seg
-  held = train_vq.heldout_maps(config)  # records 0 and 3 (both with seg), 2 crops each
+  held = vq_examples.heldout_maps(config)  # records 0 and 3 (both with seg), 2 crops each
   assert {k: h["num_real"] for k, h in held.items()} == {"depth": 4, "seg": 4, "edge": 4}
   assert all(h["num_synthetic"] == 0 for h in held.values())
 
@@ -358,10 +360,9 @@ def _vq_workdir(path, map_size=None):
 def test_tokenize_then_decode_round_trips_through_shards(tmp_path):
   from array_record.python.array_record_module import ArrayRecordReader
 
-  from mmsr_jax import annotate, tokenize
   records = _write_annotated_shards(str(tmp_path / "ann"))
   vq_dir = _vq_workdir(str(tmp_path / "vq"))
-  outs = tokenize.tokenize_shards(vq_dir, str(tmp_path / "ann"), str(tmp_path / "tok"),
+  outs = precompute.precompute_shards(vq_dir, str(tmp_path / "ann"), str(tmp_path / "tok"),
                                   batch_size=4, log=lambda _: None)
   assert [os.path.basename(o) for o in outs] == sorted(os.listdir(tmp_path / "ann"))
   out_records = []
@@ -370,17 +371,17 @@ def test_tokenize_then_decode_round_trips_through_shards(tmp_path):
     out_records += [r.read([i])[0] for i in range(r.num_records())]
     r.close()
   assert len(out_records) == len(records)
-  tok = tokenize.load_tokenizer(vq_dir)
+  tok = precompute.load_tokenizer(vq_dir)
   psnrs = {"depth": [], "seg": [], "edge": []}
   blank_psnrs = []
   for src, out in zip(records, out_records):
-    a, b = annotate.decode_record(src), annotate.decode_record(out)
+    a, b = decode_record(src), decode_record(out)
     assert a["caption"] == b["caption"] and a["meta"] == b["meta"]  # the record is kept
     np.testing.assert_array_equal(a["image"], b["image"])
-    ids, present, meta = tokenize.read_ids(out, grid=8)
+    ids, present, meta = read_ids(out, grid=8)
     assert meta["grid"] == 8 and meta["codebook_size"] == 64
     np.testing.assert_array_equal(present, [True, a["seg"] is not None, True])
-    maps = tokenize.record_maps_full(a, tok.map_size)
+    maps = precompute.record_maps_full(a, tok.map_size)
     for k, i in (("depth", 0), ("seg", 1), ("edge", 2)):
       if not present[i]:
         assert k not in maps and np.all(ids[i] == 0)
@@ -399,17 +400,16 @@ def test_tokenize_then_decode_round_trips_through_shards(tmp_path):
   assert np.mean(psnrs["edge"]) > np.mean(blank_psnrs) + 2.5, (psnrs, blank_psnrs)
   # Existing outputs are never replaced silently.
   with pytest.raises(FileExistsError, match="--overwrite"):
-    tokenize.tokenize_shards(vq_dir, str(tmp_path / "ann"), str(tmp_path / "tok"))
+    precompute.precompute_shards(vq_dir, str(tmp_path / "ann"), str(tmp_path / "tok"))
   with pytest.raises(ValueError, match="no token ids"):
-    tokenize.read_ids(records[0])
+    read_ids(records[0])
 
 
 def test_conditioner_reads_precomputed_ids(tmp_path):
   from tests.conftest import small_config
-  from mmsr_jax.models.mmsr import Conditioner
   cfg = small_config()
-  cond = Conditioner.from_config(cfg)
-  frozen = cond.init_params(cfg, jax.random.key(0))
+  cond = build.conditioner(cfg)
+  frozen = frozen_params(cfg, cond)
   b, m = 2, cfg.data.map_size
   rng = jax.random.key(3)
   batch = {"lr": jnp.zeros((b, 8, 8, 3)), "text_ids": jnp.zeros((b, 16), jnp.int32),
@@ -418,7 +418,7 @@ def test_conditioner_reads_precomputed_ids(tmp_path):
               for i, k in enumerate(("depth", "seg", "edge"))}}
   from_encoder = cond(frozen, batch)["ids"]
   cfg.vq.ids_from = "shards"
-  cond_s = Conditioner.from_config(cfg)
+  cond_s = build.conditioner(cfg)
   # Depth and seg ids come from the batch (here: made up), edge ids from the encoder on 'edge'.
   made_up = (from_encoder + 1) % cfg.vq.arch.num_vq_embeddings
   no_maps = {k: v for k, v in batch.items() if k not in ("depth", "seg", "edge")}
@@ -433,8 +433,8 @@ def test_conditioner_reads_precomputed_ids(tmp_path):
     cond_s(frozen, dict(no_maps, vq_ids=made_up))
   # One tokenizer per modality: the edge ids come from the edge tokenizer (index 2).
   cfg.vq.per_modality, cfg.vq.params = True, ""  # three random tokenizers
-  cond_pm = Conditioner.from_config(cfg)
-  frozen_pm = cond_pm.init_params(cfg, jax.random.key(1))
+  cond_pm = build.conditioner(cfg)
+  frozen_pm = frozen_params(cfg, cond_pm)
   want = cond_pm(frozen_pm, batch)["ids"]  # all three encoded from the maps
   assert (np.asarray(want[:, 2]) != np.asarray(
       cond_pm.modality_ids_of(frozen_pm, "depth", batch["edge"]))).any()  # tokenizers differ
@@ -443,23 +443,22 @@ def test_conditioner_reads_precomputed_ids(tmp_path):
   np.testing.assert_array_equal(got[:, :2], made_up[:, :2])
   cfg.vq.ids_from = "cache"
   with pytest.raises(ValueError, match="config.vq.ids_from"):
-    Conditioner.from_config(cfg)
+    schema.validate(cfg)
 
 
 @pytest.fixture(scope="module")
 def crop_bank_shards(tmp_path_factory):
   """Annotated shards (6 records of 48x48, two without seg) and the same shards tokenized with a
   crop bank of 4 boxes for small_config (hr_size 32, map_size 16 -> 4x4 ids); the tokenizer."""
-  from mmsr_jax import tokenize
   from tests.conftest import small_config
   root = tmp_path_factory.mktemp("bank")
   cfg = small_config()
   _write_annotated_shards(str(root / "ann"))
   vq_dir = _vq_workdir(str(root / "vq"), map_size=cfg.data.map_size)
-  tokenize.tokenize_shards(vq_dir, str(root / "ann"), str(root / "tok"), batch_size=16,
+  precompute.precompute_shards(vq_dir, str(root / "ann"), str(root / "tok"), batch_size=16,
                            crop_size=cfg.data.hr_size, crops=4, log=lambda _: None)
   return {"ann": str(root / "ann"), "tok": str(root / "tok"), "vq": vq_dir,
-          "tokenizer": tokenize.load_tokenizer(vq_dir)}
+          "tokenizer": precompute.load_tokenizer(vq_dir)}
 
 
 def _shards_config(path, **overrides):
@@ -469,29 +468,25 @@ def _shards_config(path, **overrides):
 
 
 def test_crop_bank_boxes():
-  from mmsr_jax.data import sr_examples as pipeline
-  boxes = pipeline.crop_bank_boxes(48, 60, 32, 16, key=3)
+  boxes = sr_examples.crop_bank_boxes(48, 60, 32, 16, key=3)
   assert boxes.shape == (16, 2) and boxes.dtype == np.int32
   np.testing.assert_array_equal(boxes[0], [8, 14])  # the centre crop first
   assert len({tuple(b) for b in boxes}) == 16  # 17 x 29 positions: all distinct
   assert boxes[:, 0].max() <= 16 and boxes[:, 1].max() <= 28 and boxes.min() >= 0
-  np.testing.assert_array_equal(boxes, pipeline.crop_bank_boxes(48, 60, 32, 16, key=3))
-  assert not np.array_equal(boxes, pipeline.crop_bank_boxes(48, 60, 32, 16, key=4))
-  few = pipeline.crop_bank_boxes(33, 32, 32, 5, key=0)  # 2 positions: both, then repeated
+  np.testing.assert_array_equal(boxes, sr_examples.crop_bank_boxes(48, 60, 32, 16, key=3))
+  assert not np.array_equal(boxes, sr_examples.crop_bank_boxes(48, 60, 32, 16, key=4))
+  few = sr_examples.crop_bank_boxes(33, 32, 32, 5, key=0)  # 2 positions: both, then repeated
   np.testing.assert_array_equal(few[:2], [[0, 0], [1, 0]])
   assert {tuple(b) for b in few} == {(0, 0), (1, 0)}
   with pytest.raises(ValueError, match="does not fit"):
-    pipeline.crop_bank_boxes(31, 40, 32, 4, key=0)
+    sr_examples.crop_bank_boxes(31, 40, 32, 4, key=0)
 
 
 def test_shard_ids_equal_the_encoder_ids_of_the_training_crops(crop_bank_shards):
-  from mmsr_jax import train
   from mmsr_jax.data import sources
-  from mmsr_jax.data import sr_examples as pipeline
-  from mmsr_jax.models.mmsr import Conditioner
   tok = crop_bank_shards["tokenizer"]
   cfg = _shards_config(crop_bank_shards["tok"])
-  batch = next(iter(pipeline.make_train_loader(cfg, train.make_tokenizer("byte"))))
+  batch = next(iter(sr_examples.make_train_loader(cfg, make_tokenizer("byte"))))
   ids, present = batch["vq_ids"], batch["present"]
   assert ids.shape == (8, 3, 4, 4) and ids.dtype == np.int32
   assert present[:, 0].all() and not present[:, 1].all() and present[:, 1].any()
@@ -501,17 +496,17 @@ def test_shard_ids_equal_the_encoder_ids_of_the_training_crops(crop_bank_shards)
   assert (ids[:, 2] == 0).all()  # edges are not precomputed
   assert len({ids[j, 0].tobytes() for j in range(8)}) > 1
   # The Conditioner with ids from the shards gives the encoder path's ids, all three modalities.
-  cond_s = Conditioner.from_config(cfg)
-  cond_e = Conditioner.from_config(_shards_config(crop_bank_shards["tok"],
+  cond_s = build.conditioner(cfg)
+  cond_e = build.conditioner(_shards_config(crop_bank_shards["tok"],
                                                   **{"vq.ids_from": "encoder"}))
-  frozen = cond_e.init_params(cfg, jax.random.key(0))
+  frozen = frozen_params(cfg, cond_e)
   jb = {k: jnp.asarray(v) for k, v in batch.items()}
   got, want = np.asarray(cond_s(frozen, jb)["ids"]), np.asarray(cond_e(frozen, jb)["ids"])
   np.testing.assert_array_equal(got[present], want[present])
   # The Real-ESRGAN branch puts the same ids in its examples (edge and LR come later, batch-wise).
   src = sources.ArrayRecordSource(crop_bank_shards["tok"])
-  t = pipeline.MakeTrainingExample(cfg.data.hr_size, cfg.data.scale, cfg.data.map_size,
-                                   cfg.text.max_length, train.make_tokenizer("byte"),
+  t = sr_examples.MakeTrainingExample(cfg.data.hr_size, cfg.data.scale, cfg.data.map_size,
+                                   cfg.text.max_length, make_tokenizer("byte"),
                                    degradation="realesrgan", ids_from="shards", vq_grid=4)
   for index in (0, 1):
     ex = t.random_map(src[index], np.random.default_rng(index))
@@ -522,10 +517,9 @@ def test_shard_ids_equal_the_encoder_ids_of_the_training_crops(crop_bank_shards)
 
 
 def test_trainer_step_with_ids_from_shards(crop_bank_shards):
-  from mmsr_jax import train
   from mmsr_jax.runtime import sharding
   cfg = _shards_config(crop_bank_shards["tok"])
-  trainer = train.Trainer(cfg, "/unused", devices=jax.devices()[:1])
+  trainer = sr_task.SRTask(cfg, "/unused", devices=jax.devices()[:1])
   batch = next(iter(trainer.make_loader()))
   assert "vq_ids" in batch
   state = trainer.init_state()
@@ -536,16 +530,14 @@ def test_trainer_step_with_ids_from_shards(crop_bank_shards):
 
 
 def test_ids_from_shards_errors(crop_bank_shards):
-  from mmsr_jax import train
   from mmsr_jax.data import sources
-  from mmsr_jax.data import sr_examples as pipeline
-  tok = train.make_tokenizer("byte")
+  tok = make_tokenizer("byte")
 
   def make(**overrides):
-    return pipeline.make_train_loader(_shards_config(crop_bank_shards["tok"], **overrides), tok)
+    return sr_examples.make_train_loader(_shards_config(crop_bank_shards["tok"], **overrides), tok)
 
-  with pytest.raises(ValueError, match="needs config.data.source='arrayrecord'"):
-    make(**{"data.source": "demo"})
+  with pytest.raises(ValueError, match="unless config.data.source='arrayrecord'"):
+    schema.validate(_shards_config(crop_bank_shards["tok"], **{"data.source": "demo"}))
   with pytest.raises(ValueError, match="record 0 has no token-id crop bank"):
     make(**{"data.path": crop_bank_shards["ann"]})
   with pytest.raises(ValueError, match=r"32px crops != config.data.hr_size=48.*--crop_size=48"):
@@ -555,11 +547,11 @@ def test_ids_from_shards_errors(crop_bank_shards):
   with pytest.raises(ValueError, match="token grid 4x4 != the model's 8x8"):
     make(**{"vq.arch.block_out_channels": (16, 32)})
   with pytest.raises(ValueError, match="is not the tokenizer"):
-    make(**{"vq.params": os.path.join(crop_bank_shards["tok"], "tokenize.json")})
+    make(**{"vq.params": os.path.join(crop_bank_shards["tok"], "precompute.json")})
   with pytest.raises(ValueError, match="config.vq.params='' is not a tokenizer file"):
     make(**{"vq.params": ""})
   # A record without a bank met during training is named.
-  t = pipeline.MakeTrainingExample(32, 4, 16, 16, tok, ids_from="shards", vq_grid=4)
+  t = sr_examples.MakeTrainingExample(32, 4, 16, 16, tok, ids_from="shards", vq_grid=4)
   rec = sources.ArrayRecordSource(crop_bank_shards["ann"])[0]
   with pytest.raises(ValueError, match="record 'r00' has no token-id crop bank"):
     t.random_map(rec, np.random.default_rng(0))
@@ -567,7 +559,7 @@ def test_ids_from_shards_errors(crop_bank_shards):
 
 def test_cli_errors_are_one_clear_line(tmp_path):
   env = dict(os.environ, PYTHONPATH=REPO)
-  r = subprocess.run([sys.executable, "-m", "mmsr_jax.tokenize", f"--vq={tmp_path}/nope",
+  r = subprocess.run([sys.executable, "-m", "mmsr_jax.precompute", f"--vq={tmp_path}/nope",
                       f"--input={tmp_path}", f"--output={tmp_path}/out"],
                      capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
   assert r.returncode == 2, r.stderr
@@ -585,17 +577,16 @@ def test_tokenize_split_between_workers_writes_what_one_run_writes(crop_bank_sha
   whole-map ids and crop banks (the banks are keyed by the record's global index)."""
   from array_record.python.array_record_module import ArrayRecordReader
 
-  from mmsr_jax import tokenize
   b = crop_bank_shards
   out = str(tmp_path / "split")
   written = []
   for worker in (1, 0):
-    written += tokenize.tokenize_shards(b["vq"], b["ann"], out, batch_size=16, crop_size=32,
+    written += precompute.precompute_shards(b["vq"], b["ann"], out, batch_size=16, crop_size=32,
                                         crops=4, worker_index=worker, num_workers=2,
                                         log=lambda _: None)
   assert sorted(os.path.basename(w) for w in written) == sorted(os.listdir(b["ann"]))
   assert sorted(f for f in os.listdir(out) if f.endswith(".json")) == [
-      "tokenize-00000-of-00002.json", "tokenize-00001-of-00002.json"]
+      "precompute-00000-of-00002.json", "precompute-00001-of-00002.json"]
 
   def records(path):
     r = ArrayRecordReader(path)
@@ -607,9 +598,9 @@ def test_tokenize_split_between_workers_writes_what_one_run_writes(crop_bank_sha
     one, split = records(os.path.join(b["tok"], name)), records(os.path.join(out, name))
     assert len(one) == len(split) == 3
     for x, y in zip(one, split):
-      bank_x, bank_y = tokenize.read_crop_bank(x), tokenize.read_crop_bank(y)
+      bank_x, bank_y = read_crop_bank(x), read_crop_bank(y)
       for k in ("boxes", "ids", "present"):
         np.testing.assert_array_equal(bank_x[k], bank_y[k])
-      np.testing.assert_array_equal(tokenize.read_ids(x)[0], tokenize.read_ids(y)[0])
+      np.testing.assert_array_equal(read_ids(x)[0], read_ids(y)[0])
   with pytest.raises(ValueError, match="--worker_index=2 --num_workers=2"):
-    tokenize.tokenize_shards(b["vq"], b["ann"], out, worker_index=2, num_workers=2)
+    precompute.precompute_shards(b["vq"], b["ann"], out, worker_index=2, num_workers=2)

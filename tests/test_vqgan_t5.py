@@ -18,6 +18,7 @@ from mmsr_jax.models import t5 as t5_lib
 from mmsr_jax.models import vqgan as vqgan_lib
 from mmsr_jax.models.t5 import T5Config, T5Encoder
 from mmsr_jax.models.vqgan import VQGAN, VQGANConfig
+from mmsr_jax.weights import importers
 
 
 def _image(shape, seed=0) -> np.ndarray:
@@ -72,7 +73,7 @@ def test_vqgan_any_downsampling_factor(chans):
 def test_vqgan_default_config_shapes():
   cfg = VQGANConfig()
   assert cfg.downsample_factor == 16
-  shapes = vqgan_lib.vqgan_param_shapes(cfg)["params"]
+  shapes = importers.vqgan_param_shapes(cfg)["params"]
   assert shapes["quantize"]["embedding"]["embedding"].shape == (1024, 256)
   x = jax.ShapeDtypeStruct((1, 256, 256, 3), jnp.float32)
   ids = jax.eval_shape(
@@ -125,7 +126,7 @@ def _to_torch_layout(variables) -> dict[str, np.ndarray]:
     v = np.asarray(v)
     if path[-1] == "kernel":
       v = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T
-    sd[vqgan_lib._flax_path_to_torch_key(path)] = v
+    sd[importers._flax_path_to_torch_key(path)] = v
   return sd
 
 
@@ -135,20 +136,20 @@ def test_vqgan_converter_round_trip_and_errors(tiny_vqgan):
   assert "encoder.down_blocks.0.downsamplers.0.conv.weight" in sd
   assert "encoder.mid_block.attentions.0.to_out.0.weight" in sd
   assert "quantize.embedding.weight" in sd
-  back = vqgan_lib.vqgan_params_from_torch_state_dict(sd, cfg)
+  back = importers.vqgan_params_from_torch_state_dict(sd, cfg)
   jax.tree.map(np.testing.assert_array_equal, back, jax.device_get(variables))
 
   key = "decoder.up_blocks.1.resnets.0.conv_shortcut.weight"
   bad = dict(sd, **{key: np.zeros((32, 64, 3, 3), np.float32)})
   with pytest.raises(ValueError, match=key.replace(".", r"\.") + ".*"
                      r"\(32, 64, 3, 3\).*\(1, 1, 64, 32\)"):
-    vqgan_lib.vqgan_params_from_torch_state_dict(bad, cfg)
+    importers.vqgan_params_from_torch_state_dict(bad, cfg)
   missing = {k: v for k, v in sd.items() if k != key}
   with pytest.raises(ValueError, match="missing keys.*conv_shortcut"):
-    vqgan_lib.vqgan_params_from_torch_state_dict(missing, cfg)
+    importers.vqgan_params_from_torch_state_dict(missing, cfg)
   extra = dict(sd, **{"encoder.foo.weight": np.zeros(3)})
   with pytest.raises(ValueError, match="unexpected keys.*encoder.foo.weight"):
-    vqgan_lib.vqgan_params_from_torch_state_dict(extra, cfg)
+    importers.vqgan_params_from_torch_state_dict(extra, cfg)
 
 
 # --------------------------------------------------------------------- T5 ---
@@ -209,24 +210,24 @@ def test_t5_relative_position_buckets():
 
 def test_t5_converter_errors():
   cfg = T5Config.tiny()
-  shapes = t5_lib.t5_param_shapes(cfg)["params"]
+  shapes = importers.t5_param_shapes(cfg)["params"]
   sd = {}
   for path, s in flax.traverse_util.flatten_dict(shapes).items():
     shape = s.shape[::-1] if path[-1] == "kernel" else s.shape
-    sd[t5_lib._t5_torch_key(path)] = np.zeros(shape, np.float32)
-  t5_lib.t5_params_from_torch_state_dict(sd, cfg)
+    sd[importers._t5_torch_key(path)] = np.zeros(shape, np.float32)
+  importers.t5_params_from_torch_state_dict(sd, cfg)
   # Decoder keys of a full checkpoint are skipped; the tied alias is accepted.
   full = dict(sd, **{"decoder.block.0.layer.0.SelfAttention.q.weight":
                      np.zeros((64, 64)),
                      "encoder.embed_tokens.weight": sd["shared.weight"]})
-  t5_lib.t5_params_from_torch_state_dict(full, cfg)
+  importers.t5_params_from_torch_state_dict(full, cfg)
   key = "encoder.block.1.layer.1.DenseReluDense.wi_1.weight"
   with pytest.raises(ValueError, match=key.replace(".", r"\.") +
                      r".*\(128, 32\).*\(64, 128\)"):
-    t5_lib.t5_params_from_torch_state_dict(
+    importers.t5_params_from_torch_state_dict(
         dict(sd, **{key: np.zeros((128, 32))}), cfg)
   with pytest.raises(ValueError, match="missing keys.*final_layer_norm"):
-    t5_lib.t5_params_from_torch_state_dict(
+    importers.t5_params_from_torch_state_dict(
         {k: v for k, v in sd.items() if "final" not in k}, cfg)
 
 
@@ -255,7 +256,7 @@ def test_vqgan_parity_with_diffusers(tmp_path):
   ).float().eval()
   path = str(tmp_path / "vq.safetensors")
   safetensors_torch.save_file(ref.state_dict(), path)
-  variables = vqgan_lib.vqgan_params_from_torch_state_dict(
+  variables = importers.vqgan_params_from_torch_state_dict(
       safetensors_numpy.load_file(path), cfg)
 
   x = _image((2, 32, 32, 3), seed=5)
@@ -302,7 +303,7 @@ def test_t5_parity_with_transformers(tmp_path, ffp):
       dropout_rate=0.0)).float().eval()
   path = str(tmp_path / "t5.safetensors")
   safetensors_torch.save_model(ref, path)  # drops one name of the tied pair
-  variables = t5_lib.t5_params_from_torch_state_dict(
+  variables = importers.t5_params_from_torch_state_dict(
       safetensors_numpy.load_file(path), cfg)
 
   # Longer than max_distance so that the log-spaced buckets are exercised.

@@ -1,13 +1,5 @@
-"""``python -m mmsr_jax.bench data``: host input-pipeline throughput and data-wait share.
-
-1. Throughput: images/s of the full training transform (512x512 crop, context maps, tokens and
-   the full Real-ESRGAN degradation, JPEG included) over the demo photos in one process, also per
-   CPU core as images per process-CPU second (robust to other load on the machine), and the
-   host-only part (transform + JPEG + Canny: what a core of an accelerator host must deliver
-   while the jitted stages run on the device) separately from the jitted stages' CPU time.
-2. Data wait: the tiny config's train loop (``--config``, default configs/tiny.py), timing how
-   long each step blocks in ``next(iterator)`` against the whole step; reported as the share of
-   step time spent waiting for data, for the configured degradation (``--data_degradation``).
+"""``bench data``: host input-pipeline throughput per stage, and the share of a train step spent
+waiting for data.
 """
 
 from __future__ import annotations
@@ -34,12 +26,13 @@ def _throughput() -> dict:
   Canny (what a TPU/GPU host does); the jitted stages run on the default device (here the CPU
   too, so the end-to-end number is the CPU-only fallback)."""
   import numpy as np
-  from mmsr_jax.data import sr_examples as pipeline
+  from mmsr_jax.data import realesrgan, sources, sr_examples
   from mmsr_jax.data.captions import make_tokenizer
+  from mmsr_jax.data.modalities import canny_edges
   tok = make_tokenizer("byte")
-  src = pipeline.DemoSource("train")
-  t = pipeline.MakeTrainingExample(_SIZE.value, 4, 256, 77, tok, degradation=_PRESET.value)
-  deg = pipeline.realesrgan.RealESRGANDegrader(_PRESET.value, 4)
+  src = sources.DemoSource("train")
+  t = sr_examples.MakeTrainingExample(_SIZE.value, 4, 256, 77, tok, degradation=_PRESET.value)
+  deg = realesrgan.RealESRGANDegrader(_PRESET.value, 4)
   b = _BATCH.value
   counter = [0]
   wall = {"transform": 0.0, "degrade": 0.0, "canny": 0.0}
@@ -56,7 +49,7 @@ def _throughput() -> dict:
     lr = deg((batch["hr"] + 1) * 0.5, params)
     marks.append((time.perf_counter(), time.process_time()))
     for x in lr:
-      pipeline.canny_edges(x, 256)
+      canny_edges(x, 256)
     marks.append((time.perf_counter(), time.process_time()))
     for name, (a, z) in zip(wall, zip(marks[:-1], marks[1:])):
       wall[name] += z[0] - a[0]
@@ -93,17 +86,17 @@ def _throughput() -> dict:
 def _wait_share() -> dict:
   import jax
   from mmsr_jax.runtime import sharding
-  from mmsr_jax.data import sr_examples as pipeline
-  from mmsr_jax.train import Trainer
+  from mmsr_jax.data import sr_examples
+  from mmsr_jax.training.sr_task import SRTask
   cfg = common.CONFIG.value
   if cfg is None:
     from configs import tiny
     cfg = tiny.get_config()
   cfg.data.degradation = _DEGR.value
   workdir = tempfile.mkdtemp(prefix="bench_data_")
-  trainer = Trainer(cfg, workdir)
+  trainer = SRTask(cfg, workdir)
   state = trainer.init_state()
-  it = iter(pipeline.make_train_loader(cfg, trainer.tokenizer))
+  it = iter(sr_examples.make_train_loader(cfg, trainer.tokenizer))
   # Warm-up: compile the step (and the degradation).
   state, metrics = trainer.train_step(state, trainer.frozen, sharding.global_batch(next(it),
                                                                                   trainer.mesh))

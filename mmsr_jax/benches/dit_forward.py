@@ -1,12 +1,5 @@
-"""``bench dit-forward``: our DiT vs diffusers' ``PixArtTransformer2DModel``, same weights and input.
-
-The PyTorch model is built from the chosen size with its own random initialisation, converted
-with ``mmsr_jax.models.pixart_import`` (the converter's code path) and both are timed on the same
-latent, timestep and caption states. The outputs are compared too (``max_abs_diff``), so a fast
-but wrong port cannot pass. PyTorch runs on CUDA when it sees a GPU, else on all CPU threads.
-
-  python -m mmsr_jax.bench dit-forward --json                         # PixArt-XL-2, 512px
-  python -m mmsr_jax.bench dit-forward --dit_size=b --dit_latent=32   # cheaper, on a CPU
+"""``bench dit-forward``: our DiT against diffusers' ``PixArtTransformer2DModel`` with the same
+converted weights and inputs: time of each and the largest output difference.
 """
 
 from __future__ import annotations

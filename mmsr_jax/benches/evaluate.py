@@ -1,13 +1,4 @@
-"""Benchmark ``evaluate``: how long PSNR + SSIM + NIQE take on a folder of image pairs.
-
-  python -m mmsr_jax.bench evaluate [--evaluate_pred=DIR --evaluate_gt=DIR] [--json]
-
-Defaults to the RealSR OSEDiff outputs in ``../shared/data/realsr`` (100 pairs of 512x512) when
-that folder exists, else to ``--evaluate_images`` synthetic 512x512 pairs held in memory. Reports
-the median time of the jitted metric calls on images already in memory (``metrics_s``, after a
-compiling warm-up) and, for folders, one full ``mmsr_jax.evaluate.evaluate`` run including file
-reading (``end_to_end_s``) with the mean scores it found.
-"""
+"""``bench evaluate``: time of PSNR / SSIM / NIQE on a folder of pairs (RealSR by default)."""
 
 from __future__ import annotations
 
@@ -30,7 +21,7 @@ def define_flags() -> None:
 
 
 def run() -> dict:
-  from mmsr_jax import evaluate
+  from mmsr_jax.evaluation import benchmark as evaluate
   from mmsr_jax.evaluation import metrics, niqe
   f = flags.FLAGS
   pred_dir, gt_dir = f.evaluate_pred, f.evaluate_gt

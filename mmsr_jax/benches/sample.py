@@ -1,34 +1,6 @@
-"""``bench sample``: images/s of the super-resolution sampler, and its memory at 2048x2048.
-
-  python -m mmsr_jax.bench sample --config=configs/dit_l.py --json
-  # a reduced model that a 2-core CPU runs in minutes:
-  python -m mmsr_jax.bench sample --config=configs/dit_l.py --config.model.depth=2 \\
-      --config.model.width=256 --config.model.num_heads=4 --config.model.context_heads=4 \\
-      --config.vq.arch.block_out_channels='(32,32,32,32,32)' \\
-      --config.autoencoder.arch.block_out_channels='(32,32,32,32)' \\
-      --sample_size=128 --sample_steps=4 --sample_large=512 --repeats=2
-
-What is timed is the whole jitted sampler of ``python -m mmsr_jax.sample`` (``mmsr_jax.tiling``):
-bicubic LR upsampling and VAE encode, VQ tokens of the three modality maps, the MMLC context,
-``--sample_steps`` DDIM steps with guidance (both branches in one batch), VAE decode, for a batch of
-``--sample_batch`` images of ``--sample_size`` pixels square (one latent tile each at the trained
-size), the batch split over all devices. The text encoder is not in the timed program: its states
-(``[2B, L, d_model]``, random here) are an input, as the sampler accepts them, because T5-XXL runs
-once per caption and need not share accelerator memory with sampling: ``python -m mmsr_jax.sample``
-keeps it on the host CPU (``config.sampling.text_device``, ``auto`` = host for T5-XXL on an
-accelerator) and passes its states in exactly so. Every memory figure below therefore excludes the
-text encoder; ``text_encoder`` says so and ``text_encoder_bytes`` gives its float32 weights.
-
-Weights: the config's frozen VAE / VQGAN files are used when they exist, else a random init (speed
-and memory do not depend on the values); the denoiser is randomly initialised.
-
-Reported: ``images_per_s``, ``seconds_per_batch``, ``batch``, ``peak_memory_bytes`` (the device's
-measured peak on GPU/TPU; on a CPU the compiled program's XLA memory analysis: arguments + outputs
-+ temporaries), ``device``; and for a ``--sample_large`` output (tiled: 25 tiles of 512px for
-2048), ``large_xla_bytes`` (XLA memory analysis of that program) and, when it is executed
-(``--sample_large_execute``, default on GPU/TPU), ``large_seconds`` and ``large_peak_memory_bytes``.
-``--sample_batch=0`` (default) picks, on an accelerator, the largest power of two whose compiled
-program fits in the device's memory limit, and 1 on a CPU.
+"""``bench sample``: images/s of the whole jitted sampler (512 px, 50 DDIM steps, m-CFG by default;
+the text encoder's states are an input, as sampling with T5-XXL on the host runs it), and the
+memory of a tiled 2048 px output.
 """
 
 from __future__ import annotations
@@ -36,11 +8,15 @@ from __future__ import annotations
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
 from mmsr_jax.benches import common
+from mmsr_jax.diffusion import sampler
+from mmsr_jax.inference import super_resolver
+from mmsr_jax.models import build
+from mmsr_jax.runtime import sharding
+from mmsr_jax.system import System
 
 _SIZE = flags.DEFINE_integer("sample_size", 512, "Output side in pixels for images/s.")
 _BATCH = flags.DEFINE_integer("sample_batch", 0, "Images per call; 0 = as large as fits "
@@ -81,49 +57,28 @@ def _frozen_config(config):
 
 
 class _Setup:
-  """Model, frozen encoders and random parameters for a config."""
+  """The config's system with random denoiser weights and its frozen encoders (no T5)."""
 
   def __init__(self, config):
-    from mmsr_jax.diffusion import schedule as diffusion
-    from mmsr_jax.runtime import sharding
-    from mmsr_jax.models.mmsr import Conditioner, build_model
-    self.config = config
-    self.model = build_model(config)
-    self.conditioner = Conditioner.from_config(config)
-    self.schedule = diffusion.Schedule.from_config(config.diffusion)
     devices = jax.devices()
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = len(devices), 1, 1  # data parallel
     config.batch_size = len(devices)  # (only checked by make_mesh; the bench has its own batch)
-    self.mesh = sharding.make_mesh(config, devices)
+    self.config = config
+    system = System.from_config(config, devices)
+    self.model, self.conditioner, self.schedule = system.model, system.conditioner, system.schedule
+    self.mesh = system.mesh
     repl = sharding.replicated(self.mesh)
-    f = config.autoencoder.factor
-    t = config.data.hr_size // f
-    c = self.conditioner.autoencoder.latent_channels
-    grid = config.data.map_size // self.conditioner.vq_downsample
-    l, d = config.text.max_length, config.text.encoder.d_model
-    init = lambda rng: self.model.init(  # noqa: E731
-        rng, jnp.zeros((1, t, t, c)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, t, t, c)),
-        jnp.zeros((1, l, d)), jnp.ones((1, l), jnp.int32), jnp.zeros((1, 3, grid, grid),
-                                                                     jnp.int32),
-        jnp.ones((1, 3), bool))["params"]
-    self.params = jax.jit(init, out_shardings=repl)(jax.random.key(0))
-    r_ae, r_vq = jax.random.split(jax.random.key(1))
-    m = config.data.map_size
-    from mmsr_jax.weights import params_io
-    vq_init = lambda: self.conditioner.vq.init(r_vq, jnp.zeros((1, m, m, 3)))["params"]  # noqa
-    vq = (params_io.load_params(config.vq.params, jax.eval_shape(vq_init), field="config.vq.params")
-          if config.vq.params else jax.jit(vq_init)())
-    self.frozen = jax.device_put({"ae": self.conditioner.autoencoder.init_params(r_ae),
-                                  "text": {}, "vq": vq}, repl)
+    self.params = jax.jit(lambda r: system.init_fn(r).params, out_shardings=repl)(
+        jax.random.key(0))
+    self.frozen = jax.device_put({**system.frozen_params(("ae", "vq")), "text": {}}, repl)
 
   def sample_fn(self, size: int, steps: int, guidance: str, tile_batch: int = 0,
                 map_batch: int = 0):
-    from mmsr_jax.diffusion import tiling
     s = self.config.data.scale
     if size % (s * self.config.autoencoder.factor):
       raise ValueError(f"output size {size} is not a multiple of scale x autoencoder factor")
-    grid = tiling.make_grid(self.config, (size // s, size // s))
-    fn = tiling.make_tiled_sample_fn(
+    grid = sampler.make_grid(self.config, (size // s, size // s))
+    fn = sampler.make_sample_fn(
         self.model, self.conditioner, self.schedule, grid, steps=steps, guidance=guidance,
         spacing=self.config.sampling.spacing, clip_x0=self.config.sampling.clip_x0,
         strength=1.0, mesh=self.mesh, tile_batch=tile_batch or None, map_batch=map_batch or None)
@@ -148,11 +103,9 @@ class _Setup:
 
 def _text_encoder(config) -> dict:
   """How the memory figures treat the text encoder, and its size (from shapes only)."""
-  from mmsr_jax import sample
-  from mmsr_jax.models.mmsr import Conditioner
-  n = sample.text_param_bytes(Conditioner.from_config(config), config)
+  n = super_resolver.text_param_bytes(build.conditioner(config))
   where = ("on the host CPU (config.sampling.text_device=auto or cpu), so sampling needs no "
-           "accelerator memory for it" if n > sample.AUTO_HOST_TEXT_BYTES else
+           "accelerator memory for it" if n > super_resolver.AUTO_HOST_TEXT_BYTES else
            "on the accelerator with text_device=auto (small), on the host with text_device=cpu")
   note = (f"excluded from every memory figure (its states are an input); python -m "
           f"mmsr_jax.sample keeps its {n / 2 ** 30:.2f} GiB of weights {where}")

@@ -1,18 +1,5 @@
-r"""``python -m mmsr_jax.bench train --config=configs/dit_l.py``: step time, images/s and MFU.
-
-Times the real jitted, donated update step of ``mmsr_jax.train.Trainer`` (frozen encoders, loss,
-backward, AdamW, EMA) on one synthetic global batch of the config's shapes (``batch_size``,
-``data.hr_size``; change them with ``--config.batch_size=...``). MFU counts the trainable model's
-FLOPs from the config (``mmsr_jax.flops``: forward x 3) against the devices' dense bf16 peak;
-``xla_tflops_per_step`` / ``hfu_xla`` are XLA's own count of the whole compiled step (frozen
-encoders and rematerialisation included). Frozen weights are randomly initialised and the caption
-tokenizer is the byte tokenizer (no weight files or hub access needed; the timing does not
-depend on the values).
-
-  python -m mmsr_jax.bench train --config=configs/dit_l.py --json
-  python -m mmsr_jax.bench train --config=configs/dit_l.py --config.model.depth=2 \
-      --config.model.width=256 --config.model.num_heads=4 --config.data.hr_size=128 \
-      --config.batch_size=2 --config.compute_dtype=float32   # a CPU-sized smoke run
+r"""``bench train``: step time, images/s and MFU of the real SR update step on a synthetic batch of
+the config's shapes, with XLA's own FLOP count of the compiled step.
 """
 
 from __future__ import annotations
@@ -31,7 +18,7 @@ def define_flags() -> None:
   global _PEAK
   _PEAK = flags.DEFINE_float(
       "peak_flops", 0.0, "Peak FLOP/s per device for MFU when the device is not in "
-      "mmsr_jax.flops.PEAK_FLOPS (e.g. CPU); 0 = the table (MFU null when unknown).")
+      "mmsr_jax.training.flops.PEAK_FLOPS (e.g. CPU); 0 = the table (MFU null when unknown).")
 
 
 def synthetic_batch(config, seed: int = 0) -> dict:
@@ -55,13 +42,13 @@ def measure(config, *, peak_flops: float = 0.0, repeats: int | None = None,
   import jax
 
   from mmsr_jax.training import flops as flops_lib
-  from mmsr_jax import train
+  from mmsr_jax.training.sr_task import SRTask
   from mmsr_jax.runtime import sharding
   config = config.copy_and_resolve_references()
   config.text.params = config.vq.params = config.autoencoder.params = ""
   config.text.tokenizer = "byte"
   config.model.init_from = ""
-  trainer = train.Trainer(config, "/unused", devices=devices)
+  trainer = SRTask(config, "/unused", devices=devices)
   state = trainer.init_state()
   batch = sharding.global_batch(synthetic_batch(config), trainer.mesh)
 

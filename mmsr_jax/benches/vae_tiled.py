@@ -1,16 +1,5 @@
-"""``bench vae-tiled``: memory (and time) of the tiled KL-VAE decode of a large image.
-
-Measures the tiled decode the sampler runs (``mmsr_jax.tiling.vae_tiled``: tiles one after another
-in a ``lax.map``, raised-cosine blend). For an output of ``--vae_size`` pixels square it reports
-
-* ``tiled_peak_bytes_xla`` / ``untiled_peak_bytes_xla``: arguments + outputs + temporaries of the
-  compiled tiled decode of the whole latent, and of the plain decode of the whole latent at once,
-  from XLA's memory analysis (compiled, not run: the untiled one would not fit on many devices);
-* with ``--vae_execute`` (the default on GPU/TPU): the tiled decode is run and timed, and
-  ``peak_memory_bytes`` is the device's measured peak (host RSS on a CPU).
-
-  python -m mmsr_jax.bench vae-tiled --json                       # SD VAE, 2048x2048 output
-  python -m mmsr_jax.bench vae-tiled --vae_arch=tiny --vae_execute # a quick run on a CPU
+"""``bench vae-tiled``: time and peak memory of the tiled VAE decode the sampler runs for large
+outputs, against the untiled decode.
 """
 
 from __future__ import annotations
@@ -36,7 +25,7 @@ def _xla_peak(fn, *args) -> int:
 
 
 def run() -> dict:
-  from mmsr_jax.diffusion import tiling
+  from mmsr_jax.diffusion import tiles
   from mmsr_jax.models import autoencoder as ae_lib
   from mmsr_jax.models import vae as vae_lib
 
@@ -52,7 +41,7 @@ def run() -> dict:
   overlap = min(_OVERLAP.value, tile - 1)
 
   def decode_tiled(params, z):
-    return tiling.vae_tiled(lambda t: ae.decode(params, t), z, unit_in=1, unit_out=f,
+    return tiles.vae_tiled(lambda t: ae.decode(params, t), z, unit_in=1, unit_out=f,
                             tile=tile, overlap=overlap)
 
   z_spec = jax.ShapeDtypeStruct((1, lat, lat, arch.latent_channels), jnp.float32)

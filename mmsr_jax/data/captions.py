@@ -1,13 +1,6 @@
-"""Caption tokenizers.
-
-Two kinds, chosen by ``config.text.tokenizer``:
-
-* ``"byte"``: the ByT5 rule (UTF-8 bytes shifted by 3; 0 = pad, 1 = eos, 2 = unk). It needs no
-  vocabulary file, so the tiny CPU configuration and the tests run offline.
-* any other string: a local folder or hub id handed to ``transformers.AutoTokenizer`` (for example
-  a T5 v1.1 / Flan-T5 SentencePiece tokenizer for the ``dit_*`` configurations).
-
-Both return fixed-length ``int32`` ids and an attention mask, so batches have static shapes.
+"""Caption tokenizers: ``byte`` (ByT5's byte rule, no vocabulary file, for the tiny config and tests)
+or a transformers tokenizer from a folder / hub id (T5 for the research configs); both give
+fixed-length int32 ids and a mask.
 """
 
 from __future__ import annotations

@@ -1,13 +1,5 @@
-"""Built-in demo data for the tiny CPU configuration.
-
-The images are read at run time from packages that are already installed (scikit-image's
-``skimage.data`` and matplotlib's sample data); nothing is copied into this repository. Each image
-comes with a short hand-written caption. ``stereo_motorcycle`` also ships a ground-truth disparity
-map, which is turned into a real depth map (nearer = brighter). No demo image has a segmentation
-map.
-
-The split is fixed: ``chelsea`` and ``coffee`` are held out for validation, the other images
-train.
+"""The built-in demo photos (scikit-image's and matplotlib's sample images, read at run time,
+never copied here) with their captions; the stereo motorcycle brings a real depth map.
 """
 
 from __future__ import annotations

@@ -1,13 +1,5 @@
-"""Reading and writing images of every common mode for super-resolution.
-
-The model sees float RGB in [0, 1]. :class:`Picture` carries that plus what is needed to give the
-result back in the input's own kind: the alpha channel (upscaled separately, bicubic, never
-through the model), whether the input was greyscale, and its bit depth (8 or 16).
-
-Handled: RGB, RGBA, greyscale (``L``, ``LA``, ``1``, ``I;16``, ``I``), palette (``P``/``PA``,
-with or without a transparent colour), CMYK / YCbCr JPEGs, 16-bit PNG and TIFF (read through
-OpenCV, since Pillow truncates 16-bit colour to 8 bits), JPEG, WebP, BMP; the EXIF orientation
-is applied. Outputs are PNG: 16-bit when the input was 16-bit, greyscale when it was greyscale.
+"""Reading and writing images of every common mode: :class:`Picture` is float RGB in [0, 1] for the
+model plus what is needed to write the result back in the input's kind (alpha, grey, 16 bits).
 """
 
 from __future__ import annotations
@@ -217,3 +209,18 @@ def write_png(path: str, pic: Picture) -> None:
       raise OSError(f"{path}: OpenCV could not write the 16-bit PNG")
   else:
     Image.fromarray(arr).save(path, format="PNG")
+
+
+class BadImage(ValueError):
+  """An image that cannot be used (unreadable, truncated or too small)."""
+
+
+def read_image(path: str) -> np.ndarray:
+  """Reads an image file as uint8 HxWx3 RGB; BadImage when it cannot be fully decoded."""
+  try:
+    with Image.open(path) as im:
+      im.load()  # raises on truncated data (PIL never pads silently here)
+      rgb = im.convert("RGB")
+    return np.asarray(rgb, np.uint8)
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise BadImage(f"cannot decode image: {e}") from e

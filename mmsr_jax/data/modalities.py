@@ -1,8 +1,6 @@
-"""Spatial modality maps: on-the-fly Canny edges and rendering maps as 3-channel images.
-
-Every map is rendered to ``size x size x 3`` float32 in [-1, 1], the input format of the VQ
-tokenizer: depth and edges as grey replicated over 3 channels, segmentation label maps through a
-fixed deterministic colour palette (label 0 is black).
+"""Modality maps as the VQ tokenizer sees them: the one Canny edge detector, crops of a record's
+maps, and rendering (``size x size x 3`` float32 in [-1, 1]: depth and edges grey, segmentation
+labels through a fixed palette with label 0 black).
 """
 
 from __future__ import annotations
@@ -11,9 +9,7 @@ import cv2
 import numpy as np
 
 from mmsr_jax.data.simple_degradation import bicubic_upsample
-from mmsr_jax.models.context import SPATIAL_MODALITIES
-
-MODALITIES = SPATIAL_MODALITIES  # one definition of the order, shared with the model
+from mmsr_jax.formats.records import MODALITIES
 CANNY_THRESHOLDS = (100, 200)
 PALETTE_SEED = 20250318
 PALETTE_SIZE = 256
@@ -37,20 +33,17 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
   return np.round(np.clip(img.astype(np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
+def canny(image: np.ndarray) -> np.ndarray:
+  """Canny edges (the project's thresholds) of a uint8 RGB (or grey) image at its own size, as
+  float32 {0, 1}."""
+  image = np.ascontiguousarray(image)
+  grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
+  return (cv2.Canny(grey, *CANNY_THRESHOLDS) > 0).astype(np.float32)
+
+
 def canny_edges(lr: np.ndarray, size: int) -> np.ndarray:
-  """Canny edges of an LR image, computed after bicubic upsampling to ``size x size``.
-
-  Args:
-    lr: uint8 HxWx3 or float HxWx3 in [0, 1] (HxW grey also accepted).
-    size: the side of the square output.
-
-  Returns:
-    float32 [size, size] with values in {0, 1}.
-  """
-  up = bicubic_upsample(_to_uint8(lr), size)
-  grey = cv2.cvtColor(up, cv2.COLOR_RGB2GRAY) if up.ndim == 3 else up
-  edges = cv2.Canny(np.ascontiguousarray(grey), *CANNY_THRESHOLDS)
-  return (edges > 0).astype(np.float32)
+  """Canny edges of an LR image (uint8, or float in [0, 1]) bicubic-upsampled to ``size``."""
+  return canny(bicubic_upsample(_to_uint8(lr), size))
 
 
 def colorize_seg(labels: np.ndarray) -> np.ndarray:
@@ -106,3 +99,32 @@ def render_map(kind: str, array: np.ndarray, size: int) -> np.ndarray:
   grey = _resize(np.clip(array.astype(np.float32), 0.0, 1.0), size, nearest=False)
   grey = np.clip(grey, 0.0, 1.0) * np.float32(2.0) - np.float32(1.0)
   return np.repeat(grey[..., None], 3, axis=-1).astype(np.float32)
+
+
+def crop_maps(record: dict, top: int, left: int, side: int, flip: bool,
+              kinds=MODALITIES) -> dict[str, np.ndarray]:
+  """The raw maps of ``kinds`` that ``record`` has, cropped to the ``side`` box at (top, left) of
+  its image frame and mirrored when ``flip``. A map stored at another size than the image (the
+  annotator keeps LR-sized maps) is cropped at the box scaled onto its own frame."""
+  image = record.get("image")
+  h, w = image.shape[:2] if image is not None else next(
+      record[k].shape for k in MODALITIES if record.get(k) is not None)
+  out = {}
+  for k in kinds:
+    m = record.get(k)
+    if m is None:
+      continue
+    fy, fx = m.shape[0] / h, m.shape[1] / w
+    t, l_ = int(round(top * fy)), int(round(left * fx))
+    sh, sw = max(1, int(round(side * fy))), max(1, int(round(side * fx)))
+    m = m[t:t + sh, l_:l_ + sw]
+    out[k] = np.ascontiguousarray(m[:, ::-1] if flip else m)
+  return out
+
+
+def render_crop_maps(record: dict, top: int, left: int, size: int, flip: bool,
+                     map_size: int) -> dict[str, np.ndarray]:
+  """The depth and seg maps of one training crop rendered at ``map_size``: what the SR input
+  pipeline feeds the tokenizer and what ``python -m mmsr_jax.precompute`` stores ids of."""
+  return {k: render_map(k, v, map_size)
+          for k, v in crop_maps(record, top, left, size, flip, ("depth", "seg")).items()}

@@ -1,48 +1,6 @@
-"""The Real-ESRGAN second-order degradation (and the lighter SeeSR preset), blur/resize/noise in JAX.
-
-The pipeline (Wang et al. 2021, default "x4plus" ranges; figures in DEGRADATION_AND_METRICS.md):
-
-  HR -> blur(k1) -> resize(up/down/keep) -> noise(Gaussian | Poisson, colour | grey) -> clamp
-     -> JPEG -> [blur(k2) with p] -> resize -> noise -> final, one of two orders with p = 0.5:
-     (a) resize to H/s x W/s -> sinc -> clamp -> JPEG, or (b) clamp -> JPEG -> resize -> sinc
-     -> quantise to multiples of 1/255.
-
-Where each part runs, and why:
-
-* **Host, per example** (``sample_params``, inside the Grain worker): every random choice
-  (kernel family and shape, sinc cutoffs, resize direction / factor / mode, noise kind and level,
-  JPEG qualities, final order, a noise seed) is drawn from the example's own
-  ``np.random.Generator``, which Grain derives from (seed, global example index). So the draw
-  for example i is the same whatever batch it lands in, the worker count or the process count
-  (the device stages are vmapped per example; the noise key is one of the draws).
-  Kernels are built here (small 21x21 arrays), as the reference builds them in its data workers.
-* **Device, batched and jitted** (``RealESRGANDegrader``): blur, resize and noise, three jitted
-  functions (stage 1, stage 2, final) ``vmap``-ed over the batch. Random sizes would recompile a
-  jitted function for every new shape, so each stage works on a fixed-size canvas (the largest
-  size the preset can produce) with the image in its top-left corner:
-  - blur = reflect padding (a gather whose indices fold at the *valid* image border, exactly
-    ``F.pad(mode='reflect')`` of the reference) followed by a depthwise 2D correlation with the
-    example's kernel (the reference's ``filter2D``);
-  - resize = two matrix products ``R_h @ x @ R_w^T`` whose rows hold the interpolation weights of
-    torch's ``F.interpolate`` (``area`` = adaptive average pooling windows, ``bilinear`` and
-    ``bicubic`` (a = -0.75) with half-pixel centres, no antialiasing); rows beyond the output size
-    are zero, so the canvas stays fixed;
-  - noise = Gaussian (sigma of 255) or Poisson (``poisson(x * v) / v - x`` with
-    ``v = 2^ceil(log2(#distinct grey levels))``, counted on the valid region, times the scale),
-    colour or grey (one noise plane on all channels; Poisson on the luma), then clamp.
-* **Host, between the device stages**: JPEG (OpenCV, integer quality) on the valid region. The
-  reference applies JPEG after stage 1 and inside the final stage, so the round trip is inherent;
-  OpenCV releases the GIL, so the JPEGs of a batch run on a thread pool.
-
-The device work per batch is a few convolutions and matrix products, tiny next to a diffusion
-training step; the host does the cropping, kernel sampling and JPEG for the *next* batches in
-Grain workers / a prefetch thread (see ``pipeline.make_train_loader``), so the accelerator is not
-left waiting (``python -m mmsr_jax.bench data`` measures the share).
-
-Differences from the reference, by design: resize direction/factor/mode are drawn per example
-(the reference draws them once per batch); JPEG is libjpeg through OpenCV at a rounded quality
-(the reference uses a differentiable JPEG port with a float quality). The distribution matches,
-the bits do not.
+"""The Real-ESRGAN second-order degradation (and the lighter SeeSR preset): random parameters drawn
+per example on the host, blur / resize / noise as jitted batch stages on fixed-size canvases, JPEG
+on the host. ``docs/internals.md`` explains the split and the differences from the reference.
 """
 
 from __future__ import annotations

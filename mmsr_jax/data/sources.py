@@ -1,55 +1,27 @@
-"""Random-access training sources: image folders, TFDS datasets and annotated ArrayRecord shards.
-
-Every source returns records ``{'name': str, 'image': uint8 HxWx3, 'depth': float HxW | None,
-'seg': int HxW | None, 'caption': str}`` (maps already on the image's grid), the format of the
-demo records, so one Grain transform serves them all.
-
-* ``FolderSource``: every image under a folder, recursively (LSDIR / DIV2K layouts), in sorted
-  path order; an optional ``<stem>.txt`` next to an image is its caption.
-* ``TfdsSource``: ``tfds.data_source(name, split=...)`` (ArrayRecord-backed random access; e.g.
-  ``div2k``, whose HR image is the ``hr`` feature).
-* ``ArrayRecordSource``: shards written by ``python -m mmsr_jax.annotate``; records tokenized by
-  ``python -m mmsr_jax.tokenize --crop_size=S`` also carry their token-id crop bank as
-  ``'vq_bank'`` (``mmsr_jax.tokenize.read_crop_bank``).
-
-``CheckedSource`` wraps any of them: an image that cannot be decoded (unreadable, truncated) or is
-smaller than ``min_size`` becomes a ``{'bad': reason}`` record, is logged with its path and
-counted; the loader drops such records (``DropBad``). When more than ``max_bad_fraction`` of the
-records a process has read are bad (after at least ``MIN_CHECKED`` reads), reading stops with a
-ValueError naming the share and the first bad paths. Counts are of distinct images, per process
-(each Grain worker counts its own reads); each bad path is logged once.
+"""Random-access training sources (demo photos, image folders, TFDS, annotated ArrayRecord shards),
+all returning the same record dict, and ``CheckedSource``, which skips, logs and counts bad images
+and stops a run when too many are bad.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import threading
 from typing import Any
 
 import cv2
 import grain.python as pygrain
+import jax
 import numpy as np
+import ml_collections
 from absl import logging
-from PIL import Image
+
+from mmsr_jax.data import demo
+from mmsr_jax.data.images import BadImage, read_image
+from mmsr_jax.formats.records import decode_record, list_shards, read_crop_bank
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 MIN_CHECKED = 20
-
-
-class BadImage(ValueError):
-  """An image that cannot be used (unreadable, truncated or too small)."""
-
-
-def read_image(path: str) -> np.ndarray:
-  """Reads an image file as uint8 HxWx3 RGB; BadImage when it cannot be fully decoded."""
-  try:
-    with Image.open(path) as im:
-      im.load()  # raises on truncated data (PIL never pads silently here)
-      rgb = im.convert("RGB")
-    return np.asarray(rgb, np.uint8)
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    raise BadImage(f"cannot decode image: {e}") from e
 
 
 def _caption_for(path: str) -> str:
@@ -139,22 +111,9 @@ class TfdsSource:
     self.__init__(*state["args"])
 
 
-def annotation_shards(path: str) -> list[str]:
-  """The finished ``.array_record`` shards of an annotate output folder (or a glob)."""
-  if os.path.isdir(path):
-    files = sorted(glob.glob(os.path.join(path, "*.array_record")))
-  else:
-    files = sorted(glob.glob(path))
-  if not files:
-    raise FileNotFoundError(f"config.data.path={path!r}: no .array_record shards found")
-  return files
-
-
 def training_record(data: bytes, default_name: str) -> dict[str, Any]:
   """An annotator record (bytes) as a training record (:func:`on_image_grid`), plus
   ``'vq_bank'`` when the record was tokenized with a crop bank."""
-  from mmsr_jax.annotate import decode_record  # pylint: disable=g-import-not-at-top
-  from mmsr_jax.tokenize import read_crop_bank  # pylint: disable=g-import-not-at-top
   out = on_image_grid(decode_record(data), default_name)
   bank = read_crop_bank(data)
   if bank is not None:
@@ -164,7 +123,7 @@ def training_record(data: bytes, default_name: str) -> dict[str, Any]:
 
 def on_image_grid(rec: dict[str, Any], default_name: str) -> dict[str, Any]:
   """A decoded annotator record (``annotate.decode_record``) with its maps resized onto the
-  image's grid. ``ArrayRecordSource`` and ``python -m mmsr_jax.tokenize`` both read records
+  image's grid. ``ArrayRecordSource`` and ``python -m mmsr_jax.precompute`` both read records
   through this function."""
   h, w = rec["image"].shape[:2]
   def onto(x, interp):
@@ -183,7 +142,7 @@ class ArrayRecordSource:
 
   def __init__(self, path: str):
     self.path = path
-    self.files = annotation_shards(path)
+    self.files = list_shards(path, "config.data.path")
     self._ds = pygrain.ArrayRecordDataSource(self.files)
 
   def __len__(self) -> int:
@@ -210,9 +169,6 @@ class CheckedSource:
   """Skips, logs and counts bad records of ``inner``; stops when too many are bad."""
 
   def __init__(self, inner, min_size: int, max_bad_fraction: float):
-    if not 0.0 <= max_bad_fraction <= 1.0:
-      raise ValueError(f"config.data.max_bad_fraction={max_bad_fraction}: expected a share in "
-                       "[0, 1]")
     self.inner = inner
     self.min_size = int(min_size)
     self.max_bad_fraction = float(max_bad_fraction)
@@ -284,3 +240,68 @@ class DropBad(pygrain.FilterTransform):
 
   def filter(self, element: dict[str, Any]) -> bool:
     return "bad" not in element
+
+
+
+
+class DemoSource:
+  """Grain random-access data source over the demo records of one split.
+
+  Pickles as just the split name (records are reloaded, from the in-process cache, in each
+  worker), so it is cheap to ship to grain worker processes.
+  """
+
+  def __init__(self, split: str = "train"):
+    self._split = split
+    self._records = demo.load_demo_records(split)
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self._records[int(index)]
+
+  def __repr__(self) -> str:
+    return f"DemoSource(split={self._split!r}, n={len(self._records)})"
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {"split": self._split}
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__init__(state["split"])
+
+
+def make_source(config: ml_collections.ConfigDict, split: str = "train"):
+  """The Grain data source that config.data.{source, path, ...} names.
+
+  'demo': the built-in photos. 'folder': images under config.data.path (recursive). 'tfds':
+  ``tfds.data_source(config.data.path, split=config.data.tfds_split)`` from
+  config.data.tfds_data_dir. 'arrayrecord': annotate shards in config.data.path. Every source
+  but the demo is wrapped in ``CheckedSource`` (bad images skipped and counted).
+  """
+  name = config.data.source
+  if name == "demo":
+    return DemoSource(split)
+  d = config.data
+  path = d.get("path", "")
+  if name == "folder":
+    inner = FolderSource(path)
+  elif name == "tfds":
+    inner = TfdsSource(path, split=d.get("tfds_split", "train"),
+                               data_dir=d.get("tfds_data_dir", "") or None,
+                               image_key=d.get("image_key", ""),
+                               caption_key=d.get("caption_key", ""))
+  else:
+    inner = ArrayRecordSource(path)
+  return CheckedSource(inner, min_size=int(d.get("min_image_size", 64)),
+                               max_bad_fraction=float(d.get("max_bad_fraction", 0.05)))
+
+
+def per_process_batch_size(config: ml_collections.ConfigDict) -> int:
+  """config.batch_size split over JAX processes; ValueError if it does not divide."""
+  n = jax.process_count()
+  if config.batch_size % n:
+    raise ValueError(
+        f"config.batch_size={config.batch_size} is not divisible by the number of JAX "
+        f"processes ({n})")
+  return config.batch_size // n

@@ -1,32 +1,5 @@
-"""Grain input pipeline: sources, crops, degradation, modality maps, captions.
-
-Sources (``config.data.source``): the built-in demo photos, image folders, TFDS datasets and the
-annotator's ArrayRecord shards (``mmsr_jax/data/sources.py``). Degradation
-(``config.data.degradation``): 'simple' (one stage on the host, the tiny demo) or the
-Real-ESRGAN second-order pipeline ('realesrgan', 'seesr'; ``mmsr_jax/data/realesrgan.py``),
-whose parameters are drawn in the Grain transform and which ``DegradingIterator`` applies
-batch-wise (jitted blur/resize/noise, host JPEG) in a prefetch thread.
-
-Training examples come from a ``grain.python.DataLoader`` sharded per JAX process. The random
-transform draws everything from the per-record generator that grain's ``IndexSampler`` derives
-from ``config.seed`` and the example's global position in the sharded, shuffled index stream
-(the number of Grain workers does not change it), so the batches are reproducible and the
-iterator state (``get_state`` / ``set_state``) is enough to resume exactly. Save that state with
-Orbax through ``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore`` (aliases:
-``grain.python.PyGrainCheckpointSave`` / ``PyGrainCheckpointRestore``).
-
-Example dict (numpy), S = hr size, M = map size, L = text length:
-
-* ``'hr'``: float32 [S, S, 3] in [-1, 1]
-* ``'lr'``: float32 [S/scale, S/scale, 3] in [-1, 1]
-* ``'depth'``, ``'seg'``, ``'edge'``: float32 [M, M, 3] in [-1, 1] (zeros when absent)
-* ``'present'``: bool [3], order (depth, seg, edge); edge is always present
-* ``'text_ids'``, ``'text_mask'``: int32 [L]
-* ``'vq_ids'``: int32 [3, g, g], only with ``config.vq.ids_from='shards'``: the token ids of the
-  depth and seg crops, read from the record's crop bank (``python -m mmsr_jax.tokenize
-  --crop_size=S``); the edge slot is 0 (edges come from the LR and are tokenized each step)
-
-Evaluation examples (``make_eval_examples``) add ``'name'`` and ``'caption'`` (str).
+"""SR training and held-out examples: random crops, degradation, modality maps and caption tokens,
+and the deterministic, checkpointable Grain loader (example format: :func:`make_train_loader`).
 """
 
 from __future__ import annotations
@@ -39,34 +12,41 @@ from typing import Any, Protocol
 
 import cv2
 import grain.python as pygrain
-import jax
 import ml_collections
 import numpy as np
 
 from mmsr_jax.data import demo, realesrgan, sources
 from mmsr_jax.data.simple_degradation import simple_degrade
-from mmsr_jax.data.modalities import MODALITIES, canny_edges, render_map
+from mmsr_jax.data.modalities import MODALITIES, canny_edges, render_crop_maps, render_map
+from mmsr_jax.formats.records import file_sha256, read_crop_bank
+from mmsr_jax.weights.params_io import params_file
 
-ALLOWED_SOURCES: tuple[str, ...] = ("demo", "folder", "tfds", "arrayrecord")
-DEGRADATIONS: tuple[str, ...] = ("simple",) + tuple(realesrgan.PRESETS)
 EVAL_SEED = 1234
 DEFAULT_EVAL_SIZE = 128
 
 
-class Tokenizer(Protocol):
+class CaptionTokenizer(Protocol):
   """What the pipeline needs from a caption tokenizer."""
 
   def encode(self, text: str, length: int) -> tuple[np.ndarray, np.ndarray]:
     ...
 
 
-def _check_source(config: ml_collections.ConfigDict) -> str:
-  source = config.data.source
-  if source not in ALLOWED_SOURCES:
-    raise ValueError(
-        f"config.data.source={source!r} is not supported by this pipeline; allowed values: "
-        f"{ALLOWED_SOURCES}")
-  return source
+def resize_min_side(record: dict[str, Any], min_side: int) -> dict[str, Any]:
+  """Upscales image (cubic), depth (linear) and seg (nearest) so the short side >= min_side."""
+  h, w = record["image"].shape[:2]
+  if min(h, w) >= min_side:
+    return record
+  f = min_side / min(h, w)
+  nh, nw = max(min_side, int(round(h * f))), max(min_side, int(round(w * f)))
+  out = dict(record)
+  out["image"] = cv2.resize(record["image"], (nw, nh), interpolation=cv2.INTER_CUBIC)
+  if record.get("depth") is not None:
+    out["depth"] = cv2.resize(record["depth"], (nw, nh), interpolation=cv2.INTER_LINEAR)
+  if record.get("seg") is not None:
+    out["seg"] = cv2.resize(record["seg"].astype(np.int32), (nw, nh),
+                            interpolation=cv2.INTER_NEAREST)
+  return out
 
 
 def _load_records(config: ml_collections.ConfigDict, split: str) -> list[dict[str, Any]]:
@@ -85,110 +65,8 @@ def _load_records(config: ml_collections.ConfigDict, split: str) -> list[dict[st
   return demo.load_demo_records(split)
 
 
-class DemoSource:
-  """Grain random-access data source over the demo records of one split.
-
-  Pickles as just the split name (records are reloaded, from the in-process cache, in each
-  worker), so it is cheap to ship to grain worker processes.
-  """
-
-  def __init__(self, split: str = "train"):
-    self._split = split
-    self._records = demo.load_demo_records(split)
-
-  def __len__(self) -> int:
-    return len(self._records)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    return self._records[int(index)]
-
-  def __repr__(self) -> str:
-    return f"DemoSource(split={self._split!r}, n={len(self._records)})"
-
-  def __getstate__(self) -> dict[str, Any]:
-    return {"split": self._split}
-
-  def __setstate__(self, state: dict[str, Any]) -> None:
-    self.__init__(state["split"])
-
-
-def _degradation(config: ml_collections.ConfigDict) -> str:
-  name = config.data.get("degradation", "simple")
-  if name not in DEGRADATIONS:
-    raise ValueError(f"config.data.degradation={name!r}: expected one of {DEGRADATIONS}")
-  return name
-
-
-def make_source(config: ml_collections.ConfigDict, split: str = "train"):
-  """The Grain data source that config.data.{source, path, ...} names.
-
-  'demo': the built-in photos. 'folder': images under config.data.path (recursive). 'tfds':
-  ``tfds.data_source(config.data.path, split=config.data.tfds_split)`` from
-  config.data.tfds_data_dir. 'arrayrecord': annotate shards in config.data.path. Every source
-  but the demo is wrapped in ``sources.CheckedSource`` (bad images skipped and counted).
-  """
-  name = _check_source(config)
-  if name == "demo":
-    return DemoSource(split)
-  d = config.data
-  path = d.get("path", "")
-  if not path:
-    raise ValueError(f"config.data.path is empty; config.data.source={name!r} needs it")
-  if name == "folder":
-    inner = sources.FolderSource(path)
-  elif name == "tfds":
-    inner = sources.TfdsSource(path, split=d.get("tfds_split", "train"),
-                               data_dir=d.get("tfds_data_dir", "") or None,
-                               image_key=d.get("image_key", ""),
-                               caption_key=d.get("caption_key", ""))
-  else:
-    inner = sources.ArrayRecordSource(path)
-  return sources.CheckedSource(inner, min_size=int(d.get("min_image_size", 64)),
-                               max_bad_fraction=float(d.get("max_bad_fraction", 0.05)))
-
-
-def _resize_min_side(record: dict[str, Any], min_side: int) -> dict[str, Any]:
-  """Upscales image (cubic), depth (linear) and seg (nearest) so the short side >= min_side."""
-  h, w = record["image"].shape[:2]
-  if min(h, w) >= min_side:
-    return record
-  f = min_side / min(h, w)
-  nh, nw = max(min_side, int(round(h * f))), max(min_side, int(round(w * f)))
-  out = dict(record)
-  out["image"] = cv2.resize(record["image"], (nw, nh), interpolation=cv2.INTER_CUBIC)
-  if record.get("depth") is not None:
-    out["depth"] = cv2.resize(record["depth"], (nw, nh), interpolation=cv2.INTER_LINEAR)
-  if record.get("seg") is not None:
-    out["seg"] = cv2.resize(record["seg"].astype(np.int32), (nw, nh),
-                            interpolation=cv2.INTER_NEAREST)
-  return out
-
-
 def _crop(x: np.ndarray | None, top: int, left: int, size: int) -> np.ndarray | None:
   return None if x is None else x[top:top + size, left:left + size]
-
-
-def render_crop_maps(record: dict[str, Any], top: int, left: int, size: int, flip: bool,
-                     map_size: int) -> dict[str, np.ndarray]:
-  """The depth and seg maps of one crop, rendered as the model sees them.
-
-  Crops ``record``'s maps (already on the image grid, e.g. after ``_resize_min_side``) to the
-  ``size x size`` box at (top, left), mirrors them horizontally when ``flip`` and renders each at
-  ``map_size`` (``render_map``). The training transform and ``python -m mmsr_jax.tokenize``
-  (which stores token ids of these exact maps) both go through this function.
-
-  Returns:
-    ``{'depth': ..., 'seg': ...}`` float32 [map_size, map_size, 3] for the maps the record has.
-  """
-  out = {}
-  for k in ("depth", "seg"):
-    x = _crop(record.get(k), top, left, size)
-    if x is None:
-      continue
-    if flip:
-      x = x[:, ::-1]
-    out[k] = render_map(k, np.ascontiguousarray(x), map_size)
-  return out
 
 
 BANK_SEED = 20251126
@@ -217,7 +95,7 @@ def crop_bank_boxes(h: int, w: int, size: int, n: int, key: int) -> np.ndarray:
 
 
 def context_example(maps: dict[str, np.ndarray], caption: str, *, map_size: int, text_len: int,
-                    tokenizer: Tokenizer,
+                    tokenizer: CaptionTokenizer,
                     rendered: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
   """Rendered maps (zeros when absent), ``present`` and caption tokens; no LR-derived part.
 
@@ -243,7 +121,7 @@ def context_example(maps: dict[str, np.ndarray], caption: str, *, map_size: int,
 
 
 def conditioning_example(lr: np.ndarray, maps: dict[str, np.ndarray], caption: str, *,
-                         map_size: int, text_len: int, tokenizer: Tokenizer,
+                         map_size: int, text_len: int, tokenizer: CaptionTokenizer,
                          rendered: dict[str, np.ndarray] | None = None
                          ) -> dict[str, np.ndarray]:
   """The model's conditioning for one LR image, shared by training and sampling.
@@ -267,7 +145,7 @@ def conditioning_example(lr: np.ndarray, maps: dict[str, np.ndarray], caption: s
 
 def _build_example(image: np.ndarray, rendered: dict[str, np.ndarray], caption: str,
                    rng: np.random.Generator, *, scale: int, map_size: int, text_len: int,
-                   tokenizer: Tokenizer, degradation: str = "simple") -> dict[str, np.ndarray]:
+                   tokenizer: CaptionTokenizer, degradation: str = "simple") -> dict[str, np.ndarray]:
   """Degrades an HR crop and assembles the example dict (see the module docstring);
   ``rendered`` holds the crop's depth / seg maps from ``render_crop_maps``."""
   hr = image.astype(np.float32) / np.float32(255.0)
@@ -283,7 +161,7 @@ def _build_example(image: np.ndarray, rendered: dict[str, np.ndarray], caption: 
 
 IDS_FROM_SHARDS_NEEDS = (
     "config.vq.ids_from='shards' needs config.data.source='arrayrecord' with shards written by "
-    "python -m mmsr_jax.tokenize --crop_size=...")
+    "python -m mmsr_jax.precompute --crop_size=...")
 
 
 class MakeTrainingExample(pygrain.RandomMapTransform):
@@ -293,21 +171,14 @@ class MakeTrainingExample(pygrain.RandomMapTransform):
   so the output is a pure function of (seed, index).
 
   With ``ids_from='shards'`` the crop is one of the boxes of the record's token-id bank (written
-  by ``python -m mmsr_jax.tokenize --crop_size=hr_size``; ``sources.ArrayRecordSource`` passes it
+  by ``python -m mmsr_jax.precompute --crop_size=hr_size``; ``sources.ArrayRecordSource`` passes it
   as ``'vq_bank'``), and the example gets that box's stored depth / seg ids as ``'vq_ids'``.
   """
 
   def __init__(self, hr_size: int, scale: int, map_size: int, text_len: int,
-               tokenizer: Tokenizer, degradation: str = "simple", ids_from: str = "encoder",
+               tokenizer: CaptionTokenizer, degradation: str = "simple", ids_from: str = "encoder",
                vq_grid: int | None = None):
-    if degradation not in DEGRADATIONS:
-      raise ValueError(f"config.data.degradation={degradation!r}: expected one of "
-                       f"{DEGRADATIONS}")
-    if ids_from not in ("encoder", "shards"):
-      raise ValueError(f"config.vq.ids_from={ids_from!r}: expected 'encoder' or 'shards'")
     self.degradation = degradation
-    if hr_size % scale:
-      raise ValueError(f"config.data.hr_size={hr_size} is not divisible by scale={scale}")
     self.hr_size = int(hr_size)
     self.scale = int(scale)
     self.map_size = int(map_size)
@@ -328,7 +199,7 @@ class MakeTrainingExample(pygrain.RandomMapTransform):
 
   def random_map(self, element: dict[str, Any],
                  rng: np.random.Generator) -> dict[str, np.ndarray]:
-    rec = _resize_min_side(element, self.hr_size)
+    rec = resize_min_side(element, self.hr_size)
     h, w = rec["image"].shape[:2]
     s = self.hr_size
     vq_ids = None
@@ -338,7 +209,7 @@ class MakeTrainingExample(pygrain.RandomMapTransform):
       top, left = (int(v) for v in bank["boxes"][box])
       if not (0 <= top <= h - s and 0 <= left <= w - s):
         raise ValueError(f"record {element.get('name', '?')!r}: crop bank box ({top}, {left}) "
-                         f"of side {s} lies outside the {h}x{w} image; tokenize these shards "
+                         f"of side {s} lies outside the {h}x{w} image; precompute these shards "
                          "again")
     else:
       top = int(rng.integers(0, h - s + 1))
@@ -379,7 +250,7 @@ def check_bank_meta(meta: dict[str, Any], hr_size: int, map_size: int, grid: int
   crop = int(meta.get("crop_size", 0))
   if crop != hr_size:
     raise ValueError(f"{where}: token-id crop bank of {crop}px crops != config.data.hr_size="
-                     f"{hr_size}; run python -m mmsr_jax.tokenize --crop_size={hr_size}")
+                     f"{hr_size}; run python -m mmsr_jax.precompute --crop_size={hr_size}")
   if int(meta["map_size"]) != map_size:
     raise ValueError(f"{where}: shards tokenized at map_size={meta['map_size']} != "
                      f"config.data.map_size={map_size}; tokenize with a tokenizer trained at "
@@ -492,43 +363,23 @@ class DegradedLoader:
     return DegradingIterator(iter(self.loader), self.degrader, self.map_size, self.prefetch)
 
 
-def per_process_batch_size(config: ml_collections.ConfigDict) -> int:
-  """config.batch_size split over JAX processes; ValueError if it does not divide."""
-  n = jax.process_count()
-  if config.batch_size % n:
-    raise ValueError(
-        f"config.batch_size={config.batch_size} is not divisible by the number of JAX "
-        f"processes ({n})")
-  return config.batch_size // n
+def make_train_loader(config: ml_collections.ConfigDict, tokenizer: CaptionTokenizer):
+  """The infinite, shuffled, per-process-sharded training loader (``get_state`` / ``set_state``
+  on its iterator; saved with the checkpoints).
 
-
-def make_train_loader(config: ml_collections.ConfigDict, tokenizer: Tokenizer):
-  """Builds the infinite, shuffled, per-process-sharded training loader.
-
-  ``iter(loader)`` yields batched example dicts (leading axis = per-process batch) and supports
-  ``get_state()`` / ``set_state()``; checkpoint it with Orbax via
-  ``grain.checkpoint.CheckpointSave(iterator)`` / ``grain.checkpoint.CheckpointRestore(iterator)``.
-
-  Reads config.seed, config.batch_size, config.data.{source, path, hr_size, scale, map_size,
-  num_workers, degradation, prefetch, min_image_size, max_bad_fraction, ...} and
-  config.text.max_length. With config.data.degradation 'simple' this is a plain Grain
-  DataLoader; with 'realesrgan' / 'seesr' the Grain workers crop and sample the degradation and
-  a ``DegradedLoader`` applies it batch-wise.
-
-  With config.vq.ids_from='shards' the examples carry ``'vq_ids'`` from the records' crop banks
-  (``python -m mmsr_jax.tokenize --crop_size=config.data.hr_size``); the first record's bank and
-  the tokenizer are checked against the config here (``check_shards_for_ids``).
-
-  Every example is a pure function of (seed, global record index). Batches are identical across
-  runs for the same seed *and* the same num_workers (with workers, grain batches each worker's
-  slice of the index stream, so the order changes with the count). num_workers > 0 needs absl
-  flags parsed (i.e. run under ``absl.app.run``), a grain requirement.
+  Batches of examples (numpy; S = hr size, M = map size, L = text length): ``hr`` [S, S, 3] and
+  ``lr`` [S/scale, S/scale, 3] in [-1, 1]; ``depth`` / ``seg`` / ``edge`` [M, M, 3] in [-1, 1]
+  (zeros when absent); ``present`` bool [3]; ``text_ids`` / ``text_mask`` int32 [L]; with
+  ``config.vq.ids_from='shards'`` also ``vq_ids`` int32 [3, g, g] from the record's crop bank
+  (edge slot 0: edges are tokenized every step). Every example is a pure function of (seed,
+  global record index), so batches repeat for the same seed and worker count. The Real-ESRGAN
+  presets draw their parameters here and a ``DegradedLoader`` applies them batch-wise.
   """
-  source_name = _check_source(config)
-  degradation = _degradation(config)
-  batch = per_process_batch_size(config)
-  ids_from = config.get("vq", {}).get("ids_from", "encoder")
-  source = make_source(config, "train")
+  source_name = config.data.source
+  degradation = config.data.degradation
+  batch = sources.per_process_batch_size(config)
+  ids_from = config.vq.ids_from
+  source = sources.make_source(config, "train")
   vq_grid = None
   if ids_from == "shards":
     vq_grid = check_shards_for_ids(config, source)
@@ -566,13 +417,10 @@ def check_shards_for_ids(config: ml_collections.ConfigDict, source) -> int:
   """Checks, before training starts, that ``source`` can feed config.vq.ids_from='shards': an
   'arrayrecord' source whose first record has a crop bank of config.data.hr_size crops at
   config.data.map_size, tokenized by the tokenizer config.vq.params names. Returns the grid."""
-  if config.data.source != "arrayrecord":
-    raise ValueError(f"config.data.source={config.data.source!r}: {IDS_FROM_SHARDS_NEEDS}")
-  from mmsr_jax import tokenize  # pylint: disable=g-import-not-at-top
   inner = source.inner if isinstance(source, sources.CheckedSource) else source
   grid = int(config.data.map_size) // 2 ** (len(config.vq.arch.block_out_channels) - 1)
   first = inner.files[0]
-  bank = tokenize.read_crop_bank(inner.raw(0))
+  bank = read_crop_bank(inner.raw(0))
   if bank is None:
     raise ValueError(f"{first} record 0 has no token-id crop bank: {IDS_FROM_SHARDS_NEEDS}")
   meta = bank["meta"]
@@ -581,14 +429,13 @@ def check_shards_for_ids(config: ml_collections.ConfigDict, source) -> int:
   if bool(meta.get("per_modality", False)) != bool(config.vq.get("per_modality", False)):
     raise ValueError(f"{first}: tokenized with per_modality={meta.get('per_modality')} but "
                      f"config.vq.per_modality={config.vq.get('per_modality', False)}")
-  from mmsr_jax.weights.params_io import params_file  # pylint: disable=g-import-not-at-top
   params = config.vq.params
   if not params or not os.path.isfile(params_file(params)):
     raise ValueError(f"config.vq.params={params!r} is not a tokenizer file, but the shards' "
                      f"ids come from the tokenizer with sha256 {meta['tokenizer_sha256']}; the "
                      "edge ids are still encoded every step, so config.vq.params must be that "
                      "tokenizer (its vq.safetensors)")
-  sha = tokenize.file_sha256(params_file(params))
+  sha = file_sha256(params_file(params))
   if sha != meta["tokenizer_sha256"]:
     raise ValueError(f"config.vq.params={params!r} (sha256 {sha[:12]}...) is not the tokenizer "
                      f"{first} was tokenized with (sha256 {meta['tokenizer_sha256'][:12]}...)")
@@ -599,7 +446,7 @@ def _eval_seed(name: str) -> np.random.Generator:
   return np.random.default_rng([EVAL_SEED, zlib.crc32(name.encode("utf-8"))])
 
 
-def make_eval_examples(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
+def make_eval_examples(config: ml_collections.ConfigDict, tokenizer: CaptionTokenizer,
                        split: str = "val") -> list[dict[str, Any]]:
   """Deterministic evaluation examples: one center crop per image of ``split``.
 
@@ -611,8 +458,7 @@ def make_eval_examples(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
     A list of example dicts (unbatched; format as in training, with 'hr' [E, E, 3] and
     'lr' [E/scale, E/scale, 3]) plus 'name' and 'caption'.
   """
-  _check_source(config)
-  degradation = _degradation(config)
+  degradation = config.data.degradation
   scale = int(config.data.scale)
   eval_size = int(config.data.get("eval_size", DEFAULT_EVAL_SIZE))
   examples = []

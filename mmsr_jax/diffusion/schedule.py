@@ -1,19 +1,8 @@
-"""Discrete-time diffusion: schedules, the training loss and the jitted DDIM sampler.
+"""Discrete-time diffusion: beta schedules, the training loss and the DDIM loop.
 
-Conventions (as in DDPM/DDIM and diffusers): ``T`` discrete steps ``t = 0 .. T-1``,
-``alpha_bar[t]`` the cumulative product of ``1 - beta``; ``x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps``.
-The model predicts ``eps`` or ``v = sqrt(ab) eps - sqrt(1 - ab) x_0``.
-
-Guidance (the three modes of MMSR; ``w`` the guidance scale, ``c`` the LR latent, ``m`` the
-modalities, ``m0`` the null modality blocks, ``pos``/``neg`` the caption / negative prompt,
-``null`` the empty caption)::
-
-  eps = (1 + w) * eps(z_t, c, pos, m) - w * eps(z_t, c, NEG)
-  cfg:    NEG = (null, m0)     -- only null text and null modalities
-  m0cfg:  NEG = (neg,  m0)     -- the negative prompt with null modalities
-  mcfg:   NEG = (neg,  m)      -- modalities kept in both branches, only the text changes
-
-With ``w = 0`` every mode is the plain conditional prediction.
+Conventions of DDPM / DDIM and diffusers: ``t = 0 .. T-1``, ``alpha_bar`` the cumulative product
+of ``1 - beta``, ``x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps``; the model predicts ``eps`` or
+``v = sqrt(ab) eps - sqrt(1 - ab) x_0``.
 """
 
 from __future__ import annotations
@@ -25,8 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-GUIDANCE_MODES = ("cfg", "m0cfg", "mcfg")
+from mmsr_jax.diffusion import guidance
 
+SCHEDULES = ("scaled_linear", "linear", "cosine")
+PREDICTIONS = ("epsilon", "v")
+SPACINGS = ("leading", "trailing")
 
 def make_betas(schedule: str, num_timesteps: int, beta_start: float = 0.00085,
                beta_end: float = 0.012) -> np.ndarray:
@@ -64,8 +56,6 @@ class Schedule:
     ab = np.cumprod(1.0 - betas)
     if cfg.rescale_zero_snr:
       ab = rescale_zero_terminal_snr(ab)
-    if cfg.prediction not in ("epsilon", "v"):
-      raise ValueError(f"config.diffusion.prediction={cfg.prediction!r}: expected epsilon or v")
     return cls(tuple(float(a) for a in ab), cfg.prediction)
 
   @property
@@ -136,11 +126,6 @@ def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "leading") -> 
   return np.minimum(ts, num_timesteps - 1)[::-1].astype(np.int32)
 
 
-def guided_prediction(model_out_pos, model_out_neg, scale):
-  """The guidance combination shared by the three modes: ``(1 + w) pos - w neg``."""
-  return (1.0 + scale) * model_out_pos - scale * model_out_neg
-
-
 def ddim_sample(schedule: Schedule, denoise: Callable, x_T, rng, *, steps: int,
                 eta: float | jax.Array = 0.0, scale: float | jax.Array = 0.0,
                 guided: bool = True, spacing: str = "leading", clip_x0: float | None = None,
@@ -150,7 +135,7 @@ def ddim_sample(schedule: Schedule, denoise: Callable, x_T, rng, *, steps: int,
   Args:
     denoise: ``denoise(x, t) -> model output``. With ``guided=True`` it receives the positive and
       negative branches stacked along the batch (``[2B, ...]``, positive first) in one call,
-      and the two halves are combined with :func:`guided_prediction`.
+      and the two halves are combined with :func:`guidance.combine`.
     x_T: initial noise ``[B, ...]``.
     eta: DDIM stochasticity (0 = deterministic DDIM, 1 = DDPM-like).
     scale: the guidance scale ``w``; traced, so changing it does not recompile.
@@ -172,7 +157,7 @@ def ddim_sample(schedule: Schedule, denoise: Callable, x_T, rng, *, steps: int,
     tb = jnp.full((b,), t, jnp.int32)
     if guided:
       out = denoise(jnp.concatenate([x, x]), jnp.concatenate([tb, tb]))
-      out = guided_prediction(out[:b], out[b:], scale)
+      out = guidance.combine(out[:b], out[b:], scale)
     else:
       out = denoise(x, tb)
     x0, eps = schedule.to_x0_eps(out, x, tb)

@@ -1,13 +1,5 @@
-"""Geometry of overlapping tiles and the tiled application of an encoder or decoder.
-
-Shared by the sampler's latent tiling (``mmsr_jax.tiling``, which re-exports these names) and the
-KL VAE's tiled encode / decode (``mmsr_jax.models.vae``). It depends on nothing else in the
-package, so models can use it without importing the sampler.
-
-Tiles of one axis are spread evenly over it (:func:`axis_starts`); each tile weighs its pixels with
-a raised-cosine ramp across every overlap (:func:`axis_window`), and :class:`TileGrid` normalises
-the 2-D products so the weights sum to exactly one at every pixel. An input that fits one tile
-therefore goes through unchanged.
+"""Geometry of overlapping tiles and their raised-cosine blend (weights sum to exactly one, so an
+input within one tile is unchanged), shared by the sampler's latent tiles and the tiled VAE.
 """
 
 from __future__ import annotations
@@ -179,3 +171,35 @@ def vae_tiled(fn: Callable[[jax.Array], Any], x: jax.Array, *, unit_in: int, uni
     return out_grid.blend(o.astype(jnp.float32), weights)
 
   return jax.tree.map(blend, jax.lax.map(fn, tiles))
+
+
+def tiled_decode(apply_decode: Callable[[jax.Array], jax.Array], z: jax.Array, *, factor: int = 8,
+                 tile_latent: int = 64, overlap_latent: int = 16) -> jax.Array:
+  """Decodes ``z [B, h, w, c]`` on overlapping latent tiles (:func:`vae_tiled`:
+  one tile at a time, raised-cosine blend).
+
+  Args:
+    apply_decode: latent -> image ``[B, h'*factor, w'*factor, C]`` for any tile size.
+    z: the latent.
+    factor: the decoder's upsampling factor.
+    tile_latent: tile side in latent pixels.
+    overlap_latent: latent pixels shared by neighbouring tiles.
+
+  A latent within one tile gives exactly ``apply_decode(z)`` (as float32). Elsewhere the result
+  differs a little from the untiled decode (border padding, per-tile group-norm statistics and
+  attention), but the blend hides the seams.
+  """
+  return vae_tiled(apply_decode, z, unit_in=1, unit_out=factor, tile=tile_latent,
+                             overlap=overlap_latent)
+
+
+def tiled_encode(apply_encode: Callable[[jax.Array], Any], x: jax.Array, *, factor: int = 8,
+                 tile_latent: int = 64, overlap_latent: int = 16) -> Any:
+  """Encodes ``x [B, H, W, C]`` on overlapping tiles (sides in latent pixels) and blends them.
+
+  ``apply_encode`` may return one array or a pytree of latents (e.g. ``(mean, logvar)``); each
+  is blended. ``H`` and ``W`` must be multiples of ``factor``. An image within one tile gives
+  exactly ``apply_encode(x)`` (as float32).
+  """
+  return vae_tiled(apply_encode, x, unit_in=factor, unit_out=1, tile=tile_latent,
+                             overlap=overlap_latent)

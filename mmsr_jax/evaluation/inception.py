@@ -1,17 +1,4 @@
-"""The FID Inception-v3 (the TF "2015-12-05" graph as ported by pytorch-fid) in Flax, and the
-Fréchet distance.
-
-FID compares the Gaussians of the 2048-d pool features of two image sets:
-``|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))``. The network is torchvision's Inception-v3
-layout with the changes pytorch-fid makes to match the TensorFlow graph the published FIDs use:
-average pools that do not count the padding, and a max pool in the last block's pool branch.
-Images in [0, 1] are resized to 299x299 with bilinear interpolation (half-pixel centres, no
-antialiasing: PyTorch's ``interpolate(..., align_corners=False)``) and mapped to [-1, 1].
-
-Parameter names follow the pytorch-fid state dict (``Mixed_5b.branch1x1.conv.weight`` becomes
-``Mixed_5b/branch1x1/kernel``); batch norm (eps 1e-3) is kept as its four arrays and applied in
-inference form. Convolutions run at HIGHEST precision.
-"""
+"""The FID Inception-v3 of pytorch-fid in Flax (2048-d pool features) and the Frechet distance."""
 
 from __future__ import annotations
 
@@ -189,32 +176,6 @@ def abstract_params():
 def features_from_uint8(params, images: jax.Array) -> jax.Array:
   """(B, 2048) pool features of BxHxWx3 uint8 images."""
   return FIDInceptionV3().apply(params, images.astype(jnp.float32) / 255.0)
-
-
-_BN = {"bn_scale": "bn.weight", "bn_bias": "bn.bias", "bn_mean": "bn.running_mean",
-       "bn_var": "bn.running_var"}
-
-
-def torch_to_flax(sd: dict[str, np.ndarray]) -> dict:
-  """Parameters from a pytorch-fid Inception state dict (``pt_inception-2015-12-05-*.pth``
-  layout; ``fc.*`` and ``num_batches_tracked`` are not used). Returns ``{"params": ...}``."""
-  abstract = abstract_params()["params"]
-  flat = {}
-  for path, spec in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-    names = [p.key for p in path]
-    prefix = ".".join(names[:-1])
-    leaf = names[-1]
-    key = f"{prefix}.conv.weight" if leaf == "kernel" else f"{prefix}.{_BN[leaf]}"
-    if key not in sd:
-      raise ValueError(f"Inception state dict has no {key!r} (expected the pytorch-fid layout)")
-    v = np.asarray(sd[key], np.float32)
-    if leaf == "kernel":
-      v = np.ascontiguousarray(v.transpose(2, 3, 1, 0))
-    if v.shape != tuple(spec.shape):
-      raise ValueError(f"{key}: shape {v.shape} (Flax layout), expected {tuple(spec.shape)}")
-    flat[tuple(names)] = v
-  from flax import traverse_util
-  return {"params": traverse_util.unflatten_dict(flat)}
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,

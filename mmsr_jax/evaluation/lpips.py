@@ -1,15 +1,5 @@
-"""LPIPS (Zhang et al. 2018, "The Unreasonable Effectiveness of Deep Features as a Perceptual
-Metric") in Flax, with the torchvision AlexNet / VGG16 feature extractors it is built on.
-
-LPIPS(x0, x1) = sum_l mean_{h,w} sum_c w_l[c] (n0_l - n1_l)[h,w,c]^2, where n_l are the channel-
-wise unit-normalised activations of layer l of the backbone (AlexNet relu1..relu5, or VGG16
-relu1_2, relu2_2, relu3_3, relu4_3, relu5_3) and w_l the learned non-negative linear heads
-("v0.1"). Inputs are RGB in [-1, 1], shifted and scaled per channel first (the lpips
-ScalingLayer).
-
-Parameter names follow the torchvision layer indices (``features_0`` is ``features.0``) so that
-the converter in ``mmsr_jax.metric_weights`` is a plain rename + transpose. All convolutions run
-at HIGHEST precision: a metric must not change with the accelerator's default matmul mode.
+"""LPIPS (Zhang et al. 2018) in Flax, AlexNet and VGG16 backbones with the lpips v0.1 heads; weights
+from ``mmsr_jax.weights.metric_nets``.
 """
 
 from __future__ import annotations
@@ -131,36 +121,3 @@ def lpips_from_uint8(params, pred: jax.Array, gt: jax.Array, *, net: str) -> jax
   to = lambda x: x.astype(jnp.float32) / 127.5 - 1.0  # noqa: E731
   return LPIPS(net).apply(params, to(pred), to(gt))
 
-
-def torch_to_flax(sd: dict[str, np.ndarray], net: str) -> dict:
-  """LPIPS parameters from a torchvision backbone state dict (``features.N.weight`` ...) merged
-  with the lpips heads (``linK.model.1.weight`` or ``linK.model.0.weight``, shape 1xCx1x1).
-
-  Returns the ``{"params": ...}`` tree; missing or misshaped keys are a ValueError naming them.
-  """
-  params: dict = {"net": {}}
-  for layer in LAYOUTS[net]:
-    if layer[0] != "conv":
-      continue
-    idx, ch, k = layer[1], layer[2], layer[3]
-    wkey, bkey = f"features.{idx}.weight", f"features.{idx}.bias"
-    for key in (wkey, bkey):
-      if key not in sd:
-        raise ValueError(f"backbone state dict has no {key!r} (expected torchvision "
-                         f"{'alexnet' if net == 'alex' else 'vgg16'} keys)")
-    w = np.asarray(sd[wkey], np.float32)
-    if w.shape[0] != ch or w.shape[2:] != (k, k):
-      raise ValueError(f"{wkey}: shape {w.shape}, expected ({ch}, *, {k}, {k})")
-    params["net"][f"features_{idx}"] = {
-        "kernel": np.ascontiguousarray(w.transpose(2, 3, 1, 0)),
-        "bias": np.asarray(sd[bkey], np.float32)}
-  for k, ch in enumerate(CHANNELS[net]):
-    cands = [f"lin{k}.model.1.weight", f"lin{k}.model.0.weight"]
-    key = next((c for c in cands if c in sd), None)
-    if key is None:
-      raise ValueError(f"LPIPS heads: no {cands[0]!r} in the state dict")
-    w = np.asarray(sd[key], np.float32).reshape(-1)
-    if w.shape != (ch,):
-      raise ValueError(f"{key}: {w.size} values, expected {ch}")
-    params[f"lin{k}"] = w
-  return {"params": params}

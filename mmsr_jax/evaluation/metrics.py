@@ -1,21 +1,6 @@
-"""Full-reference metrics (PSNR / SSIM on the Y channel) with the diffusion-SR conventions.
-
-Conventions (DEGRADATION_AND_METRICS.md section 2, those of pyiqa as used by OSEDiff & co.):
-
-* RGB uint8 -> float in [0, 1]; no border crop.
-* Y of MATLAB's YCbCr: Y = (16 + 65.481 R + 128.553 G + 24.966 B) / 255, in [0, 1].
-* PSNR on float Y (data range 1): 10 log10(1 / MSE), per image. Identical images give +inf.
-* SSIM on round(Y * 255) (integers), 11x11 Gaussian window with sigma 1.5, 'valid' region (no
-  padding: the map is (H - 10) x (W - 10)), C1 = (0.01 * 255)^2, C2 = (0.03 * 255)^2, the
-  contrast-structure term clamped at >= 0, mean over the map.
-
-The per-image functions ``psnr_y`` / ``ssim_y`` run jitted float32 JAX code (no x64 needed). The
-float32 path is made accurate by (a) doing the window sums as explicit shifted adds (exact
-float32 multiply-adds, no matmul / conv precision modes) and (b) centring the integer Y values
-before the second moments, which keeps the variance cancellation small; its SSIM agrees with a
-float64 computation to about 1e-6 per image. ``psnr_y_np`` / ``ssim_y_np`` are float64 NumPy
-versions of the same formulas, for cross-checks. ``psnr_ssim_batch`` scores a whole batch of
-equally sized uint8 pairs in one jitted call (what ``mmsr_jax.evaluate`` uses).
+"""PSNR and SSIM on MATLAB's Y channel with the diffusion-SR papers' conventions, as jitted float32
+(accurate to about 1e-6 against float64) and float64 NumPy versions; conventions in
+``docs/internals.md``.
 """
 
 from __future__ import annotations

@@ -1,27 +1,6 @@
-"""NIQE (Mittal et al. 2013), batched and jitted, with the conventions the SR papers report.
-
-The score of an image is the distance between two multivariate Gaussians of 36 natural-scene
-statistics: one fitted to the image's 96x96 blocks, one to pristine images (the bundled
-``assets/niqe_pris_params.npz`` from BasicSR 1.4.2, see ``assets/README.md``). Lower is better.
-
-Conventions, those of pyiqa (which OSEDiff, SeeSR & co. use for their tables) and BasicSR:
-
-* luminance: ``round(255 * (0.299 R + 0.587 G + 0.114 B))`` (the Y of YIQ, i.e. MATLAB's
-  rgb2gray up to rounding of the weights), or optionally the MATLAB YCbCr Y (BasicSR's default);
-* the image is cut to a whole number of 96x96 blocks (top-left kept), no border crop by default;
-* two scales: the image itself and a MATLAB-style bicubic x0.5 resize with antialiasing;
-* at each scale the local mean/deviation normalisation (MSCN) with the 7x7 Gaussian window and
-  replicated borders, ``(x - mu) / (sigma + 1)``;
-* per block: an asymmetric generalised Gaussian (AGGD) fit of the MSCN values and of their
-  products with the four neighbours (horizontal, vertical, two diagonals, circular within the
-  block), shape picked by grid search over [0.2, 10] in steps of 0.001;
-* the image model is the mean (ignoring NaN) and covariance (of the NaN-free rows) of the block
-  features; ``sqrt(d^T pinv((cov_pris + cov) / 2) d)`` with ``d = mu_pris - mu``.
-
-Split of the work: the feature extraction (all the per-pixel and per-block work) is one jitted
-JAX function over a batch of equally sized images; the final 36-dimensional Gaussian distance is
-done per image in float64 NumPy on the host (microseconds), because ``pinv`` of a nearly singular
-covariance is where float32 would lose digits.
+"""NIQE (Mittal et al. 2013) with pyiqa's conventions: the per-pixel and per-block features as one
+jitted batch function, the final Gaussian distance in float64 on the host; conventions in
+``docs/internals.md``.
 """
 
 from __future__ import annotations
@@ -36,7 +15,7 @@ import numpy as np
 from scipy.special import gammaln
 
 BLOCK = 96
-PARAMS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
+PARAMS_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
                            "niqe_pris_params.npz")
 YIQ_WEIGHTS = (0.299, 0.587, 0.114)
 # The AGGD shape grid and the gamma-function ratios used by the fit, in float64.

@@ -1,17 +1,7 @@
-"""Autoencoders: the image <-> latent map the diffusion runs in.
-
-All autoencoders share one small interface, so the trainer and sampler never ask which one they
-hold:
-
-* ``downsample``: spatial factor image -> latent; ``latent_channels``;
-* ``init_params(rng) -> params`` (frozen: they never enter the optimizer);
-* ``encode(params, x) -> z`` for images in ``[-1, 1]``, NHWC, already scaled for diffusion;
-* ``decode(params, z) -> x``.
-
-``pixel`` is exact space-to-depth (no parameters) and serves the tiny CPU configuration and the
-tests. ``vae`` is the Stable-Diffusion-compatible KL-f8 autoencoder (``KLAutoencoder``); its
-weights come from ``config.autoencoder.params`` (a safetensors file of the Flax tree, e.g. from
-``vae.vae_params_from_torch_state_dict`` + ``params_io.save_params``), else a random init.
+"""The image <-> latent maps the diffusion runs in, behind one interface: ``downsample``,
+``latent_channels``, ``init_params(rng)``, ``encode(params, x)`` (NHWC in [-1, 1] -> scaled
+latents) and ``decode(params, z)``. ``pixel`` is exact space-to-depth (tiny configs, tests);
+``vae`` the Stable-Diffusion-compatible KL-f8 VAE.
 """
 
 from __future__ import annotations
@@ -21,7 +11,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from mmsr_jax.weights import params_io
 from mmsr_jax.models import vae as vae_lib
 
 
@@ -40,6 +29,9 @@ class PixelAutoencoder:
   @property
   def latent_channels(self) -> int:
     return self.channels * self.factor ** 2
+
+  def abstract_params(self) -> dict:
+    return {}
 
   def init_params(self, rng) -> dict:
     del rng
@@ -72,7 +64,6 @@ class KLAutoencoder:
   """
 
   config: vae_lib.VAEConfig = dataclasses.field(default_factory=vae_lib.VAEConfig)
-  params_path: str = ""
 
   @property
   def downsample(self) -> int:
@@ -86,18 +77,19 @@ class KLAutoencoder:
   def module(self) -> vae_lib.AutoencoderKL:
     return vae_lib.AutoencoderKL(self.config)
 
-  def init_params(self, rng) -> dict:
-    """Loads ``params_path`` (safetensors) when set, else initialises from ``rng``."""
+  def _init_fn(self, key):
     f = self.downsample
-    x = jnp.zeros((1, f, f, self.config.in_channels), jnp.float32)
-    init_fn = lambda key: self.module.init(key, x)["params"]
-    if self.params_path:
-      return params_io.load_params(self.params_path, jax.eval_shape(init_fn, rng),
-                                   field="config.autoencoder.params")
+    return self.module.init(key, jnp.zeros((1, f, f, self.config.in_channels), jnp.float32))[
+        "params"]
+
+  def abstract_params(self):
+    return jax.eval_shape(self._init_fn, jax.random.key(0))
+
+  def init_params(self, rng) -> dict:
     # A random VAE only serves tests and demos; the counter-based 'rbg' generator (seeded from
     # `rng`) compiles several times faster on CPU than threefry for this many initialisers.
     key = jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl="unsafe_rbg")
-    return jax.jit(init_fn)(key)
+    return jax.jit(self._init_fn)(key)
 
   def _shift(self) -> float:
     return 0.0 if self.config.shift_factor is None else self.config.shift_factor
@@ -115,40 +107,6 @@ class KLAutoencoder:
     """Diffusion latents -> images (unclipped)."""
     z = z / self.config.scaling_factor + self._shift()
     return self.module.apply({"params": params}, z, method="decode")
-
-  def decode_tiled(self, params, z: jax.Array, *, tile_latent: int = 64,
-                   overlap_latent: int = 16) -> jax.Array:
-    """`decode` on overlapping latent tiles, one at a time, raised-cosine blend (large images).
-
-    Equals `decode` when ``z`` fits in one tile; see `vae.tiled_decode`.
-    """
-    dec = jax.jit(self.decode)
-    return vae_lib.tiled_decode(lambda t: dec(params, t), z, factor=self.downsample,
-                                tile_latent=tile_latent, overlap_latent=overlap_latent)
-
-
-def _as_dict(d) -> dict:
-  if d is None:
-    return {}
-  return dict(d.to_dict() if hasattr(d, "to_dict") else d)
-
-
-def make_autoencoder(cfg):
-  """Builds the autoencoder named by ``config.autoencoder.kind``."""
-  if cfg.kind == "pixel":
-    return PixelAutoencoder(factor=cfg.factor, scaling_factor=cfg.scaling_factor)
-  if cfg.kind == "vae":
-    arch = _as_dict(cfg.get("arch", None))
-    shift = cfg.get("shift_factor", None)
-    vae_cfg = vae_lib.VAEConfig(**dict(
-        arch, scaling_factor=float(cfg.scaling_factor),
-        shift_factor=None if shift is None else float(shift)))
-    if vae_cfg.downsample_factor != cfg.factor:
-      raise ValueError(
-          f"config.autoencoder.factor={cfg.factor} but config.autoencoder.arch has "
-          f"{len(vae_cfg.block_out_channels)} blocks (factor {vae_cfg.downsample_factor})")
-    return KLAutoencoder(vae_cfg, params_path=cfg.get("params", "") or "")
-  raise ValueError(f"config.autoencoder.kind={cfg.kind!r}: expected 'pixel' or 'vae'")
 
 
 def upsample_bicubic(x: jax.Array, height: int, width: int) -> jax.Array:

@@ -1,19 +1,6 @@
-"""Multimodal context: modality tokens and the Multimodal Latent Connector (MMLC).
-
-Context groups, in this order everywhere (temperatures, switches, token layout):
-``text``, then the spatial modalities ``depth``, ``seg``, ``edge``.
-
-* text: frozen text-encoder states, projected to the model width (PixArt caption projection);
-* each spatial modality: its VQ token ids -> a learned code embedding + a per-modality type
-  embedding + a fixed 2D sin-cos position embedding. A learned **null block** (one vector per
-  token position) replaces the whole block where the modality is missing, dropped in training or
-  switched off at sampling;
-* the MMLC: ``num_latents`` learned latent tokens pass through blocks of
-  cross-attention (to the concatenated context) -> self-attention -> MLP. Its output is the DiT's
-  cross-attention context, so the denoiser's cost does not grow with the number of context tokens.
-
-Per-modality temperature scales the *keys* of that group's tokens in every MMLC cross-attention:
-``K* = K / delta`` (``delta < 1`` sharpens attention on that group, ``delta = 1`` is the identity).
+"""The multimodal context: caption states and per-modality VQ token embeddings (with learned null
+blocks for missing modalities) compressed by the Multimodal Latent Connector into the DiT's
+cross-attention context. Per-group temperature scales that group's keys (``K / delta``).
 """
 
 from __future__ import annotations
@@ -21,10 +8,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mmsr_jax.formats.records import CONTEXT_GROUPS, MODALITIES
 from mmsr_jax.models import layers
 
-SPATIAL_MODALITIES = ("depth", "seg", "edge")
-CONTEXT_GROUPS = ("text",) + SPATIAL_MODALITIES
 
 
 class ConnectorBlock(nn.Module):
@@ -71,7 +57,7 @@ class MultimodalContext(nn.Module):
     """
     b = text_states.shape[0]
     gh, gw = self.token_grid
-    if ids.shape[1:] != (len(SPATIAL_MODALITIES), gh, gw):
+    if ids.shape[1:] != (len(MODALITIES), gh, gw):
       raise ValueError(f"modality ids have shape {ids.shape}, expected [B, 3, {gh}, {gw}]")
     n = gh * gw
     type_embed = layers.param_with_axes(
@@ -88,7 +74,7 @@ class MultimodalContext(nn.Module):
     masks = [text_mask.astype(bool)]
 
     pos = jnp.asarray(layers.sincos_2d(self.width, gh, gw), self.dtype)
-    for m, name in enumerate(SPATIAL_MODALITIES):
+    for m, name in enumerate(MODALITIES):
       embed = nn.Embed(
           self.codebook_size, self.width, name=f"{name}_embed", dtype=self.dtype,
           embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
@@ -104,7 +90,7 @@ class MultimodalContext(nn.Module):
 
     key_scale = None
     if temperature is not None:
-      sizes = [text_states.shape[1]] + [n] * len(SPATIAL_MODALITIES)
+      sizes = [text_states.shape[1]] + [n] * len(MODALITIES)
       key_scale = jnp.concatenate(
           [jnp.broadcast_to(1.0 / temperature[:, g, None], (b, s)) for g, s in enumerate(sizes)],
           axis=1)

@@ -1,15 +1,6 @@
-"""PixArt-alpha style diffusion transformer (the SR denoiser).
-
-Input: the noisy latent concatenated with the LR latent along channels, ``[B, H, W, C_in]``.
-Structure (the PixArt-alpha design, diffusers ``PixArtTransformer2DModel``):
-
-* patch embedding (a ``p x p`` stride-``p`` convolution) plus a fixed 2D sin-cos position table;
-* **adaLN-single**: one timestep MLP produces six modulation vectors shared by all blocks, and each
-  block adds its own learned ``scale_shift_table`` (``[6, D]``) to them;
-* each block: modulated LayerNorm -> self-attention (gated), cross-attention to the context
-  (no norm, ungated), modulated LayerNorm -> GELU MLP (gated);
-* final layer: LayerNorm modulated by the timestep embedding and a ``[2, D]`` table, a linear
-  projection to ``p * p * C_out`` and unpatchify.
+"""The PixArt-alpha style diffusion transformer (diffusers ``PixArtTransformer2DModel`` layout):
+patch embedding of ``[z_t ++ LR latent]``, adaLN-single blocks of self-attention, cross-attention
+to the context and a GELU MLP, modulated final layer.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Shared building blocks: embeddings, attention and dense layers with logical axis names.
 
 Every parameter carries logical axis names (``nn.with_logical_partitioning``) so that the
-trainer can map them onto any mesh with a table of rules (see ``mmsr_jax/sharding.py``).
+trainer can map them onto any mesh with a table of rules (see ``mmsr_jax/runtime/sharding.py``).
 Names used here: ``embed`` (model width), ``mlp`` (MLP hidden), ``heads`` (attention
 projections), ``vocab`` (embedding tables), ``latents`` / ``tokens`` (learned token blocks),
 ``conv_in`` / ``conv_out`` (patch embedding kernels).
@@ -35,7 +35,7 @@ def dense(features: int, axes: tuple[str, str], *, name: str, dtype: Dtype = jnp
 def constrain_tokens(x: jax.Array) -> jax.Array:
   """Sharding constraint on ``[B, T, D]`` activations (logical ``batch, length, act_embed``).
 
-  A no-op unless a step is traced inside ``mmsr_jax.sharding.activation_rules`` (training);
+  A no-op unless a step is traced inside ``mmsr_jax.runtime.sharding.activation_rules`` (training);
   there it keeps the batch split over the data-parallel mesh axes through the blocks.
   """
   return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))

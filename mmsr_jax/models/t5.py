@@ -1,22 +1,5 @@
-"""T5 text encoder (T5 v1.1 / Flan-T5 and original T5), Flax Linen.
-
-MMSR feeds 77 caption tokens from a frozen T5 encoder into its multimodal
-connector. This is the encoder stack only, laid out like transformers'
-`T5EncoderModel` so that public checkpoints import with
-`t5_params_from_torch_state_dict`:
-
-  shared/embedding                       <- shared.weight
-  block_i/layer_0/SelfAttention/{q,k,v,o}/kernel
-      <- encoder.block.i.layer.0.SelfAttention.{q,k,v,o}.weight (transposed)
-  block_0/layer_0/SelfAttention/relative_attention_bias/embedding
-  block_i/layer_0/layer_norm/scale       <- encoder.block.i.layer.0.layer_norm
-  block_i/layer_1/DenseReluDense/{wi_0,wi_1,wo}/kernel  (`wi` when not gated)
-  block_i/layer_1/layer_norm/scale
-  final_layer_norm/scale                 <- encoder.final_layer_norm.weight
-
-T5 details kept here: RMS norm (no mean, no bias), no biases anywhere, no
-1/sqrt(d) attention scaling, and a bucketed relative position bias that the
-first layer computes and all layers share.
+"""The T5 encoder (T5 v1.1 / Flan-T5 and original T5) in Flax, laid out like transformers'
+``T5EncoderModel``: RMS norms, no biases, unscaled attention with a shared relative position bias.
 """
 
 from __future__ import annotations
@@ -24,14 +7,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmsr_jax.weights import torch_import
 
 Array = jax.Array
 
@@ -253,57 +235,3 @@ class T5Encoder(nn.Module):
       x, position_bias = T5Block(cfg, has_relative_attention_bias=(i == 0),
                                  name=f"block_{i}")(x, mask, position_bias)
     return _rms_norm(cfg, "final_layer_norm")(x)
-
-
-# ---------------------------------------------------------------------------
-# Importing transformers `T5EncoderModel` (or full T5) weights.
-# ---------------------------------------------------------------------------
-
-
-def t5_param_shapes(config: T5Config) -> dict[str, Any]:
-  """Abstract variables ({'params': tree of ShapeDtypeStruct}) of an encoder."""
-  ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  return jax.eval_shape(
-      lambda i: T5Encoder(config).init(jax.random.key(0), i), ids)
-
-
-def _t5_torch_key(path: tuple[str, ...]) -> str:
-  if path[0] == "shared":
-    return "shared.weight"
-  if path[0] == "final_layer_norm":
-    return "encoder.final_layer_norm.weight"
-  block, layer, *inner = path[:-1]
-  b, l = block.split("_")[1], layer.split("_")[1]
-  return ".".join(["encoder.block", b, "layer", l, *inner, "weight"])
-
-
-def t5_params_from_torch_state_dict(
-    state_dict: Mapping[str, Any], config: T5Config,
-    ignore_prefixes: tuple[str, ...] = ("decoder.", "lm_head.")
-) -> dict[str, Any]:
-  """Converts a transformers T5 state dict to `T5Encoder` variables.
-
-  Args:
-    state_dict: torch key -> array (numpy or anything `np.asarray` takes), from
-      `T5EncoderModel` or a full `T5ForConditionalGeneration` checkpoint.
-    config: the encoder architecture the weights belong to.
-    ignore_prefixes: keys skipped silently (the decoder of a full model).
-
-  Returns:
-    {'params': tree} for `T5Encoder(config).apply`; float32 numpy leaves.
-
-  Raises:
-    ValueError: on a shape mismatch (naming the key and both shapes) or on
-      missing / unexpected keys (listing them).
-  """
-  sd = {k: v for k, v in state_dict.items()
-        if not k.startswith(tuple(ignore_prefixes))}
-  # The token embedding is tied: accept either name, or both.
-  alias = "encoder.embed_tokens.weight"
-  if alias in sd:
-    tied = sd.pop(alias)
-    sd.setdefault("shared.weight", tied)
-  return torch_import.convert_state_dict(
-      sd, t5_param_shapes(config)["params"], torch_key=_t5_torch_key,
-      to_flax=lambda path, src, shape: src.T if path[-1] == "kernel" and src.ndim == 2 else src,
-      model_name="T5")

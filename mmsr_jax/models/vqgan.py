@@ -1,35 +1,16 @@
-"""VQGAN tokenizer: taming-transformers architecture, diffusers `VQModel` tree.
-
-MMSR turns each spatial modality map (depth, segmentation, edges rendered as
-3-channel images) into 16x16 discrete tokens with a frozen VQGAN (f16,
-codebook 1024 x 256). This module re-implements that autoencoder in Flax Linen
-with the module tree of diffusers' `VQModel` so that its public weights can be
-imported with `vqgan_params_from_torch_state_dict`.
-
-Layout: NHWC everywhere, images as floats in [-1, 1].
-
-Parameter tree (Flax names; `_i` suffix where diffusers uses a `.i` list index):
-  encoder/{conv_in, down_blocks_i/{resnets_j, downsamplers_0/conv}, mid_block,
-           conv_norm_out, conv_out}
-  quant_conv, quantize/embedding/embedding, post_quant_conv
-  decoder/{conv_in, mid_block, up_blocks_i/{resnets_j, upsamplers_0/conv},
-           conv_norm_out, conv_out}
-  mid_block = {resnets_0, attentions_0/{group_norm, to_q, to_k, to_v, to_out_0},
-               resnets_1}
+"""The VQGAN tokenizer (taming-transformers architecture, diffusers ``VQModel`` tree) that turns each
+rendered modality map into discrete token ids.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from mmsr_jax.weights import torch_import
 
 Array = jax.Array
 
@@ -340,74 +321,3 @@ class VQGAN(nn.Module):
     z_q, ids, aux = self.vq(self.encode(x))
     aux = dict(aux, ids=ids)
     return self.decode(z_q), aux
-
-
-# ---------------------------------------------------------------------------
-# Importing diffusers `VQModel` weights.
-# ---------------------------------------------------------------------------
-
-# Older diffusers checkpoints name the attention projections differently.
-_LEGACY_ATTENTION_NAMES = {
-    ".query.": ".to_q.",
-    ".key.": ".to_k.",
-    ".value.": ".to_v.",
-    ".proj_attn.": ".to_out.0.",
-}
-
-
-def vqgan_param_shapes(config: VQGANConfig) -> dict[str, Any]:
-  """Abstract variables ({'params': tree of ShapeDtypeStruct}) of a VQGAN."""
-  f = config.downsample_factor
-  x = jax.ShapeDtypeStruct((1, f, f, config.in_channels), jnp.float32)
-  return jax.eval_shape(lambda x: VQGAN(config).init(jax.random.key(0), x), x)
-
-
-def _flax_path_to_torch_key(path: tuple[str, ...]) -> str:
-  parts = []
-  for name in path:
-    m = re.fullmatch(r"(.*)_(\d+)", name)
-    parts.extend([m.group(1), m.group(2)] if m else [name])
-  leaf = parts[-1]
-  parts[-1] = "bias" if leaf == "bias" else "weight"  # kernel/scale/embedding
-  return ".".join(parts)
-
-
-def _torch_to_flax_array(leaf: str, arr: np.ndarray,
-                         expected: tuple[int, ...]) -> np.ndarray:
-  """Reorders a torch tensor into the Flax layout of `expected` rank."""
-  if leaf == "kernel" and len(expected) == 4 and arr.ndim == 4:
-    return arr.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-  if leaf == "kernel" and len(expected) == 2:
-    if arr.ndim == 4 and arr.shape[2:] == (1, 1):
-      arr = arr[:, :, 0, 0]  # a 1x1 conv used as a linear layer
-    if arr.ndim == 2:
-      return arr.T  # (out, in) -> (in, out)
-  return arr
-
-
-def vqgan_params_from_torch_state_dict(
-    state_dict: Mapping[str, Any], config: VQGANConfig) -> dict[str, Any]:
-  """Converts a diffusers `VQModel` state dict to VQGAN variables.
-
-  Args:
-    state_dict: torch key -> array (numpy, or anything `np.asarray` takes),
-      e.g. from `safetensors.numpy.load_file`.
-    config: the architecture the weights belong to.
-
-  Returns:
-    {'params': tree} ready for `VQGAN(config).apply(variables, ...)`; all
-    leaves are float32 numpy arrays.
-
-  Raises:
-    ValueError: on a shape mismatch (naming the key and both shapes) or on
-      missing / unexpected keys (listing them).
-  """
-  sd = {}
-  for key, value in state_dict.items():
-    for old, new in _LEGACY_ATTENTION_NAMES.items():
-      key = key.replace(old, new)
-    sd[key] = value
-  return torch_import.convert_state_dict(
-      sd, vqgan_param_shapes(config)["params"], torch_key=_flax_path_to_torch_key,
-      to_flax=lambda path, src, shape: _torch_to_flax_array(path[-1], src, shape),
-      model_name="VQGAN")

@@ -1,13 +1,6 @@
-"""Orbax checkpoints of the train state together with the input iterator's position.
-
-Layout of a workdir::
-
-  DIR/config.json          the resolved config of the run (written once, checked on resume)
-  DIR/checkpoints/<step>/  state (params, optimizer, EMA, step) and data (Grain iterator state)
-
-Restoring targets abstract arrays that carry the *current* shardings, so a checkpoint restores
-onto whatever mesh the new run built. A checkpoint that cannot be read is an error, never a
-silent fresh start.
+"""Orbax checkpoints of the train state with the input iterator's position, and the run's config
+file. Restores target the current mesh's shardings; an unreadable checkpoint is an error, never a
+fresh start.
 """
 
 from __future__ import annotations
@@ -20,7 +13,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-ARCH_FIELDS = ("model", "autoencoder", "vq", "text", "diffusion", "data.scale", "data.map_size")
+from mmsr_jax.config import schema
+
 
 
 class CheckpointError(RuntimeError):
@@ -122,7 +116,7 @@ def _normalise(value):
 def check_compatible(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
                      where: str) -> None:
   """Raises if the architecture fields of two configs differ (names the first field)."""
-  for field in ARCH_FIELDS:
+  for field in schema.arch_fields(config):
     a, b = _normalise(_get(saved, field)), _normalise(_get(config, field))
     if a != b:
       if isinstance(a, dict) and isinstance(b, dict):

@@ -1,18 +1,5 @@
-"""Multi-process start-up: ``jax.distributed.initialize`` where a run spans several processes.
-
-Call :func:`initialize` once, first thing in an entry point, before any JAX computation:
-
-* **Explicit environment** (any cluster, GPU nodes, localhost tests): ``MMSR_COORDINATOR``
-  (``host:port`` of process 0), ``MMSR_NUM_PROCESSES``, ``MMSR_PROCESS_ID`` and optionally
-  ``MMSR_LOCAL_DEVICE_IDS`` (comma separated). ``launch/train_gpu_multinode.sh`` sets them.
-* **Cloud TPU pod slices** (``MMSR_DISTRIBUTED=auto``, which ``launch/tpu_vm.sh`` sets, more
-  than one host in ``TPU_WORKER_HOSTNAMES``, or a multi-slice ``MEGASCALE_COORDINATOR_ADDRESS``)
-  and **SLURM** jobs with more than one task: JAX detects the cluster itself (TPU metadata
-  server, ``SLURM_*`` variables), so ``jax.distributed.initialize()`` is called without
-  arguments.
-* Otherwise (one host, one process) nothing is done.
-
-On CPU with several processes (the localhost tests) the cross-process collectives use gloo.
+"""Joins the processes of a multi-host run (``jax.distributed.initialize``) from the MMSR_* variables,
+on Cloud TPU pod slices or in SLURM jobs; nothing on one host.
 """
 
 from __future__ import annotations

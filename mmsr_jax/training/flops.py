@@ -1,19 +1,12 @@
-"""Model FLOPs counted from the config, and the peak FLOP/s of common accelerators, for MFU.
-
-MFU (model FLOPs utilisation) = model FLOPs per step / step time / (devices x peak FLOP/s).
-*Model* FLOPs are the matrix multiplications the trained model needs: the forward pass of the
-trainable MMSR (the MMLC context connector and the DiT) times 3 (forward + backward, the usual
-convention), so activation rematerialisation does not inflate it. The frozen encoders (VAE,
-T5, VQGAN) run inside the step too but are not counted: they are inference work that a run could
-precompute; ``python -m mmsr_jax.bench train`` also reports XLA's own count of the whole step.
-Element-wise work (norms, softmax, activations) is not counted either.
+"""Model FLOPs of the trainable MMSR counted from the config (forward x 3), and dense bf16 peaks of
+common accelerators, for MFU.
 """
 
 from __future__ import annotations
 
 import jax
 
-from mmsr_jax.models.autoencoder import make_autoencoder
+from mmsr_jax.models import build
 
 # Dense bf16 peak FLOP/s per device (per chip on TPU), by a substring of ``device_kind``; the
 # first match wins, so the more specific names come first.
@@ -55,7 +48,7 @@ def mmsr_forward_flops(config) -> dict[str, int]:
   mc = config.model
   factor = config.autoencoder.factor
   latent = config.data.hr_size // factor
-  channels = make_autoencoder(config.autoencoder).latent_channels
+  channels = build.autoencoder(config.autoencoder).latent_channels
   p, d = mc.patch_size, mc.width
   hidden = int(d * mc.mlp_ratio)
   tokens = (latent // p) ** 2

@@ -1,40 +1,5 @@
-"""The one training loop, shared by every trainer of the project (MMSR's DiT, the VQ tokenizers).
-
-A *task* is whatever builds the model-specific pieces once; the loop does everything else the
-same way for all of them: checks and saves the resolved config, restores the newest checkpoint
-(state and data-iterator position) or initialises, runs the jitted update step on global batches,
-logs and checks metrics, saves checkpoints, handles preemption, and asks the task for its
-held-out report at the end.
-
-A task provides (see ``Task``)::
-
-  config, mesh                    the resolved config and the device mesh
-  init_state() -> state           the train state, created already sharded
-  abstract_with_shardings()       abstract state carrying the shardings (for restore)
-  step(state, batch) -> (state, metrics)   the jitted update; metrics has "loss" and "grad_norm"
-  make_loader() -> iterable       per-process batches (a Grain loader: its iterator is checkpointed)
-  write_report(workdir, state) -> dict     the held-out report (primary process only)
-
-and optionally::
-
-  flops_per_step() -> float       model FLOPs of one step (for the MFU estimate)
-  sample_grid(state) -> {name: uint8 [H, W, 3]}   images logged every config.sample_every steps
-
-Scale and faults:
-
-* **Preemption**: SIGTERM (single process: a Python handler; several processes: JAX's
-  preemption sync point, which the distributed runtime raises on SIGTERM or a TPU maintenance
-  event and which makes every process stop at the same step) finishes the current step, saves
-  state and data-iterator position, waits for the commit and returns normally (exit status 0).
-  The RNG of step ``s`` is ``fold_in(seed, s)``, so the saved step is the saved RNG.
-* **Non-finite values**: the loss and gradient norm are checked before every save and at every
-  logging step; a non-finite one raises ``FloatingPointError`` naming the step, after the last
-  (good) checkpoint has finished writing.
-* **Observability** (primary process): ``metrics.jsonl`` and TensorBoard scalars under
-  ``DIR/tensorboard`` (loss, grad norm, lr, steps/s, images/s, MFU, seconds waiting for data per
-  step), the task's sample grids every ``config.sample_every`` steps (TensorBoard and
-  ``DIR/progress/``), and a profiler trace of ``config.profile.num_steps`` steps from
-  ``config.profile.start_step`` under ``DIR/profile`` (every process, one folder each).
+"""The training loop every task shares: resume or initialise, jitted steps on global batches,
+metrics and non-finite checks, checkpoints, preemption, and the task's report at the end.
 """
 
 from __future__ import annotations
@@ -55,6 +20,9 @@ from mmsr_jax.runtime import sharding
 
 
 class Task(Protocol):
+  """What a task builds once and the loop uses; optionally also ``flops_per_step()`` (MFU) and
+  ``sample_grid(state) -> {name: uint8 image}`` (logged every ``config.sample_every`` steps)."""
+
   config: Any
   mesh: jax.sharding.Mesh
 
@@ -313,32 +281,3 @@ def run(task: Task, workdir: str, *, stop_at: int | None = None,
     report = task.write_report(workdir, state)
     log("report: " + json.dumps({k: v for k, v in report.items() if k != "per_image"}))
   return state
-
-
-# --- Command line -------------------------------------------------------------------------------
-def define_flags(default_config: str, workdir_help: str) -> None:
-  """``--config`` (an ml_collections file, fields overridable) and ``--workdir`` of a task's CLI."""
-  from absl import flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file(
-      "config", default_config, "Config file (ml_collections); override fields with "
-      "--config.field=value.", lock_config=True)
-  flags.DEFINE_string("workdir", None, workdir_help)
-
-
-def main(train_fn):
-  """The ``main(argv)`` of a task's CLI: checks ``--workdir``, joins the other processes of a
-  multi-host run (``mmsr_jax.distributed``, before any JAX work), then ``train_fn(config,
-  workdir)``."""
-  from absl import app, flags
-
-  from mmsr_jax.runtime import distributed
-
-  def _main(argv):
-    del argv
-    if not flags.FLAGS.workdir:
-      raise app.UsageError("--workdir is required")
-    distributed.initialize()
-    train_fn(flags.FLAGS.config, flags.FLAGS.workdir)
-
-  return _main

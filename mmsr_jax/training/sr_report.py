@@ -1,13 +1,6 @@
-"""What a training run leaves behind: ``report.json``, the loss curve and held-out grids.
-
-* ``first_train_loss`` / ``final_train_loss``: mean training loss over the first / last logging
-  window (``config.log_every`` steps), read from ``metrics.jsonl``;
-* ``val_loss``: EMA-weight diffusion loss on the held-out crops with fixed noise and timesteps,
-  under several condition settings (``all`` available modalities, ``none`` = every modality null,
-  ``no_text`` = empty caption), so the settings are compared on identical draws;
-* ``psnr_sr``/``ssim_sr`` vs ``psnr_bicubic``/``ssim_bicubic`` on the held-out crops (Y channel,
-  conventions of :mod:`mmsr_jax.metrics`), and one ``LR | bicubic | SR | HR`` grid PNG per image.
-"""
+"""The SR run's report: ``report.json`` (train losses, held-out ``val_loss`` per condition
+setting on identical noise, PSNR / SSIM of SR and bicubic), the loss curve and one
+``LR | bicubic | SR | HR`` grid per held-out crop."""
 
 from __future__ import annotations
 
@@ -18,12 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmsr_jax.diffusion import schedule as diffusion, sampler
-from mmsr_jax.training import loop
+from mmsr_jax.data import sr_examples
+from mmsr_jax.data.simple_degradation import bicubic_upsample
+from mmsr_jax.diffusion import sampler
+from mmsr_jax.diffusion import schedule as diffusion
 from mmsr_jax.evaluation import metrics
-from mmsr_jax.data import simple_degradation as degrade, sr_examples as pipeline
-from mmsr_jax.models.context import SPATIAL_MODALITIES
+from mmsr_jax.formats.records import MODALITIES
 from mmsr_jax.models.mmsr import MMSR
+from mmsr_jax.training import loop
 
 VAL_SETTINGS = ("all", "none", "no_text")
 
@@ -42,7 +37,7 @@ def val_losses(config, trainer, params, examples) -> dict[str, float]:
   @jax.jit
   def loss_at(params, frozen, present, text_ids, text_mask, rng):
     batch = {"lr": inputs["lr"], "text_ids": text_ids, "text_mask": text_mask}
-    batch.update({m: inputs["maps"][:, i] for i, m in enumerate(SPATIAL_MODALITIES)})
+    batch.update({m: inputs["maps"][:, i] for i, m in enumerate(MODALITIES)})
     c = cond(frozen, batch)
     ctx = model.apply({"params": params}, c["text_states"], c["text_mask"], c["ids"], present,
                       method=MMSR.encode_context)
@@ -66,14 +61,24 @@ def val_losses(config, trainer, params, examples) -> dict[str, float]:
 
 def super_resolve(config, trainer, params, examples, *, steps: int, scale: float,
                   guidance: str, strength: float = 1.0, seed: int = 0) -> np.ndarray:
-  """SR of a list of same-size examples -> uint8 ``[B, H, W, 3]``."""
+  """SR of a list of same-size examples, each one tile of its own size -> uint8 ``[B, H, W, 3]``."""
   inputs = sampler.make_inputs(examples, trainer.tokenizer, config)
-  sample = sampler.make_sample_fn(trainer.model, trainer.conditioner, trainer.schedule,
+  lr_hw = inputs["lr"].shape[1:3]
+  p = config.model.patch_size
+  latent = max(lr_hw) * config.data.scale // config.autoencoder.factor
+  grid = sampler.make_grid(config, lr_hw, tile=-(-latent // p) * p, overlap=0)
+  sample = sampler.make_sample_fn(trainer.model, trainer.conditioner, trainer.schedule, grid,
                                   steps=steps, guidance=guidance if scale else "none",
                                   spacing=config.sampling.spacing, clip_x0=config.sampling.clip_x0,
                                   strength=strength)
   out = sample(params, trainer.frozen, inputs, jax.random.key(seed), scale, config.sampling.eta)
   return to_uint8(out)
+
+
+def example_grid(example: dict, sr_u8: np.ndarray) -> np.ndarray:
+  """The grid of one held-out example and its super-resolution."""
+  hr_u8, lr_u8 = to_uint8(example["hr"]), to_uint8(example["lr"])
+  return grid_image(lr_u8, bicubic_upsample(lr_u8, hr_u8.shape[:2]), sr_u8, hr_u8)
 
 
 def grid_image(lr_u8: np.ndarray, bicubic_u8: np.ndarray, sr_u8: np.ndarray,
@@ -103,7 +108,7 @@ def plot_losses(records: list[dict], path: str) -> None:
 def write_report(config, workdir: str, trainer, state) -> dict:
   from PIL import Image
   records = loop.read_metrics(workdir)
-  examples = pipeline.make_eval_examples(config, trainer.tokenizer, "val")
+  examples = sr_examples.make_eval_examples(config, trainer.tokenizer, "val")
   ema = state.ema_params
   report = {
       "step": int(jax.device_get(state.step)),
@@ -119,13 +124,13 @@ def write_report(config, workdir: str, trainer, state) -> dict:
   per_image = []
   for ex, sr_u8 in zip(examples, sr):
     hr_u8, lr_u8 = to_uint8(ex["hr"]), to_uint8(ex["lr"])
-    bic_u8 = degrade.bicubic_upsample(lr_u8, hr_u8.shape[:2])
+    bic_u8 = bicubic_upsample(lr_u8, hr_u8.shape[:2])
     per_image.append({
         "name": ex["name"],
         "psnr_sr": metrics.psnr_y(sr_u8, hr_u8), "ssim_sr": metrics.ssim_y(sr_u8, hr_u8),
         "psnr_bicubic": metrics.psnr_y(bic_u8, hr_u8),
         "ssim_bicubic": metrics.ssim_y(bic_u8, hr_u8)})
-    Image.fromarray(grid_image(lr_u8, bic_u8, sr_u8, hr_u8)).save(
+    Image.fromarray(example_grid(ex, sr_u8)).save(
         os.path.join(workdir, "samples", f"{ex['name']}.png"))
   if config.sampling.strength < 1.0:  # also score sampling from pure noise, for comparison
     pure = super_resolve(config, trainer, ema, examples, strength=1.0, **settings)

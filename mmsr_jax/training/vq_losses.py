@@ -1,23 +1,6 @@
-"""Losses and codebook maintenance for training the VQGAN modality tokenizers.
-
-Everything here is a pure function of arrays so that it can be tested on hand-made examples and
-used inside the jitted update step of ``mmsr_jax.train_vq``:
-
-* :func:`quantize`: nearest-code lookup with the straight-through estimator, plus the two VQ-VAE
-  terms, each a plain mean squared error (van den Oord et al. 2017)::
-
-      commitment = mean ||z - sg(e)||^2     (gradient to the encoder; weighted by beta = 0.25)
-      codebook   = mean ||sg(z) - e||^2     (gradient to the codes; unused with EMA updates)
-
-* :func:`ema_codebook_update`: the exponential-moving-average alternative to the codebook loss
-  (cluster sizes and summed assignments, Laplace-smoothed).
-* :func:`restart_dead_codes`: codes whose usage (an EMA of how often they are picked per step)
-  falls below a threshold are moved onto encoder outputs of the current batch, the usual cure for
-  codebook collapse.
-* reconstruction (L1 or L2), a hinge patch-discriminator loss, usage / perplexity / PSNR.
-
-All means are weighted by a per-token weight ``w`` (1 for real maps, 0 for absent ones), so a
-batch that mixes present and missing modalities trains only on the present ones.
+"""Losses and codebook maintenance of the VQ tokenizers as pure array functions: straight-through
+quantisation with commitment / codebook terms, EMA codebook, dead-code restart, reconstruction,
+hinge discriminator, usage and perplexity; every mean weighted by map presence.
 """
 
 from __future__ import annotations

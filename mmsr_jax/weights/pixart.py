@@ -1,14 +1,5 @@
-"""Imports diffusers ``PixArtTransformer2DModel`` weights into our ``DiT`` (and caption projection).
-
-The DiT in ``mmsr_jax/models/dit.py`` is the PixArt-alpha transformer with ``norm_type=
-'ada_norm_single'`` and ``use_additional_conditions=False``; the caption projection
-(``Linear -> GELU(tanh) -> Linear``) lives in ``MultimodalContext`` as ``caption_projection_1/2``.
-``tests/test_pixart_parity.py`` checks that a converted model computes the same function as the
-diffusers one.
-
-Layouts: conv ``OIHW -> HWIO``, linear ``(out, in) -> (in, out)``; tables are copied as they are.
-``widen_patch_embed`` adds zero-initialised input channels (for the LR latent) to the patch
-embedding, which leaves the function of the model unchanged on those extra channels.
+"""PixArt-alpha / Sigma transformers (diffusers) as MMSR's DiT: key mapping, and the grafting that
+widens the patch embedding for the LR latent with zero-initialised channels.
 """
 
 from __future__ import annotations

@@ -1,0 +1,239 @@
+"""The super-resolution task's config schema (``python -m mmsr_jax.train``) and its checks.
+
+``sr_config()`` declares every field an SR run reads, with defaults; ``configs/*.py`` start from
+it (or from ``full_size_config``), so a ``--config.x=...`` override naming no field fails before
+anything runs. ``validate`` checks every value and cross-field rule once.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from mmsr_jax.config import common
+from mmsr_jax.config.vq import vq_arch, vq_downsample
+from mmsr_jax.data.realesrgan import PRESETS
+from mmsr_jax.diffusion.guidance import GUIDANCE_MODES
+from mmsr_jax.diffusion.schedule import PREDICTIONS, SCHEDULES, SPACINGS
+
+TASK = "sr"
+SOURCES = ("demo", "folder", "tfds", "arrayrecord")
+DEGRADATIONS = ("simple",) + tuple(PRESETS)
+AUTOENCODERS = ("pixel", "vae")
+IDS_FROM = ("encoder", "shards")
+TEXT_DEVICES = ("auto", "accelerator", "cpu")
+# Fields that fix the shapes of the saved state: a resume must not change them.
+ARCH_FIELDS = ("model", "autoencoder", "vq", "text", "diffusion", "data.scale", "data.map_size")
+
+
+def sr_config() -> ml_collections.ConfigDict:
+  c = common.common_config()
+  c.task = TASK
+
+  c.data.source = "demo"  # "demo", "folder" (images under path), "tfds" (path = name),
+  c.data.path = ""  # "arrayrecord" (path = annotator / precompute shards)
+  c.data.hr_size = 512  # training crop (HR pixels)
+  c.data.scale = 4
+  c.data.eval_size = 512  # held-out centre crops of the report
+  c.data.tfds_split = "train"
+  c.data.tfds_data_dir = ""  # "" = the TFDS default
+  c.data.image_key = ""  # TFDS image feature; "" = "hr" if present, else "image"
+  c.data.caption_key = ""  # TFDS caption feature; "" = no caption
+  c.data.eval_path = ""  # folder of held-out images for the report; "" = the demo photos
+  c.data.min_image_size = 64  # smaller images are skipped as bad
+  c.data.max_bad_fraction = 0.05  # a larger share of bad images stops the run
+  c.data.degradation = "simple"  # one stage (tiny demo), "realesrgan" or "seesr"
+  c.data.prefetch = 2  # batches degraded ahead in a thread (realesrgan / seesr)
+
+  c.text = ml_collections.ConfigDict()
+  c.text.tokenizer = "byte"  # "byte" or a folder / hub id of a transformers tokenizer
+  c.text.max_length = 77
+  c.text.params = ""  # frozen text-encoder weights (mmsr_jax.convert output); "" = random
+  c.text.encoder = ml_collections.ConfigDict(dict(
+      vocab_size=259, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+      relative_attention_num_buckets=32, relative_attention_max_distance=128,
+      layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu"))
+
+  c.vq = ml_collections.ConfigDict()
+  c.vq.params = ""  # frozen tokenizer weights (train_vq's vq.safetensors); "" = random
+  c.vq.arch = vq_arch()
+  c.vq.per_modality = False  # vq.params holds one tokenizer per modality
+  # "encoder": encode every map every step; "shards": depth / seg ids of the training crops are
+  # read from precomputed shards (edge ids are still encoded: edges come from the degraded LR).
+  c.vq.ids_from = "encoder"
+
+  c.autoencoder = ml_collections.ConfigDict()
+  c.autoencoder.kind = "vae"  # "pixel" (space-to-depth) or "vae" (SD-compatible KL-f8)
+  c.autoencoder.factor = 8
+  c.autoencoder.scaling_factor = 0.18215
+  c.autoencoder.shift_factor = 0.0  # latent = (mean - shift) * scale
+  c.autoencoder.params = ""  # kind 'vae': weights (mmsr_jax.convert output); "" = random
+  c.autoencoder.arch = ml_collections.ConfigDict(dict(
+      in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512),
+      layers_per_block=2, latent_channels=4, norm_num_groups=32))
+
+  c.model = ml_collections.ConfigDict()
+  c.model.width = 1024
+  c.model.depth = 24
+  c.model.num_heads = 16
+  c.model.patch_size = 2
+  c.model.mlp_ratio = 4.0
+  c.model.remat = False
+  c.model.context_latents = 128
+  c.model.context_depth = 2
+  c.model.context_heads = 16
+  c.model.init_from = ""  # a folder from mmsr_jax.convert --kind=pixart
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.num_timesteps = 1000
+  c.diffusion.schedule = "scaled_linear"
+  c.diffusion.beta_start = 0.00085
+  c.diffusion.beta_end = 0.012
+  c.diffusion.prediction = "epsilon"
+  c.diffusion.rescale_zero_snr = False
+  c.diffusion.min_snr_gamma = 0.0  # 0 disables min-SNR weighting
+  # Diffuse residual_scale * (z_HR - z_LR) instead of z_HR (the LR latent is still an input).
+  c.diffusion.residual = False
+  c.diffusion.residual_scale = 1.0
+
+  c.cond_dropout = ml_collections.ConfigDict()
+  c.cond_dropout.modality = 0.1  # each spatial modality -> null block, independently
+  c.cond_dropout.text = 0.1  # caption -> empty caption
+
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.steps = 50
+  c.sampling.eta = 0.0
+  c.sampling.spacing = "leading"
+  c.sampling.guidance = "mcfg"
+  c.sampling.scale = 2.0
+  c.sampling.negative_prompt = ""
+  c.sampling.clip_x0 = 0.0  # > 0 clips the predicted x0
+  c.sampling.seed = 0
+  c.sampling.strength = 1.0  # < 1 starts from the upsampled LR, noised (fidelity over detail)
+  # Where the text encoder runs while sampling: "accelerator", "cpu" (weights on the host,
+  # states passed in) or "auto" (cpu above 1 GiB of weights on an accelerator backend).
+  c.sampling.text_device = "auto"
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.steps = 50
+  c.eval.scale = 0.0  # guidance scale of the report's samples (0 = conditional only)
+  c.eval.val_batches = 4  # noise draws per held-out example for val_loss
+  return c
+
+
+def full_size_config(*, width: int, depth: int, num_heads: int, lr: float,
+                     init_from: str = "") -> ml_collections.ConfigDict:
+  """The research configuration of MMSR.md at one denoiser size (``configs/dit_*.py``): SD KL-f8
+  VAE, T5 v1.1 XXL, VQGAN f16 tokenizers, a 128-latent MMLC, 512 px crops, bf16, FSDP. Frozen
+  parts are read from the ``weights/`` folders the README's conversion commands write."""
+  c = sr_config()
+  c.batch_size = 256
+  c.num_train_steps = 200_000
+  c.log_every = 100
+  c.checkpoint_every = 2_000
+  c.compute_dtype = "bfloat16"
+  c.mesh.data = 1  # FSDP over every device (set data = number of slices for multi-slice)
+  c.mesh.fsdp = -1
+  c.optimizer.lr = lr
+  c.optimizer.warmup_steps = 1_000
+  c.optimizer.weight_decay = 0.03
+  c.optimizer.ema_decay = 0.9999
+
+  c.data.degradation = "realesrgan"
+
+  c.text.tokenizer = "weights/t5_v1_1_xxl"
+  c.text.params = "weights/t5_v1_1_xxl"
+  c.text.encoder = dict(
+      vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+      relative_attention_num_buckets=32, relative_attention_max_distance=128,
+      layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu")
+  c.vq.params = "weights/vqgan_f16_modalities"
+  c.autoencoder.params = "weights/sd_vae_ft_ema"
+
+  c.model.width = width
+  c.model.depth = depth
+  c.model.num_heads = num_heads
+  c.model.remat = True
+  c.model.context_heads = num_heads
+  c.model.init_from = init_from
+  return c
+
+
+def latent_size(config) -> int:
+  return config.data.hr_size // config.autoencoder.factor
+
+
+def token_grid(config) -> int:
+  """Side of each modality's VQ id grid."""
+  return config.data.map_size // vq_downsample(config.vq.arch)
+
+
+def validate(config) -> None:
+  ck = common.validate_common(config)
+  d = config.data
+  ck.choice("data.source", SOURCES)
+  if d.source != "demo" and not d.path:
+    ck.fail("data.path", f"a path (config.data.source={d.source!r} reads from it)")
+  ck.integer("data.scale", 1)
+  ck.integer("data.hr_size", 1)
+  ck.divides("data.hr_size", d.scale, "data.scale")
+  ck.integer("data.eval_size", d.scale)
+  ck.divides("data.map_size", vq_downsample(config.vq.arch), "the VQ downsampling factor")
+  ck.integer("data.min_image_size", 1)
+  ck.number("data.max_bad_fraction", 0.0, 1.0)
+  ck.choice("data.degradation", DEGRADATIONS)
+  ck.integer("data.prefetch", 0)
+
+  ck.integer("text.max_length", 2)
+  ck.choice("vq.ids_from", IDS_FROM)
+  if config.vq.ids_from == "shards" and d.source != "arrayrecord":
+    ck.fail("vq.ids_from", "'encoder' unless config.data.source='arrayrecord' (ids are read "
+            "from shards written by python -m mmsr_jax.precompute --crop_size=...)")
+
+  ck.choice("autoencoder.kind", AUTOENCODERS)
+  ae = config.autoencoder
+  ck.integer("autoencoder.factor", 1)
+  ck.number("autoencoder.scaling_factor", 0.0, lo_open=True)
+  if ae.kind == "vae" and 2 ** (len(ae.arch.block_out_channels) - 1) != ae.factor:
+    ck.fail("autoencoder.factor", f"{2 ** (len(ae.arch.block_out_channels) - 1)}, the "
+            f"downsampling of autoencoder.arch ({len(ae.arch.block_out_channels)} blocks)")
+  ck.divides("data.hr_size", ae.factor, "autoencoder.factor")
+
+  m = config.model
+  ck.integer("model.patch_size", 1)
+  if latent_size(config) % m.patch_size:
+    ck.fail("data.hr_size", f"a latent size ({latent_size(config)} px) divisible by "
+            f"model.patch_size={m.patch_size}")
+  ck.integer("model.num_heads", 1)
+  ck.integer("model.context_heads", 1)
+  ck.integer("model.width", 4)
+  ck.divides("model.width", 4, "2D sin-cos position embeddings")
+  ck.divides("model.width", m.num_heads, "model.num_heads")
+  ck.divides("model.width", m.context_heads, "model.context_heads")
+  ck.integer("model.depth", 1)
+  ck.integer("model.context_depth", 0)
+  ck.integer("model.context_latents", 1)
+  ck.number("model.mlp_ratio", 0.0, lo_open=True)
+
+  ck.integer("diffusion.num_timesteps", 2)
+  ck.choice("diffusion.schedule", SCHEDULES)
+  ck.number("diffusion.beta_start", 0.0, 1.0, lo_open=True, hi_open=True)
+  ck.number("diffusion.beta_end", config.diffusion.beta_start, 1.0, hi_open=True)
+  ck.choice("diffusion.prediction", PREDICTIONS)
+  ck.number("diffusion.min_snr_gamma", 0.0)
+  ck.number("diffusion.residual_scale", 0.0, lo_open=True)
+
+  ck.number("cond_dropout.modality", 0.0, 1.0)
+  ck.number("cond_dropout.text", 0.0, 1.0)
+
+  ck.integer("sampling.steps", 1, config.diffusion.num_timesteps)
+  ck.number("sampling.eta", 0.0, 1.0)
+  ck.choice("sampling.spacing", SPACINGS)
+  ck.choice("sampling.guidance", GUIDANCE_MODES)
+  ck.number("sampling.scale", 0.0)
+  ck.number("sampling.clip_x0", 0.0)
+  ck.integer("sampling.seed", 0)
+  ck.number("sampling.strength", 0.0, 1.0, lo_open=True)
+  ck.choice("sampling.text_device", TEXT_DEVICES)
+  ck.integer("eval.steps", 1, config.diffusion.num_timesteps)
+  ck.number("eval.scale", 0.0)
+  ck.integer("eval.val_batches", 1)

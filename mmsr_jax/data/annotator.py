@@ -1,0 +1,423 @@
+"""The context-modality annotator: Canny edges, Depth Anything depth, Mask2Former segmentation and
+a BLIP / Florence-2 / Qwen2.5-VL caption per image, written as ArrayRecord shards
+(``mmsr_jax.formats.records``).
+
+Maps are extracted from a reproducible Real-ESRGAN-degraded LR version of each image (the model
+sees LR-derived maps at inference) unless ``from_hr``; they keep that image's size. Runs are
+resumable shard by shard; a rerun with other inputs or settings is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Sequence
+
+import numpy as np
+from absl import logging
+
+from mmsr_jax.data import realesrgan, sources
+from mmsr_jax.data.modalities import canny
+from mmsr_jax.formats.records import MANIFEST, SHARD_PATTERN, encode_record
+
+CAPTION_KINDS = ("blip", "florence2", "qwen2_5_vl")
+
+
+DEFAULT_VLM_PROMPTS = {
+    "florence2": "<MORE_DETAILED_CAPTION>",
+    "qwen2_5_vl": "Describe this image in one sentence.",
+}
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+  lo, hi = float(x.min()), float(x.max())
+  if hi <= lo:
+    return np.zeros(x.shape, np.float32)
+  return ((x - lo) / (hi - lo)).astype(np.float32)
+
+
+def import_transformers():
+  """Imports transformers (with torch) for the annotators.
+
+  A torchvision wheel that does not match the installed torch fails on import and would make
+  transformers refuse to load any vision model; such a broken torchvision is hidden (transformers
+  then uses its PIL image processors), with a warning.
+  """
+  import sys
+  import torch  # noqa: F401  (fails early, with the name, when torch is missing)
+  if "transformers" not in sys.modules and "torchvision" not in sys.modules:
+    try:
+      import torchvision  # noqa: F401
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("ignoring the installed torchvision, which fails to import: %s", e)
+      sys.modules["torchvision"] = None
+  import transformers
+  return transformers
+
+
+def _check_model_path(field: str, path: str | None) -> None:
+  """A local path must be an existing folder; anything else is taken as a hub id."""
+  if not path:
+    return
+  if os.path.exists(path):
+    if not os.path.isdir(path):
+      raise NotADirectoryError(f"annotator {field} model {path!r} is not a folder")
+  elif path.startswith((".", "/", "~")) or path.count("/") > 1:
+    raise FileNotFoundError(f"annotator {field} model folder {path!r} does not exist")
+
+
+def _torchvision_usable() -> bool:
+  """Whether torchvision imports (``import_transformers`` hides a broken one)."""
+  import importlib.util
+  import sys
+  if "torchvision" in sys.modules:
+    return sys.modules["torchvision"] is not None  # None: hidden by import_transformers
+  return importlib.util.find_spec("torchvision") is not None
+
+
+class QwenVLInputs:
+  """Builds Qwen2.5-VL's model inputs from its image processor and tokenizer.
+
+  transformers 5.x cannot construct ``Qwen2_5_VLProcessor`` without torchvision (the processor
+  checks its video-processor slot against a class only exported with torchvision, even when no
+  video processor is given), so without torchvision the annotator does the processor's image
+  work itself: each image placeholder of the chat prompt is expanded to the image's number of
+  merged patches (``grid_t * grid_h * grid_w / merge_size**2``), the texts are tokenised with
+  left padding (a decoder-only batch must end at the same position), and the pixel patches and
+  grids come from the image processor.
+  """
+
+  def __init__(self, tr, path: str):
+    self.image_processor = tr.AutoImageProcessor.from_pretrained(path)
+    self.tokenizer = tr.AutoTokenizer.from_pretrained(path)
+    self.tokenizer.padding_side = "left"
+    if not self.tokenizer.chat_template:
+      raise ValueError(f"caption model {path!r}: the tokenizer has no chat template "
+                       "(chat_template.jinja or tokenizer_config.json) to build the prompt from")
+    self.image_token = getattr(self.tokenizer, "image_token", None) or "<|image_pad|>"
+    if self.tokenizer.convert_tokens_to_ids(self.image_token) == self.tokenizer.unk_token_id:
+      raise ValueError(f"caption model {path!r}: the tokenizer lacks the image token "
+                       f"{self.image_token!r}")
+
+  def apply_chat_template(self, messages, add_generation_prompt: bool = True,
+                          tokenize: bool = False) -> str:
+    if tokenize:
+      raise ValueError("QwenVLInputs.apply_chat_template gives the prompt text only")
+    return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                              tokenize=False)
+
+  def __call__(self, text: Sequence[str], images: Sequence[np.ndarray], padding: bool = True,
+               return_tensors: str = "pt"):
+    from transformers import BatchFeature  # pylint: disable=g-import-not-at-top
+    pix = self.image_processor(images=list(images), return_tensors=return_tensors)
+    merge = self.image_processor.merge_size ** 2
+    expanded = []
+    for t, grid in zip(text, pix["image_grid_thw"]):
+      if t.count(self.image_token) != 1:
+        raise ValueError(f"Qwen2.5-VL prompt must hold one {self.image_token!r}, got {t!r}")
+      expanded.append(t.replace(self.image_token, self.image_token * (int(grid.prod()) // merge)))
+    enc = self.tokenizer(expanded, padding=padding, return_tensors=return_tensors)
+    return BatchFeature({**enc, **pix})
+
+  def batch_decode(self, ids, **kwargs) -> list[str]:
+    return self.tokenizer.batch_decode(ids, **kwargs)
+
+
+def _vlm_processor(tr, path: str, kind: str):
+  """The processor of a prompted VLM; for Qwen2.5-VL without torchvision, ``QwenVLInputs``."""
+  if kind == "qwen2_5_vl" and not _torchvision_usable():
+    logging.warning("torchvision is not usable, so transformers cannot build the Qwen2.5-VL "
+                    "processor; building its inputs from the image processor and tokenizer")
+    return QwenVLInputs(tr, path)
+  proc = tr.AutoProcessor.from_pretrained(path)
+  if kind == "qwen2_5_vl":
+    proc.tokenizer.padding_side = "left"  # decoder-only: a batch must end at the same position
+  return proc
+
+
+class Annotator:
+  """Extracts the MMSR context modalities from RGB images with transformers models.
+
+  Args:
+    depth: local folder or hub id of a depth-estimation model (Depth Anything), or None.
+    seg: local folder or hub id of a Mask2Former (semantic) model, or None.
+    caption: local folder or hub id of an image-to-text model, or None.
+    caption_kind: 'blip' (BLIP captioning), 'florence2' or 'qwen2_5_vl' (prompted VLMs).
+    device: torch device string.
+    caption_prompt: prompt for the prompted VLMs (a default per kind).
+    max_new_tokens: caption length limit.
+  """
+
+  def __init__(self, depth: str | None = None, seg: str | None = None,
+               caption: str | None = None, caption_kind: str = "blip", device: str = "cpu",
+               caption_prompt: str | None = None, max_new_tokens: int = 40):
+    if caption_kind not in CAPTION_KINDS:
+      raise ValueError(f"caption_kind={caption_kind!r}: expected one of {CAPTION_KINDS}")
+    for field, path in (("depth", depth), ("seg", seg), ("caption", caption)):
+      _check_model_path(field, path)
+    tr = import_transformers()
+    self.device = device
+    self.caption_kind = caption_kind
+    self.max_new_tokens = int(max_new_tokens)
+    self.model_ids = {"depth": depth, "seg": seg, "caption": caption}
+    self._depth = self._seg = self._cap = None
+    if depth:
+      self._depth = (tr.AutoImageProcessor.from_pretrained(depth),
+                     tr.AutoModelForDepthEstimation.from_pretrained(depth).to(device).eval())
+    if seg:
+      self._seg = (tr.AutoImageProcessor.from_pretrained(seg),
+                   tr.Mask2FormerForUniversalSegmentation.from_pretrained(seg).to(device).eval())
+    if caption:
+      if caption_kind == "blip":
+        model = tr.BlipForConditionalGeneration.from_pretrained(caption)
+        proc = tr.BlipProcessor.from_pretrained(caption)
+      else:
+        model = tr.AutoModelForImageTextToText.from_pretrained(caption)
+        proc = _vlm_processor(tr, caption, caption_kind)
+      self._cap = (proc, model.to(device).eval())
+    self.caption_prompt = caption_prompt or DEFAULT_VLM_PROMPTS.get(caption_kind)
+
+  @property
+  def modalities(self) -> tuple[str, ...]:
+    """The outputs this annotator produces (edge always)."""
+    names = ["edge"]
+    names += [n for n, m in (("depth", self._depth), ("seg", self._seg), ("caption", self._cap))
+              if m is not None]
+    return tuple(names)
+
+  def annotate_one(self, image: np.ndarray) -> dict[str, Any]:
+    """Annotates one uint8 HxWx3 RGB image (typically the LR input); see ``annotate_batch``."""
+    return self.annotate_batch([image])[0]
+
+  def annotate_batch(self, images: Sequence[np.ndarray]) -> list[dict[str, Any]]:
+    """Annotates a batch of uint8 RGB images (sizes may differ).
+
+    Returns one dict per image with ``'edge'`` (float32 HxW in {0, 1}, Canny), and, for the
+    configured models, ``'depth'`` (float32 HxW in [0, 1], nearer = brighter, normalised per
+    image), ``'seg'`` (int32 HxW class labels) and ``'caption'`` (str).
+    """
+    images = [self._check(i, x) for i, x in enumerate(images)]
+    out = [{"edge": canny(x)} for x in images]
+    if self._depth is not None:
+      for o, d in zip(out, self._run_depth(images)):
+        o["depth"] = d
+    if self._seg is not None:
+      for o, s in zip(out, self._run_seg(images)):
+        o["seg"] = s
+    if self._cap is not None:
+      for o, c in zip(out, self._run_caption(images)):
+        o["caption"] = c
+    return out
+
+  @staticmethod
+  def _check(i: int, x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x)
+    if x.dtype != np.uint8 or x.ndim != 3 or x.shape[-1] != 3:
+      raise ValueError(f"annotator image {i}: expected uint8 HxWx3 RGB, got {x.dtype} {x.shape}")
+    return x
+
+  def _run_depth(self, images):
+    """Depth per image; images of one size share a forward pass (Depth Anything's processor
+    keeps the aspect ratio, so different sizes give different input shapes)."""
+    res: list[np.ndarray | None] = [None] * len(images)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, x in enumerate(images):
+      groups.setdefault(x.shape, []).append(i)
+    for idx in groups.values():
+      for i, d in zip(idx, self._run_depth_same_size([images[i] for i in idx])):
+        res[i] = d
+    return res
+
+  def _run_depth_same_size(self, images):
+    import torch
+    proc, model = self._depth
+    inputs = proc(images=list(images), return_tensors="pt").to(self.device)
+    with torch.no_grad():
+      pred = model(**inputs).predicted_depth  # [B, h, w], relative inverse depth (near = high)
+    res = []
+    for x, p in zip(images, pred):
+      p = torch.nn.functional.interpolate(p[None, None].float(), size=x.shape[:2],
+                                          mode="bilinear", align_corners=False)[0, 0]
+      res.append(_normalise(p.cpu().numpy()))
+    return res
+
+  def _run_seg(self, images):
+    import torch
+    proc, model = self._seg
+    inputs = proc(images=list(images), return_tensors="pt").to(self.device)
+    with torch.no_grad():
+      outputs = model(**inputs)
+    maps = proc.post_process_semantic_segmentation(
+        outputs, target_sizes=[x.shape[:2] for x in images])
+    return [m.cpu().numpy().astype(np.int32) for m in maps]
+
+  def _run_caption(self, images):
+    import torch
+    proc, model = self._cap
+    if self.caption_kind == "blip":
+      inputs = proc(images=list(images), return_tensors="pt").to(self.device)
+    elif self.caption_kind == "florence2":
+      inputs = proc(text=[self.caption_prompt] * len(images), images=list(images),
+                    return_tensors="pt").to(self.device)
+    else:  # qwen2_5_vl: chat template with one image and the prompt
+      msgs = [{"role": "user", "content": [{"type": "image"},
+                                           {"type": "text", "text": self.caption_prompt}]}]
+      text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+      inputs = proc(text=[text] * len(images), images=list(images), padding=True,
+                    return_tensors="pt").to(self.device)
+    with torch.no_grad():
+      ids = model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+    if self.caption_kind == "qwen2_5_vl":
+      # The decoder-only VLM returns the prompt followed by the answer; Florence-2 (an
+      # encoder-decoder) and BLIP return only the decoder's tokens.
+      ids = ids[:, inputs["input_ids"].shape[1]:]
+    texts = proc.batch_decode(ids, skip_special_tokens=True)
+    return [" ".join(t.split()) for t in texts]
+
+
+@dataclasses.dataclass
+class _Input:
+  """The images to annotate: a folder (recursive) or ``tfds:NAME[:SPLIT]``."""
+  spec: str
+
+  def open(self, data_dir: str = ""):
+    if self.spec.startswith("tfds:"):
+      parts = self.spec.split(":")
+      if len(parts) not in (2, 3) or not parts[1]:
+        raise ValueError(f"--input={self.spec!r}: expected tfds:NAME or tfds:NAME:SPLIT")
+      return sources.TfdsSource(parts[1], split=parts[2] if len(parts) == 3 else "train",
+                                data_dir=data_dir or None)
+    if not os.path.isdir(self.spec):
+      raise FileNotFoundError(f"--input={self.spec!r}: no such folder (or use tfds:NAME)")
+    return sources.FolderSource(self.spec)
+
+
+SIZE_BUCKET = 256  # HR sizes are reflect-padded up to a multiple of this before degrading
+
+
+def _lr_version(image: np.ndarray, index: int, preset: str, scale: int, seed: int) -> np.ndarray:
+  """The degraded LR version of an image the modalities are extracted from (reproducible).
+
+  The image (cropped to a multiple of ``scale``) is reflect-padded to a multiple of SIZE_BUCKET
+  so that folders of many different sizes compile the jitted stages only a few times; the final
+  resize maps the padded image to exactly 1/scale of it, so cropping the LR to
+  (h/scale, w/scale) keeps exactly the original region.
+  """
+  h, w = image.shape[:2]
+  h, w = h - h % scale, w - w % scale
+  if min(h, w) < scale:
+    raise ValueError(f"image of size {image.shape[:2]} is smaller than the scale {scale}")
+  bucket = SIZE_BUCKET * scale // math.gcd(SIZE_BUCKET, scale)
+  ph, pw = -(-h // bucket) * bucket, -(-w // bucket) * bucket
+  hr = np.pad(image[:h, :w], ((0, ph - h), (0, pw - w), (0, 0)), mode="symmetric")
+  lr = realesrgan.RealESRGANDegrader(preset, scale).degrade_one(
+      hr.astype(np.float32) / np.float32(255.0), np.random.default_rng([seed, index]))
+  return np.round(lr[:h // scale, :w // scale] * 255.0).astype(np.uint8)
+
+
+def _manifest(n: int, size: int, settings: dict[str, Any]) -> dict[str, Any]:
+  num = max(1, -(-n // size))
+  return {"num_images": n, "shard_size": size, "num_shards": num, "settings": settings}
+
+
+@dataclasses.dataclass
+class AnnotateOptions:
+  """What ``run_annotation`` does; the CLI flags carry the same names (see ``define_flags``)."""
+  input: str
+  output: str
+  depth: str = ""
+  seg: str = ""
+  caption: str = ""
+  caption_kind: str = "blip"
+  from_hr: bool = False
+  preset: str = "realesrgan"
+  scale: int = 4
+  seed: int = 0
+  shard_size: int = 256
+  batch_size: int = 8
+  device: str = "cpu"
+  tfds_data_dir: str = ""
+
+
+def run_annotation(opts: AnnotateOptions) -> dict[str, int]:
+  """Annotates ``opts.input`` into ArrayRecord shards under ``opts.output`` (resumable).
+
+  Returns ``{'images', 'shards', 'already_done', 'written', 'skipped'}``.
+  """
+  F = opts  # noqa: N806
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  from array_record.python import array_record_module as arm  # pylint: disable=g-import-not-at-top
+  if not F.input or not F.output:
+    raise ValueError("--input and --output are required")
+  realesrgan.get_preset(F.preset)  # validate before anything long
+  if F.shard_size < 1 or F.batch_size < 1:
+    raise ValueError("--shard_size and --batch_size must be >= 1")
+  if F.caption_kind not in CAPTION_KINDS:
+    raise ValueError(f"caption_kind={F.caption_kind!r}: expected one of {CAPTION_KINDS}")
+  source = _Input(F.input).open(F.tfds_data_dir)
+  settings = {"input": F.input, "depth": F.depth, "seg": F.seg,
+              "caption": F.caption, "caption_kind": F.caption_kind,
+              "from_hr": F.from_hr, "preset": F.preset, "scale": F.scale,
+              "seed": F.seed}
+  manifest = _manifest(len(source), F.shard_size, settings)
+  os.makedirs(F.output, exist_ok=True)
+  mpath = os.path.join(F.output, MANIFEST)
+  if os.path.exists(mpath):
+    with open(mpath) as f:
+      old = json.load(f)
+    if old != manifest:
+      raise FileExistsError(
+          f"{mpath} was written for other inputs or settings ({old['settings']}, "
+          f"{old['num_images']} images); use a new --output folder")
+  else:
+    with open(mpath, "w") as f:
+      json.dump(manifest, f, indent=2, sort_keys=True)
+  num = manifest["num_shards"]
+  todo = [s for s in range(num)
+          if not os.path.exists(os.path.join(F.output, SHARD_PATTERN.format(s, num)))]
+  print(f"{len(source)} images, {num} shards, {num - len(todo)} already done")
+  result = {"images": len(source), "shards": num, "already_done": num - len(todo),
+            "written": 0, "skipped": 0}
+  if not todo:
+    return result
+  annotator = Annotator(depth=F.depth or None, seg=F.seg or None,
+                        caption=F.caption or None, caption_kind=F.caption_kind,
+                        device=F.device)
+  size = manifest["shard_size"]
+  bar = tqdm(total=sum(min(size, len(source) - s * size) for s in todo), unit="img")
+  skipped = 0
+  for s in todo:
+    final = os.path.join(F.output, SHARD_PATTERN.format(s, num))
+    tmp = final + ".tmp"
+    writer = arm.ArrayRecordWriter(tmp, "group_size:1")
+    indices = list(range(s * size, min(len(source), (s + 1) * size)))
+    for b in range(0, len(indices), F.batch_size):
+      batch = []
+      for i in indices[b:b + F.batch_size]:
+        try:
+          rec = source[i]
+        except sources.BadImage as e:
+          name = source.files[i] if hasattr(source, "files") else f"{F.input}[{i}]"
+          logging.warning("skipping %s: %s", name, e)
+          skipped += 1
+          continue
+        hr = rec["image"]
+        cond = hr if F.from_hr else _lr_version(hr, i, F.preset, F.scale, F.seed)
+        batch.append((i, rec, cond))
+      outs = annotator.annotate_batch([c for _, _, c in batch]) if batch else []
+      for (i, rec, cond), maps in zip(batch, outs):
+        meta = {"name": rec["name"], "index": i, "image_size": list(rec["image"].shape[:2]),
+                "maps_from": "hr" if F.from_hr else "lr",
+                "maps_size": list(cond.shape[:2]), "models": annotator.model_ids,
+                "caption_kind": F.caption_kind, "preset": F.preset}
+        if "caption" not in maps and rec.get("caption"):
+          maps["caption"] = rec["caption"]  # the source's own caption when no model is given
+        writer.write(encode_record(rec["image"], maps, meta))
+      bar.update(len(indices[b:b + F.batch_size]))
+    writer.close()
+    os.replace(tmp, final)
+  bar.close()
+  print(f"wrote {len(todo)} shards to {F.output} ({skipped} unreadable images skipped)")
+  return dict(result, written=len(todo), skipped=skipped)

@@ -1,0 +1,145 @@
+"""The super-resolution training task: condition dropout, the diffusion loss of the DiT on
+frozen-encoder conditions, AdamW and the EMA, as one jitted, sharded, donated update step."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mmsr_jax.config import schema
+from mmsr_jax.data import sr_examples
+from mmsr_jax.diffusion import schedule as diffusion
+from mmsr_jax.models.conditioner import Conditioner
+from mmsr_jax.models.mmsr import MMSR
+from mmsr_jax.runtime import sharding
+from mmsr_jax.system import System
+from mmsr_jax.training import flops, loop, sr_report
+from mmsr_jax.training.optimizer import TrainState, ema_decay
+from mmsr_jax.weights import pixart
+
+
+def make_train_step(config, model: MMSR, conditioner: Conditioner, schedule, tx, lr_fn,
+                    empty_text: tuple[np.ndarray, np.ndarray]):
+  """The update step: frozen encoders -> condition dropout -> loss -> AdamW -> EMA."""
+  base_rng = jax.random.key(config.seed)
+  p_mod, p_txt = config.cond_dropout.modality, config.cond_dropout.text
+  min_snr = config.diffusion.min_snr_gamma or None
+
+  def step_fn(state: TrainState, frozen, batch):
+    rng = jax.random.fold_in(base_rng, state.step)
+    r_mod, r_txt, r_loss = jax.random.split(rng, 3)
+    b = batch["hr"].shape[0]
+    present = batch["present"] & jax.random.bernoulli(r_mod, 1.0 - p_mod, batch["present"].shape)
+    drop_text = jax.random.bernoulli(r_txt, p_txt, (b,))[:, None]
+    batch = dict(batch,
+                 text_ids=jnp.where(drop_text, empty_text[0][None], batch["text_ids"]),
+                 text_mask=jnp.where(drop_text, empty_text[1][None], batch["text_mask"]))
+    cond = jax.lax.stop_gradient(conditioner(frozen, batch))
+    x0 = jax.lax.stop_gradient(
+        conditioner.diffusion_target(frozen, batch["hr"], cond["lr_latent"]))
+
+    def loss_fn(params):
+      ctx = model.apply({"params": params}, cond["text_states"], cond["text_mask"], cond["ids"],
+                        present, method=MMSR.encode_context)
+      apply = lambda z, t: model.apply({"params": params}, z, t, cond["lr_latent"], ctx,  # noqa: E731
+                                       method=MMSR.denoise)
+      loss, _ = diffusion.diffusion_loss(schedule, apply, x0, r_loss, min_snr_gamma=min_snr)
+      return loss
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    d = ema_decay(config, state.step)
+    ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema_params, params)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+               "param_norm": optax.global_norm(params), "lr": lr_fn(state.step)}
+    return TrainState(state.step + 1, params, opt_state, ema), metrics
+
+  return step_fn
+
+
+
+class SRTask:
+  """The super-resolution task of :mod:`mmsr_jax.training.loop`: the system of the config, its
+  frozen weights placed on the mesh, the sharded initial state and the jitted update step."""
+
+  def __init__(self, config, workdir: str, devices=None, system: System | None = None):
+    self.config, self.workdir = config, workdir
+    s = System.from_config(config, devices) if system is None else system
+    self.system = s
+    self.mesh, self.model, self.conditioner = s.mesh, s.model, s.conditioner
+    self.schedule, self.tokenizer, self.tx, self.lr_fn = s.schedule, s.tokenizer, s.tx, s.lr_fn
+    self.state_sharding, self.abstract_state = s.state_sharding, s.abstract_state
+    self.frozen = s.load_frozen()
+    self.frozen_sharding = jax.tree.map(lambda a: a.sharding, self.frozen)
+    self._init = jax.jit(s.init_fn, out_shardings=self.state_sharding)
+    if config.model.init_from:  # read (and checked) before anything long starts
+      self._pixart = pixart.pixart_for_mmsr(
+          config.model.init_from, self.abstract_state.params, num_heads=config.model.num_heads)
+
+      def graft(state, pretrained):
+        params = {**state.params, "dit": pretrained["dit"]}
+        if "context" in pretrained:
+          params["context"] = {**state.params["context"], **pretrained["context"]}
+        return TrainState(state.step, params, self.tx.init(params), params)
+      self._pretrained = jax.jit(graft, out_shardings=self.state_sharding, donate_argnums=(0,))
+    empty = self.tokenizer.encode("", config.text.max_length)
+    step_fn = make_train_step(config, self.model, self.conditioner, self.schedule, self.tx,
+                              self.lr_fn, empty)
+
+    def constrained_step(state, frozen, batch):  # activation constraints on while tracing
+      with sharding.activation_rules(self.mesh):
+        return step_fn(state, frozen, batch)
+    self.train_step = jax.jit(
+        constrained_step,
+        in_shardings=(self.state_sharding, self.frozen_sharding,
+                      sharding.batch_sharding(self.mesh)),
+        out_shardings=(self.state_sharding, sharding.replicated(self.mesh)), donate_argnums=(0,))
+
+  # --- The task interface of the loop.
+  def step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+    return self.train_step(state, self.frozen, batch)
+
+  def make_loader(self):
+    return sr_examples.make_train_loader(self.config, self.tokenizer)
+
+  def write_report(self, workdir: str, state: TrainState) -> dict:
+    return sr_report.write_report(self.config, workdir, self, state)
+
+  def init_state(self) -> TrainState:
+    """A fresh state; with ``config.model.init_from``, the DiT and text projection come from
+    converted PixArt weights (EMA equal to them, optimizer moments zero)."""
+    state = self._init(jax.random.key(self.config.seed))
+    if self.config.model.init_from:
+      state = self._pretrained(state, self._pixart)
+    return state
+
+  def flops_per_step(self) -> float:
+    """Model FLOPs of one update step (trainable MMSR, forward + backward), for MFU."""
+    return flops.mmsr_train_flops_per_step(self.config)
+
+  def sample_grid(self, state: TrainState) -> dict:
+    """``LR | bicubic | SR (EMA weights) | HR`` of each held-out crop, for TensorBoard."""
+    if not hasattr(self, "_eval_examples"):
+      self._eval_examples = sr_examples.make_eval_examples(self.config, self.tokenizer, "val")
+    c = self.config
+    sr = sr_report.super_resolve(c, self, state.ema_params, self._eval_examples,
+                                 steps=c.eval.steps, scale=c.eval.scale,
+                                 guidance=c.sampling.guidance, strength=c.sampling.strength,
+                                 seed=c.sampling.seed)
+    return {ex["name"]: sr_report.example_grid(ex, sr_u8)
+            for ex, sr_u8 in zip(self._eval_examples, sr)}
+
+  def abstract_with_shardings(self):
+    return self.system.abstract_with_shardings()
+
+
+def train(config, workdir: str, *, devices=None, stop_at: int | None = None,
+          write_report: bool = True) -> TrainState:
+  """Trains to ``config.num_train_steps`` (or stops after ``stop_at``, saving a checkpoint)."""
+  schema.validate(config)
+  loop.check_workdir(config, workdir)
+  return loop.run(SRTask(config, workdir, devices), workdir, stop_at=stop_at,
+                  write_report=write_report)
