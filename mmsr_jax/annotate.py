@@ -14,6 +14,7 @@ from absl import flags
 
 from mmsr_jax import cli
 from mmsr_jax.data.annotator import CAPTION_KINDS, AnnotateOptions, run_annotation
+from mmsr_jax.data.images import DEFAULT_MAX_PIXELS
 
 
 def define_flags() -> None:
@@ -32,6 +33,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("batch_size", 8, "Images per annotator batch.")
   flags.DEFINE_string("device", "cpu", "torch device for the annotators.")
   flags.DEFINE_string("tfds_data_dir", "", "TFDS data_dir ('' = default).")
+  flags.DEFINE_integer("max_pixels", DEFAULT_MAX_PIXELS, "Largest image read (pixels, checked "
+                       "from each file's header before decoding; larger ones are skipped).")
 
 
 def main(argv) -> None:

@@ -12,6 +12,8 @@ import cv2
 import numpy as np
 from absl import flags
 
+from mmsr_jax.data import images
+
 
 def define_flags() -> None:
   flags.DEFINE_string("input", None, "The HR image file.")
@@ -22,6 +24,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("scale", 4, "Downscaling factor.")
   flags.DEFINE_integer("max_side", 1024, "Center-crop larger images to this side first (0: no).")
   flags.DEFINE_bool("overwrite", False, "Replace existing outputs.")
+  flags.DEFINE_integer("max_pixels", images.DEFAULT_MAX_PIXELS, "Largest input read (pixels, "
+                       "checked from the header before decoding).")
 
 
 def contact_sheet(hr: np.ndarray, samples: list[np.ndarray], cols: int = 0) -> np.ndarray:
@@ -53,7 +57,6 @@ def main(argv) -> None:
   del argv
   from mmsr_jax.data import realesrgan  # pylint: disable=g-import-not-at-top
   from mmsr_jax.data.simple_degradation import simple_degrade  # pylint: disable=g-import-not-at-top
-  from mmsr_jax.data.sources import BadImage, read_image  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   if not f.input or not f.output:
     raise ValueError("--input and --output are required")
@@ -63,9 +66,10 @@ def main(argv) -> None:
     realesrgan.get_preset(f.preset)
   if not os.path.isfile(f.input):
     raise FileNotFoundError(f"--input={f.input!r}: no such file")
+  limit = images.check_limit(f.max_pixels, "--max_pixels")
   try:
-    hr = read_image(f.input)
-  except BadImage as e:
+    hr = images.read_image(f.input, limit, "--max_pixels")
+  except images.BadImage as e:
     raise ValueError(f"--input={f.input!r}: {e}") from e
   h, w = hr.shape[:2]
   if f.max_side and max(h, w) > f.max_side:

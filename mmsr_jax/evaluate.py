@@ -12,6 +12,7 @@ import os
 from absl import flags
 
 from mmsr_jax import cli
+from mmsr_jax.data import images as image_io
 from mmsr_jax.evaluation.benchmark import (LEARNED, _check_writable, _json_safe, evaluate,
                                            markdown_table, run_benchmark, write_csv)
 from mmsr_jax.weights.metric_nets import DEFAULT_DIR
@@ -39,6 +40,8 @@ def define_flags() -> None:
   flags.DEFINE_string("output", None, "where benchmark mode writes the super-resolved images")
   flags.DEFINE_string("name", "ours", "row label of the evaluated method")
   flags.DEFINE_bool("overwrite", False, "replace existing output files")
+  flags.DEFINE_integer("max_pixels", image_io.DEFAULT_MAX_PIXELS, "largest image read (pixels, checked "
+                       "from each file's header before decoding)")
 
 
 def main(argv) -> None:
@@ -48,7 +51,8 @@ def main(argv) -> None:
   if unknown:
     raise ValueError(f"--learned: unknown {unknown}; expected a subset of {list(LEARNED)}")
   kwargs = dict(crop_border=f.crop_border, weights_dir=f.weights_dir, batch_size=f.batch_size,
-                niqe_color=f.niqe_color, learned_metrics=tuple(f.learned))
+                niqe_color=f.niqe_color, learned_metrics=tuple(f.learned),
+                max_pixels=image_io.check_limit(f.max_pixels, "--max_pixels"))
   if f.benchmark:
     if not f.workdir or not f.output:
       raise ValueError("--benchmark needs --workdir (the trained run) and --output (where the "

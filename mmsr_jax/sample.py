@@ -81,6 +81,8 @@ def define_flags() -> None:
   d.DEFINE_enum("text_device", None, list(TEXT_DEVICES), "Where the text encoder runs: cpu "
                 "keeps its weights on the host (default: config.sampling.text_device, else auto).")
   d.DEFINE_bool("overwrite", False, "Replace existing outputs.")
+  d.DEFINE_integer("max_pixels", None, "Largest input image (pixels, checked from each file's "
+                   "header before decoding; default: the run's config.sampling.max_input_pixels).")
   d.DEFINE_bool("progress", True, "Show progress bars over images and steps.")
 
 
@@ -92,9 +94,15 @@ def main(argv):
       raise app.UsageError(f"--{name} is required")
   # Every check on the inputs happens before the model is built or compiled.
   files = list_inputs(F.input)
+  run_config = ckpt_lib.load_config(F.workdir)  # fails early on a folder that is not a run
+  if F.max_pixels is None:
+    limit = image_io.check_limit(run_config.sampling.get(
+        "max_input_pixels", image_io.DEFAULT_MAX_INPUT_PIXELS), "config.sampling.max_input_pixels")
+  else:
+    limit = image_io.check_limit(F.max_pixels, "--max_pixels")
   sizes = {}
-  for f in files:  # read once to check (decoded again when its turn comes)
-    sizes[f] = image_io.read(f).size
+  for f in files:  # read once to check (decoded again when its turn comes; the header first)
+    sizes[f] = image_io.read(f, limit).size
   maps = {k: read_map(F[k].value, k) for k in MODALITIES if F[k].value}
   temperature = parse_temperature(F.temperature)
   for name in F.disable:
@@ -109,7 +117,6 @@ def main(argv):
   if existing and not F.overwrite:
     raise FileExistsError(f"{existing[0]} exists (and {len(existing) - 1} more); pass "
                           "--overwrite to replace")
-  ckpt_lib.load_config(F.workdir)  # fails early on a folder that is not a run
   annotator = None
   if F.annotate_depth or F.annotate_seg or F.annotate_caption:
     from mmsr_jax.data.annotator import Annotator  # torch extras: only when asked for
@@ -117,7 +124,7 @@ def main(argv):
                           caption=F.annotate_caption, caption_kind=F.annotate_caption_kind)
 
   sr = SuperResolver.from_workdir(F.workdir, step=F.step, annotator=annotator,
-                                  text_device=F.text_device)
+                                  text_device=F.text_device, max_input_pixels=limit)
   settings = dict(guidance=F.guidance, scale=F.scale, steps=F.steps, eta=F.eta, seed=F.seed,
                   strength=F.strength, negative_prompt=F.negative_prompt,
                   temperature=temperature, enabled=enabled, tile=F.tile,
@@ -132,7 +139,7 @@ def main(argv):
   for f in files:
     steps_bar.reset(total=per_image)
     steps_bar.set_postfix_str(os.path.basename(f))
-    out, record = sr.upscale(image_io.read(f), caption=F.caption, maps=maps,
+    out, record = sr.upscale(image_io.read(f, limit), caption=F.caption, maps=maps,
                              progress=steps_bar.update, **settings)
     image_io.write_png(targets[f], out)
     with open(os.path.splitext(targets[f])[0] + ".json", "w") as fh:

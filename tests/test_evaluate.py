@@ -439,6 +439,54 @@ def test_cli_outputs_and_errors(folders, tmp_path):
     benchmark.match_pairs(str(bad), str(folders / "gt"))
 
 
+def test_bit_depth_comes_from_the_file_not_its_values(tmp_path):
+  """A dark 16-bit grey PNG (every value <= 255) is 16-bit: scored against its own 8-bit
+  version it is nearly identical (it was read as a bright 8-bit image once: PSNR 1.3)."""
+  rng = np.random.default_rng(0)
+  gt16 = rng.integers(0, 256, (32, 40), dtype=np.uint16)  # dark: max <= 255 of 65535
+  pred8 = np.round(gt16 / 257.0).astype(np.uint8)  # the same picture at 8 bits (0 or 1)
+  _write(str(tmp_path / "gt" / "a.png"), gt16)
+  _write(str(tmp_path / "pred" / "a.png"), pred8)
+  with Image.open(tmp_path / "gt" / "a.png") as im:
+    assert im.mode == "I;16"
+  np.testing.assert_array_equal(benchmark.read_rgb(str(tmp_path / "gt" / "a.png")),
+                                np.repeat(pred8[..., None], 3, -1))
+  res = benchmark.evaluate(str(tmp_path / "pred"), str(tmp_path / "gt"), learned_metrics=(),
+                          log=lambda s: None)
+  assert res["per_image"][0]["psnr"] == math.inf and res["warnings"] == []
+
+
+def test_grey_against_colour_is_a_loud_warning(tmp_path):
+  gt = skdata.astronaut()[:48, :64]
+  grey = np.asarray(Image.fromarray(gt).convert("L"))
+  _write(str(tmp_path / "gt" / "a.png"), gt)
+  _write(str(tmp_path / "gt" / "b.png"), gt)
+  _write(str(tmp_path / "pred" / "a.png"), grey)  # grey prediction, colour ground truth
+  _write(str(tmp_path / "pred" / "b.png"), gt)
+  out = tmp_path / "r.json"
+  r = _run("mmsr_jax.evaluate", f"--pred={tmp_path}/pred", f"--gt={tmp_path}/gt",
+           f"--json={out}", "--learned=")
+  assert r.returncode == 0, r.stderr
+  res = json.load(open(out))
+  assert len(res["warnings"]) == 1 and res["warnings"][0].startswith("a: grey prediction")
+  assert "colour ground truth" in res["per_image"][0]["warning"]
+  assert "warning" not in res["per_image"][1]
+  assert "**WARNING**: 1 of 2 pairs mix a grey and a colour image" in r.stdout
+  assert "- a: grey prediction" in r.stdout
+
+
+def test_truncated_image_is_one_line_naming_it(tmp_path):
+  gt = skdata.astronaut()[:48, :64]
+  _write(str(tmp_path / "gt" / "a.png"), gt)
+  _write(str(tmp_path / "pred" / "a.png"), gt)
+  data = (tmp_path / "gt" / "a.png").read_bytes()
+  (tmp_path / "gt" / "a.png").write_bytes(data[: len(data) // 2])
+  r = _run("mmsr_jax.evaluate", f"--pred={tmp_path}/pred", f"--gt={tmp_path}/gt", "--learned=")
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and len(lines) == 1, r.stderr
+  assert lines[0].startswith(f"error: {tmp_path / 'gt' / 'a.png'}: not a readable image"), lines
+
+
 # ------------------------------------------------------------------------------ benchmark mode
 
 

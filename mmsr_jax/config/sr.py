@@ -11,6 +11,7 @@ import ml_collections
 
 from mmsr_jax.config import common
 from mmsr_jax.config.vq import vq_arch, vq_downsample
+from mmsr_jax.data.images import DEFAULT_MAX_INPUT_PIXELS, DEFAULT_MAX_PIXELS, pillow_limit
 from mmsr_jax.data.realesrgan import PRESETS
 from mmsr_jax.diffusion.guidance import GUIDANCE_MODES
 from mmsr_jax.diffusion.schedule import PREDICTIONS, SCHEDULES, SPACINGS
@@ -41,6 +42,8 @@ def sr_config() -> ml_collections.ConfigDict:
   c.data.eval_path = ""  # folder of held-out images for the report; "" = the demo photos
   c.data.min_image_size = 64  # smaller images are skipped as bad
   c.data.max_bad_fraction = 0.05  # a larger share of bad images stops the run
+  # Larger images are skipped as bad, by their headers (not decoded): 8192 x 8192.
+  c.data.max_image_pixels = DEFAULT_MAX_PIXELS
   c.data.degradation = "simple"  # one stage (tiny demo), "realesrgan" or "seesr"
   c.data.prefetch = 2  # batches degraded ahead in a thread (realesrgan / seesr)
 
@@ -112,6 +115,8 @@ def sr_config() -> ml_collections.ConfigDict:
   # Where the text encoder runs while sampling: "accelerator", "cpu" (weights on the host,
   # states passed in) or "auto" (cpu above 1 GiB of weights on an accelerator backend).
   c.sampling.text_device = "auto"
+  # Largest input image (pixels, 2048 x 2048): its x4 output has 16 times as many.
+  c.sampling.max_input_pixels = DEFAULT_MAX_INPUT_PIXELS
 
   c.eval = ml_collections.ConfigDict()
   c.eval.steps = 50
@@ -180,6 +185,7 @@ def validate(config) -> None:
   ck.divides("data.map_size", vq_downsample(config.vq.arch), "the VQ downsampling factor")
   ck.integer("data.min_image_size", 1)
   ck.number("data.max_bad_fraction", 0.0, 1.0)
+  ck.integer("data.max_image_pixels", 1, pillow_limit())
   ck.choice("data.degradation", DEGRADATIONS)
   ck.integer("data.prefetch", 0)
 
@@ -234,6 +240,7 @@ def validate(config) -> None:
   ck.integer("sampling.seed", 0)
   ck.number("sampling.strength", 0.0, 1.0, lo_open=True)
   ck.choice("sampling.text_device", TEXT_DEVICES)
+  ck.integer("sampling.max_input_pixels", 1, pillow_limit())
   ck.integer("eval.steps", 1, config.diffusion.num_timesteps)
   ck.number("eval.scale", 0.0)
   ck.integer("eval.val_batches", 1)

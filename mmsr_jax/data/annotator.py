@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 from absl import logging
 
-from mmsr_jax.data import realesrgan, sources
+from mmsr_jax.data import images, realesrgan, sources
 from mmsr_jax.data.modalities import canny
 from mmsr_jax.formats.records import MANIFEST, SHARD_PATTERN, encode_record
 
@@ -282,7 +282,7 @@ class _Input:
   """The images to annotate: a folder (recursive) or ``tfds:NAME[:SPLIT]``."""
   spec: str
 
-  def open(self, data_dir: str = ""):
+  def open(self, data_dir: str = "", max_pixels: int = images.DEFAULT_MAX_PIXELS):
     if self.spec.startswith("tfds:"):
       parts = self.spec.split(":")
       if len(parts) not in (2, 3) or not parts[1]:
@@ -291,7 +291,7 @@ class _Input:
                                 data_dir=data_dir or None)
     if not os.path.isdir(self.spec):
       raise FileNotFoundError(f"--input={self.spec!r}: no such folder (or use tfds:NAME)")
-    return sources.FolderSource(self.spec)
+    return sources.FolderSource(self.spec, max_pixels, "--max_pixels")
 
 
 SIZE_BUCKET = 256  # HR sizes are reflect-padded up to a multiple of this before degrading
@@ -339,6 +339,22 @@ class AnnotateOptions:
   batch_size: int = 8
   device: str = "cpu"
   tfds_data_dir: str = ""
+  max_pixels: int = images.DEFAULT_MAX_PIXELS
+
+
+def _check_headers(source, spec: str) -> None:
+  """Reads every file's header (no decoding) before any model loads: an input of which no image
+  can be used is an error; unusable ones are announced, then skipped and counted by the loop."""
+  bad = []
+  for path in source.files:
+    try:
+      images.header_size(path, source.max_pixels, "--max_pixels")
+    except images.BadImage as e:
+      bad.append(str(e))
+  if bad and len(bad) == len(source.files):
+    raise ValueError(f"--input={spec}: none of its {len(bad)} images can be used, e.g. {bad[0]}")
+  if bad:
+    print(f"{len(bad)} of {len(source.files)} images will be skipped, e.g. {bad[0]}")
 
 
 def run_annotation(opts: AnnotateOptions) -> dict[str, int]:
@@ -356,7 +372,10 @@ def run_annotation(opts: AnnotateOptions) -> dict[str, int]:
     raise ValueError("--shard_size and --batch_size must be >= 1")
   if F.caption_kind not in CAPTION_KINDS:
     raise ValueError(f"caption_kind={F.caption_kind!r}: expected one of {CAPTION_KINDS}")
-  source = _Input(F.input).open(F.tfds_data_dir)
+  max_pixels = images.check_limit(F.max_pixels, "--max_pixels")
+  source = _Input(F.input).open(F.tfds_data_dir, max_pixels)
+  if isinstance(source, sources.FolderSource):
+    _check_headers(source, F.input)
   settings = {"input": F.input, "depth": F.depth, "seg": F.seg,
               "caption": F.caption, "caption_kind": F.caption_kind,
               "from_hr": F.from_hr, "preset": F.preset, "scale": F.scale,
@@ -404,6 +423,11 @@ def run_annotation(opts: AnnotateOptions) -> dict[str, int]:
           skipped += 1
           continue
         hr = rec["image"]
+        if hr.shape[0] * hr.shape[1] > max_pixels:  # TFDS decodes before we can look
+          logging.warning("skipping %s: %dx%d is more than --max_pixels=%d", rec["name"],
+                          hr.shape[0], hr.shape[1], max_pixels)
+          skipped += 1
+          continue
         cond = hr if F.from_hr else _lr_version(hr, i, F.preset, F.scale, F.seed)
         batch.append((i, rec, cond))
       outs = annotator.annotate_batch([c for _, _, c in batch]) if batch else []
@@ -419,5 +443,5 @@ def run_annotation(opts: AnnotateOptions) -> dict[str, int]:
     writer.close()
     os.replace(tmp, final)
   bar.close()
-  print(f"wrote {len(todo)} shards to {F.output} ({skipped} unreadable images skipped)")
+  print(f"wrote {len(todo)} shards to {F.output} ({skipped} unreadable or too large images skipped)")
   return dict(result, written=len(todo), skipped=skipped)

@@ -6,11 +6,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# Largest image any reader decodes by default (8192 x 8192, 201 MB as uint8 RGB; below Pillow's
+# own decompression-bomb warning at 89.5 MP). Every reader checks the header against a limit
+# before decoding, so a small file claiming a huge size is refused without allocating it.
+DEFAULT_MAX_PIXELS = 8192 * 8192
+# Largest input of the super-resolver by default (2048 x 2048): its x4 output is 16 times larger,
+# i.e. DEFAULT_MAX_PIXELS, and its tiles times the sampling steps set the run time.
+DEFAULT_MAX_INPUT_PIXELS = 2048 * 2048
 _ORIENTATION_TAG = 0x0112
 _GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
@@ -63,12 +71,13 @@ def _is_16bit_colour(im: Image.Image) -> bool:
   return isinstance(rawmode, str) and ";16" in rawmode
 
 
-def _read_16bit_colour(path: str, im: Image.Image) -> Picture:
+def _read_16bit_colour(path: str, im: Image.Image, oriented: bool = True) -> Picture:
   import cv2
   arr = cv2.imread(path, cv2.IMREAD_UNCHANGED)
   if arr is None or arr.dtype != np.uint16:
     raise ValueError("OpenCV could not read it as 16-bit")
-  arr = orient(arr, im.getexif().get(_ORIENTATION_TAG, 1))
+  if oriented:
+    arr = orient(arr, im.getexif().get(_ORIENTATION_TAG, 1))
   if arr.ndim == 2:
     arr = arr[..., None]
   grey = im.mode == "LA"
@@ -111,17 +120,74 @@ def _palette_is_grey(im: Image.Image) -> bool:
   return bool(rgb.size) and bool((rgb == rgb[:, :1]).all())
 
 
-def read(path: str) -> Picture:
-  """Reads an image file (any mode, EXIF orientation applied); one clear error otherwise."""
+class BadImage(ValueError):
+  """An image that cannot be used (unreadable, truncated, too small or too large)."""
+
+
+def pillow_limit() -> int:
+  """Pixels above which Pillow refuses to open a file at all (twice ``Image.MAX_IMAGE_PIXELS``)."""
+  return 2 * int(Image.MAX_IMAGE_PIXELS or 0) or 2 ** 62
+
+
+def check_limit(max_pixels: int, field: str) -> int:
+  """``max_pixels`` as an int, or a ValueError naming ``field`` when it is out of range."""
+  if isinstance(max_pixels, bool) or int(max_pixels) != max_pixels or not (
+      1 <= max_pixels <= pillow_limit()):
+    raise ValueError(f"{field}={max_pixels}: expected an integer in [1, {pillow_limit()}] "
+                     "(pixels; the upper end is where Pillow refuses files outright)")
+  return int(max_pixels)
+
+
+def _open_checked(path: str) -> Image.Image:
+  """Image.open without Pillow's decompression-bomb warning: our own limit applies (its
+  DecompressionBombError, over :func:`pillow_limit`, still comes through)."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    return Image.open(path)
+
+
+def header_size(path: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+                field: str = "--max_pixels") -> tuple[int, int]:
+  """``(height, width)`` from the file's header, without decoding it.
+
+  Raises BadImage (a ValueError) naming the file when it is not an image, or when it holds more
+  than ``max_pixels`` pixels (``field`` names the setting that raises the limit); Pillow's own
+  decompression-bomb refusal is reported the same way.
+  """
+  try:
+    with _open_checked(path) as im:
+      w, h = im.size
+  except Image.DecompressionBombError as e:
+    raise BadImage(f"{path}: more than {pillow_limit():,} pixels by its header (Pillow refuses "
+                   f"it as a possible decompression bomb; the limit is {field}="
+                   f"{max_pixels}); not decoded") from e
+  except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+    raise BadImage(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+  if w * h > max_pixels:
+    raise BadImage(f"{path}: {w}x{h} = {w * h:,} pixels by its header, more than {field}="
+                   f"{max_pixels}; not decoded (raise {field} to read it)")
+  return h, w
+
+
+def read(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, field: str = "--max_pixels", *,
+         oriented: bool = True) -> Picture:
+  """Reads an image file (any mode, EXIF orientation applied unless ``oriented=False``); one
+  clear error otherwise.
+
+  A file whose header claims more than ``max_pixels`` pixels is refused before decoding
+  (ValueError naming the file and ``field``, the setting that raises the limit). Bit depth and
+  grey / colour come from the file's mode, never from its values.
+  """
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such file")
+  header_size(path, max_pixels, field)
   try:
-    with Image.open(path) as im:
+    with _open_checked(path) as im:
       if _is_16bit_colour(im):
-        pic = _read_16bit_colour(path, im)
+        pic = _read_16bit_colour(path, im, oriented)
       else:
         im.load()
-        pic = _from_pil(ImageOps.exif_transpose(im))
+        pic = _from_pil(ImageOps.exif_transpose(im) if oriented else im)
   except Exception as e:  # noqa: BLE001 - PIL / OpenCV raise many types for bad files
     raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
   if min(pic.size) == 0:
@@ -211,16 +277,21 @@ def write_png(path: str, pic: Picture) -> None:
     Image.fromarray(arr).save(path, format="PNG")
 
 
-class BadImage(ValueError):
-  """An image that cannot be used (unreadable, truncated or too small)."""
+def read_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+               field: str = "config.data.max_image_pixels") -> np.ndarray:
+  """Reads an image file as uint8 HxWx3 RGB (the training sources' reader).
 
-
-def read_image(path: str) -> np.ndarray:
-  """Reads an image file as uint8 HxWx3 RGB; BadImage when it cannot be fully decoded."""
+  BadImage when it cannot be fully decoded, or when its header claims more than ``max_pixels``
+  pixels (checked before decoding; ``field`` names the setting).
+  """
   try:
-    with Image.open(path) as im:
+    header_size(path, max_pixels, field)
+  except BadImage as e:
+    raise BadImage(str(e).removeprefix(f"{path}: ")) from e
+  try:
+    with _open_checked(path) as im:
       im.load()  # raises on truncated data (PIL never pads silently here)
       rgb = im.convert("RGB")
     return np.asarray(rgb, np.uint8)
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+  except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
     raise BadImage(f"cannot decode image: {e}") from e

@@ -17,7 +17,7 @@ import ml_collections
 from absl import logging
 
 from mmsr_jax.data import demo
-from mmsr_jax.data.images import BadImage, read_image
+from mmsr_jax.data.images import DEFAULT_MAX_PIXELS, BadImage, read_image
 from mmsr_jax.formats.records import decode_record, list_shards, read_crop_bank
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -33,9 +33,11 @@ def _caption_for(path: str) -> str:
 
 
 class FolderSource:
-  """All images under ``root`` (recursive, sorted); pickles as its file list."""
+  """All images under ``root`` (recursive, sorted); pickles as its file list. An image whose
+  header claims more than ``max_pixels`` pixels is a BadImage, refused before decoding."""
 
-  def __init__(self, root: str):
+  def __init__(self, root: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+               field: str = "config.data.max_image_pixels"):
     if not os.path.isdir(root):
       raise FileNotFoundError(f"config.data.path={root!r}: no such image folder")
     files = []
@@ -47,13 +49,15 @@ class FolderSource:
                        "found under it")
     self.root = root
     self.files = sorted(files)
+    self.max_pixels, self.field = int(max_pixels), field
 
   def __len__(self) -> int:
     return len(self.files)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     path = self.files[int(index)]
-    return {"name": path, "image": read_image(path), "depth": None, "seg": None,
+    return {"name": path, "image": read_image(path, self.max_pixels, self.field),
+            "depth": None, "seg": None,
             "caption": _caption_for(path)}
 
   def __repr__(self) -> str:
@@ -168,9 +172,11 @@ class ArrayRecordSource:
 class CheckedSource:
   """Skips, logs and counts bad records of ``inner``; stops when too many are bad."""
 
-  def __init__(self, inner, min_size: int, max_bad_fraction: float):
+  def __init__(self, inner, min_size: int, max_bad_fraction: float,
+               max_pixels: int = DEFAULT_MAX_PIXELS):
     self.inner = inner
     self.min_size = int(min_size)
+    self.max_pixels = int(max_pixels)  # also after decoding: TFDS and shards decode inside
     self.max_bad_fraction = float(max_bad_fraction)
     self.reads = 0
     self._seen: set[int] = set()
@@ -192,6 +198,9 @@ class CheckedSource:
       h, w = rec["image"].shape[:2]
       if min(h, w) < self.min_size:
         raise BadImage(f"too small: {h}x{w} < config.data.min_image_size={self.min_size}")
+      if h * w > self.max_pixels:
+        raise BadImage(f"too large: {h}x{w} = {h * w:,} pixels > config.data.max_image_pixels="
+                       f"{self.max_pixels}")
       with self._lock:
         self.reads += 1
         self._seen.add(index)
@@ -220,10 +229,11 @@ class CheckedSource:
 
   def __getstate__(self):  # for Grain worker processes: fresh counters, no lock
     return {"inner": self.inner, "min_size": self.min_size,
-            "max_bad_fraction": self.max_bad_fraction}
+            "max_bad_fraction": self.max_bad_fraction, "max_pixels": self.max_pixels}
 
   def __setstate__(self, state):
-    self.__init__(state["inner"], state["min_size"], state["max_bad_fraction"])
+    self.__init__(state["inner"], state["min_size"], state["max_bad_fraction"],
+                  state.get("max_pixels", DEFAULT_MAX_PIXELS))
 
   def stats(self) -> dict[str, Any]:
     """Distinct images read (``seen``), bad ones and their paths, and all reads."""
@@ -284,8 +294,9 @@ def make_source(config: ml_collections.ConfigDict, split: str = "train"):
     return DemoSource(split)
   d = config.data
   path = d.get("path", "")
+  max_pixels = int(d.get("max_image_pixels", DEFAULT_MAX_PIXELS))
   if name == "folder":
-    inner = FolderSource(path)
+    inner = FolderSource(path, max_pixels)
   elif name == "tfds":
     inner = TfdsSource(path, split=d.get("tfds_split", "train"),
                                data_dir=d.get("tfds_data_dir", "") or None,
@@ -294,7 +305,8 @@ def make_source(config: ml_collections.ConfigDict, split: str = "train"):
   else:
     inner = ArrayRecordSource(path)
   return CheckedSource(inner, min_size=int(d.get("min_image_size", 64)),
-                               max_bad_fraction=float(d.get("max_bad_fraction", 0.05)))
+                               max_bad_fraction=float(d.get("max_bad_fraction", 0.05)),
+                               max_pixels=max_pixels)
 
 
 def per_process_batch_size(config: ml_collections.ConfigDict) -> int:

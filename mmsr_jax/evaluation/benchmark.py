@@ -17,8 +17,8 @@ import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
+from mmsr_jax.data import images as image_io
 from mmsr_jax.evaluation import dists, inception, lpips, metrics, niqe
 from mmsr_jax.inference.super_resolver import SuperResolver
 from mmsr_jax.weights import params_io
@@ -55,27 +55,36 @@ def list_images(folder: str, field: str) -> dict[str, str]:
   return out
 
 
-def image_size(path: str) -> tuple[int, int]:
-  """(height, width) from the file header; an unreadable file is an error naming it."""
-  try:
-    with Image.open(path) as im:
-      return im.size[1], im.size[0]
-  except Exception as e:  # noqa: BLE001
-    raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+def image_size(path: str, max_pixels: int = image_io.DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+  """(height, width) from the file header; an unreadable file, or one over ``max_pixels``
+  (``--max_pixels``), is an error naming it."""
+  return image_io.header_size(path, max_pixels, "--max_pixels")
 
 
-def read_rgb(path: str) -> np.ndarray:
-  """HxWx3 uint8 RGB (grey is repeated, alpha dropped, 16-bit scaled down)."""
-  with Image.open(path) as im:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-      arr = np.asarray(im, np.float64)
-      arr = np.round(arr / (65535.0 if arr.max() > 255 else 1.0) * 255.0).clip(0, 255)
-      return np.repeat(arr.astype(np.uint8)[..., None], 3, axis=-1)
-    return np.asarray(im.convert("RGB"))
+def read_picture(path: str, max_pixels: int = image_io.DEFAULT_MAX_PIXELS) -> image_io.Picture:
+  """The file as stored (no EXIF rotation, as the papers' pyiqa scripts read it), through the
+  project's one image reader: bit depth and grey / colour come from the file's mode."""
+  return image_io.read(path, max_pixels, "--max_pixels", oriented=False)
 
 
-def match_pairs(pred_dir: str, gt_dir: str, lr_dir: str | None = None) -> list[dict]:
-  """The checked list of ``{name, pred, gt, lr, size, scale}`` (sizes read from headers only)."""
+def to_uint8(pic: image_io.Picture) -> np.ndarray:
+  """HxWx3 uint8 RGB of a picture (grey repeated, alpha dropped, 16-bit scaled by 255/65535)."""
+  return np.round(np.clip(pic.rgb, 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
+
+
+def read_rgb(path: str, max_pixels: int = image_io.DEFAULT_MAX_PIXELS) -> np.ndarray:
+  """HxWx3 uint8 RGB of an image file (see :func:`read_picture` and :func:`to_uint8`)."""
+  return to_uint8(read_picture(path, max_pixels))
+
+
+def _kind(pic: image_io.Picture) -> str:
+  return "grey" if pic.grey else "colour"
+
+
+def match_pairs(pred_dir: str, gt_dir: str, lr_dir: str | None = None,
+                max_pixels: int = image_io.DEFAULT_MAX_PIXELS) -> list[dict]:
+  """The checked list of ``{name, pred, gt, lr, size, scale}`` (sizes read from headers only;
+  a file over ``max_pixels`` is an error before anything is decoded)."""
   preds = list_images(pred_dir, "pred")
   gts = list_images(gt_dir, "gt")
   lrs = list_images(lr_dir, "lr") if lr_dir else {}
@@ -87,8 +96,8 @@ def match_pairs(pred_dir: str, gt_dir: str, lr_dir: str | None = None) -> list[d
       raise FileNotFoundError(f"{gts[name]}: no prediction named {name}.* in {pred_dir}")
   pairs = []
   for name in sorted(gts):
-    hw = image_size(gts[name])
-    phw = image_size(preds[name])
+    hw = image_size(gts[name], max_pixels)
+    phw = image_size(preds[name], max_pixels)
     if phw != hw:
       raise ValueError(f"{preds[name]}: size {phw[0]}x{phw[1]} but its ground truth "
                        f"{gts[name]} is {hw[0]}x{hw[1]}")
@@ -96,7 +105,7 @@ def match_pairs(pred_dir: str, gt_dir: str, lr_dir: str | None = None) -> list[d
     if lr_dir:
       if name not in lrs:
         raise FileNotFoundError(f"{gts[name]}: no LR image named {name}.* in {lr_dir}")
-      lhw = image_size(lrs[name])
+      lhw = image_size(lrs[name], max_pixels)
       if hw[0] % lhw[0] or hw[1] % lhw[1] or hw[0] // lhw[0] != hw[1] // lhw[1]:
         raise ValueError(f"{lrs[name]}: size {lhw[0]}x{lhw[1]} is not an integer fraction of "
                          f"its ground truth's {hw[0]}x{hw[1]}")
@@ -180,11 +189,14 @@ def _json_safe(x):
 
 def evaluate(pred_dir: str, gt_dir: str, lr_dir: str | None = None, *, crop_border: int = 0,
              weights_dir: str = DEFAULT_DIR, batch_size: int = 8, niqe_color: str = "yiq",
-             learned_metrics=tuple(LEARNED), log: Callable[[str], None] = print) -> dict:
+             learned_metrics=tuple(LEARNED), max_pixels: int = image_io.DEFAULT_MAX_PIXELS,
+             log: Callable[[str], None] = print) -> dict:
   """Scores ``pred_dir`` (and the bicubic baseline of ``lr_dir``) against ``gt_dir``.
 
   Returns the JSON-ready result: ``mean``, ``per_image``, ``metrics`` (those that ran),
-  ``skipped`` and ``baselines`` (``{"bicubic": {"mean", "per_image"}}`` with ``lr_dir``).
+  ``skipped``, ``warnings`` (e.g. a grey prediction scored against colour ground truth; also in
+  that image's row) and ``baselines`` (``{"bicubic": {"mean", "per_image"}}`` with ``lr_dir``).
+  Images larger than ``max_pixels`` are refused by their headers, before any decoding.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size}: expected >= 1")
@@ -192,7 +204,8 @@ def evaluate(pred_dir: str, gt_dir: str, lr_dir: str | None = None, *, crop_bord
     raise ValueError(f"crop_border={crop_border}: expected >= 0")
   if niqe_color not in ("yiq", "ycbcr"):
     raise ValueError(f"niqe_color={niqe_color!r}: expected 'yiq' or 'ycbcr'")
-  pairs = match_pairs(pred_dir, gt_dir, lr_dir)
+  max_pixels = image_io.check_limit(max_pixels, "--max_pixels")
+  pairs = match_pairs(pred_dir, gt_dir, lr_dir, max_pixels)
   for p in pairs:
     if min(p["size"]) - 2 * crop_border < metrics.SSIM_WINDOW:
       raise ValueError(f"{p['gt']}: {p['size'][0]}x{p['size'][1]} with crop_border="
@@ -204,15 +217,20 @@ def evaluate(pred_dir: str, gt_dir: str, lr_dir: str | None = None, *, crop_bord
   for p in pairs:
     groups.setdefault(p["size"], []).append(p)
   fid_feats: dict[str, list[np.ndarray]] = {m: [] for m in methods + ["gt"]}
+  mixed: dict[str, str] = {}  # name -> why the pair mixes grey and colour
   t0 = time.time()
   with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
     def load(chunk):
       def one(p):
-        gt = read_rgb(p["gt"])
-        images = {"ours": read_rgb(p["pred"])}
+        gt = read_picture(p["gt"], max_pixels)
+        pred = read_picture(p["pred"], max_pixels)
+        if pred.grey != gt.grey:
+          mixed[p["name"]] = (f"{_kind(pred)} prediction {p['pred']} scored against "
+                              f"{_kind(gt)} ground truth {p['gt']} (grey taken as R=G=B)")
+        images = {"ours": to_uint8(pred)}
         if p["lr"]:
-          images["bicubic"] = bicubic(read_rgb(p["lr"]), p["size"])
-        return gt, images
+          images["bicubic"] = bicubic(read_rgb(p["lr"], max_pixels), p["size"])
+        return to_uint8(gt), images
       return list(pool.map(one, chunk))
 
     chunks = [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
@@ -256,6 +274,12 @@ def evaluate(pred_dir: str, gt_dir: str, lr_dir: str | None = None, *, crop_bord
                          "y_channel": "MATLAB YCbCr", "batch_size": batch_size},
             "metrics": ran, "skipped": skipped, "seconds": round(seconds, 3)}
   result.update(summary("ours"))
+  result["warnings"] = [f"{n}: {mixed[n]}" for n in sorted(mixed)]
+  for r in result["per_image"]:
+    if r["name"] in mixed:
+      r["warning"] = mixed[r["name"]]
+  for w in result["warnings"]:
+    log(f"warning: {w}")
   if lr_dir:
     result["baselines"] = {"bicubic": summary("bicubic")}
   if any(r.get("niqe") is None for r in result["per_image"]):
@@ -276,6 +300,11 @@ def markdown_table(result: dict, name: str = "ours") -> str:
                                          for m, r in result.get("baselines", {}).items()]
   for m, mean in methods:
     lines.append(f"| {m} | " + " | ".join(_fmt(mean.get(k)) for k, _, _ in cols) + " |")
+  warns = result.get("warnings", [])
+  if warns:
+    lines += ["", f"**WARNING**: {len(warns)} of {result['num_images']} pairs mix a grey and a "
+              "colour image, so their scores compare different kinds of image:"]
+    lines += [f"- {w}" for w in warns]
   return "\n".join(lines)
 
 
@@ -317,9 +346,10 @@ def run_benchmark(benchmark: str, workdir: str, output: str, *, overwrite: bool 
   os.makedirs(output, exist_ok=True)
   t0 = time.time()
   for i, (n, p) in enumerate(sorted(lrs.items())):
-    out = np.asarray(sr(read_rgb(p)))
-    Image.fromarray(out.astype(np.uint8)).save(outs[n])
-    log(f"[{i + 1}/{len(lrs)}] {n}: {out.shape[1]}x{out.shape[0]}")
+    out, _ = sr.upscale(read_picture(p, eval_kwargs.get("max_pixels",
+                                                        image_io.DEFAULT_MAX_PIXELS)))
+    image_io.write_png(outs[n], out)  # the input's kind (grey stays grey, 16 bits stay 16)
+    log(f"[{i + 1}/{len(lrs)}] {n}: {out.size[1]}x{out.size[0]}")
   sr_seconds = time.time() - t0
   result = evaluate(output, gt_dir, lr_dir, log=log, **eval_kwargs)
   result["benchmark"] = {"dir": benchmark, "workdir": workdir, "sr_seconds": round(sr_seconds, 3),

@@ -123,8 +123,14 @@ class SuperResolver:
   """
 
   def __init__(self, system: System, params, frozen: dict, *, step: int | None = None,
-               workdir: str | None = None, annotator=None, text_device: str | None = None):
+               workdir: str | None = None, annotator=None, text_device: str | None = None,
+               max_input_pixels: int | None = None):
     self.system, self.config, self.params = system, system.config, params
+    # Inputs larger than this are refused before any work (default: the run's config; runs
+    # saved before the field existed get the library default).
+    self.max_input_pixels = image_io.check_limit(
+        self.config.sampling.get("max_input_pixels", image_io.DEFAULT_MAX_INPUT_PIXELS)
+        if max_input_pixels is None else max_input_pixels, "max_input_pixels")
     setting = self.config.sampling.text_device if text_device is None else text_device
     self.text_device = choose_text_device(setting, text_param_bytes(system.conditioner))
     self._text_params = None
@@ -144,7 +150,8 @@ class SuperResolver:
 
   @classmethod
   def from_workdir(cls, workdir: str, *, step: int | None = None, devices=None,
-                   annotator=None, text_device: str | None = None) -> "SuperResolver":
+                   annotator=None, text_device: str | None = None,
+                   max_input_pixels: int | None = None) -> "SuperResolver":
     """The run's EMA weights (only those are read from the checkpoint) on a data-parallel mesh
     of ``devices`` (default: all), with its frozen encoders."""
     config = ckpt_lib.load_config(workdir)
@@ -168,7 +175,7 @@ class SuperResolver:
     where = choose_text_device(setting, text_param_bytes(system.conditioner))
     frozen = system.load_frozen(host_parts=("text",) if where == "cpu" else ())
     return cls(system, ema_params, frozen, step=int(step), workdir=workdir, annotator=annotator,
-               text_device=where)
+               text_device=where, max_input_pixels=max_input_pixels)
 
   # --- Settings.
 
@@ -277,6 +284,16 @@ class SuperResolver:
     out["states"], out["states_mask"] = self._text_rows(*text), np.asarray(text[1])
     return out
 
+  def check_input_size(self, size: tuple[int, int], name: str = "input image") -> None:
+    """ValueError when ``(height, width)`` has more than ``max_input_pixels`` pixels."""
+    h, w = size
+    if h * w > self.max_input_pixels:
+      s = self.scale_factor
+      raise ValueError(
+          f"{name}: {w}x{h} = {w * h:,} pixels, more than max_input_pixels="
+          f"{self.max_input_pixels} (config.sampling.max_input_pixels; sample's --max_pixels); "
+          f"its x{s} output would be {w * s}x{h * s}")
+
   def num_steps_run(self, steps: int, strength: float) -> int:
     """DDIM steps a call really runs (``strength < 1`` skips the noisiest ones)."""
     return steps - diffusion.start_step(steps, strength)
@@ -315,6 +332,7 @@ class SuperResolver:
     """Super-resolves a :class:`~mmsr_jax.data.images.Picture`; returns it with a record of what
     was used (settings, caption, where each map came from, tiles, time)."""
     t0 = time.time()
+    self.check_input_size(pic.size)
     st = self.resolve(**kwargs)
     maps = dict(maps or {})
     for name in maps:
