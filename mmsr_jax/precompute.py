@@ -1,37 +1,55 @@
-r"""Precomputes encoder outputs into annotated shards for training.
+r"""Precomputes the frozen encoders' outputs into annotated shards, for training without them.
 
-  python -m mmsr_jax.precompute --vq=VQ_RUN --input=SHARDS --output=DIR [--crop_size=512]
+  python -m mmsr_jax.precompute --config=configs/dit_l.py --input=ANNOTATED --output=DIR
 
-Adds VQ token ids of each record's maps and, with ``--crop_size`` (the SR config's
-``data.hr_size``), the crop bank read with ``config.vq.ids_from='shards'``.
+Writes, per record, the VQ token ids (whole maps and a crop bank of ``--crops`` boxes of the
+config's ``data.hr_size``), the HR latents of the bank's boxes and the caption's T5 states, with
+the encoders named by the config (``--vq=RUN`` takes the tokenizer of a train_vq run).
 """
 
 from __future__ import annotations
 
 from absl import app, flags
+from ml_collections import config_flags
 
 from mmsr_jax import cli
-from mmsr_jax.training.precompute import precompute_shards
+from mmsr_jax.config import schema
+from mmsr_jax.formats.records import list_shards
+from mmsr_jax.training.precompute import FEATURES, STORE_DTYPES, precompute_shards, \
+    tokenizer_config
 
 
 def main(argv):
   del argv
   f = flags.FLAGS
-  for name in ("vq", "input", "output"):
+  for name in ("input", "output"):
     if not getattr(f, name):
       raise app.UsageError(f"--{name} is required")
-  precompute_shards(f.vq, f.input, f.output, batch_size=f.batch_size, crop_size=f.crop_size,
-                  crops=f.crops, overwrite=f.overwrite, worker_index=f.worker_index,
-                  num_workers=f.num_workers)
+  list_shards(f.input, "--input")  # the cheap checks first
+  config = f.config
+  schema.validate(config)
+  if f.vq:
+    config = tokenizer_config(config, f.vq)
+  precompute_shards(config, f.input, f.output, features=f.features, batch_size=f.batch_size,
+                    crop_size=None if f.crop_size < 0 else f.crop_size, crops=f.crops,
+                    dtype=f.dtype, overwrite=f.overwrite, worker_index=f.worker_index,
+                    num_workers=f.num_workers)
 
 
 def define_flags() -> None:
-  flags.DEFINE_string("vq", None, "A python -m mmsr_jax.train_vq workdir.")
+  config_flags.DEFINE_config_file(
+      "config", "configs/tiny.py", "The SR config whose encoders and sizes the features are "
+      "for; override fields with --config.field=value.", lock_config=True)
+  flags.DEFINE_string("vq", None, "A python -m mmsr_jax.train_vq workdir: its tokenizer "
+                      "replaces config.vq (weights, architecture, map size).")
   flags.DEFINE_string("input", None, "Folder or glob of mmsr_jax.annotate ArrayRecord shards.")
   flags.DEFINE_string("output", None, "Folder for the precomputed shards (same names).")
-  flags.DEFINE_integer("batch_size", 64, "Maps encoded per call.")
-  flags.DEFINE_integer("crop_size", 0, "Side of the crop bank's crops: the DiT config's "
-                       "data.hr_size (for config.vq.ids_from='shards'); 0 = whole-map ids only.")
+  flags.DEFINE_list("features", list(FEATURES), "What to write: vq (token ids and their crop "
+                    "bank), text (caption states), latents (HR latents of the bank's boxes).")
+  flags.DEFINE_enum("dtype", "bfloat16", list(STORE_DTYPES), "Stored dtype of the features.")
+  flags.DEFINE_integer("batch_size", 64, "Maps / crops / captions encoded per call.")
+  flags.DEFINE_integer("crop_size", -1, "Side of the crop bank's crops (-1: the config's "
+                       "data.hr_size; 0: whole-map ids only, no bank).")
   flags.DEFINE_integer("crops", 16, "Crop boxes per record in the crop bank.")
   flags.DEFINE_bool("overwrite", False, "Replace output shards that exist.")
   flags.DEFINE_integer("worker_index", 0, "This run's share of the shards (with --num_workers).")

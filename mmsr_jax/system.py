@@ -21,17 +21,7 @@ from mmsr_jax.models.mmsr import MMSR
 from mmsr_jax.runtime import sharding
 from mmsr_jax.training.optimizer import TrainState, make_optimizer
 from mmsr_jax.weights import params_io
-
-# Frozen part -> the config field holding its weights ("" = a deterministic random init).
-FROZEN_FIELDS = {"ae": "autoencoder.params", "text": "text.params", "vq": "vq.params"}
-
-
-def _field(config, dotted: str):
-  node = config
-  for part in dotted.split("."):
-    node = node[part]
-  return node
-
+from mmsr_jax.weights.fingerprint import FROZEN_FIELDS, frozen_path
 
 @dataclasses.dataclass
 class System:
@@ -82,15 +72,16 @@ class System:
   def frozen_params(self, parts=tuple(FROZEN_FIELDS)) -> dict:
     return frozen_params(self.config, self.conditioner, parts)
 
-  def load_frozen(self, *, host_parts: tuple[str, ...] = ()) -> dict:
-    """The frozen weights placed on the mesh (split over ``fsdp`` when it is > 1); the parts in
-    ``host_parts`` are created and kept on the host CPU device instead (e.g. T5-XXL while
-    sampling)."""
+  def load_frozen(self, parts=tuple(FROZEN_FIELDS), *,
+                  host_parts: tuple[str, ...] = ()) -> dict:
+    """The frozen weights of ``parts`` placed on the mesh (split over ``fsdp`` when it is > 1);
+    the parts in ``host_parts`` are created and kept on the host CPU device instead (e.g.
+    T5-XXL while sampling)."""
     if host_parts:
       with jax.default_device(jax.devices("cpu")[0]):
-        frozen = self.frozen_params()
+        frozen = self.frozen_params(parts)
     else:
-      frozen = self.frozen_params()
+      frozen = self.frozen_params(parts)
     host = {k: jax.device_put(frozen.pop(k), jax.devices("cpu")[0]) for k in host_parts}
     placed = sharding.put(frozen, sharding.frozen_shardings(frozen, self.mesh))
     return {**placed, **host}
@@ -102,8 +93,7 @@ def frozen_params(config, conditioner: Conditioner, parts=tuple(FROZEN_FIELDS)) 
   rng = jax.random.key(config.seed + 1)
   out = {}
   for part in parts:
-    path = "" if part == "ae" and config.autoencoder.kind != "vae" else _field(
-        config, FROZEN_FIELDS[part])
+    path = frozen_path(config, part)
     if path:
       out[part] = params_io.load_params(path, conditioner.abstract_params(part),
                                         field=f"config.{FROZEN_FIELDS[part]}")

@@ -34,6 +34,14 @@ CROP_BOXES_KEY = "vq_crop_boxes"
 CROP_IDS_KEY = "vq_crop_ids"
 CROP_PRESENT_KEY = "vq_crop_present"
 CROP_KEYS = (CROP_BOXES_KEY, CROP_IDS_KEY, CROP_PRESENT_KEY)
+# Encoder features for training without the frozen encoders in the step: the caption's T5 states
+# (its real tokens only) and the VAE latents of the crop bank's boxes, unflipped and mirrored.
+TEXT_STATES_KEY = "text_states"  # [tokens, d_model]
+HR_LATENTS_KEY = "hr_latents"  # [boxes, 2 (flip), h, w, c]
+FEATURES_META_KEY = "features_meta"  # JSON: per feature its encoder fingerprint, dtype, sizes
+FEATURE_KEYS = (TEXT_STATES_KEY, HR_LATENTS_KEY, FEATURES_META_KEY)
+# Beside the shards: the text states of the empty caption (condition dropout needs them).
+NULL_TEXT_FILE = "null_text.npz"
 
 
 def list_shards(pattern: str, field: str) -> list[str]:
@@ -128,21 +136,49 @@ def _npy(entry: np.ndarray) -> np.ndarray:
   return np.load(io.BytesIO(entry.tobytes()), allow_pickle=False)
 
 
+def _with_entries(record: bytes, entries: dict[str, np.ndarray], replace) -> bytes:
+  """``record`` with ``entries`` added; its earlier entries for which ``replace(name)`` holds
+  are dropped first."""
+  with np.load(io.BytesIO(record), allow_pickle=False) as z:
+    kept = {k: z[k] for k in z.files if not replace(k)}
+  return _archive({**kept, **entries})
+
+
+def _json_entry(value: dict) -> np.ndarray:
+  return np.frombuffer(json.dumps(value, sort_keys=True).encode(), np.uint8)
+
+
 def add_ids(record: bytes, ids: dict[str, np.ndarray], meta: dict,
             bank: dict[str, np.ndarray] | None = None) -> bytes:
   """``record`` with token-id entries: whole-map ids ``{modality: int [g, g]}``, the ``meta``
   dict and, when given, the crop bank ``{'boxes', 'ids', 'present'}``; earlier ones replaced."""
-  with np.load(io.BytesIO(record), allow_pickle=False) as z:
-    entries = {k: z[k] for k in z.files
-               if not k.startswith(IDS_PREFIX) and k != META_KEY and k not in CROP_KEYS}
-  for k, v in ids.items():
-    entries[IDS_PREFIX + k] = _npy_bytes(np.asarray(v, np.int16))
+  entries = {IDS_PREFIX + k: _npy_bytes(np.asarray(v, np.int16)) for k, v in ids.items()}
   if bank is not None:
     entries[CROP_BOXES_KEY] = _npy_bytes(np.asarray(bank["boxes"], np.int32))
     entries[CROP_IDS_KEY] = _npy_bytes(np.asarray(bank["ids"], np.int16))
     entries[CROP_PRESENT_KEY] = _npy_bytes(np.asarray(bank["present"], np.bool_))
-  entries[META_KEY] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), np.uint8)
-  return _archive(entries)
+  entries[META_KEY] = _json_entry(meta)
+  return _with_entries(record, entries, lambda k: k.startswith(IDS_PREFIX) or k in (
+      META_KEY, *CROP_KEYS))
+
+
+def add_features(record: bytes, arrays: dict[str, np.ndarray], meta: dict) -> bytes:
+  """``record`` with encoder features (``TEXT_STATES_KEY``, ``HR_LATENTS_KEY``; numeric arrays,
+  bfloat16 stored as its uint16 bits) and their ``meta`` (JSON); earlier features replaced.
+  ``HR_LATENTS_KEY`` belongs to the crop bank's boxes, so a record with it has a bank."""
+  entries = {k: _npy_bytes(np.asarray(v)) for k, v in arrays.items()}
+  entries[FEATURES_META_KEY] = _json_entry(meta)
+  return _with_entries(record, entries, lambda k: k in FEATURE_KEYS)
+
+
+def read_features(record: bytes) -> tuple[dict[str, np.ndarray], dict]:
+  """The encoder features a record holds and their meta (empty dicts when it has none)."""
+  with np.load(io.BytesIO(record), allow_pickle=False) as z:
+    if FEATURES_META_KEY not in z.files:
+      return {}, {}
+    meta = json.loads(z[FEATURES_META_KEY].tobytes().decode("utf-8"))
+    arrays = {k: _npy(z[k]) for k in (TEXT_STATES_KEY, HR_LATENTS_KEY) if k in z.files}
+  return arrays, meta
 
 
 def read_ids(record: bytes, grid: int | None = None) -> tuple[np.ndarray, np.ndarray, dict]:

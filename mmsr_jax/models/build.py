@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from mmsr_jax.models import autoencoder as ae_lib
+from mmsr_jax.models import layers
 from mmsr_jax.models import t5 as t5_lib
 from mmsr_jax.models import vae as vae_lib
 from mmsr_jax.models import vqgan as vqgan_lib
@@ -24,28 +25,30 @@ def _as_dict(cfg) -> dict:
 
 
 def vq_arch(config, dtype: str = "float32") -> vqgan_lib.VQGANConfig:
-  """The VQGAN tokenizer architecture of ``config.vq.arch``."""
+  """The VQGAN tokenizer architecture of ``config.vq.arch`` computing in ``dtype``."""
   return vqgan_lib.VQGANConfig(**_as_dict(config.vq.arch), dtype=dtype)
 
 
-def autoencoder(cfg):
-  """The autoencoder that ``config.autoencoder`` (``cfg``) names."""
+def autoencoder(cfg, dtype: str = "float32"):
+  """The autoencoder that ``config.autoencoder`` (``cfg``) names, computing in ``dtype``."""
   if cfg.kind == "pixel":
     return ae_lib.PixelAutoencoder(factor=cfg.factor, scaling_factor=cfg.scaling_factor)
   shift = cfg.get("shift_factor", None)
   return ae_lib.KLAutoencoder(vae_lib.VAEConfig(**dict(
       _as_dict(cfg.get("arch", None)), scaling_factor=float(cfg.scaling_factor),
-      shift_factor=None if shift is None else float(shift))))
+      shift_factor=None if shift is None else float(shift), dtype=dtype)))
 
 
-def text_encoder(config) -> t5_lib.T5Encoder:
-  return t5_lib.T5Encoder(t5_lib.T5Config(**_as_dict(config.text.encoder)))
+def text_encoder(config, dtype: str = "float32") -> t5_lib.T5Encoder:
+  return t5_lib.T5Encoder(t5_lib.T5Config(**_as_dict(config.text.encoder), dtype=dtype))
 
 
 def conditioner(config) -> Conditioner:
+  """The frozen encoders, computing in the run's dtype (their weights keep their own)."""
+  dt = config.compute_dtype
   return Conditioner(
-      autoencoder=autoencoder(config.autoencoder), text_encoder=text_encoder(config),
-      vq=vqgan_lib.VQGAN(vq_arch(config)), scale=config.data.scale,
+      autoencoder=autoencoder(config.autoencoder, dt), text_encoder=text_encoder(config, dt),
+      vq=vqgan_lib.VQGAN(vq_arch(config, dt)), scale=config.data.scale,
       residual=config.diffusion.residual, residual_scale=config.diffusion.residual_scale,
       vq_per_modality=bool(config.vq.per_modality), ids_from=config.vq.ids_from,
       text_len=config.text.max_length, map_size=config.data.map_size)
@@ -59,7 +62,15 @@ def mmsr(config) -> MMSR:
   return MMSR(
       latent_channels=autoencoder(config.autoencoder).latent_channels, width=mc.width, depth=mc.depth,
       num_heads=mc.num_heads, patch_size=mc.patch_size, mlp_ratio=mc.mlp_ratio,
-      pos_base_size=latent // mc.patch_size, codebook_size=config.vq.arch.num_vq_embeddings,
+      pos_base_size=latent // mc.patch_size,
+      pos_interpolation_scale=float(mc.get("pos_interpolation_scale", 1.0)),
+      codebook_size=config.vq.arch.num_vq_embeddings,
       token_grid=(grid, grid), context_latents=mc.context_latents,
-      context_depth=mc.context_depth, context_heads=mc.context_heads, remat=mc.remat,
-      dtype=compute_dtype(config))
+      context_depth=mc.context_depth, context_heads=mc.context_heads,
+      remat={True: "full", False: "none"}.get(mc.remat, mc.remat), dtype=compute_dtype(config),
+      attention=attention(config))
+
+
+def attention(config) -> str:
+  """The attention kernel ``config.model.attention`` resolves to on this backend."""
+  return layers.resolve_attention(config.model.get("attention", "xla"), compute_dtype(config))

@@ -95,8 +95,19 @@ class Conditioner:
 
   def diffusion_target(self, params, hr, lr_latent):
     """The clean sample ``x0`` the diffusion learns: ``z_HR``, or the scaled residual."""
-    z = self.encode_image(params, hr)
-    return (z - lr_latent) * self.residual_scale if self.residual else z
+    return self.target_of_latent(self.encode_image(params, hr), lr_latent)
+
+  def target_of_latent(self, z_hr, lr_latent):
+    """:meth:`diffusion_target` from the HR latent itself (e.g. precomputed)."""
+    z_hr = z_hr.astype(lr_latent.dtype)
+    return (z_hr - lr_latent) * self.residual_scale if self.residual else z_hr
+
+  def batch_target(self, params, batch, lr_latent):
+    """The training batch's ``x0``: from its precomputed ``hr_latent`` when it has one (the
+    shards' crop banks), else by encoding its ``hr`` crop."""
+    if "hr_latent" in batch:
+      return self.target_of_latent(batch["hr_latent"], lr_latent)
+    return self.diffusion_target(params, batch["hr"], lr_latent)
 
   def sample_latent(self, x0, lr_latent):
     """Inverse of :meth:`diffusion_target`: a sampled ``x0`` -> the autoencoder latent."""
@@ -107,12 +118,12 @@ class Conditioner:
     return self.decode(params, self.sample_latent(x0, lr_latent))
 
   def __call__(self, params, batch):
-    """Frozen part of a step: batch -> (x0 latent or None, LR latent, text states, mask, ids).
+    """Frozen part of a step: batch -> LR latent, text states and mask, modality ids.
 
-    With ``ids_from='shards'`` a batch that has ``'vq_ids'`` (the training pipeline's, read from
-    the shards' crop banks) takes its depth and seg ids from there and encodes only the edge maps
-    (Canny of the degraded LR, new every step, so never precomputed). A batch without them, like
-    the held-out examples of the report, which are not read from shards, is encoded whole.
+    Precomputed parts of a training batch (read from the shards) are used as they are: with
+    ``ids_from='shards'`` its ``vq_ids`` give the depth and seg ids and only the edge maps are
+    encoded (Canny of the degraded LR, new every step); its ``text_states`` replace the text
+    encoder. A batch without them, like the report's held-out examples, is encoded whole.
     """
     out_hw = (batch["lr"].shape[1] * self.scale, batch["lr"].shape[2] * self.scale)
     if self.ids_from == "shards" and "vq_ids" in batch:
@@ -131,7 +142,8 @@ class Conditioner:
       ids = self.modality_ids(params, maps)
     return dict(
         lr_latent=self.lr_latent(params, batch["lr"], out_hw),
-        text_states=self.text_states(params, batch["text_ids"], batch["text_mask"]),
+        text_states=(batch["text_states"] if "text_states" in batch else
+                     self.text_states(params, batch["text_ids"], batch["text_mask"])),
         text_mask=batch["text_mask"],
         ids=ids,
     )

@@ -20,16 +20,20 @@ class ConnectorBlock(nn.Module):
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: layers.Dtype = jnp.float32
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, latents, context, context_mask, key_scale):
     ln = lambda name: layers.layer_norm(name, dtype=self.dtype)  # noqa: E731
-    attn = lambda name: layers.Attention(self.width, self.num_heads, self.dtype, name=name)  # noqa: E731
+    attn = lambda name: layers.Attention(  # noqa: E731
+        self.width, self.num_heads, self.dtype, implementation=self.attention, name=name)
     latents = latents + attn("cross_attn")(ln("norm_cross")(latents), context,
                                            mask=context_mask, key_scale=key_scale)
     latents = latents + attn("self_attn")(ln("norm_self")(latents))
     hidden = int(self.width * self.mlp_ratio)
-    return latents + layers.Mlp(self.width, hidden, self.dtype, name="mlp")(ln("norm_mlp")(latents))
+    latents = latents + layers.Mlp(self.width, hidden, self.dtype, name="mlp")(
+        ln("norm_mlp")(latents))
+    return layers.constrain_tokens(latents), None
 
 
 class MultimodalContext(nn.Module):
@@ -43,6 +47,7 @@ class MultimodalContext(nn.Module):
   num_heads: int = 8
   mlp_ratio: float = 4.0
   dtype: layers.Dtype = jnp.float32
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, text_states, text_mask, ids, present, temperature=None):
@@ -99,8 +104,7 @@ class MultimodalContext(nn.Module):
     latents = layers.param_with_axes(self, "latents", nn.initializers.normal(0.02),
                                      (self.num_latents, self.width), ("latents", "embed"))
     x = jnp.broadcast_to(latents[None].astype(self.dtype), (b, self.num_latents, self.width))
-    for i in range(self.depth):
-      x = ConnectorBlock(self.width, self.num_heads, self.mlp_ratio, self.dtype,
-                         name=f"blocks_{i}")(x, context, context_mask, key_scale)
-      x = layers.constrain_tokens(x)
+    blocks = layers.scan_blocks(ConnectorBlock, depth=self.depth, broadcast=3)
+    x, _ = blocks(self.width, self.num_heads, self.mlp_ratio, self.dtype, self.attention,
+                  name="blocks")(x, context, context_mask, key_scale)
     return layers.layer_norm("norm_out", dtype=self.dtype)(x)

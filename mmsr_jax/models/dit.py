@@ -28,12 +28,13 @@ class TimestepEmbedder(nn.Module):
 
 
 class DiTBlock(nn.Module):
-  """One PixArt block with adaLN-single modulation."""
+  """One PixArt block with adaLN-single modulation; ``(x, ...) -> (x, None)`` for ``nn.scan``."""
 
   width: int
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: layers.Dtype = jnp.float32
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x, t_mod, context, context_mask=None):
@@ -47,12 +48,14 @@ class DiTBlock(nn.Module):
 
     norm = lambda name: layers.layer_norm(name, affine=False, dtype=self.dtype)  # noqa: E731
     h = norm("norm1")(x) * (1 + scale_msa) + shift_msa
-    x = x + gate_msa * layers.Attention(self.width, self.num_heads, self.dtype, name="attn1")(h)
-    x = x + layers.Attention(self.width, self.num_heads, self.dtype, name="attn2")(
-        x, context, mask=context_mask)
+    attn = lambda name: layers.Attention(  # noqa: E731
+        self.width, self.num_heads, self.dtype, implementation=self.attention, name=name)
+    x = x + gate_msa * attn("attn1")(h)
+    x = x + attn("attn2")(x, context, mask=context_mask)
     h = norm("norm2")(x) * (1 + scale_mlp) + shift_mlp
     hidden = int(self.width * self.mlp_ratio)
-    return x + gate_mlp * layers.Mlp(self.width, hidden, self.dtype, name="ff")(h)
+    x = x + gate_mlp * layers.Mlp(self.width, hidden, self.dtype, name="ff")(h)
+    return layers.constrain_tokens(x), None
 
 
 class DiT(nn.Module):
@@ -66,8 +69,9 @@ class DiT(nn.Module):
   mlp_ratio: float = 4.0
   pos_base_size: int | None = None  # training grid (tokens per side); None = integer positions
   pos_interpolation_scale: float = 1.0
-  remat: bool = False
+  remat: str = "none"  # layers.REMAT
   dtype: layers.Dtype = jnp.float32
+  attention: str = "xla"  # a resolved kernel (layers.resolve_attention)
 
   @nn.compact
   def __call__(self, x, t, context, context_mask=None):
@@ -93,11 +97,9 @@ class DiT(nn.Module):
                          dtype=self.dtype, kernel_init=nn.initializers.zeros)(nn.silu(t_emb))
 
     context = context.astype(self.dtype)
-    block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
-    for i in range(self.depth):
-      tokens = block_cls(self.width, self.num_heads, self.mlp_ratio, self.dtype,
-                         name=f"blocks_{i}")(tokens, t_mod, context, context_mask)
-      tokens = layers.constrain_tokens(tokens)
+    blocks = layers.scan_blocks(DiTBlock, depth=self.depth, remat=self.remat, broadcast=3)
+    tokens, _ = blocks(self.width, self.num_heads, self.mlp_ratio, self.dtype, self.attention,
+                       name="blocks")(tokens, t_mod, context, context_mask)
 
     table = layers.param_with_axes(
         self, "scale_shift_table",

@@ -91,20 +91,74 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int, base_size: int | None = None,
   return emb.astype(np.float32)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
-              key_scale: jax.Array | None = None) -> jax.Array:
-  """Multi-head attention on ``[B, T, N, H]`` tensors through ``jax.nn.dot_product_attention``.
+ATTENTION = ("auto", "xla", "cudnn", "flash")
+REMAT = ("none", "full", "dots")
 
-  ``key_scale`` (``[B, S]``) multiplies each key before the softmax. It is how per-modality
-  temperature enters (``K* = K / delta``): a factor of exactly 1 leaves the call unchanged, and
-  the fused attention kernel (cuDNN / flash) still applies because no bias is materialised.
-  ``mask`` is ``[B, S]`` (True = attend) and is broadcast over heads and queries.
+
+def resolve_attention(setting: str, dtype, backend: str | None = None) -> str:
+  """The attention kernel a setting means on this backend: ``auto`` picks cuDNN's fused kernel on
+  GPUs in bf16 / fp16 and the Pallas flash kernel on TPUs, else XLA's attention. An explicit
+  kernel the backend cannot run is an error."""
+  backend = backend or jax.default_backend()
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  if setting == "auto":
+    if backend == "gpu" and half:
+      return "cudnn"
+    return "flash" if backend == "tpu" else "xla"
+  if setting == "cudnn" and (backend != "gpu" or not half):
+    raise ValueError(f"config.model.attention='cudnn' needs a GPU and bfloat16 / float16 "
+                     f"compute (backend {backend!r}, {jnp.dtype(dtype).name})")
+  if setting == "flash" and backend != "tpu":
+    raise ValueError(f"config.model.attention='flash' is the TPU Pallas kernel (backend "
+                     f"{backend!r})")
+  return setting
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
+              key_scale: jax.Array | None = None, implementation: str = "xla") -> jax.Array:
+  """Multi-head attention on ``[B, T, N, H]`` tensors.
+
+  ``key_scale`` (``[B, S]``) multiplies each key before the softmax: per-modality temperature
+  (``K* = K / delta``) enters this way, so no bias is materialised and the fused kernels still
+  apply. ``mask`` (``[B, S]``, True = attend) is broadcast over heads and queries; a masked call
+  runs XLA's attention (the masked calls are the MMLC's small cross-attentions to the caption).
+  ``implementation`` is a resolved kernel name (:func:`resolve_attention`).
   """
   if key_scale is not None:
     k = k * key_scale[:, :, None, None].astype(k.dtype)
+  if mask is None and implementation == "flash":
+    from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
+    out = tpu_flash.flash_attention(*(x.transpose(0, 2, 1, 3) for x in (q, k, v)),
+                                    sm_scale=q.shape[-1] ** -0.5)
+    return out.transpose(0, 2, 1, 3)
+  if mask is None and implementation == "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
   if mask is not None:
     mask = mask[:, None, None, :].astype(bool)
-  return jax.nn.dot_product_attention(q, k, v, mask=mask)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+
+def remat_policy(name: str):
+  """``nn.remat`` policy of a ``config.model.remat`` setting (None: no rematerialisation)."""
+  if name in ("none", False):
+    return None
+  if name in ("full", True):
+    return jax.checkpoint_policies.nothing_saveable
+  if name == "dots":  # keep the projection / MLP matmul outputs, recompute the rest
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  raise ValueError(f"remat policy {name!r}: expected one of {REMAT}")
+
+
+def scan_blocks(block_cls, *, depth: int, remat: str = "none", broadcast: int = 0):
+  """``block_cls`` applied ``depth`` times as one ``nn.scan`` over stacked parameters (leading
+  ``layers`` axis), optionally rematerialised. ``block_cls.__call__(carry, *args)`` returns
+  ``(carry, None)``; its ``broadcast`` extra arguments are the same for every layer."""
+  policy = remat_policy(remat)
+  if policy is not None:
+    block_cls = nn.remat(block_cls, policy=policy, prevent_cse=False)
+  return nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                 in_axes=(nn.broadcast,) * broadcast, length=depth,
+                 metadata_params={nn.PARTITION_NAME: "layers"})
 
 
 class Attention(nn.Module):
@@ -114,6 +168,7 @@ class Attention(nn.Module):
   num_heads: int
   dtype: Dtype = jnp.float32
   qk_norm: bool = False
+  implementation: str = "xla"
 
   @nn.compact
   def __call__(self, x, context=None, *, mask=None, key_scale=None):
@@ -126,7 +181,8 @@ class Attention(nn.Module):
     if self.qk_norm:
       q = nn.RMSNorm(name="norm_q", dtype=self.dtype)(q)
       k = nn.RMSNorm(name="norm_k", dtype=self.dtype)(k)
-    out = attention(q, k, v, mask=mask, key_scale=key_scale)
+    out = attention(q, k, v, mask=mask, key_scale=key_scale,
+                    implementation=self.implementation)
     out = out.reshape(*out.shape[:-2], self.width)
     return dense(self.width, ("heads", "embed"), name="to_out", dtype=self.dtype)(out)
 

@@ -26,18 +26,23 @@ class MMSR(nn.Module):
   context_latents: int
   context_depth: int
   context_heads: int
-  remat: bool = False
+  remat: str = "none"
   dtype: jnp.dtype = jnp.float32
+  attention: str = "xla"
+  pos_interpolation_scale: float = 1.0  # PixArt's interpolation_scale
 
   def setup(self):
     self.context = context_lib.MultimodalContext(
         width=self.width, codebook_size=self.codebook_size, token_grid=self.token_grid,
         num_latents=self.context_latents, depth=self.context_depth,
-        num_heads=self.context_heads, mlp_ratio=self.mlp_ratio, dtype=self.dtype)
+        num_heads=self.context_heads, mlp_ratio=self.mlp_ratio, dtype=self.dtype,
+        attention=self.attention)
     self.dit = dit_lib.DiT(
         out_channels=self.latent_channels, width=self.width, depth=self.depth,
         num_heads=self.num_heads, patch_size=self.patch_size, mlp_ratio=self.mlp_ratio,
-        pos_base_size=self.pos_base_size, remat=self.remat, dtype=self.dtype)
+        pos_base_size=self.pos_base_size, pos_interpolation_scale=self.pos_interpolation_scale,
+        remat=self.remat, dtype=self.dtype,
+        attention=self.attention)
 
   def encode_context(self, text_states, text_mask, ids, present, temperature=None):
     return self.context(text_states, text_mask, ids, present, temperature)

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmsr_jax.models import layers
+
 
 Array = jax.Array
 
@@ -124,11 +126,9 @@ class T5SelfAttention(nn.Module):
   """Multi-head self-attention with an additive position bias, unscaled."""
 
   config: T5Config
-  has_relative_attention_bias: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array,
-               position_bias: Array | None) -> tuple[Array, Array]:
+  def __call__(self, x: Array, mask: Array, position_bias: Array) -> Array:
     cfg = self.config
     dt = cfg.compute_dtype
     b, length, _ = x.shape
@@ -137,21 +137,9 @@ class T5SelfAttention(nn.Module):
     q = heads(_dense(inner, dt, "q")(x))
     k = heads(_dense(inner, dt, "k")(x))
     v = heads(_dense(inner, dt, "v")(x))
-    if position_bias is None:
-      if not self.has_relative_attention_bias:
-        raise ValueError("The first layer must own the position bias.")
-      table = nn.Embed(cfg.relative_attention_num_buckets, cfg.num_heads,
-                       name="relative_attention_bias")
-      ids = relative_position_buckets(
-          length, length, cfg.relative_attention_num_buckets,
-          cfg.relative_attention_max_distance)
-      # [L, L, heads] -> [1, heads, L, L]
-      position_bias = jnp.transpose(table(jnp.asarray(ids)), (2, 0, 1))[None]
-      position_bias = position_bias.astype(jnp.float32)
     out = jax.nn.dot_product_attention(
         q, k, v, bias=position_bias.astype(q.dtype), mask=mask, scale=1.0)
-    out = _dense(cfg.d_model, dt, "o")(out.reshape(b, length, inner))
-    return out, position_bias
+    return _dense(cfg.d_model, dt, "o")(out.reshape(b, length, inner))
 
 
 class T5FeedForward(nn.Module):
@@ -176,16 +164,12 @@ class T5LayerSelfAttention(nn.Module):
   """x + SelfAttention(RMSNorm(x))."""
 
   config: T5Config
-  has_relative_attention_bias: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array,
-               position_bias: Array | None) -> tuple[Array, Array]:
+  def __call__(self, x: Array, mask: Array, position_bias: Array) -> Array:
     h = _rms_norm(self.config, "layer_norm")(x)
-    h, position_bias = T5SelfAttention(
-        self.config, self.has_relative_attention_bias,
-        name="SelfAttention")(h, mask, position_bias)
-    return x + h.astype(x.dtype), position_bias
+    h = T5SelfAttention(self.config, name="SelfAttention")(h, mask, position_bias)
+    return x + h.astype(x.dtype)
 
 
 class T5LayerFF(nn.Module):
@@ -201,18 +185,15 @@ class T5LayerFF(nn.Module):
 
 
 class T5Block(nn.Module):
-  """Self-attention sub-layer (layer_0), then feed-forward (layer_1)."""
+  """Self-attention sub-layer (layer_0), then feed-forward (layer_1); ``(x, ...) -> (x, None)``
+  for ``nn.scan``."""
 
   config: T5Config
-  has_relative_attention_bias: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array,
-               position_bias: Array | None) -> tuple[Array, Array]:
-    x, position_bias = T5LayerSelfAttention(
-        self.config, self.has_relative_attention_bias,
-        name="layer_0")(x, mask, position_bias)
-    return T5LayerFF(self.config, name="layer_1")(x), position_bias
+  def __call__(self, x: Array, mask: Array, position_bias: Array) -> tuple[Array, None]:
+    x = T5LayerSelfAttention(self.config, name="layer_0")(x, mask, position_bias)
+    return T5LayerFF(self.config, name="layer_1")(x), None
 
 
 class T5Encoder(nn.Module):
@@ -230,8 +211,14 @@ class T5Encoder(nn.Module):
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.bool_)
     mask = attention_mask.astype(jnp.bool_)[:, None, None, :]  # [B,1,1,L]
-    position_bias = None
-    for i in range(cfg.num_layers):
-      x, position_bias = T5Block(cfg, has_relative_attention_bias=(i == 0),
-                                 name=f"block_{i}")(x, mask, position_bias)
+    # The relative position bias is computed once and shared by every layer (transformers
+    # keeps its table in the first layer; here it sits beside the scanned stack).
+    length = input_ids.shape[1]
+    table = nn.Embed(cfg.relative_attention_num_buckets, cfg.num_heads,
+                     name="relative_attention_bias")
+    buckets = relative_position_buckets(length, length, cfg.relative_attention_num_buckets,
+                                        cfg.relative_attention_max_distance)
+    position_bias = jnp.transpose(table(jnp.asarray(buckets)), (2, 0, 1))[None]  # [1, H, L, L]
+    blocks = layers.scan_blocks(T5Block, depth=cfg.num_layers, broadcast=2)
+    x, _ = blocks(cfg, name="block")(x, mask, position_bias.astype(jnp.float32))
     return _rms_norm(cfg, "final_layer_norm")(x)

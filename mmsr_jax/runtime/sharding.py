@@ -21,7 +21,7 @@ RULES = (
     # parameters
     ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
     ("embed_out", None), ("vocab", None), ("latents", None), ("tokens", None),
-    ("conv_in", None), ("conv_out", None),
+    ("conv_in", None), ("conv_out", None), ("layers", None),
     # activations
     ("batch", BATCH_AXES), ("length", None), ("act_embed", None),
 )

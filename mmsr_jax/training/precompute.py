@@ -1,8 +1,10 @@
-"""The offline encoder pass over annotated shards (``python -m mmsr_jax.precompute``): adds to
-each record the VQ token ids of its whole maps and, with a crop size, the crop bank the SR trainer
-reads with ``config.vq.ids_from='shards'``: N boxes and the depth / seg ids of each, unflipped and
-mirrored, made by the same functions as the training pipeline. Shards are written to a temporary
-name and renamed when complete; several independent workers may split the shards."""
+"""The offline encoder pass over annotated shards (``python -m mmsr_jax.precompute``): writes into
+each record what the SR trainer can then read instead of running a frozen encoder in every step:
+the VQ token ids of its maps, and for the boxes of a crop bank (unflipped and mirrored, made by
+the same functions as the training pipeline) the depth / seg ids and the VAE latents (posterior
+mean, scaled as the diffusion sees it) of the HR crop; and the T5 states of its caption (the
+real tokens only). The features carry the fingerprint of the encoder that wrote them. Shards are
+written to a temporary name and renamed when complete; independent workers may split them."""
 
 from __future__ import annotations
 
@@ -15,17 +17,26 @@ from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+import ml_dtypes
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 from mmsr_jax.data import sources, sr_examples
+from mmsr_jax.data.captions import make_tokenizer
 from mmsr_jax.data.modalities import MODALITIES, canny, render_crop_maps, render_map
-from mmsr_jax.formats.records import MANIFEST, add_ids, decode_record, file_sha256, list_shards
+from mmsr_jax.formats.records import (HR_LATENTS_KEY, MANIFEST, NULL_TEXT_FILE, TEXT_STATES_KEY,
+                                      add_features, add_ids, decode_record, list_shards)
 from mmsr_jax.models import build
 from mmsr_jax.models import vqgan as vqgan_lib
 from mmsr_jax.runtime import checkpoint as ckpt_lib
+from mmsr_jax.system import frozen_params
 from mmsr_jax.training.vq_report import EXPORT_FILE
 from mmsr_jax.weights import params_io
+from mmsr_jax.weights.fingerprint import encoder_fingerprint, weights_fingerprint
+
+FEATURES = ("vq", "text", "latents")
+STORE_DTYPES = ("bfloat16", "float32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +48,16 @@ class VQTokenizer:
   per_modality: bool
   map_size: int
   meta: dict
+
+  @classmethod
+  def from_encoders(cls, conditioner, params, config) -> "VQTokenizer":
+    """The tokenizer of ``config.vq`` (``params`` as the frozen encoders load them)."""
+    m = int(config.data.map_size)
+    arch = conditioner.vq.config
+    meta = {"tokenizer_sha256": encoder_fingerprint(config, "vq"), "map_size": m,
+            "grid": m // arch.downsample_factor, "codebook_size": arch.num_vq_embeddings,
+            "per_modality": bool(config.vq.per_modality), "modalities": list(MODALITIES)}
+    return cls(conditioner.vq, params, bool(config.vq.per_modality), m, meta)
 
   @property
   def grid(self) -> int:
@@ -86,7 +107,7 @@ def load_tokenizer(vq_dir: str) -> VQTokenizer:
   else:
     abstract = jax.eval_shape(lambda: init(jax.random.key(0)))
   params = params_io.load_params(path, abstract, field="--vq")
-  meta = {"tokenizer_sha256": file_sha256(path), "map_size": m,
+  meta = {"tokenizer_sha256": weights_fingerprint(path), "map_size": m,
           "grid": m // arch.downsample_factor, "codebook_size": arch.num_vq_embeddings,
           "per_modality": per_modality, "modalities": list(MODALITIES)}
   return VQTokenizer(model, params, per_modality, m, meta)
@@ -119,86 +140,212 @@ def record_crop_maps(decoded: dict[str, Any], crop_size: int, crops: int, key: i
   return boxes, maps
 
 
-def _encode_padded(tok: VQTokenizer, modality: str, maps: np.ndarray, batch_size: int
-                   ) -> np.ndarray:
-  """Encodes ``maps [R, M, M, 3]`` in calls of exactly ``batch_size`` maps (the last one padded
-  with zeros), so one compiled shape serves every call."""
-  out = []
-  for i in range(0, len(maps), batch_size):
-    chunk = maps[i:i + batch_size]
-    pad = batch_size - len(chunk)
-    if pad:
-      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-    out.append(tok.encode(modality, chunk)[:batch_size - pad])
-  return np.concatenate(out)
+def _stored(x: np.ndarray, dtype: str) -> np.ndarray:
+  """An array as a record stores it: bfloat16 as its uint16 bits (``.npy`` has no bfloat16)."""
+  if dtype == "bfloat16":
+    return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
+  return np.asarray(x, np.float32)
 
 
-def precompute_records(tok: VQTokenizer, records: Iterable[bytes], batch_size: int = 64, *,
-                     crop_size: int = 0, crops: int = 16, first_index: int = 0
-                     ) -> Iterable[bytes]:
-  """Yields the records with their ids added (maps encoded in batches per modality).
+def tokenizer_config(config, vq_dir: str) -> ml_collections.ConfigDict:
+  """``config`` with the VQ tokenizer of a ``python -m mmsr_jax.train_vq`` run: its exported
+  weights, architecture, map size and per-modality setting."""
+  vq = ckpt_lib.load_config(vq_dir)
+  path = os.path.join(vq_dir, EXPORT_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--vq={vq_dir!r}: {EXPORT_FILE} not found (it is written "
+                            "with the report when python -m mmsr_jax.train_vq finishes)")
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.vq.params = path
+  config.vq.arch = vq.vq.arch.to_dict()
+  config.vq.per_modality = bool(vq.vq.get("per_modality", False))
+  config.data.map_size = int(vq.data.map_size)
+  return config
 
-  With ``crop_size > 0`` each record also gets its crop bank of ``crops`` boxes; the record at
+
+class Encoders:
+  """The frozen encoders of a config, in float32, as the pass runs them (``parts`` loaded)."""
+
+  def __init__(self, config, parts: tuple[str, ...]):
+    c32 = ml_collections.ConfigDict(config.to_dict())
+    c32.compute_dtype = "float32"  # features are computed at full precision, stored as asked
+    self.config = config
+    self.conditioner = build.conditioner(c32)
+    self.params = frozen_params(c32, self.conditioner, parts)
+    cond = self.conditioner
+    self.text = jax.jit(lambda p, ids, mask: cond.text_states({"text": p}, ids, mask))
+    self.latent = jax.jit(lambda p, x: cond.encode_image({"ae": p}, x))
+    self.vq = VQTokenizer.from_encoders(cond, self.params.get("vq"), config) if "vq" in parts \
+        else None
+
+  def padded(self, fn, params, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """``fn(params, x)`` in calls of exactly ``batch_size`` rows (the last padded), so one
+    compiled shape serves every call."""
+    out = []
+    for i in range(0, len(x), batch_size):
+      chunk = x[i:i + batch_size]
+      pad = batch_size - len(chunk)
+      if pad:
+        chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+      out.append(np.asarray(fn(params, chunk))[:batch_size - pad])
+    return np.concatenate(out)
+
+
+def record_hr_crops(decoded: dict[str, Any], boxes: np.ndarray, crop_size: int) -> np.ndarray:
+  """The HR crops of a record's bank boxes as the trainer sees them, float32 ``[N, 2 (flip),
+  S, S, 3]`` in [-1, 1]."""
+  rec = sr_examples.resize_min_side(sources.on_image_grid(decoded, "record"), crop_size)
+  out = np.zeros((len(boxes), 2, crop_size, crop_size, 3), np.float32)
+  for b, (top, left) in enumerate(boxes):
+    crop = rec["image"][top:top + crop_size, left:left + crop_size].astype(np.float32)
+    crop = crop / np.float32(127.5) - np.float32(1.0)
+    out[b, 0], out[b, 1] = crop, crop[:, ::-1]
+  return out
+
+
+def precompute_records(config, encoders: Encoders, records: Iterable[bytes], *,
+                       features=FEATURES, batch_size: int = 64, crop_size: int = 0,
+                       crops: int = 16, first_index: int = 0,
+                       dtype: str = "bfloat16") -> Iterable[bytes]:
+  """Yields the records with the ``features`` added (encoders run in batches).
+
+  With ``crop_size > 0`` each record gets its crop bank of ``crops`` boxes; the record at
   position j is keyed ``first_index + j`` for ``sr_examples.crop_bank_boxes``.
   """
-  meta = dict(tok.meta, crop_size=int(crop_size), crops=int(crops) if crop_size else 0)
-  g = tok.grid
-  # (record, whole maps, bank boxes, bank maps); a flush encodes about batch_size maps per modality
-  pending: list[tuple[bytes, dict[str, np.ndarray], Any, dict[str, np.ndarray]]] = []
-  per_flush = max(1, batch_size // (2 * crops)) if crop_size else batch_size
+  tok = encoders.vq
+  bank_on = bool(crop_size) and ("vq" in features or "latents" in features)
+  vq_meta = dict(tok.meta, crop_size=int(crop_size) if bank_on else 0,
+                 crops=int(crops) if bank_on else 0) if tok is not None else None
+  g = tok.grid if tok is not None else 1
+  captions = make_tokenizer(config.text.tokenizer) if "text" in features else None
+  fmeta = {}
+  if "text" in features:
+    fmeta[TEXT_STATES_KEY] = {
+        "fingerprint": encoder_fingerprint(config, "text"), "tokenizer": config.text.tokenizer,
+        "max_length": int(config.text.max_length),
+        "d_model": int(config.text.encoder.d_model), "dtype": dtype}
+  if "latents" in features:
+    if not crop_size:
+      raise ValueError("HR latents belong to a crop bank: give --crop_size (the config's "
+                       "data.hr_size)")
+    fmeta[HR_LATENTS_KEY] = {
+        "fingerprint": encoder_fingerprint(config, "ae"), "crop_size": int(crop_size),
+        "scaling_factor": float(config.autoencoder.scaling_factor),
+        "shift_factor": float(config.autoencoder.get("shift_factor", 0.0) or 0.0),
+        "dtype": dtype}
+  pending: list[dict[str, Any]] = []
+  per_flush = max(1, batch_size // (2 * crops)) if bank_on else batch_size
 
   def flush():
     ids_of: list[dict[str, np.ndarray]] = [{} for _ in pending]
-    for k in MODALITIES:
-      rows = [(i, m[k]) for i, (_, m, _, _) in enumerate(pending) if k in m]
-      if rows:
-        ids = tok.encode(k, np.stack([m for _, m in rows]))
-        for (i, _), row_ids in zip(rows, ids):
-          ids_of[i][k] = row_ids
     banks: list[dict[str, np.ndarray] | None] = [None] * len(pending)
-    if crop_size:
-      for i, (_, _, boxes, cmaps) in enumerate(pending):
-        banks[i] = {"boxes": boxes,
+    if "vq" in features:
+      for k in MODALITIES:
+        rows = [(i, p["maps"][k]) for i, p in enumerate(pending) if k in p["maps"]]
+        if rows:
+          ids = tok.encode(k, np.stack([m for _, m in rows]))
+          for (i, _), row_ids in zip(rows, ids):
+            ids_of[i][k] = row_ids
+    if bank_on:
+      for i, p in enumerate(pending):
+        banks[i] = {"boxes": p["boxes"],
                     "ids": np.zeros((crops, 2, len(MODALITIES), g, g), np.int16),
-                    "present": np.array([k in cmaps for k in MODALITIES], np.bool_)}
+                    "present": np.array([k in p["crop_maps"] for k in MODALITIES], np.bool_)}
+    if "vq" in features and bank_on:
       for k in ("depth", "seg"):
-        rows = [(i, cm[k]) for i, (_, _, _, cm) in enumerate(pending) if k in cm]
+        rows = [(i, p["crop_maps"][k]) for i, p in enumerate(pending) if k in p["crop_maps"]]
         if rows:
           flat = np.concatenate([m.reshape((-1,) + m.shape[2:]) for _, m in rows])
-          ids = _encode_padded(tok, k, flat, batch_size).reshape(len(rows), crops, 2, g, g)
-          for (i, _), row_ids in zip(rows, ids):
+          ids = encoders.padded(lambda _, x: tok.encode(k, x), None, flat, batch_size)  # noqa: B023
+          for (i, _), row_ids in zip(rows, ids.reshape(len(rows), crops, 2, g, g)):
             banks[i]["ids"][:, :, MODALITIES.index(k)] = row_ids
-    out = [add_ids(rec, ids, meta, bank)
-           for (rec, _, _, _), ids, bank in zip(pending, ids_of, banks)]
+    feats: list[dict[str, np.ndarray]] = [{} for _ in pending]
+    if "latents" in features:
+      crops_all = np.concatenate([p["hr_crops"].reshape((-1,) + p["hr_crops"].shape[2:])
+                                  for p in pending])
+      lat = encoders.padded(encoders.latent, encoders.params["ae"], crops_all,
+                            max(1, batch_size // 8))
+      lat = lat.reshape(len(pending), crops, 2, *lat.shape[1:])
+      for i in range(len(pending)):
+        feats[i][HR_LATENTS_KEY] = _stored(lat[i], dtype)
+    if "text" in features:
+      ids = np.stack([p["text"][0] for p in pending])
+      mask = np.stack([p["text"][1] for p in pending])
+      states = np.asarray(encoders.text(encoders.params["text"], ids, mask))
+      for i, m in enumerate(mask):
+        feats[i][TEXT_STATES_KEY] = _stored(states[i, :int(m.sum())], dtype)
+    out = []
+    for i, p in enumerate(pending):
+      rec = p["record"]
+      if "vq" in features:
+        rec = add_ids(rec, ids_of[i], vq_meta, banks[i])
+      elif bank_on:
+        rec = add_ids(rec, {}, dict(vq_meta or {}, crop_size=int(crop_size), crops=int(crops),
+                                    map_size=int(config.data.map_size), grid=g), banks[i])
+      if feats[i]:
+        meta = {k: dict(fmeta[k], shape=list(v.shape)) for k, v in feats[i].items()}
+        rec = add_features(rec, feats[i], meta)
+      out.append(rec)
     pending.clear()
     return out
 
   for j, rec in enumerate(records):
     decoded = decode_record(rec)  # once: the PNG decodes are the main host cost
-    boxes, cmaps = (record_crop_maps(decoded, crop_size, crops, first_index + j, tok.map_size)
-                    if crop_size else (None, {}))
-    pending.append((rec, record_maps_full(decoded, tok.map_size), boxes, cmaps))
+    item: dict[str, Any] = {"record": rec, "maps": {}, "crop_maps": {}}
+    if "vq" in features:
+      item["maps"] = record_maps_full(decoded, tok.map_size)
+    if bank_on:
+      item["boxes"], item["crop_maps"] = record_crop_maps(
+          decoded, crop_size, crops, first_index + j, int(config.data.map_size))
+    if "latents" in features:
+      item["hr_crops"] = record_hr_crops(decoded, item["boxes"], crop_size)
+    if "text" in features:
+      item["text"] = captions.encode(decoded["caption"] or "", int(config.text.max_length))
+    pending.append(item)
     if len(pending) >= per_flush:
       yield from flush()
   if pending:
     yield from flush()
 
 
-def precompute_shards(vq_dir: str, input_pattern: str, output_dir: str, *, batch_size: int = 64,
-                    crop_size: int = 0, crops: int = 16, overwrite: bool = False,
-                    worker_index: int = 0, num_workers: int = 1, log=print) -> list[str]:
-  """Tokenizes the shards of ``input_pattern`` into ``output_dir``; returns the written paths.
+def write_null_text(config, encoders: Encoders, path: str, dtype: str) -> None:
+  """The empty caption's states (condition dropout's) beside the shards."""
+  ids, mask = make_tokenizer(config.text.tokenizer).encode("", int(config.text.max_length))
+  states = np.asarray(encoders.text(encoders.params["text"], ids[None], mask[None]))[0]
+  meta = {"fingerprint": encoder_fingerprint(config, "text"), "tokenizer": config.text.tokenizer,
+          "max_length": int(config.text.max_length), "d_model": int(states.shape[-1]),
+          "dtype": dtype}
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, states=_stored(states, dtype), mask=np.asarray(mask, np.int32),
+           meta=np.frombuffer(json.dumps(meta, sort_keys=True).encode(), np.uint8))
+  os.replace(tmp, path)
 
-  ``crop_size > 0`` adds each record's crop bank of ``crops`` boxes (records are keyed by their
-  index over the sorted shards, the index ``sources.ArrayRecordSource`` gives them).
-  ``num_workers > 1`` splits the work between that many independent runs (hosts of a TPU VM, or
-  processes): worker ``worker_index`` takes shards ``worker_index, worker_index + num_workers,
-  ...`` and writes exactly the records a single run would (the record keys are global)."""
+
+def precompute_shards(config, input_pattern: str, output_dir: str, *, features=FEATURES,
+                      batch_size: int = 64, crop_size: int | None = None, crops: int = 16,
+                      dtype: str = "bfloat16", overwrite: bool = False, worker_index: int = 0,
+                      num_workers: int = 1, log=print) -> list[str]:
+  """Precomputes ``features`` of the shards of ``input_pattern`` into ``output_dir``; returns
+  the written paths.
+
+  ``crop_size`` (default: the config's ``data.hr_size``; 0: whole-map ids only) adds each
+  record's crop bank of ``crops`` boxes (records are keyed by their index over the sorted
+  shards, the index ``sources.ArrayRecordSource`` gives them). ``num_workers > 1`` splits the
+  work between that many independent runs (hosts of a TPU VM, or processes): worker
+  ``worker_index`` takes shards ``worker_index, worker_index + num_workers, ...`` and writes
+  exactly the records a single run would (the record keys are global)."""
   files = list_shards(input_pattern, "--input")
+  crop_size = int(config.data.hr_size) if crop_size is None else int(crop_size)
+  features = tuple(features)
+  unknown = [f for f in features if f not in FEATURES]
+  if unknown or not features:
+    raise ValueError(f"--features={','.join(features)}: expected a non-empty subset of {FEATURES}")
+  if dtype not in STORE_DTYPES:
+    raise ValueError(f"--dtype={dtype!r}: expected one of {STORE_DTYPES}")
   if batch_size < 1:
     raise ValueError(f"--batch_size={batch_size}: expected >= 1")
   if crop_size < 0:
-    raise ValueError(f"--crop_size={crop_size}: expected the DiT config's data.hr_size, or 0 "
+    raise ValueError(f"--crop_size={crop_size}: expected the SR config's data.hr_size, or 0 "
                      "for whole-map ids only")
   if crops < 1:
     raise ValueError(f"--crops={crops}: expected >= 1")
@@ -213,6 +360,7 @@ def precompute_shards(vq_dir: str, input_pattern: str, output_dir: str, *, batch
     reader.close()
   firsts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
   mine = list(range(worker_index, len(files), num_workers))
+  in_dir = os.path.dirname(files[0])
   files, firsts = [files[i] for i in mine], [firsts[i] for i in mine]
   outs = [os.path.join(output_dir, os.path.basename(f)) for f in files]
   for src, dst in zip(files, outs):
@@ -220,8 +368,12 @@ def precompute_shards(vq_dir: str, input_pattern: str, output_dir: str, *, batch
       raise ValueError(f"--output={output_dir!r} is the input folder: choose another folder")
     if os.path.exists(dst) and not overwrite:
       raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
-  tok = load_tokenizer(vq_dir)  # after the cheap checks, before any work
+  parts = tuple(p for p, f in (("vq", "vq"), ("text", "text"), ("ae", "latents"))
+                if f in features)
+  encoders = Encoders(config, parts)  # after the cheap checks, before any work
   os.makedirs(output_dir, exist_ok=True)
+  if "text" in features and worker_index == 0:
+    write_null_text(config, encoders, os.path.join(output_dir, NULL_TEXT_FILE), dtype)
   for src, dst, first_index in zip(files, outs, firsts):
     reader = ArrayRecordReader(src)
     n = reader.num_records()
@@ -229,24 +381,26 @@ def precompute_shards(vq_dir: str, input_pattern: str, output_dir: str, *, batch
     tmp = dst + ".tmp"
     writer = ArrayRecordWriter(tmp, "group_size:1")
     count = 0
-    for rec in precompute_records(tok, records, batch_size, crop_size=crop_size, crops=crops,
-                                first_index=first_index):
+    for rec in precompute_records(config, encoders, records, features=features,
+                                  batch_size=batch_size, crop_size=crop_size, crops=crops,
+                                  first_index=first_index, dtype=dtype):
       writer.write(rec)
       count += 1
     writer.close()
     reader.close()
     os.replace(tmp, dst)
-    log(f"{dst}: {count} records tokenized")
-  manifest = os.path.join(os.path.dirname(list_shards(input_pattern, "--input")[0]),
-                          MANIFEST)
+    log(f"{dst}: {count} records precomputed ({', '.join(features)})")
+  manifest = os.path.join(in_dir, MANIFEST)
   if worker_index == 0 and os.path.isfile(manifest):
-    dst_manifest = os.path.join(output_dir, "manifest.json")
+    dst_manifest = os.path.join(output_dir, MANIFEST)
     if not os.path.exists(dst_manifest) or overwrite:
       shutil.copyfile(manifest, dst_manifest)
   summary = ("precompute.json" if num_workers == 1
              else f"precompute-{worker_index:05d}-of-{num_workers:05d}.json")
   with open(os.path.join(output_dir, summary), "w") as f:
-    json.dump(dict(tok.meta, vq=os.path.abspath(vq_dir), crop_size=crop_size,
-                   crops=crops if crop_size else 0, shards=[os.path.basename(o) for o in outs]),
-              f, indent=2)
+    json.dump({"features": list(features), "crop_size": crop_size,
+               "crops": crops if crop_size else 0, "dtype": dtype,
+               "fingerprints": {p: encoder_fingerprint(config, p) for p in parts},
+               "vq": encoders.vq.meta if encoders.vq is not None else None,
+               "shards": [os.path.basename(o) for o in outs]}, f, indent=2)
   return outs

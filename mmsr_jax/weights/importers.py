@@ -128,6 +128,8 @@ def _t5_torch_key(path: tuple[str, ...]) -> str:
     return "shared.weight"
   if path[0] == "final_layer_norm":
     return "encoder.final_layer_norm.weight"
+  if path[0] == "relative_attention_bias":  # shared by all layers; transformers keeps it in 0
+    return "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
   block, layer, *inner = path[:-1]
   b, l = block.split("_")[1], layer.split("_")[1]
   return ".".join(["encoder.block", b, "layer", l, *inner, "weight"])

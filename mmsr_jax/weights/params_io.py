@@ -15,6 +15,8 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import save_file
 
+from mmsr_jax.weights import layout
+
 PARAMS_FILE = "params.safetensors"  # inside a folder written by ``python -m mmsr_jax.convert``
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 
@@ -92,6 +94,8 @@ def load_params(path: str, abstract_tree, *, field: str = "params"):
   check_safetensors_path(path, field)
   data = read_safetensors(path, as_float32=False)
   expected = traverse_util.flatten_dict(abstract_tree, sep="/")
+  if layout.is_per_layer(data) and not layout.is_per_layer(expected):
+    data = layout.stack_layers(data)  # written before the layers were scanned
   missing = sorted(set(expected) - set(data))
   unexpected = sorted(set(data) - set(expected))
   if missing or unexpected:
