@@ -192,9 +192,15 @@ class SuperResolver:
   def resolve(self, *, temperature: dict[str, float] | None = None,
               enabled: dict[str, bool] | None = None, tile: int | None = None,
               tile_overlap: int | None = None, tile_batch: int | None = None,
-              map_batch: int | None = None, **settings) -> dict[str, Any]:
+              map_batch: int | None = None, bucket: int | None = None,
+              **settings) -> dict[str, Any]:
     """The effective settings of a call (the run's defaults filled in), checked: every value
-    that can be wrong is rejected here, before any image work."""
+    that can be wrong is rejected here, before any image work.
+
+    ``bucket`` (LR pixels, rounded up to a multiple of :attr:`lr_multiple`): pad the LR sides
+    to a multiple of it instead of the model's own multiple and crop the result back, so that
+    inputs of nearby sizes share one padded size and so one compiled sampler (the web demo's
+    shape buckets). None: the model's multiple, the least padding."""
     unknown = set(settings) - set(SETTINGS)
     if unknown:
       raise ValueError(f"unknown setting(s) {sorted(unknown)}; expected {SETTINGS}")
@@ -229,9 +235,12 @@ class SuperResolver:
     for name, value in (("tile_batch", tile_batch), ("map_batch", map_batch)):
       if value is not None and int(value) < 1:
         raise ValueError(f"{name}={value}: expected a positive number (or None: no limit)")
+    if bucket is not None and int(bucket) < 1:
+      raise ValueError(f"bucket={bucket}: expected a positive number of LR pixels (or None)")
     out.update(temperature=temps, enabled=on, tile=grid.tile, tile_overlap=grid.overlap,
                tile_batch=None if tile_batch is None else int(tile_batch),
-               map_batch=None if map_batch is None else int(map_batch))
+               map_batch=None if map_batch is None else int(map_batch),
+               bucket=m if bucket is None else -(-int(bucket) // m) * m)
     return out
 
   def _sample_fn(self, grid: TileGrid, guidance: str, steps: int, strength: float,
@@ -356,8 +365,8 @@ class SuperResolver:
     for k in MODALITIES:
       sources.setdefault(k, "null")
 
-    # --- Pad to the model's multiple; tile grid; per-tile conditions.
-    m = self.lr_multiple
+    # --- Pad to the model's multiple (or the bucket's); tile grid; per-tile conditions.
+    m = st["bucket"]
     ph, pw = -h % m, -w % m
     lr = _pad(pic.rgb, ph, pw)
     grid = sampler.make_grid(self.config, lr.shape[:2], tile=st["tile"],

@@ -1,0 +1,252 @@
+r"""A local web demo of controllable super-resolution for a trained run (Gradio).
+
+  python -m mmsr_jax.app --workdir=runs/tiny [--port=7860] [--host=127.0.0.1]
+
+Upload an image, set the caption, guidance, steps, seed, strength and each modality group's
+switch and temperature (optionally give your own depth / seg / edge maps), and compare the x4
+result with bicubic; every result is written to ``--output`` as a PNG with the JSON sidecar of
+its settings, as ``python -m mmsr_jax.sample`` writes it. The weights are loaded once, the
+sampler is compiled once per padded input size (``--bucket``), and requests are queued, one at
+a time. Needs the optional packages of ``requirements-app.txt``. The work of a request is done
+by :class:`mmsr_jax.inference.web_demo.DemoSession`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import socket
+import tempfile
+import traceback
+
+from absl import app, flags
+
+from mmsr_jax import cli
+from mmsr_jax.data import images as image_io
+from mmsr_jax.diffusion.guidance import GUIDANCE_MODES
+from mmsr_jax.formats.records import CONTEXT_GROUPS, MODALITIES
+from mmsr_jax.inference.super_resolver import TEXT_DEVICES, SuperResolver
+from mmsr_jax.inference.web_demo import MAX_SEED, DemoSession
+from mmsr_jax.runtime import checkpoint as ckpt_lib
+
+INSTALL = "pip install -r requirements.txt && pip install --no-deps -r requirements-app.txt"
+TEMPERATURE_RANGE = (0.25, 10.0)  # the paper's useful range is about 0.4 to 10
+DEFAULT_BUCKET = 64  # LR pixels: inputs whose sides round up to the same multiple share a compile
+
+
+def import_gradio():
+  """Gradio, with analytics off (set before the import: it reads the variable then)."""
+  os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+  try:
+    import gradio as gr
+  except ImportError as e:
+    raise ValueError(f"the web demo needs gradio ({e}); install it with: {INSTALL}") from e
+  return gr
+
+
+def _rgb(pic: image_io.Picture):
+  """8-bit RGB PIL image of a picture, for display."""
+  return image_io.to_pil(pic).convert("RGB")
+
+
+def build_demo(session: DemoSession):
+  """The page (a ``gr.Blocks``) for a :class:`DemoSession`; ``serve`` starts it."""
+  gr = import_gradio()
+  sr = session.sr
+  sc = sr.config.sampling
+  max_steps = sr.system.schedule.num_timesteps
+
+  def on_upload(path):
+    """Checks an upload at once (header first) and shows it; an error is shown, not raised."""
+    if not path:
+      return None, ""
+    try:
+      pic = session.read_input(path)
+    except (ValueError, FileNotFoundError) as e:
+      return None, f"**Cannot use this file:** {e}"
+    return _rgb(pic), session.describe(pic)
+
+  def on_run(path, caption, negative_prompt, guidance, scale, steps, seed, strength, *rest,
+             progress=gr.Progress()):
+    n = len(CONTEXT_GROUPS)
+    enabled = dict(zip(CONTEXT_GROUPS, rest[:n]))
+    temperature = dict(zip(CONTEXT_GROUPS, rest[n:2 * n]))
+    map_paths = dict(zip(MODALITIES, rest[2 * n:]))
+    # The sampler calls back from JAX's thread: run Gradio's progress in this request's context.
+    ctx = contextvars.copy_context()
+
+    def report(done, total):
+      # Before the first step: maps, text and VQ encoding, and for a new padded size the compile.
+      desc = "DDIM steps" if done else "preparing (a new image size compiles the sampler)"
+      ctx.run(progress, (done, total), desc=desc, unit="steps")
+
+    try:
+      result = session.run(
+          path, caption=caption, map_paths=map_paths, progress=report,
+          negative_prompt=negative_prompt, guidance=guidance, scale=scale, steps=steps,
+          seed=seed, strength=strength, temperature=temperature, enabled=enabled)
+    except cli.USER_ERRORS as e:
+      raise gr.Error(str(e.args[0] if isinstance(e, KeyError) and e.args else e),
+                     print_exception=False) from e
+    except Exception as e:  # noqa: BLE001 - the server keeps serving; the page says what failed
+      traceback.print_exc()
+      raise gr.Error(f"internal error ({type(e).__name__}: {e}); the server log has the "
+                     "traceback") from e
+    before, after = _rgb(result.bicubic), _rgb(result.output)
+    record = result.record
+    caption_line = (f"{record['caption']!r} ({record['caption_source']})" if record["caption"]
+                    else f"(none; {record['caption_source']})")
+    with open(result.sidecar) as fh:
+      sidecar_text = fh.read()
+    return ((before, after), before, after, result.maps, caption_line,
+            [result.png, result.sidecar], sidecar_text)
+
+  with gr.Blocks(title="MMSR super-resolution") as demo:
+    gr.Markdown(
+        f"## MMSR x{sr.scale_factor} super-resolution\n"
+        f"Run `{sr.workdir}`, checkpoint step {sr.step} (EMA weights). Upload an image, set the "
+        "controls and press **Super-resolve**. Temperature below 1 makes the model attend more "
+        "to that group, above 1 less; unticking a group gives the model its null token.")
+    with gr.Row():
+      with gr.Column(scale=2):
+        with gr.Row():
+          upload = gr.File(label=f"Input image ({', '.join(image_io.SUFFIXES)}; at most "
+                           f"{session.max_pixels:,} pixels)",
+                           file_types=list(image_io.SUFFIXES), type="filepath", height=160,
+                           scale=3, elem_id="input-file")
+          preview = gr.Image(label="Input", type="pil", format="png", interactive=False,
+                             height=160, scale=2, elem_id="input-preview")
+        info = gr.Markdown(elem_id="input-info")
+        caption = gr.Textbox(label="Caption (empty: the annotator's if one is loaded, else none)",
+                             elem_id="caption")
+        negative = gr.Textbox(label="Negative prompt", value=sc.negative_prompt,
+                              elem_id="negative-prompt")
+        with gr.Row():
+          guidance = gr.Dropdown(list(GUIDANCE_MODES), value=sc.guidance, label="Guidance",
+                                 elem_id="guidance")
+          scale = gr.Slider(0.0, 14.0, value=float(sc.scale), step=0.5,
+                            label="Guidance scale (0: conditional only)", elem_id="scale")
+        with gr.Row():
+          steps = gr.Slider(1, min(200, max_steps), value=int(sc.steps), step=1,
+                            label="DDIM steps", elem_id="steps")
+          strength = gr.Slider(0.05, 1.0, value=float(sc.strength), step=0.05,
+                               label="Strength (1: from noise; < 1: from the noised LR)",
+                               elem_id="strength")
+          seed = gr.Number(value=int(sc.seed), precision=0, minimum=0, maximum=MAX_SEED,
+                           label="Seed", elem_id="seed")
+        switches, temps = [], []
+        with gr.Accordion("Modalities: switch and temperature", open=True):
+          for g in CONTEXT_GROUPS:
+            with gr.Row():
+              switches.append(gr.Checkbox(value=True, label=f"use {g}", min_width=80, scale=1,
+                                          elem_id=f"use-{g}"))
+              temps.append(gr.Slider(*TEMPERATURE_RANGE, value=1.0, step=0.05, scale=4,
+                                     label=f"{g} temperature", elem_id=f"temperature-{g}"))
+        run = gr.Button("Super-resolve", variant="primary", elem_id="run")
+        with gr.Accordion("Your own maps (optional; else extracted from the input)", open=False):
+          user_maps = [gr.File(label=f"{k} map", file_types=list(image_io.SUFFIXES),
+                               type="filepath", elem_id=f"map-{k}") for k in MODALITIES]
+      with gr.Column(scale=3):
+        slider = gr.ImageSlider(label="Before (bicubic) / after (MMSR): drag to compare",
+                                type="pil", format="png", max_height=420, elem_id="compare")
+        with gr.Row():
+          bicubic = gr.Image(label="Bicubic", type="pil", format="png", interactive=False,
+                             height=260, elem_id="bicubic")
+          result = gr.Image(label="MMSR", type="pil", format="png", interactive=False,
+                            height=260, elem_id="result")
+        maps = gr.Gallery(label="Maps the model was given", format="png", columns=3,
+                          height=220, elem_id="maps")
+        caption_used = gr.Textbox(label="Caption the model was given", interactive=False,
+                                  elem_id="caption-used")
+        files = gr.File(label="Download: the PNG and its JSON sidecar", file_count="multiple",
+                        interactive=False, elem_id="downloads")
+        settings = gr.Code(label="Settings (the JSON sidecar)", language="json",
+                           interactive=False, elem_id="sidecar")
+
+    upload.change(on_upload, upload, [preview, info], concurrency_limit=4,
+                  concurrency_id="upload")
+    run.click(on_run, [upload, caption, negative, guidance, scale, steps, seed, strength,
+                       *switches, *temps, *user_maps],
+              [slider, bicubic, result, maps, caption_used, files, settings],
+              concurrency_limit=1, concurrency_id="sample", show_progress_on=[slider])
+  return demo
+
+
+def serve(session: DemoSession, *, host: str = "127.0.0.1", port: int = 7860,
+          share: bool = False, max_queue: int = 16, block: bool = True):
+  """Starts the page; requests beyond the one running wait in a queue of ``max_queue``.
+  ``share`` asks Gradio for a public link (for a Colab runtime; never in tests)."""
+  demo = build_demo(session)
+  demo.queue(max_size=max_queue, default_concurrency_limit=1)
+  # Uploads may be at most 8 bytes per pixel of the limit (16-bit RGBA, uncompressed) + slack.
+  demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
+              allowed_paths=[session.output_dir], show_error=True,
+              max_file_size=8 * session.max_pixels + 2 ** 24)
+  return demo
+
+
+def check_port_free(host: str, port: int) -> None:
+  """ValueError when ``host:port`` cannot be served on (checked before the model loads)."""
+  try:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+      s.bind((host, port))
+  except OSError as e:
+    raise ValueError(f"--host={host} --port={port}: cannot serve there ({e.strerror or e}); "
+                     "pick another --port") from e
+
+
+def define_flags() -> None:
+  d = flags
+  d.DEFINE_string("workdir", None, "Training run directory (config + checkpoints).")
+  d.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+  d.DEFINE_string("host", "127.0.0.1", "Address to serve on (0.0.0.0: every interface).")
+  d.DEFINE_integer("port", 7860, "Port to serve on.")
+  d.DEFINE_string("output", None, "Folder for the results and their JSON sidecars (default: a "
+                  "new temporary folder, printed at start).")
+  d.DEFINE_integer("max_pixels", None, "Largest input image (pixels, checked from the file's "
+                   "header before decoding; default: the run's config.sampling.max_input_pixels).")
+  d.DEFINE_integer("bucket", DEFAULT_BUCKET, "Pad the LR sides to a multiple of this many "
+                   "pixels, so that images of similar size share one compiled sampler (0: pad "
+                   "only to the model's multiple).")
+  d.DEFINE_integer("max_queue", 16, "Requests that may wait while one runs.")
+  d.DEFINE_bool("share", False, "Ask Gradio for a public share link (e.g. on Colab).")
+  d.DEFINE_string("annotate_depth", None, "Depth model (folder or hub id) for missing depth.")
+  d.DEFINE_string("annotate_seg", None, "Mask2Former model for missing segmentation.")
+  d.DEFINE_string("annotate_caption", None, "Captioning model for a missing caption.")
+  d.DEFINE_string("annotate_caption_kind", "blip", "blip, florence2 or qwen2_5_vl.")
+  d.DEFINE_enum("text_device", None, list(TEXT_DEVICES), "Where the text encoder runs (see "
+                "python -m mmsr_jax.sample --help).")
+
+
+def main(argv):
+  del argv
+  F = flags.FLAGS
+  if not F.workdir:
+    raise app.UsageError("--workdir is required")
+  import_gradio()  # a missing extra is an error before the model is loaded
+  if not 0 < F.port < 65536:
+    raise ValueError(f"--port={F.port}: expected 1..65535")
+  if F.bucket < 0:
+    raise ValueError(f"--bucket={F.bucket}: expected >= 0")
+  if F.max_pixels is not None:
+    image_io.check_limit(F.max_pixels, "--max_pixels")
+  if F.output and os.path.exists(F.output) and not os.path.isdir(F.output):
+    raise NotADirectoryError(f"--output={F.output} exists and is not a folder")
+  check_port_free(F.host, F.port)
+  ckpt_lib.load_config(F.workdir)  # fails early on a folder that is not a run
+  annotator = None
+  if F.annotate_depth or F.annotate_seg or F.annotate_caption:
+    from mmsr_jax.data.annotator import Annotator  # torch extras: only when asked for
+    annotator = Annotator(depth=F.annotate_depth, seg=F.annotate_seg,
+                          caption=F.annotate_caption, caption_kind=F.annotate_caption_kind)
+  sr = SuperResolver.from_workdir(F.workdir, step=F.step, text_device=F.text_device,
+                                  max_input_pixels=F.max_pixels)
+  output = F.output or tempfile.mkdtemp(prefix="mmsr_app_")
+  session = DemoSession(sr, output, annotator=annotator, max_pixels=F.max_pixels,
+                        bucket=F.bucket or None)
+  print(f"results and sidecars go to {session.output_dir}", flush=True)
+  serve(session, host=F.host, port=F.port, share=F.share, max_queue=F.max_queue)
+
+
+if __name__ == "__main__":
+  cli.run(main, define_flags)
