@@ -38,6 +38,7 @@ def test_colab_notebook_runs_headless(tmp_path, monkeypatch):
   texts = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                   for o in c.outputs)
   assert "not on Colab: skipping the install" in texts
+  assert "web demo: not started here" in texts  # no server in the headless run
   assert "[9, 11] -> [36, 44]" in texts
   figures = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
              if "image/png" in o.get("data", {})]
