@@ -118,6 +118,81 @@ def test_vqgan_single_file_with_config_ids_identical(tmp_path):
   np.testing.assert_array_equal(np.asarray(ids).reshape(-1), ids_ref.numpy().reshape(-1))
 
 
+def _reference_model(kind: str):
+  """A tiny diffusers / transformers model of ``kind`` with every tensor random, and an input."""
+  from tests.torch_random import randomise_
+  rng = np.random.default_rng(7)
+  torch.manual_seed(0)
+  if kind == "vae":
+    ref, _ = _tiny_vae()
+    x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)  # a latent to decode
+  elif kind == "vqgan":
+    from mmsr_jax.models import vqgan as vqgan_lib
+    cfg = vqgan_lib.VQGANConfig.tiny()
+    n = len(cfg.block_out_channels)
+    ref = diffusers.VQModel(
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels, num_vq_embeddings=cfg.num_vq_embeddings,
+        vq_embed_dim=cfg.vq_embed_dim, norm_num_groups=cfg.norm_num_groups).float().eval()
+    x = rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)  # an image to reconstruct
+  else:
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=300, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu", dropout_rate=0.0)).float().eval()
+    x = rng.integers(0, 300, (2, 20)).astype(np.int32)  # token ids
+  randomise_(ref, seed=4)
+  return ref, x
+
+
+def _torch_output(kind: str, ref, x) -> np.ndarray:
+  with torch.no_grad():
+    if kind == "vae":
+      return ref.decode(torch.from_numpy(x).permute(0, 3, 1, 2)).sample.permute(0, 2, 3, 1).numpy()
+    if kind == "vqgan":
+      return ref(torch.from_numpy(x).permute(0, 3, 1, 2)).sample.permute(0, 2, 3, 1).numpy()
+    return ref(input_ids=torch.from_numpy(x).long()).last_hidden_state.numpy()
+
+
+def _our_output(kind: str, dst: str, info: dict, x) -> np.ndarray:
+  """Our module, built from the architecture the converter recorded, on the written params."""
+  from mmsr_jax.models import t5 as t5_lib
+  from mmsr_jax.models import vqgan as vqgan_lib
+  arch = {k: tuple(v) if isinstance(v, list) else v for k, v in info["arch"].items()
+          if k not in ("scaling_factor", "shift_factor")}
+  with jax.default_matmul_precision("highest"):
+    if kind == "vae":
+      cfg = vae_lib.VAEConfig(**arch)
+      params = params_io.load_params(dst, importers.vae_param_shapes(cfg)["params"])
+      return np.asarray(vae_lib.AutoencoderKL(cfg).apply({"params": params}, x, method="decode"))
+    if kind == "vqgan":
+      cfg = vqgan_lib.VQGANConfig(**arch)
+      params = params_io.load_params(dst, importers.vqgan_param_shapes(cfg)["params"])
+      return np.asarray(vqgan_lib.VQGAN(cfg).apply({"params": params}, x)[0])
+    cfg = t5_lib.T5Config(**arch)
+    params = params_io.load_params(dst, importers.t5_param_shapes(cfg)["params"])
+    return np.asarray(t5_lib.T5Encoder(cfg).apply({"params": params}, x, np.ones_like(x)))
+
+
+@pytest.mark.parametrize("kind", ["vae", "vqgan", "t5"])
+def test_cli_on_the_reference_models_own_files(tmp_path, kind):
+  """``save_pretrained`` writes the reference class's own ``state_dict()`` keys and config.json
+  (nothing of ours builds them); the CLI converts that folder, and the module built from the
+  recorded architecture computes what the PyTorch model computes, every tensor random."""
+  ref, x = _reference_model(kind)
+  ref.save_pretrained(tmp_path / "src", safe_serialization=True)
+  dst = str(tmp_path / "converted")
+  proc = subprocess.run(
+      [sys.executable, "-m", "mmsr_jax.convert", f"--kind={kind}", f"--src={tmp_path / 'src'}",
+       f"--dst={dst}"], cwd=REPO, capture_output=True, text=True,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr
+  info = json.loads(open(os.path.join(dst, "config.json")).read())
+  assert info["num_params"] == sum(p.numel() for p in ref.parameters())
+  _close(_our_output(kind, dst, info, x), _torch_output(kind, ref, x))
+
+
 def _tiny_pixart(config):
   """A PixArt transformer shaped like ``config``'s DiT (learned-sigma outputs)."""
   c = 3 * config.autoencoder.factor ** 2  # the pixel autoencoder's latent channels

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -74,12 +76,10 @@ def test_converter_rejects_wrong_state_dict():
     importers.vae_params_from_torch_state_dict(sd, cfg)
 
 
-def test_parity_with_diffusers(tmp_path):
+def _diffusers_vae(randomise: bool):
   torch = pytest.importorskip("torch", reason="parity test needs torch")
   diffusers = pytest.importorskip("diffusers", reason="parity test needs diffusers")
-  safetensors_torch = pytest.importorskip("safetensors.torch")
-  safetensors_numpy = pytest.importorskip("safetensors.numpy")
-
+  from tests.torch_random import randomise_
   cfg = VAEConfig.tiny()
   n = len(cfg.block_out_channels)
   torch.manual_seed(0)
@@ -90,26 +90,60 @@ def test_parity_with_diffusers(tmp_path):
       block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
       latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups,
       scaling_factor=cfg.scaling_factor).float().eval()
-  path = str(tmp_path / "vae.safetensors")
-  safetensors_torch.save_file(ref.state_dict(), path)
-  variables = importers.vae_params_from_torch_state_dict(safetensors_numpy.load_file(path), cfg)
+  if randomise:
+    kinds = randomise_(ref, seed=1)
+    assert kinds["decoder.up_blocks.0.resnets.0.norm1.weight"] == "constant"  # was all ones
+    assert kinds["encoder.mid_block.attentions.0.group_norm.bias"] == "constant"  # was zeros
+  return ref, cfg
 
+
+def _vae_outputs(ref, cfg, sd):
+  """(ours, torch's) encoder mean / logvar and decoder output for the importer's params of
+  ``sd``, on fixed inputs; with the largest error relative to the output scale."""
+  import torch
+  variables = importers.vae_params_from_torch_state_dict(sd, cfg)
   x = _image((2, 32, 32, 3), seed=3)
   z = _image((2, 8, 8, cfg.latent_channels), seed=4) * 2.0
   with torch.no_grad():
     post = ref.encode(torch.from_numpy(x).permute(0, 3, 1, 2)).latent_dist
-    mean_ref = post.mean.permute(0, 2, 3, 1).numpy()
-    logvar_ref = post.logvar.permute(0, 2, 3, 1).numpy()
-    y_ref = ref.decode(torch.from_numpy(z).permute(0, 3, 1, 2)).sample
-    y_ref = y_ref.permute(0, 2, 3, 1).numpy()
-
+    want = (post.mean.permute(0, 2, 3, 1).numpy(), post.logvar.permute(0, 2, 3, 1).numpy(),
+            ref.decode(torch.from_numpy(z).permute(0, 3, 1, 2)).sample.permute(0, 2, 3, 1)
+            .numpy())
   model = AutoencoderKL(cfg)
   with jax.default_matmul_precision("highest"):
     mean, logvar = model.apply(variables, x, method="encode")
     y = model.apply(variables, z, method="decode")
-  for got, want in ((mean, mean_ref), (logvar, logvar_ref), (y, y_ref)):
-    err = np.abs(np.asarray(got) - want).max()
-    assert err <= 1e-4 * max(1.0, np.abs(want).max()), err
+  return [float(np.abs(np.asarray(g) - w).max() / max(1.0, np.abs(w).max()))
+          for g, w in zip((mean, logvar, y), want)]
+
+
+def test_parity_with_diffusers(tmp_path):
+  """Every tensor random (norm weights and biases too), read back from a safetensors file."""
+  safetensors_torch = pytest.importorskip("safetensors.torch")
+  safetensors_numpy = pytest.importorskip("safetensors.numpy")
+  ref, cfg = _diffusers_vae(randomise=True)
+  path = str(tmp_path / "vae.safetensors")
+  safetensors_torch.save_file(ref.state_dict(), path)
+  errs = _vae_outputs(ref, cfg, safetensors_numpy.load_file(path))
+  assert max(errs) <= 1e-4, errs
+
+
+def test_parity_sees_swapped_norms():
+  """An importer that swapped norm1 and norm2 of the resnets would pass a parity test with
+  torch's default norms (all weights 1, biases 0); with random norms it fails by far more than
+  the tolerance."""
+  from tests.torch_random import state_dict_numpy, swapped
+
+  def swap(sd):
+    sd = swapped(sd, "norm1.weight", "norm2.weight")
+    return swapped(sd, "norm1.bias", "norm2.bias")
+
+  default, cfg = _diffusers_vae(randomise=False)
+  assert max(_vae_outputs(default, cfg, swap(state_dict_numpy(default)))) <= 1e-4  # blind
+  ref, cfg = _diffusers_vae(randomise=True)
+  assert max(_vae_outputs(ref, cfg, state_dict_numpy(ref))) <= 1e-4
+  errs = _vae_outputs(ref, cfg, swap(state_dict_numpy(ref)))
+  assert min(errs) > 100 * 1e-4, errs
 
 
 def test_tiled_blend_is_exact_for_a_local_map():
@@ -170,6 +204,47 @@ def test_tiled_decode_multi_tile_is_close(tiny_vae):
     jumps = np.abs(np.diff(tiled, axis=axis)).max(axis=tuple(a for a in range(4) if a != axis))
     assert jumps[zones].max() <= jumps[~zones].max(), (axis, jumps[zones].max(),
                                                       jumps[~zones].max())
+
+
+def _interior_error(dec, z, f: int, tile: int, overlap: int) -> float:
+  """Largest difference, relative to the output's largest value, between the tiled decode and
+  each tile's own decode on the output pixels that only that tile covers (there the blend
+  weight is exactly one, so the two must agree whatever the decoder's reach: group norm,
+  attention). Tile origins are the latent ones; output positions are origin x ``f``."""
+  tiled = np.asarray(tiles.tiled_decode(dec, z, factor=f, tile_latent=tile,
+                                        overlap_latent=overlap))
+  grid = tiles.TileGrid(tuple(z.shape[1:3]), tile, overlap)
+  count = np.zeros(z.shape[1:3], int)
+  for r, c in grid.origins:
+    count[r:r + tile, c:c + tile] += 1
+  err = 0.0
+  for r, c in grid.origins:
+    own = np.asarray(dec(z[:, r:r + tile, c:c + tile]))
+    only = np.kron(count[r:r + tile, c:c + tile] == 1, np.ones((f, f), bool))
+    assert only.any()
+    got = tiled[:, r * f:(r + tile) * f, c * f:(c + tile) * f]
+    err = max(err, float(np.abs(got - own)[:, only].max()))
+  return err / float(np.abs(tiled).max())
+
+
+def test_tiled_decode_interiors_equal_each_tiles_decode(tiny_vae, monkeypatch):
+  """Tiled decode pastes every tile where it belongs: where one tile alone covers the output
+  it equals that tile's decode to float rounding; a tile pasted one pixel off fails by far."""
+  _, cfg, _, _, _, dec = tiny_vae
+  f = cfg.downsample_factor
+  z = jnp.asarray(_image((1, 21, 19, cfg.latent_channels), seed=8) * 2.0)  # 4 x 3 tiles
+  assert _interior_error(dec, z, f, 8, 2) <= 1e-5
+
+  real_scaled = tiles.TileGrid.scaled
+
+  def one_row_one_pixel_low(self, k):
+    g = real_scaled(self, k)
+    rows = list(g.rows)
+    rows[1] += 1
+    return dataclasses.replace(g, starts=(tuple(rows), tuple(g.cols)))
+
+  monkeypatch.setattr(tiles.TileGrid, "scaled", one_row_one_pixel_low)
+  assert _interior_error(dec, z, f, 8, 2) > 0.05
 
 
 def test_make_autoencoder_vae_round_trip(tmp_path, tiny_vae):

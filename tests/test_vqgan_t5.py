@@ -234,12 +234,10 @@ def test_t5_converter_errors():
 # ----------------------------------------------------------------- parity ---
 
 
-def test_vqgan_parity_with_diffusers(tmp_path):
+def _diffusers_vqgan(randomise: bool):
   torch = pytest.importorskip("torch", reason="parity test needs torch")
   diffusers = pytest.importorskip("diffusers", reason="needs diffusers")
-  safetensors_torch = pytest.importorskip("safetensors.torch")
-  safetensors_numpy = pytest.importorskip("safetensors.numpy")
-
+  from tests.torch_random import randomise_
   cfg = VQGANConfig.tiny()
   n = len(cfg.block_out_channels)
   torch.manual_seed(0)
@@ -254,11 +252,18 @@ def test_vqgan_parity_with_diffusers(tmp_path):
       norm_num_groups=cfg.norm_num_groups,
       mid_block_add_attention=cfg.mid_block_attention,
   ).float().eval()
-  path = str(tmp_path / "vq.safetensors")
-  safetensors_torch.save_file(ref.state_dict(), path)
-  variables = importers.vqgan_params_from_torch_state_dict(
-      safetensors_numpy.load_file(path), cfg)
+  if randomise:
+    kinds = randomise_(ref, seed=2)
+    assert kinds["decoder.up_blocks.0.resnets.0.norm2.weight"] == "constant"  # was all ones
+    assert kinds["quantize.embedding.weight"] == "random"  # the codebook, redrawn
+  return ref, cfg
 
+
+def _vqgan_errors(ref, cfg, sd):
+  """(share of token ids that differ, latent error, output error) of our VQGAN with the
+  importer's params of ``sd`` against the torch model (errors relative to the output scale)."""
+  import torch
+  variables = importers.vqgan_params_from_torch_state_dict(sd, cfg)
   x = _image((2, 32, 32, 3), seed=5)
   with torch.no_grad():
     xt = torch.from_numpy(x).permute(0, 3, 1, 2)
@@ -266,7 +271,6 @@ def test_vqgan_parity_with_diffusers(tmp_path):
     _, _, (_, _, ids_ref) = ref.quantize(z_ref)
     y_ref = ref(xt).sample.permute(0, 2, 3, 1).numpy()
   z_ref = z_ref.permute(0, 2, 3, 1).numpy()
-
   model = VQGAN(cfg)
 
   @jax.jit
@@ -277,21 +281,55 @@ def test_vqgan_parity_with_diffusers(tmp_path):
 
   with jax.default_matmul_precision("highest"):
     z, y, aux = run(variables, x)
-  np.testing.assert_array_equal(
-      np.asarray(aux["ids"]).reshape(-1), ids_ref.numpy().reshape(-1))
-  assert np.abs(np.asarray(z) - z_ref).max() <= 1e-4 * max(
-      1.0, np.abs(z_ref).max())
-  err = np.abs(np.asarray(y) - y_ref).max()
-  assert err <= 1e-4 * max(1.0, np.abs(y_ref).max()), err
+  ids_differ = float(np.mean(np.asarray(aux["ids"]).reshape(-1) != ids_ref.numpy().reshape(-1)))
+  rel = lambda got, want: float(np.abs(np.asarray(got) - want).max() / max(1.0, np.abs(want).max()))
+  return ids_differ, rel(z, z_ref), rel(y, y_ref)
+
+
+def test_vqgan_parity_with_diffusers(tmp_path):
+  """Every tensor random (norms, biases, the codebook), read back from a safetensors file."""
+  safetensors_torch = pytest.importorskip("safetensors.torch")
+  safetensors_numpy = pytest.importorskip("safetensors.numpy")
+  ref, cfg = _diffusers_vqgan(randomise=True)
+  path = str(tmp_path / "vq.safetensors")
+  safetensors_torch.save_file(ref.state_dict(), path)
+  ids_differ, z_err, y_err = _vqgan_errors(ref, cfg, safetensors_numpy.load_file(path))
+  assert ids_differ == 0.0 and z_err <= 1e-4 and y_err <= 1e-4, (ids_differ, z_err, y_err)
+
+
+def test_vqgan_parity_sees_swapped_norms():
+  """Swapping each resnet's norm1 / norm2 goes unseen with torch's default norms; with random
+  ones the outputs differ by far more than the parity tolerance."""
+  from tests.torch_random import state_dict_numpy, swapped
+
+  def swap(sd):
+    return swapped(swapped(sd, "norm1.weight", "norm2.weight"), "norm1.bias", "norm2.bias")
+
+  default, cfg = _diffusers_vqgan(randomise=False)
+  _, z_err, y_err = _vqgan_errors(default, cfg, swap(state_dict_numpy(default)))
+  assert max(z_err, y_err) <= 1e-4  # blind
+  ref, cfg = _diffusers_vqgan(randomise=True)
+  _, z_err, y_err = _vqgan_errors(ref, cfg, swap(state_dict_numpy(ref)))
+  assert min(z_err, y_err) > 100 * 1e-4, (z_err, y_err)
 
 
 @pytest.mark.parametrize("ffp", ["gated-gelu", "relu"])
 def test_t5_parity_with_transformers(tmp_path, ffp):
-  torch = pytest.importorskip("torch", reason="parity test needs torch")
-  transformers = pytest.importorskip("transformers")
+  """Every tensor random (layer norms, the embedding, the position-bias table)."""
   safetensors_torch = pytest.importorskip("safetensors.torch")
   safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
+  ref, cfg = _transformers_t5(ffp, randomise=True)
+  path = str(tmp_path / "t5.safetensors")
+  safetensors_torch.save_model(ref, path)  # drops one name of the tied pair
+  err = _t5_error(ref, cfg, safetensors_numpy.load_file(path))
+  assert err <= 1e-4, err
+
+
+def _transformers_t5(ffp: str, randomise: bool):
+  torch = pytest.importorskip("torch", reason="parity test needs torch")
+  transformers = pytest.importorskip("transformers")
+  from tests.torch_random import randomise_
   cfg = dataclasses.replace(T5Config.tiny(), feed_forward_proj=ffp)
   torch.manual_seed(0)
   ref = transformers.T5EncoderModel(transformers.T5Config(
@@ -301,20 +339,40 @@ def test_t5_parity_with_transformers(tmp_path, ffp):
       relative_attention_max_distance=cfg.relative_attention_max_distance,
       layer_norm_epsilon=cfg.layer_norm_epsilon, feed_forward_proj=ffp,
       dropout_rate=0.0)).float().eval()
-  path = str(tmp_path / "t5.safetensors")
-  safetensors_torch.save_model(ref, path)  # drops one name of the tied pair
-  variables = importers.t5_params_from_torch_state_dict(
-      safetensors_numpy.load_file(path), cfg)
+  if randomise:
+    kinds = randomise_(ref, seed=3)
+    assert kinds["encoder.final_layer_norm.weight"] == "constant"  # was all ones
+    assert kinds["encoder.block.0.layer.1.layer_norm.weight"] == "constant"
+  return ref, cfg
 
-  # Longer than max_distance so that the log-spaced buckets are exercised.
+
+def _t5_error(ref, cfg, sd) -> float:
+  """Largest error of our T5 with the importer's params of ``sd`` against the torch model,
+  relative to the output scale, on a padded batch longer than max_distance (so the log-spaced
+  position buckets are exercised)."""
+  import torch
+  variables = importers.t5_params_from_torch_state_dict(sd, cfg)
   ids, mask = _ids_and_mask(cfg, b=2, length=150, pad_from=60, seed=1)
   with torch.no_grad():
     want = ref(input_ids=torch.from_numpy(ids).long(),
                attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
   with jax.default_matmul_precision("highest"):
     got = np.asarray(T5Encoder(cfg).apply(variables, ids, mask))
-  err = np.abs(got - want).max()
-  assert err <= 1e-4 * max(1.0, np.abs(want).max()), err
+  return float(np.abs(got - want).max() / max(1.0, np.abs(want).max()))
+
+
+def test_t5_parity_sees_swapped_layer_norms():
+  """Swapping each block's attention and feed-forward layer norms goes unseen with torch's
+  default weights (all ones); with random ones the output is far off."""
+  from tests.torch_random import state_dict_numpy, swapped
+
+  def swap(sd):
+    return swapped(sd, "layer.0.layer_norm.weight", "layer.1.layer_norm.weight")
+
+  default, cfg = _transformers_t5("gated-gelu", randomise=False)
+  assert _t5_error(default, cfg, swap(state_dict_numpy(default))) <= 1e-4  # blind
+  ref, cfg = _transformers_t5("gated-gelu", randomise=True)
+  assert _t5_error(ref, cfg, swap(state_dict_numpy(ref))) > 100 * 1e-4
 
 
 def test_t5_buckets_match_transformers():
