@@ -3,21 +3,40 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 
 from absl import app, flags, logging
 
 from mmsr_jax.runtime import checkpoint as ckpt_lib
 
 # Errors that describe bad input, a bad setting or a run that cannot go on (a non-finite loss
-# naming its step, an unreadable checkpoint): printed as one line, exit status 2.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError,
-               FloatingPointError, ckpt_lib.CheckpointError)
+# naming its step, an unreadable checkpoint, a read-only or full disk, a truncated file): printed
+# as one line, exit status 2.
+USER_ERRORS = (ValueError, OSError, KeyError, FloatingPointError, ckpt_lib.CheckpointError)
 
 
 def _fail(msg) -> None:
-  print(f"error: {msg}", file=sys.stderr)
+  # One line even when a library's message runs to many (TensorStore, PIL): the first says what.
+  lines = [ln.strip() for ln in str(msg).splitlines() if ln.strip()]
+  print(f"error: {lines[0] if lines else msg}", file=sys.stderr)
   sys.exit(2)
+
+
+def check_writable(folder: str, flag: str) -> None:
+  """OSError now, before any long work, when ``folder`` (made later if missing) cannot be
+  written: a read-only or full disk, or a file where a folder should be."""
+  probe = os.path.abspath(folder)
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise NotADirectoryError(f"{flag}={folder}: {probe} is a file, not a folder")
+  try:
+    with tempfile.TemporaryFile(dir=probe):
+      pass
+  except OSError as e:
+    raise OSError(f"{flag}={folder}: {probe} cannot be written ({e.strerror or e})") from e
 
 
 def run(main, define_flags=None) -> None:
@@ -69,12 +88,15 @@ def run_training(train_fn, default_config: str, workdir_help: str) -> None:
         "config", default_config, "Config file (ml_collections); override fields with "
         "--config.field=value.", lock_config=True)
     flags.DEFINE_string("workdir", None, workdir_help)
+    flags.DEFINE_integer(
+        "restore_step", None, "Resume from this checkpoint step instead of the newest good one; "
+        "newer steps are moved to WORKDIR/checkpoints_set_aside/ (never deleted).", lower_bound=0)
 
   def main(argv):
     del argv
     if not flags.FLAGS.workdir:
       raise app.UsageError("--workdir is required")
     distributed.initialize()
-    train_fn(flags.FLAGS.config, flags.FLAGS.workdir)
+    train_fn(flags.FLAGS.config, flags.FLAGS.workdir, restore_step=flags.FLAGS.restore_step)
 
   run(main, define_flags)

@@ -24,6 +24,11 @@ def main(argv) -> None:
   info = convert_to_folder(f.kind, f.src, f.dst, src_config=f.src_config)
   print(f"wrote {os.path.join(f.dst, PARAMS_FILE)} ({info['num_params']:,} parameters) and "
         f"{os.path.join(f.dst, CONFIG_FILE)}")
+  sched = info.get("training_schedule")
+  if sched:
+    print(f"trained with {sched['schedule']} betas {sched['beta_start']:g} -> "
+          f"{sched['beta_end']:g} over {sched['num_timesteps']} steps, {sched['prediction']} "
+          f"prediction ({sched['source']}); train with the same schedule")
   print("use it with:\n  " + " \\\n  ".join(_override_flags(f.kind, f.dst, info)))
 
 

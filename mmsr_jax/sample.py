@@ -37,8 +37,9 @@ def list_inputs(path: str) -> list[str]:
   return [path]
 
 
-def output_paths(files: list[str], output: str) -> dict[str, str]:
-  """Input -> output PNG path; two inputs that would write the same file are an error."""
+def output_paths(files: list[str], output: str, other_inputs=()) -> dict[str, str]:
+  """Input -> output PNG path; two inputs that would write the same file, or an output that is
+  an input (an image or one of ``other_inputs``, e.g. map files), are an error."""
   targets = {f: os.path.join(output, os.path.splitext(os.path.basename(f))[0] + ".png")
              for f in files}
   seen: dict[str, str] = {}
@@ -46,6 +47,12 @@ def output_paths(files: list[str], output: str) -> dict[str, str]:
     if t in seen:
       raise ValueError(f"{seen[t]} and {f} would both be written to {t}; rename one")
     seen[t] = f
+  inputs = {os.path.realpath(p): p for p in [*files, *other_inputs]}
+  for t in targets.values():
+    for out in (t, os.path.splitext(t)[0] + ".json"):
+      if os.path.realpath(out) in inputs:  # refused with --overwrite too: inputs are never lost
+        raise ValueError(f"--output={output}: {out} would overwrite the input "
+                         f"{inputs[os.path.realpath(out)]}; choose another --output folder")
   return targets
 
 
@@ -111,7 +118,8 @@ def main(argv):
   enabled = {name: False for name in F.disable}
   if os.path.exists(F.output) and not os.path.isdir(F.output):
     raise NotADirectoryError(f"--output={F.output} exists and is not a folder")
-  targets = output_paths(files, F.output)
+  targets = output_paths(files, F.output, [F[k].value for k in MODALITIES if F[k].value])
+  cli.check_writable(F.output, "--output")  # before the model is built
   existing = [p for t in targets.values() for p in (t, os.path.splitext(t)[0] + ".json")
               if os.path.exists(p)]
   if existing and not F.overwrite:

@@ -228,7 +228,7 @@ def test_pixart_cli_then_train_start_keeps_text_to_image_function(tmp_path):
   again = subprocess.run(
       [sys.executable, "-m", "mmsr_jax.convert", "--kind=pixart",
        f"--src={tmp_path / 'pixart'}", f"--dst={dst}"], cwd=REPO, capture_output=True, text=True)
-  assert again.returncode == 2 and "exists" in again.stderr
+  assert again.returncode == 2 and "is not empty (it holds an earlier conversion" in again.stderr
 
   config.model.init_from = dst
   trainer = sr_task.SRTask(config, str(tmp_path / "run"), devices=jax.devices()[:1])
@@ -288,6 +288,33 @@ def test_refuses_pickles_and_names_mismatched_keys(tmp_path):
   with pytest.raises(ValueError, match=r"'decoder\.conv_in\.weight'.*\(32, 4, 3, 3\).*expects"):
     convert.convert_to_folder("vae", str(tmp_path / "vae"), str(tmp_path / "out"))
   assert not os.path.exists(tmp_path / "out" / "params.safetensors")
+
+
+def test_convert_writes_only_into_a_new_or_empty_folder(tmp_path):
+  """A --dst holding anything (a training run, an earlier conversion, other files) is refused
+  before the source is read, and what it holds is left as it was."""
+  from mmsr_jax.runtime import checkpoint as ckpt_lib
+  ref, _ = _tiny_vae()
+  ref.save_pretrained(tmp_path / "vae", safe_serialization=True)
+  src = str(tmp_path / "vae")
+  run = tmp_path / "run"
+  ckpt_lib.save_config(str(run), small_config())
+  (run / "checkpoints").mkdir()
+  before = (run / "config.json").read_bytes()
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "notes.txt").write_text("mine")
+  for dst, what in ((run, "a training run"), (other, "files: notes.txt")):
+    with pytest.raises(FileExistsError, match=rf"--dst={dst} is not empty \(it holds {what}\)"):
+      convert.convert_to_folder("vae", src, str(dst))
+  assert (run / "config.json").read_bytes() == before
+  assert sorted(os.listdir(run)) == ["checkpoints", "config.json"]
+  assert os.listdir(other) == ["notes.txt"]
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  convert.convert_to_folder("vae", src, str(empty))
+  with pytest.raises(FileExistsError, match=r"an earlier conversion \(vae of "):
+    convert.convert_to_folder("vae", src, str(empty))
 
 
 def test_hub_id_offline_is_one_clear_error(tmp_path, monkeypatch):

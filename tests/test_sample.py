@@ -403,4 +403,33 @@ def test_sampling_restores_only_the_ema_weights(tmp_path):
   bad = dict(abstract, w=jax.ShapeDtypeStruct((4, 8), jnp.float32, sharding=shardings["w"]))
   with pytest.raises(ckpt_lib.CheckpointError, match="'ema_params' could not be restored"):
     ckpt.restore_part(5, "ema_params", bad)
+
+  # Non-finite EMA weights, or a file changed since it was written: an error naming the step.
+  ckpt.save(6, state.replace(ema_params=dict(ema, b=jnp.array([2.0, jnp.inf, 2.0]))), force=True)
+  ckpt.wait()
+  with pytest.raises(ckpt_lib.CorruptCheckpoint,
+                     match=r"checkpoints/6 is corrupt: ema_params.b holds NaN or infinite values "
+                     r"\(older steps: 5\)"):
+    ckpt.restore_part(6, "ema_params", abstract)
+  files = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "checkpoints" / "5" / "state")
+           for f in fs]
+  biggest = max(files, key=os.path.getsize)
+  data = bytearray(open(biggest, "rb").read())
+  data[len(data) // 2] ^= 1
+  open(biggest, "wb").write(bytes(data))
+  with pytest.raises(ckpt_lib.CorruptCheckpoint, match=r"checkpoints/5 is corrupt: state/.* does "
+                     "not match the checksum written with it"):
+    ckpt.restore_part(5, "ema_params", abstract)
   ckpt.close()
+
+
+def test_a_non_finite_sample_is_an_error_not_a_black_image(sr):
+  img = np.full((8, 8, 3), 128, np.uint8)
+  good = sr.params
+  try:
+    sr.params = jax.tree.map(lambda x: x * np.nan, good)
+    with pytest.raises(FloatingPointError, match="NaN or infinite values: the weights "
+                       r"\(checkpoint 1 of .*\) are broken; nothing was written"):
+      sr(img, steps=STEPS)
+  finally:
+    sr.params = good

@@ -4,12 +4,14 @@ observability outputs, the FLOP count, the benchmark and the launch scripts."""
 
 import glob
 import os
+import re
 import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +23,10 @@ from mmsr_jax.runtime import checkpoint as ckpt_lib
 from mmsr_jax.runtime import distributed, sharding
 from mmsr_jax.training import flops, loop
 from tests.conftest import small_config
+from tests.scale_worker import Workers
 from mmsr_jax.training import sr_task
 from mmsr_jax.data import sr_examples
-from mmsr_jax.models import build
+from mmsr_jax.models import build, layers
 from mmsr_jax.data.captions import make_tokenizer
 from mmsr_jax.system import dummy_inputs
 
@@ -98,9 +101,9 @@ def test_fsdp_step_on_8_devices_equals_the_single_device_step(config):
     state = trainer.init_state()
     # Parameters, Adam moments and EMA are created split, never whole on one device.
     for tree in (state.params, state.opt_state[1][0].mu, state.ema_params):
-      kernel = tree["dit"]["blocks_0"]["ff"]["fc1"]["kernel"]
+      kernel = tree["dit"]["blocks"]["ff"]["fc1"]["kernel"]  # [depth, width, mlp]
       assert len(kernel.sharding.device_set) == n
-      assert kernel.addressable_shards[0].data.shape == shard
+      assert kernel.addressable_shards[0].data.shape == (config.model.depth, *shard)
     if n == 1:
       init = jax.device_get(state.params)
     for _ in range(2):
@@ -181,9 +184,9 @@ def test_checkpoint_of_8_devices_restores_onto_2_and_observability(tmp_path):
     _close(jax.device_get(restored.ema_params), jax.device_get(saved.ema_params), atol=0)
     assert int(restored.step) == 3
     assert data_iter.get_state() == saved_data_state
-    kernel = restored.params["dit"]["blocks_0"]["ff"]["fc1"]["kernel"]
+    kernel = restored.params["dit"]["blocks"]["ff"]["fc1"]["kernel"]
     assert len(kernel.sharding.device_set) == 2
-    assert kernel.addressable_shards[0].data.shape == (c2.model.width // fsdp,
+    assert kernel.addressable_shards[0].data.shape == (c2.model.depth, c2.model.width // fsdp,
                                                        4 * c2.model.width // tensor)
 
 
@@ -214,51 +217,117 @@ def test_injected_nan_stops_the_run_and_a_corrupt_checkpoint_is_an_error(config,
   assert int(good.step) == 3
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(good.params)))
 
-  # Truncate the largest file of the saved state: resuming is an error naming the checkpoint.
+  # Truncate the largest file of the saved state: resuming is a one-line error naming the
+  # checkpoint and the file (its checksum manifest says how long it was), and nothing is moved.
   files = [f for f in glob.glob(os.path.join(workdir, "checkpoints", "3", "state", "**", "*"),
                                 recursive=True) if os.path.isfile(f)]
   biggest = max(files, key=os.path.getsize)
   with open(biggest, "r+b") as f:
     f.truncate(os.path.getsize(biggest) // 2)
-  with pytest.raises(RuntimeError, match=r"checkpoints/3 could not be restored"):
+  with pytest.raises(ckpt_lib.CheckpointError) as err:
     sr_task.train(config, workdir, devices=jax.devices()[:1], write_report=False)
+  msg = str(err.value)
+  assert "every checkpoint in" in msg and "(3: state/" in msg and "bytes but" in msg, msg
+  assert len(msg.splitlines()) == 1
+  assert ckpt_lib.saved_steps(workdir) == [3]
+
+
+class _PoisonStateAt(sr_task.SRTask):
+  """Puts a NaN into the EMA weights at one step; loss and gradient norm stay finite."""
+
+  poison_step = 4
+
+  def step(self, state, batch):
+    state, metrics = super().step(state, batch)
+    self.calls = getattr(self, "calls", 0) + 1
+    if self.calls == self.poison_step:
+      ema = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), state.ema_params)
+      state = state.replace(ema_params=ema)
+    return state, metrics
+
+
+def test_a_non_finite_state_is_never_saved(config, tmp_path):
+  workdir = str(tmp_path)
+  config.tensorboard = False  # checkpoint every 3; the EMA turns NaN at step 4, loss stays finite
+  loop.check_workdir(config, workdir)
+  with pytest.raises(FloatingPointError, match=r"ema_params\..* NaN or infinite values at step "
+                     r"6; not saved: the last good checkpoint \(3\)"):
+    loop.run(_PoisonStateAt(config, workdir, jax.devices()[:1]), workdir, write_report=False)
+  assert ckpt_lib.saved_steps(workdir) == [3]
 
 
 def test_sigterm_saves_exits_0_and_the_restart_matches_an_uninterrupted_run(tmp_path):
   steps = 12
-  cmd = lambda name: [sys.executable, "-m", "tests.scale_worker", "slow",  # noqa: E731
-                      str(tmp_path / name), str(tmp_path / f"{name}.npz")]
+  args = lambda name: ["slow", tmp_path / name, tmp_path / f"{name}.npz"]  # noqa: E731
   # The three runs compile the same step: a compilation cache shared by them saves two compiles.
   env = _worker_env(STEPS=str(steps), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  straight = subprocess.run(cmd("straight"), cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=600)
-  assert straight.returncode == 0, straight.stdout + straight.stderr
-  run = subprocess.Popen(cmd("preempted"), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
-  out = []
-  for line in run.stdout:
-    out.append(line)
-    if f"step 3/{steps}" in line:
-      run.send_signal(signal.SIGTERM)
-      break
-  rest, _ = run.communicate(timeout=600)
-  log = "".join(out) + rest
-  assert run.returncode == 0, log
-  assert "preempted: saved step" in log
-  ckpt = ckpt_lib.Checkpointer(str(tmp_path / "preempted"), create=False)
-  stopped = ckpt.latest_step()
-  ckpt.close()
-  assert 3 <= stopped < steps, log  # saved mid-run although checkpoint_every is 1000
+  pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  with Workers() as workers:
+    straight = workers.start(args("straight"), env, **pipes)
+    out, _ = straight.communicate(timeout=600)
+    assert straight.returncode == 0, out
+    run = workers.start(args("preempted"), env, **pipes)
+    out = []
+    for line in run.stdout:
+      out.append(line)
+      if f"step 3/{steps}" in line:
+        run.send_signal(signal.SIGTERM)
+        break
+    rest, _ = run.communicate(timeout=600)
+    log = "".join(out) + rest
+    assert run.returncode == 0, log
+    assert "preempted: saved step" in log
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path / "preempted"), create=False)
+    stopped = ckpt.latest_step()
+    ckpt.close()
+    assert 3 <= stopped < steps, log  # saved mid-run although checkpoint_every is 1000
 
-  again = subprocess.run(cmd("preempted"), cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=600)
-  assert again.returncode == 0, again.stdout + again.stderr
-  assert "resuming from" in again.stdout and f"finished at step {steps}" in again.stdout
+    again = workers.start(args("preempted"), env, **pipes)
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out
+    assert "resuming from" in out and f"finished at step {steps}" in out
   a, b = np.load(tmp_path / "preempted.npz"), np.load(tmp_path / "straight.npz")
   assert sorted(a.files) == sorted(b.files) and len(a.files) > 10
   for k in a.files:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_workers_end_when_the_test_process_is_killed(tmp_path):
+  """A worker whose parent (here a stand-in for pytest) is killed with SIGKILL exits too."""
+  parent = subprocess.Popen(
+      [sys.executable, "-c",
+       "import os, sys, time; from tests.scale_worker import Workers\n"
+       "w = Workers(); p = w.start(['sleep', '-', '-'], dict(os.environ))\n"
+       "print(p.pid, flush=True); time.sleep(600)"],
+      cwd=REPO, env=_worker_env(), stdout=subprocess.PIPE, text=True, start_new_session=True)
+  child = None
+  try:
+    child = int(parent.stdout.readline())
+    assert _alive(child)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait(timeout=30)
+    for _ in range(100):
+      if not _alive(child):
+        break
+      time.sleep(0.1)
+    assert not _alive(child), "the worker outlived its killed parent"
+  finally:
+    for pid in (parent.pid, child):
+      if pid is not None:
+        try:
+          os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+          pass
+
+
+def _alive(pid: int) -> bool:
+  """Whether ``pid`` runs (a zombie, dead but not yet reaped by its new parent, does not)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except FileNotFoundError:
+    return False
 
 
 # --- Several processes ----------------------------------------------------------------------------
@@ -284,41 +353,92 @@ def _per_process_batches(config, num_processes: int, steps: int):
           for _ in range(steps)]
 
 
-def test_two_processes_over_gloo_equal_one_process(tmp_path):
-  port = _free_port()
-  procs = []
-  for i in range(2):
-    env = _worker_env(XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                      MMSR_COORDINATOR=f"localhost:{port}", MMSR_NUM_PROCESSES="2",
-                      MMSR_PROCESS_ID=str(i))
-    procs.append(subprocess.Popen(
-        [sys.executable, "-m", "tests.scale_worker", "multiprocess", str(tmp_path / "run"),
-         str(tmp_path / "params.npz")], cwd=REPO, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True))
-  logs = []
-  for p in procs:
-    out, _ = p.communicate(timeout=900)
-    logs.append(out)
-  assert [p.returncode for p in procs] == [0, 0], "\n----\n".join(logs)
-  # Both processes took part in one run: 4 global devices, checkpoints at steps 3 and 5.
-  ckpt = ckpt_lib.Checkpointer(str(tmp_path / "run"), create=False)
-  assert ckpt.manager.all_steps() == [3, 5]
-  ckpt.close()
+def _two_process_env(port: int, i: int, **extra):
+  return _worker_env(XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                     MMSR_COORDINATOR=f"localhost:{port}", MMSR_NUM_PROCESSES="2",
+                     MMSR_PROCESS_ID=str(i), **extra)
 
-  # One process, 4 devices, the same mesh and the same global batches.
-  config = small_config(num_train_steps=5)
+
+def _one_process_reference(steps: int):
+  """The params of the two-process runs' 2x2 mesh after ``steps`` steps, computed here in one
+  process on 4 devices from the same global batches."""
+  config = small_config(num_train_steps=steps)
   config.mesh.data, config.mesh.fsdp = 2, 2
   trainer = sr_task.SRTask(config, "/unused", devices=jax.devices()[:4])
   state = trainer.init_state()
-  for batch in _per_process_batches(config, 2, 5):
+  for batch in _per_process_batches(config, 2, steps):
     state, _ = trainer.train_step(state, trainer.frozen, sharding.global_batch(batch, trainer.mesh))
-  ref = jax.device_get(state.params)
-  got = np.load(tmp_path / "params.npz")
+  return jax.device_get(state.params)
+
+
+def _assert_params_file_equals(path, ref) -> None:
+  got = np.load(path)
   leaves = jax.tree_util.tree_leaves_with_path(ref)
   assert sorted(got.files) == sorted(jax.tree_util.keystr(p) for p, _ in leaves)
   for p, x in leaves:
     np.testing.assert_allclose(got[jax.tree_util.keystr(p)], x, atol=1e-5, rtol=0,
                                err_msg=jax.tree_util.keystr(p))
+
+
+def test_two_processes_over_gloo_equal_one_process(tmp_path):
+  port = _free_port()
+  with Workers() as workers:
+    procs = [workers.start(["multiprocess", tmp_path / "run", tmp_path / "params.npz"],
+                           _two_process_env(port, i), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=900)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], "\n----\n".join(logs)
+  # Both processes took part in one run: 4 global devices, checkpoints at steps 3 and 5.
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path / "run"), create=False)
+  assert ckpt.manager.all_steps() == [3, 5]
+  ckpt.close()
+  # One process, 4 devices, the same mesh and the same global batches.
+  _assert_params_file_equals(tmp_path / "params.npz", _one_process_reference(5))
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_preemption_sync_point(tmp_path):
+  """SIGTERM reaches process 1 only. The JAX distributed runtime (on CPU too) catches it and
+  ``reached_preemption_sync_point`` turns true at the same step on both processes: both save
+  that step and exit 0; rerunning both finishes the run with the weights of an uninterrupted
+  one."""
+  steps = 8
+  args = ["slow_multiprocess", tmp_path / "run", tmp_path / "params.npz"]
+  # No shared compilation cache: a cache hit in one process but not the other can put them more
+  # than gloo's 30 s connection timeout apart at the first collective.
+  env = dict(STEPS=str(steps))
+  logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+  with Workers() as workers:
+    port = _free_port()
+    procs = [workers.start(args, _two_process_env(port, i, **env), stdout=open(logs[i], "w"),
+                           stderr=subprocess.STDOUT) for i in range(2)]
+    deadline = time.time() + 600
+    while f"step 2/{steps}" not in logs[0].read_text():
+      assert time.time() < deadline and procs[0].poll() is None, logs[0].read_text()
+      time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)
+    for p in procs:
+      p.wait(timeout=600)
+    text = [f.read_text() for f in logs]
+    assert [p.returncode for p in procs] == [0, 0], "\n----\n".join(text)
+    sync = re.search(r"preemption sync point of the JAX distributed runtime reached at step (\d+)",
+                     text[0])
+    assert sync, text[0]  # the runtime's notice, not the fallback flag, stopped the run
+    stopped = int(sync.group(1))
+    assert 2 <= stopped < steps and f"preempted: saved step {stopped}" in text[0], text[0]
+    assert ckpt_lib.saved_steps(str(tmp_path / "run")) == [stopped]
+
+    port = _free_port()
+    logs = [tmp_path / f"process_{i}_rerun.log" for i in range(2)]
+    procs = [workers.start(args, _two_process_env(port, i, **env), stdout=open(logs[i], "w"),
+                           stderr=subprocess.STDOUT) for i in range(2)]
+    for p in procs:
+      p.wait(timeout=600)
+    text = [f.read_text() for f in logs]
+    assert [p.returncode for p in procs] == [0, 0], "\n----\n".join(text)
+    assert f"resuming from {tmp_path / 'run' / 'checkpoints' / str(stopped)}" in text[0], text[0]
+    for t in text:
+      assert f"finished at step {steps}" in t, t
+  _assert_params_file_equals(tmp_path / "params.npz", _one_process_reference(steps))
 
 
 def test_distributed_plan_from_environment():
@@ -348,7 +468,8 @@ def test_analytic_flops_match_xla_cost_analysis():
   cond = build.conditioner(c)
   inputs = dummy_inputs(c, cond, batch=2)
   params = jax.eval_shape(lambda r: nn_unbox(model.init(r, *inputs)["params"]), jax.random.key(0))
-  cost = jax.jit(lambda p, *x: model.apply({"params": p}, *x)).lower(params, *inputs).compile()
+  with layers.unrolled_scans():  # XLA's cost analysis counts a loop body once
+    cost = jax.jit(lambda p, *x: model.apply({"params": p}, *x)).lower(params, *inputs).compile()
   cost = cost.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   analytic = 2 * sum(flops.mmsr_forward_flops(c).values())
@@ -361,7 +482,8 @@ def test_bench_train_reports_step_time_images_per_s_and_mfu():
   c = small_config()
   c.mesh.data = 1
   c.mesh.fsdp = -1
-  r = bench_train.measure(c, peak_flops=1e12, repeats=2, warmup=1, devices=jax.devices()[:2])
+  r = bench_train.measure(c, peak_flops=1e12, repeats=2, warmup=1, devices=jax.devices()[:2],
+                          count_xla_flops=True)
   assert flops.peak_flops_per_device() is None  # CPU: no MFU unless a peak is given
   assert r["step_time_s"] > 0
   assert r["images_per_s"] == pytest.approx(c.batch_size / r["step_time_s"])

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmsr_jax.runtime import sharding
+from mmsr_jax.runtime import checkpoint, sharding
+from mmsr_jax.system import System
 from tests.conftest import small_config
 from mmsr_jax.training import sr_task
 from mmsr_jax.data import sr_examples
@@ -52,6 +53,87 @@ def test_resume_refuses_an_incompatible_config(config, tmp_path):
   config.model.width = 32
   with pytest.raises(ValueError, match="model.width"):
     sr_task.train(config, str(tmp_path), devices=jax.devices()[:1], write_report=False)
+
+
+def _overwrite_4kib(step_dir: str) -> str:
+  """Overwrites 4 KiB in the middle of the largest file of a saved state (same size, as a bad
+  disk block or a stray write would); returns its path relative to ``step_dir``."""
+  files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, "state")) for f in fs]
+  biggest = max(files, key=os.path.getsize)
+  size = os.path.getsize(biggest)
+  with open(biggest, "r+b") as f:
+    f.seek(size // 2)
+    f.write(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+  assert os.path.getsize(biggest) == size
+  return os.path.relpath(biggest, step_dir)
+
+
+def test_a_corrupt_checkpoint_is_named_and_an_older_good_one_resumes(config, tmp_path, capsys):
+  devices, wd = jax.devices()[:1], str(tmp_path)
+  good = _params(sr_task.train(config, wd, devices=devices, write_report=False))  # saves 3, 6
+  saved_config = open(checkpoint.config_path(wd)).read()
+  rel = _overwrite_4kib(os.path.join(wd, "checkpoints", "6"))
+
+  # Asked for explicitly, the damaged step is a one-line error naming it and the file.
+  with pytest.raises(checkpoint.CorruptCheckpoint,
+                     match=rf"checkpoints/6 is corrupt: {rel} does not match the checksum"):
+    sr_task.train(config, wd, devices=devices, write_report=False, restore_step=6)
+  assert checkpoint.saved_steps(wd) == [3, 6]
+  assert open(checkpoint.config_path(wd)).read() == saved_config
+
+  # By default it is logged, moved aside (not deleted) and the run continues from step 3, to
+  # exactly the weights the undamaged run had.
+  capsys.readouterr()
+  resumed = sr_task.train(config, wd, devices=devices, write_report=False)
+  out = capsys.readouterr().out
+  assert f"checkpoints/6 is corrupt: {rel}" in out and "resumed from step 3" in out, out
+  _assert_trees_close(_params(resumed), good, atol=0)
+  aside = os.path.join(wd, checkpoint.SET_ASIDE_DIR)
+  assert "does not match the checksum" in open(os.path.join(aside, "6", "reason.txt")).read()
+  assert checkpoint.saved_steps(wd) == [3, 6]
+
+  # --restore_step=3 moves the newer steps aside too and resumes from 3.
+  again = sr_task.train(config, wd, devices=devices, write_report=False, restore_step=3)
+  _assert_trees_close(_params(again), good, atol=0)
+  assert sorted(os.listdir(aside)) == ["6", "6.1"]
+  with pytest.raises(ValueError, match=r"--restore_step=4: no such checkpoint .*steps: 3, 6\)"):
+    sr_task.train(config, wd, devices=devices, write_report=False, restore_step=4)
+
+
+def test_a_rejected_resume_leaves_the_run_as_it_was(config, tmp_path):
+  devices, wd = jax.devices()[:1], str(tmp_path)
+  sr_task.train(config, wd, devices=devices, stop_at=3, write_report=False)
+  saved_config = open(checkpoint.config_path(wd)).read()
+  config.seed = 1  # another random stream and input order: not the same run
+  with pytest.raises(ValueError, match="config field seed is 0 in the saved run but 1 now; use a "
+                     "new --workdir or the saved config"):
+    sr_task.train(config, wd, devices=devices, write_report=False)
+  assert open(checkpoint.config_path(wd)).read() == saved_config
+  assert checkpoint.saved_steps(wd) == [3]
+
+  # Arrays that do not fit although the files are intact: the advice is about the config.
+  other = small_config(**{"model.width": 32})
+  ckpt = checkpoint.Checkpointer(wd, create=False)
+  with pytest.raises(checkpoint.CheckpointError) as err:
+    ckpt.restore(3, System.from_config(other, devices).abstract_with_shardings())
+  ckpt.close()
+  msg = str(err.value)
+  assert not isinstance(err.value, checkpoint.CorruptCheckpoint)
+  assert "files are intact" in msg and "config.json or a new --workdir" in msg, msg
+  assert "corrupt" not in msg and len(msg.splitlines()) == 1
+
+
+def test_a_failed_first_start_does_not_lock_the_workdir(config, tmp_path):
+  devices, wd = jax.devices()[:1], str(tmp_path)
+  bad = small_config(**{"vq.params": str(tmp_path / "no_such.safetensors")})
+  with pytest.raises(FileNotFoundError, match="config.vq.params=.*no such file"):
+    sr_task.train(bad, wd, devices=devices, write_report=False)
+  assert not os.path.exists(checkpoint.config_path(wd))
+  # A start that got as far as writing its config but saved no checkpoint binds nothing either.
+  checkpoint.save_config(wd, small_config(**{"model.width": 32}))
+  state = sr_task.train(config, wd, devices=devices, stop_at=1, write_report=False)
+  assert int(state.step) == 1
+  assert checkpoint.load_config(wd).model.width == config.model.width
 
 
 def test_end_to_end_train_report_and_sample(config, tmp_path):
@@ -98,6 +180,10 @@ def test_cli_errors_are_one_clear_line(tmp_path):
       "error: --config.model.no_such_field: no such config field ('no_such_field' is not in "
       "the config file's fields)"]
   assert not os.path.exists(tmp_path / "w")
+  r = _run("mmsr_jax.train", f"--workdir={tmp_path}/w", "--config.num_train_steps=-3")
+  assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+      "error: config.num_train_steps=-3: expected an integer >= 1"]
+  assert not os.path.exists(tmp_path / "w")
 
   (tmp_path / "empty_run").mkdir()
   r = _run("mmsr_jax.sample", f"--workdir={tmp_path}/empty_run", f"--input={bad}",
@@ -122,6 +208,45 @@ def test_cli_errors_are_one_clear_line(tmp_path):
   assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
   assert "no checkpoints" in r.stderr
   assert not os.path.exists(tmp_path / "out")
+
+
+def test_sample_never_writes_over_its_inputs(tmp_path):
+  """An output that is one of the inputs is refused, with --overwrite too."""
+  checkpoint.save_config(str(tmp_path / "no_ckpt"), small_config())
+  inputs = tmp_path / "inputs"
+  inputs.mkdir()
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(inputs / "a.png")
+  before = (inputs / "a.png").read_bytes()
+  for extra in ((), ("--overwrite",)):
+    r = _run("mmsr_jax.sample", f"--workdir={tmp_path}/no_ckpt", f"--input={inputs}",
+             f"--output={inputs}", *extra)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"a.png would overwrite the input {inputs}/a.png" in r.stderr, r.stderr
+  assert (inputs / "a.png").read_bytes() == before and os.listdir(inputs) == ["a.png"]
+
+
+def _unwritable_folder() -> str:
+  """A folder path that cannot be created here even as root (sysfs refuses new entries)."""
+  path = "/sys/mmsr_test_unwritable"
+  try:
+    os.mkdir(path)
+  except OSError:
+    return path
+  os.rmdir(path)
+  pytest.skip("no unwritable folder on this machine")
+
+
+def test_unwritable_workdir_and_output_are_one_clear_line(tmp_path):
+  bad = _unwritable_folder()
+  r = _run("mmsr_jax.train", f"--workdir={bad}/run", "--config.num_train_steps=1")
+  assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+  assert r.stderr.startswith("error: ") and bad in r.stderr, r.stderr
+  checkpoint.save_config(str(tmp_path / "run"), small_config())
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+  r = _run("mmsr_jax.sample", f"--workdir={tmp_path}/run", f"--input={tmp_path}/a.png",
+           f"--output={bad}/out")
+  assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+  assert r.stderr.startswith(f"error: --output={bad}/out: /sys cannot be written ("), r.stderr
 
 
 def test_condition_dropout_selects_the_null_blocks(config):

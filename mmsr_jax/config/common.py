@@ -122,3 +122,16 @@ def validate_common(config) -> Checker:
   ck.integer("data.map_size", 1)
   ck.integer("data.num_workers", 0)
   return ck
+
+
+def check_conv_arch(ck: Checker, prefix: str) -> None:
+  """The fields of a convolutional autoencoder architecture (VQGAN, KL VAE) at ``prefix``."""
+  for name in ("in_channels", "out_channels", "layers_per_block", "latent_channels",
+               "norm_num_groups"):
+    ck.integer(f"{prefix}.{name}", 1)
+  groups = ck.get(f"{prefix}.norm_num_groups")
+  blocks = ck.get(f"{prefix}.block_out_channels")
+  if not blocks or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 or b % groups
+                       for b in blocks):
+    ck.fail(f"{prefix}.block_out_channels", "positive channel counts, each a multiple of "
+            f"{prefix}.norm_num_groups={groups}")

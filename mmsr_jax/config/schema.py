@@ -23,3 +23,12 @@ def validate(config) -> None:
 
 def arch_fields(config) -> tuple[str, ...]:
   return TASKS[task_of(config)].ARCH_FIELDS
+
+
+# Beyond the architecture, a resume keeps the run's random stream and input order.
+RESUME_FIXED = ("seed",)
+
+
+def resume_fields(config) -> tuple[str, ...]:
+  """The fields whose value a resume may not change."""
+  return arch_fields(config) + RESUME_FIXED

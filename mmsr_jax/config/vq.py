@@ -71,8 +71,8 @@ def vq_downsample(arch) -> int:
 
 def validate(config) -> None:
   ck = common.validate_common(config)
+  common.check_conv_arch(ck, "vq.arch")
   ck.integer("vq.arch.num_vq_embeddings", 2)
-  ck.integer("vq.arch.latent_channels", 1)
   ck.integer("vq.arch.vq_embed_dim", 1)
   ck.divides("data.map_size", vq_downsample(config.vq.arch), "the VQ downsampling factor")
   vt = "vq_train."

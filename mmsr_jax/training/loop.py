@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import tempfile
 import threading
 import time
 from typing import Any, Protocol
@@ -40,10 +41,19 @@ def log(msg: str) -> None:
 
 
 def check_workdir(config, workdir: str) -> None:
-  """A workdir that already holds a run must hold one with the same architecture."""
+  """Before the task is built: the workdir can be written, and a run already in it (one that
+  saved a checkpoint) has the same architecture and seed. Writes nothing but the folder."""
   os.makedirs(workdir, exist_ok=True)
-  if os.path.exists(ckpt_lib.config_path(workdir)):
-    ckpt_lib.check_compatible(ckpt_lib.load_config(workdir), config, f"--workdir={workdir}")
+  with tempfile.TemporaryFile(dir=workdir):  # a read-only or full disk fails here, not hours on
+    pass
+  if not os.path.exists(ckpt_lib.config_path(workdir)):
+    return
+  if not ckpt_lib.saved_steps(workdir):
+    # An earlier start that failed before its first checkpoint: its config binds nothing.
+    log(f"{ckpt_lib.config_path(workdir)} is from a start that saved no checkpoint; it will "
+        "be replaced by this run's config")
+    return
+  ckpt_lib.check_compatible(ckpt_lib.load_config(workdir), config, f"--workdir={workdir}")
 
 
 def first_non_finite(host_metrics: list[dict], first_step: int) -> int | None:
@@ -86,11 +96,17 @@ class Preemption:
     """Whether to save and stop after ``step`` (the same answer on every process)."""
     if self._sync_point:
       from jax.experimental import multihost_utils
-      return bool(multihost_utils.reached_preemption_sync_point(step))
+      if multihost_utils.reached_preemption_sync_point(step):
+        log(f"preemption sync point of the JAX distributed runtime reached at step {step}")
+        return True
+      return False
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
-      return bool(np.any(flags))
+      if np.any(flags):
+        log(f"SIGTERM seen by process(es) {np.flatnonzero(flags).tolist()} (all-gathered flag)")
+        return True
+      return False
     return self.requested
 
   def close(self):
@@ -191,28 +207,81 @@ def mfu(task, steps_per_s: float) -> float | None:
 
 
 # --- The loop -----------------------------------------------------------------------------------
-def run(task: Task, workdir: str, *, stop_at: int | None = None,
-        write_report: bool = True) -> Any:
-  """Trains ``task`` to ``config.num_train_steps`` (or stops after ``stop_at``, saving).
+def resume(ckpt: ckpt_lib.Checkpointer, task: Task, data_iter,
+           restore_step: int | None = None) -> tuple[Any, int] | None:
+  """Restores the newest good checkpoint (or ``restore_step``) into ``data_iter`` and returns
+  ``(state, step)``; None when there is none.
+
+  A corrupt newest step (files changed since they were written, NaN / infinite arrays) is logged
+  and the next older one is tried; once one restores, the corrupt ones are moved to
+  ``WORKDIR/checkpoints_set_aside`` (so new saves can take their step numbers). With
+  ``restore_step`` the steps after it are moved there too, and a corrupt ``restore_step`` is an
+  error. Checkpoints that do not fit the model, or that are all corrupt, are an error and are
+  left where they are.
+  """
+  steps = ckpt.all_steps()
+  if restore_step is not None:
+    if restore_step not in steps:
+      raise ValueError(f"--restore_step={restore_step}: no such checkpoint in {ckpt.directory} "
+                       f"(steps: {', '.join(map(str, steps)) or 'none'})")
+    log(f"resuming from {ckpt.step_dir(restore_step)} (--restore_step)")
+    state = ckpt.restore(restore_step, task.abstract_with_shardings(), data_iter)
+    for s in steps:
+      if s > restore_step:
+        where = ckpt.set_aside(s, f"newer than --restore_step={restore_step}")
+        log(f"moved checkpoint {s} to {where} (newer than --restore_step={restore_step})")
+    return state, restore_step
+  corrupt = []
+  for step in reversed(steps):
+    log(f"resuming from {ckpt.step_dir(step)}")
+    try:
+      state = ckpt.restore(step, task.abstract_with_shardings(), data_iter)
+    except ckpt_lib.CorruptCheckpoint as e:
+      log(f"{e}; trying the previous checkpoint")
+      corrupt.append(e)
+      continue
+    for e in corrupt:
+      where = ckpt.set_aside(e.step, str(e))
+      log(f"moved the corrupt checkpoint {e.step} to {where}")
+    if corrupt:
+      log(f"resumed from step {step}, the newest good checkpoint")
+    return state, step
+  if corrupt:
+    raise ckpt_lib.CheckpointError(
+        f"every checkpoint in {ckpt.directory} is corrupt ("
+        + "; ".join(f"{e.step}: {e.reason}" for e in corrupt)
+        + "); move that folder away to start fresh")
+  return None
+
+
+def run(task: Task, workdir: str, *, stop_at: int | None = None, write_report: bool = True,
+        restore_step: int | None = None) -> Any:
+  """Trains ``task`` to ``config.num_train_steps`` (or stops after ``stop_at``, saving),
+  resuming from the newest good checkpoint (or ``restore_step``, see :func:`resume`).
 
   Returns the final state; on preemption, the state of the step it saved and stopped at.
   """
   config = task.config
-  if ckpt_lib.is_primary():
-    ckpt_lib.save_config(workdir, config)
 
   # --- Input.
   data_iter = iter(task.make_loader())
 
   # --- Checkpoint / resume.
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
-  start = ckpt.latest_step()
-  if start is not None:
-    log(f"resuming from {ckpt.directory}/{start}")
-    state = ckpt.restore(start, task.abstract_with_shardings(), data_iter)
+  try:
+    resumed = resume(ckpt, task, data_iter, restore_step)
+  except BaseException:
+    ckpt.close()
+    raise
+  if resumed is not None:
+    state, start = resumed
   else:
     start = 0
     state = task.init_state()
+  # The run has started: only now does its config replace the folder's (a rejected resume or a
+  # failed start leaves the previous one as it was).
+  if ckpt_lib.is_primary():
+    ckpt_lib.save_config(workdir, config)
 
   writer = Writer(workdir, config)
   profile = ProfileWindow(workdir, config)
@@ -264,6 +333,11 @@ def run(task: Task, workdir: str, *, stop_at: int | None = None,
       if sample_every and step % sample_every == 0 and hasattr(task, "sample_grid"):
         writer.images(step, task.sample_grid(state))
       if save_now:
+        bad = ckpt_lib.non_finite_leaf(state)  # loss and gradient norm can look fine meanwhile
+        if bad is not None:
+          raise FloatingPointError(
+              f"{bad} of the state holds NaN or infinite values at step {step}; not saved: the "
+              f"last good checkpoint ({ckpt.latest_step()}) in {ckpt.directory} is kept")
         ckpt.save(step, state, data_iter, force=True)
       if preempted:
         ckpt.wait()

@@ -288,9 +288,9 @@ class VQTask:
 
 
 def train(config, workdir: str, *, devices=None, stop_at: int | None = None,
-          write_report: bool = True):
+          write_report: bool = True, restore_step: int | None = None):
   """Trains the tokenizer(s) to ``config.num_train_steps`` with the shared loop."""
   vq_schema.validate(config)
   loop.check_workdir(config, workdir)
   return loop.run(VQTask(config, workdir, devices), workdir, stop_at=stop_at,
-                  write_report=write_report)
+                  write_report=write_report, restore_step=restore_step)

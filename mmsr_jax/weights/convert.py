@@ -46,7 +46,7 @@ def _download(hub_id: str, kind: str) -> str:
     raise ValueError(f"--src={hub_id}: not a local path, and huggingface_hub is missing") from e
   sub = PIPELINE_SUBFOLDER[kind]
   patterns = ["*.json", "*.safetensors", *TOKENIZER_FILES,
-              f"{sub}/*.json", f"{sub}/*.safetensors", "tokenizer/*"]
+              f"{sub}/*.json", f"{sub}/*.safetensors", "tokenizer/*", "scheduler/*.json"]
   try:
     return snapshot_download(hub_id, allow_patterns=patterns)
   except Exception as e:  # noqa: BLE001 - network / auth / missing repo
@@ -104,6 +104,24 @@ def resolve_source(src: str, kind: str, src_config: str = "") -> tuple[list[str]
     return files, json.load(f), folder
 
 
+def find_scheduler_config(src: str, folder: str) -> tuple[dict | None, str]:
+  """The diffusers ``scheduler/scheduler_config.json`` of the pipeline a model comes from (the
+  ``--src`` pipeline folder, or the pipeline around a component folder), with its path;
+  ``(None, "")`` when there is none."""
+  here = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
+  for path in (os.path.join(here, "scheduler", "scheduler_config.json"),
+               os.path.join(os.path.dirname(os.path.abspath(folder)), "scheduler",
+                            "scheduler_config.json"),
+               os.path.join(folder, "scheduler_config.json")):
+    if os.path.isfile(path):
+      try:
+        with open(path) as f:
+          return json.load(f), path
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+  return None, ""
+
+
 def read_state_dict(files: list[str]) -> dict[str, np.ndarray]:
   sd = {}
   for path in files:
@@ -143,8 +161,12 @@ def _arch_fields(arch: dict) -> dict:
   return {k: v for k, v in arch.items() if k != "mid_block_attention" or not v}
 
 
-def convert(kind: str, sd: dict[str, np.ndarray], cfg: dict) -> tuple[dict, dict, dict]:
-  """(params tree, architecture, config overrides) for one kind of model."""
+def convert(kind: str, sd: dict[str, np.ndarray], cfg: dict,
+            scheduler: dict | None = None) -> tuple[dict, dict, dict]:
+  """(params tree, architecture, config overrides) for one kind of model. ``scheduler``: for
+  pixart, the source pipeline's scheduler config (the training noise schedule; None = PixArt's
+  default), recorded as ``arch['training_schedule']`` and turned into ``diffusion.*``
+  overrides."""
   if kind == "vae":
     arch = _conv_autoencoder_arch(cfg, kind)
     shift = cfg.get("shift_factor")
@@ -193,14 +215,20 @@ def convert(kind: str, sd: dict[str, np.ndarray], cfg: dict) -> tuple[dict, dict
       params["context"] = cap["params"]
     heads, head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
     width = heads * head_dim
-    hidden = dit["params"]["blocks_0"]["ff"]["fc1"]["kernel"].shape[1] if cfg["num_layers"] else 0
+    hidden = dit["params"]["blocks"]["ff"]["fc1"]["kernel"].shape[-1] if cfg["num_layers"] else 0
     arch = dict(width=width, depth=cfg["num_layers"], num_heads=heads,
                 patch_size=cfg.get("patch_size", 2), mlp_ratio=hidden / width if hidden else 4.0,
                 in_channels=cfg.get("in_channels", 4),
                 out_channels=cfg.get("out_channels") or cfg.get("in_channels", 4),
-                sample_size=sample, caption_channels=cfg.get("caption_channels"))
+                sample_size=sample, caption_channels=cfg.get("caption_channels"),
+                interpolation_scale=pixart.interpolation_scale(cfg))
     overrides = {f"model.{k}": arch[k] for k in ("width", "depth", "num_heads", "patch_size",
                                                  "mlp_ratio")}
+    overrides["model.pos_interpolation_scale"] = arch["interpolation_scale"]
+    schedule = pixart.training_schedule(scheduler, "scheduler_config.json")
+    arch["training_schedule"] = schedule
+    overrides.update({f"diffusion.{k}": schedule[k] for k in pixart.SCHEDULE_FIELDS
+                      + ("prediction",)})
     return params, arch, overrides
   raise ValueError(f"--kind={kind!r}: expected one of {', '.join(KINDS)}")
 
@@ -219,19 +247,43 @@ def converted_info(path: str) -> dict:
   return info if "kind" in info and "arch" in info else {}
 
 
+def check_destination(dst: str) -> None:
+  """The converter writes only into a new or empty folder: anything in ``dst`` (a training run's
+  config.json, an earlier conversion, other files) is the user's and is never replaced."""
+  if not os.path.exists(dst):
+    return
+  if not os.path.isdir(dst):
+    raise FileExistsError(f"--dst={dst} is a file; choose a new folder")
+  names = sorted(os.listdir(dst))
+  if not names:
+    return
+  if os.path.isdir(os.path.join(dst, "checkpoints")) or "metrics.jsonl" in names:
+    what = "a training run"
+  elif converted_info(dst):
+    what = "an earlier conversion ({kind} of {source})".format(**converted_info(dst))
+  else:
+    what = "files: " + ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+  raise FileExistsError(f"--dst={dst} is not empty (it holds {what}); the converter writes "
+                        "only into a new or empty folder")
+
+
 def convert_to_folder(kind: str, src: str, dst: str, *, src_config: str = "") -> dict:
   """The whole conversion; returns the written ``config.json`` content."""
   if kind not in KINDS:
     raise ValueError(f"--kind={kind!r}: expected one of {', '.join(KINDS)}")
-  if os.path.exists(os.path.join(dst, PARAMS_FILE)):
-    raise FileExistsError(f"{os.path.join(dst, PARAMS_FILE)} exists; remove it or choose "
-                          "another --dst")
+  check_destination(dst)
   files, cfg, folder = resolve_source(src, kind, src_config)
-  params, arch, overrides = convert(kind, read_state_dict(files), cfg)
+  scheduler, scheduler_path = (find_scheduler_config(src, folder) if kind == "pixart"
+                               else (None, ""))
+  params, arch, overrides = convert(kind, read_state_dict(files), cfg, scheduler)
+  schedule = arch.pop("training_schedule", None)
+  if schedule is not None and scheduler_path:
+    schedule["source"] = scheduler_path
   os.makedirs(dst, exist_ok=True)
   params_io.save_params(os.path.join(dst, PARAMS_FILE), params)
   info = {"kind": kind, "source": src, "source_files": [os.path.basename(p) for p in files],
           "arch": arch, "config_overrides": overrides,
+          **({"training_schedule": schedule} if schedule is not None else {}),
           "num_params": int(sum(np.size(v) for v in params_io.flatten(params).values()))}
   if kind == "t5":
     found = []
