@@ -30,7 +30,7 @@ def test_schedules_match_their_definitions():
   ab = np.cumprod(1 - cos)
   f = lambda t: np.cos((t / 1000 + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731
   np.testing.assert_allclose(ab[:900], (f(np.arange(1, 1001)) / f(0))[:900], rtol=1e-6)
-  zs = diffusion.Schedule.from_config(_sched_cfg(rescale_zero_snr=True))
+  zs = diffusion.Schedule.from_config(_sched_cfg(rescale_zero_snr=True, prediction="v"))
   assert zs.alphas_cumprod[-1] == 0.0
   assert zs.alphas_cumprod[0] == pytest.approx(1 - 0.00085)
   with pytest.raises(ValueError, match="config.diffusion.schedule"):
@@ -49,38 +49,51 @@ def test_prediction_targets_invert(prediction):
   np.testing.assert_allclose(eps_hat, eps, atol=1e-5)
 
 
-def test_ddim_timesteps_and_start_step():
+def test_ddim_timesteps():
   np.testing.assert_array_equal(diffusion.ddim_timesteps(1000, 4), [751, 501, 251, 1])
   np.testing.assert_array_equal(diffusion.ddim_timesteps(1000, 4, "trailing"), [999, 749, 499, 249])
-  assert diffusion.start_step(20, 1.0) == 0 and diffusion.start_step(20, 0.25) == 15
-  assert diffusion.start_step(4, 0.01) == 3
-  with pytest.raises(ValueError, match="strength"):
-    diffusion.start_step(20, 0.0)
+  for spacing in diffusion.SPACINGS:  # diffusers' float arange gave steps + 1 for 62 counts
+    for steps in range(1, 1001):
+      ts = diffusion.ddim_timesteps(1000, steps, spacing)
+      assert len(ts) == steps and np.all(np.diff(ts) < 0) and ts[-1] >= 0, (spacing, steps)
+      if spacing == "trailing":
+        assert ts[0] == 999
+  np.testing.assert_array_equal(diffusion.ddim_timesteps(1000, 61, "trailing")[-3:], [48, 32, 15])
 
 
-def test_ddim_from_an_intermediate_step_equals_the_tail_of_the_full_run():
-  """Starting at step k from the full run's own x_k reproduces the full run's result."""
+def test_strength_starts_at_strength_times_T():
+  """strength < 1: start at t = round(strength * T), round(strength * steps) even steps."""
+  st = diffusion.sampling_timesteps
+  np.testing.assert_array_equal(st(1000, 10, "leading", 0.2), [200, 100])
+  np.testing.assert_array_equal(st(1000, 10, "trailing", 0.2), [200, 100])
+  np.testing.assert_array_equal(st(1000, 20, "leading", 0.25), [250, 200, 150, 100, 50])
+  np.testing.assert_array_equal(st(1000, 10, "leading", 1.0), diffusion.ddim_timesteps(1000, 10))
+  np.testing.assert_array_equal(st(1000, 1, "leading", 0.3), [300])  # was: pure noise at t = 1
+  np.testing.assert_array_equal(st(1000, 50, "leading", 1e-4), [1])
+  np.testing.assert_array_equal(st(1000, 50, "leading", 0.9999), st(1000, 50, "leading", 0.9999))
+  assert st(1000, 50, "leading", 0.9999)[0] == 999 and len(st(1000, 50, "leading", 0.9999)) == 50
+  for bad in (0.0, 1.5, -1.0):
+    with pytest.raises(ValueError, match="strength"):
+      st(1000, 10, "leading", bad)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.35])
+def test_ddim_visits_the_sampling_timesteps(strength):
+  """The jitted loop equals DDIM written out by hand over sampling_timesteps."""
   sched = diffusion.Schedule.from_config(_sched_cfg(prediction="v"))
   denoise = lambda x, t: 0.3 * x + 0.01 * t[:, None].astype(jnp.float32) / 1000  # noqa: E731
   x_T = jax.random.normal(jax.random.key(0), (5, 2))
-  full = diffusion.ddim_sample(sched, denoise, x_T, jax.random.key(1), steps=6, guided=False)
-  x_2 = _first_steps(sched, denoise, x_T, 2)
-  tail = diffusion.ddim_sample(sched, denoise, x_2, jax.random.key(1), steps=6, guided=False,
-                               first_step=2)
-  np.testing.assert_allclose(tail, full, atol=1e-6)
-
-
-def _first_steps(sched, denoise, x_T, k):
-  """The deterministic DDIM state after ``k`` of 6 steps, written out by hand."""
-  ts = diffusion.ddim_timesteps(1000, 6)
-  x = x_T
-  ab = np.asarray(sched.alphas_cumprod)
-  for i in range(k):
-    t, t_prev = ts[i], ts[i + 1]
-    out = denoise(x, jnp.full((x.shape[0],), t))
-    x0, eps = sched.to_x0_eps(out, x, jnp.full((x.shape[0],), t))
+  out = diffusion.ddim_sample(sched, denoise, x_T, jax.random.key(1), steps=6, guided=False,
+                              strength=strength)
+  ts = list(diffusion.sampling_timesteps(1000, 6, "leading", strength)) + [-1]
+  assert len(ts) - 1 == (6 if strength == 1.0 else 2) and ts[0] == (831 if strength == 1.0 else 350)
+  x = np.asarray(x_T)
+  ab = np.append(np.asarray(sched.alphas_cumprod), 1.0)  # ab[-1]: t = -1 is x_0
+  for t, t_prev in zip(ts[:-1], ts[1:]):
+    tb = jnp.full((x.shape[0],), t)
+    x0, eps = sched.to_x0_eps(denoise(x, tb), x, tb)
     x = np.sqrt(ab[t_prev]) * x0 + np.sqrt(1 - ab[t_prev]) * eps
-  return x
+  np.testing.assert_allclose(out, x, atol=1e-5)
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])

@@ -46,6 +46,30 @@ def canny_edges(lr: np.ndarray, size: int) -> np.ndarray:
   return canny(bicubic_upsample(_to_uint8(lr), size))
 
 
+SEG_LEVELS = 3  # operator segmentation: levels per RGB channel (27 colour classes)
+
+
+def operator_maps(image: np.ndarray, size: int) -> dict[str, np.ndarray]:
+  """Stand-in depth / seg / edge maps made by fixed image operators (no network) from an RGB
+  image (uint8, or float in [0, 1]) brought to ``size`` (bicubic up, area down): ``edge`` its
+  Canny edges, ``depth`` its luma in [0, 1] (a crude brightness cue, not a depth estimate),
+  ``seg`` a colour class (each channel cut into :data:`SEG_LEVELS` levels; labels from 1).
+
+  They carry what the image they are made from carries: from the LR nothing the LR lacks, from
+  the HR crop its detail (``config.data.maps_from``: the oracle experiment).
+  """
+  x = _to_uint8(image)
+  if x.ndim != 3 or x.shape[2] != 3:
+    raise ValueError(f"operator_maps expects an HxWx3 image, got shape {x.shape}")
+  if x.shape[:2] != (size, size):
+    x = (bicubic_upsample(x, size) if min(x.shape[:2]) < size
+         else cv2.resize(x, (size, size), interpolation=cv2.INTER_AREA))
+  luma = cv2.cvtColor(x, cv2.COLOR_RGB2GRAY).astype(np.float32) / np.float32(255.0)
+  q = x.astype(np.int32) * SEG_LEVELS // 256
+  seg = 1 + (q[..., 0] * SEG_LEVELS + q[..., 1]) * SEG_LEVELS + q[..., 2]
+  return {"depth": luma, "seg": seg.astype(np.int32), "edge": canny(x)}
+
+
 def colorize_seg(labels: np.ndarray) -> np.ndarray:
   """Maps an integer label map to uint8 RGB with the fixed palette.
 

@@ -33,3 +33,15 @@ def negative_branch(guidance: str, pos_text, neg_text, null_text, present):
 def combine(model_out_pos, model_out_neg, scale):
   """``(1 + w) pos - w neg``; with ``w = 0`` the plain conditional prediction."""
   return (1.0 + scale) * model_out_pos - scale * model_out_neg
+
+
+def describe_negative(guidance: str, negative_prompt: str) -> dict:
+  """What a mode's negative branch is given, for reports and sidecars (``None`` values: no
+  negative branch, i.e. ``none`` or a scale of 0)."""
+  check(guidance)
+  if guidance == "none":
+    return {"caption": None, "modalities": None}
+  if guidance == "cfg":
+    return {"caption": "", "modalities": "null"}
+  return {"caption": negative_prompt,
+          "modalities": "null" if guidance == "m0cfg" else "as the positive branch"}

@@ -123,8 +123,9 @@ def make_sample_fn(model: MMSR, conditioner: Conditioner, schedule: diffusion.Sc
   of the data-axis size) of one denoiser pass and ``map_batch`` the tiles whose maps go through
   the VQ encoder at once; larger batches run as sequential chunks. None = everything in one pass.
   """
-  first = diffusion.start_step(steps, strength)
-  t_first = int(diffusion.ddim_timesteps(schedule.num_timesteps, steps, spacing)[first])
+  t_first = int(diffusion.sampling_timesteps(schedule.num_timesteps, steps, spacing,
+                                             strength)[0])
+  from_lr = strength < 1.0
   guided = guidance_lib.check(guidance) != "none"
   weights = grid.weights()
   n = grid.num_tiles
@@ -199,13 +200,13 @@ def make_sample_fn(model: MMSR, conditioner: Conditioner, schedule: diffusion.Sc
     lat_shape = (b, *grid.latent_hw, conditioner.autoencoder.latent_channels)
     r_init, r_loop = jax.random.split(rng)
     z_init = jax.random.normal(r_init, lat_shape)
-    if first:  # as the untiled sampler: the diffusion variable of an HR equal to the upsampled LR
+    if from_lr:  # as the untiled sampler: the diffusion variable of an HR equal to the upsampled LR
       # (encoding it again would give lr_latent itself, so its residual is exactly zero)
       x0_lr = jnp.zeros_like(lr_latent) if conditioner.residual else lr_latent
       z_init = schedule.add_noise(x0_lr, z_init, jnp.full((b,), t_first))
     z = diffusion.ddim_sample(
         schedule, denoise, z_init, r_loop, steps=steps, eta=eta, scale=scale, guided=False,
-        spacing=spacing, clip_x0=clip_x0 or None, first_step=first)
+        spacing=spacing, clip_x0=clip_x0 or None, strength=strength)
     return jnp.clip(_decode_sample(conditioner, frozen, z, lr_latent), -1.0, 1.0)
 
   return sample

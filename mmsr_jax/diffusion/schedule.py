@@ -52,6 +52,9 @@ class Schedule:
 
   @classmethod
   def from_config(cls, cfg) -> "Schedule":
+    if cfg.rescale_zero_snr and cfg.prediction != "v":  # alpha_bar(T-1) = 0: eps -> x0 is 0/0
+      raise ValueError("config.diffusion.rescale_zero_snr=True needs config.diffusion.prediction"
+                       f"='v' (got {cfg.prediction!r}: epsilon cannot give x0 at zero SNR)")
     betas = make_betas(cfg.schedule, cfg.num_timesteps, cfg.beta_start, cfg.beta_end)
     ab = np.cumprod(1.0 - betas)
     if cfg.rescale_zero_snr:
@@ -112,24 +115,55 @@ def diffusion_loss(schedule: Schedule, apply_fn: Callable, x0, rng, *,
 
 
 def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "leading") -> np.ndarray:
-  """Descending DDIM timesteps. ``leading`` as Stable Diffusion (offset 1), ``trailing`` ends at T-1
-  (use it with zero-terminal-SNR schedules)."""
+  """Descending DDIM timesteps, exactly ``steps`` distinct ones. ``leading`` as Stable Diffusion
+  (offset 1), ``trailing`` ends at T-1 (use it with zero-terminal-SNR schedules): ``T (steps - i)
+  / steps`` rounded half up, minus 1, in integer arithmetic (diffusers' float ``arange`` gives
+  ``steps + 1`` entries for some step counts)."""
   if not 1 <= steps <= num_timesteps:
     raise ValueError(f"sampling steps={steps}: expected 1..{num_timesteps}")
   if spacing == "leading":
     ratio = num_timesteps // steps
-    ts = np.arange(steps) * ratio + 1
+    offset = 1 if (steps - 1) * ratio + 1 < num_timesteps else 0  # steps = T: no room for it
+    ts = np.arange(steps) * ratio + offset
   elif spacing == "trailing":
-    ts = np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)).astype(np.int64)[::-1] - 1
+    k = np.arange(1, steps + 1, dtype=np.int64)
+    ts = (2 * num_timesteps * k + steps) // (2 * steps) - 1
   else:
     raise ValueError(f"timestep spacing {spacing!r}: expected leading or trailing")
   return np.minimum(ts, num_timesteps - 1)[::-1].astype(np.int32)
 
 
+def check_strength(strength: float) -> float:
+  if not 0.0 < strength <= 1.0:
+    raise ValueError(f"sampling strength={strength}: expected a value in (0, 1]")
+  return float(strength)
+
+
+def sampling_timesteps(num_timesteps: int, steps: int, spacing: str = "leading",
+                       strength: float = 1.0) -> np.ndarray:
+  """The descending timesteps a sampler visits (int32).
+
+  ``strength = 1``: the DDIM grid :func:`ddim_timesteps`, started from pure noise.
+  ``strength < 1``: the start is a sample at ``t0 = round(strength * T)`` (clamped to
+  ``[1, T - 1]``; the upsampled LR noised to that level), followed by ``round(strength * steps)``
+  (at least 1) evenly spaced steps ``round(t0 (n - i) / n)``, so the step size is the full grid's
+  and ``spacing`` does not apply.
+  """
+  check_strength(strength)
+  if strength >= 1.0:
+    return ddim_timesteps(num_timesteps, steps, spacing)
+  if not 1 <= steps <= num_timesteps:
+    raise ValueError(f"sampling steps={steps}: expected 1..{num_timesteps}")
+  t0 = int(min(num_timesteps - 1, max(1, round(strength * num_timesteps))))
+  n = int(min(t0, max(1, round(strength * steps))))
+  i = np.arange(n, dtype=np.int64)
+  return ((2 * t0 * (n - i) + n) // (2 * n)).astype(np.int32)
+
+
 def ddim_sample(schedule: Schedule, denoise: Callable, x_T, rng, *, steps: int,
                 eta: float | jax.Array = 0.0, scale: float | jax.Array = 0.0,
                 guided: bool = True, spacing: str = "leading", clip_x0: float | None = None,
-                first_step: int = 0):
+                strength: float = 1.0):
   """DDIM from ``x_T``; the whole loop is one ``lax.fori_loop`` (call it inside ``jax.jit``).
 
   Args:
@@ -140,10 +174,10 @@ def ddim_sample(schedule: Schedule, denoise: Callable, x_T, rng, *, steps: int,
     eta: DDIM stochasticity (0 = deterministic DDIM, 1 = DDPM-like).
     scale: the guidance scale ``w``; traced, so changing it does not recompile.
     clip_x0: clip the predicted ``x0`` to ``[-clip_x0, clip_x0]`` (pixel-space models).
-    first_step: start at ``ddim_timesteps(...)[first_step]`` instead of the noisiest step;
-      ``x_T`` must then be a sample of that timestep (see :func:`start_step`).
+    strength: < 1 visits :func:`sampling_timesteps` instead of the whole grid; ``x_T`` must then
+      be a sample at its first timestep ``round(strength * T)``.
   """
-  ts_np = ddim_timesteps(schedule.num_timesteps, steps, spacing)
+  ts_np = sampling_timesteps(schedule.num_timesteps, steps, spacing, strength)
   ts = jnp.asarray(ts_np)
   ts_prev = jnp.asarray(np.append(ts_np[1:], -1).astype(np.int32))  # -1: alpha_bar = 1 (x_0)
   ab_all = jnp.asarray(schedule.alphas_cumprod, jnp.float32)
@@ -169,11 +203,4 @@ def ddim_sample(schedule: Schedule, denoise: Callable, x_T, rng, *, steps: int,
     dir_xt = jnp.sqrt(jnp.maximum(1 - ab_prev - sigma ** 2, 0.0)) * eps
     return jnp.sqrt(ab_prev) * x0 + dir_xt + sigma * noise
 
-  return jax.lax.fori_loop(first_step, steps, body, x_T)
-
-
-def start_step(steps: int, strength: float) -> int:
-  """The DDIM step to start from for a ``strength`` in (0, 1] (1 = from pure noise)."""
-  if not 0.0 < strength <= 1.0:
-    raise ValueError(f"sampling strength={strength}: expected a value in (0, 1]")
-  return min(steps - 1, int(round(steps * (1.0 - strength))))
+  return jax.lax.fori_loop(0, len(ts_np), body, x_T)

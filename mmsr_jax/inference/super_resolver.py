@@ -216,7 +216,7 @@ class SuperResolver:
       raise ValueError(f"eta={out['eta']}: expected a value in [0, 1]")
     diffusion.ddim_timesteps(self.system.schedule.num_timesteps, out["steps"],
                              self.config.sampling.spacing)  # checks steps
-    diffusion.start_step(out["steps"], out["strength"])  # checks strength
+    diffusion.check_strength(out["strength"])
     temps = {g: 1.0 for g in CONTEXT_GROUPS}
     for name, value in (temperature or {}).items():
       if name not in CONTEXT_GROUPS:
@@ -304,8 +304,9 @@ class SuperResolver:
           f"its x{s} output would be {w * s}x{h * s}")
 
   def num_steps_run(self, steps: int, strength: float) -> int:
-    """DDIM steps a call really runs (``strength < 1`` skips the noisiest ones)."""
-    return steps - diffusion.start_step(steps, strength)
+    """Denoiser steps a call really runs (about ``strength * steps`` when ``strength < 1``)."""
+    return len(diffusion.sampling_timesteps(self.system.schedule.num_timesteps, steps,
+                                            self.config.sampling.spacing, strength))
 
   # --- Super-resolution.
 
@@ -361,7 +362,12 @@ class SuperResolver:
       if caption is None and ann.get("caption"):
         caption, caption_source = ann["caption"], "annotator"
     caption = caption or ""
-    sources.setdefault("edge", "canny per tile")
+    # A run trained on operator maps (config.data.maps_from 'lr' or 'hr') gets them from the LR.
+    derive = (("edge",) if self.config.data.get("maps_from", "record") == "record"
+              else MODALITIES)
+    for k in derive:
+      sources.setdefault(k, "canny per tile" if derive == ("edge",) else "operators on the LR, "
+                         "per tile")
     for k in MODALITIES:
       sources.setdefault(k, "null")
 
@@ -381,7 +387,8 @@ class SuperResolver:
       tile_maps = {k: v[r * f:(r + th) * f, c * f:(c + tw) * f] for k, v in full_maps.items()}
       examples.append(sr_examples.conditioning_example(
           lr[ly:ly + lh, lx:lx + lw], tile_maps, caption, map_size=self.config.data.map_size,
-          text_len=self.config.text.max_length, tokenizer=self.system.tokenizer))
+          text_len=self.config.text.max_length, tokenizer=self.system.tokenizer,
+          derive=derive))
     lr_full = np.asarray(lr, np.float32) * np.float32(2.0) - np.float32(1.0)
     inputs = sampler.make_inputs(
         examples, self.system.tokenizer, self.config, lr_images=lr_full[None],
@@ -402,10 +409,16 @@ class SuperResolver:
       out = np.asarray(jax.device_get(out))[0, : h * s, : w * s]
     finally:
       self._on_step = None
+    if not np.isfinite(out).all():  # clipped, NaN would be a black image
+      where = f" (checkpoint {self.step} of {self.workdir})" if self.workdir else ""
+      raise FloatingPointError(f"the sample holds NaN or infinite values: the weights{where} "
+                               "are broken; nothing was written")
     rgb = np.clip((out.astype(np.float32) + 1.0) * 0.5, 0.0, 1.0)
     alpha = None if pic.alpha is None else image_io.upscale_alpha(pic.alpha, h * s, w * s)
     result = image_io.Picture(rgb, alpha, pic.grey, pic.bits, pic.mode)
     record = dict(st, caption=caption, caption_source=caption_source, maps=sources,
+                  negative_branch=guidance_lib.describe_negative(guidance,
+                                                                 st["negative_prompt"]),
                   num_tiles=grid.num_tiles, latent_size=list(grid.latent_hw),
                   input_size=[h, w], output_size=[h * s, w * s], input_mode=pic.mode,
                   bits=pic.bits, alpha=pic.alpha is not None, grey=pic.grey,

@@ -80,9 +80,13 @@ class MultimodalContext(nn.Module):
 
     pos = jnp.asarray(layers.sincos_2d(self.width, gh, gw), self.dtype)
     for m, name in enumerate(MODALITIES):
+      # Unit-variance codes, like the sin-cos positions they are added to (entries of RMS 0.7):
+      # codes of std 0.02 vanish beside them, so at the start the connector saw only where a
+      # token is, not which code it holds, and short runs learned no use of the maps
+      # (docs/model.md, "Context carries information").
       embed = nn.Embed(
           self.codebook_size, self.width, name=f"{name}_embed", dtype=self.dtype,
-          embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+          embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0),
                                                       ("vocab", "embed")))
       tok = embed(ids[:, m].reshape(b, n)) + type_embed[1 + m] + pos[None]
       null = layers.param_with_axes(self, f"{name}_null", nn.initializers.normal(0.02),

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmsr_jax.models import layers
-from mmsr_jax.weights import torch_import
+from mmsr_jax.weights import layout, torch_import
 from mmsr_jax.models.dit import DiT
 
 # Flax sub-module name -> diffusers sub-module name, inside one transformer block.
@@ -210,7 +210,10 @@ def pixart_for_mmsr(path: str, abstract_params: dict[str, Any], *, num_heads: in
     if heads is not None and heads != num_heads:
       raise ValueError(f"{field}={path!r} was converted from a DiT with {heads} attention heads "
                        f"but config.model.num_heads={num_heads}")
-  tree = traverse_util.unflatten_dict(params_io.read_safetensors(file), sep="/")
+  flat = params_io.read_safetensors(file)
+  if layout.is_per_layer(flat):
+    flat = layout.stack_layers(flat)  # converted before the layers were scanned
+  tree = traverse_util.unflatten_dict(flat, sep="/")
   if "dit" not in tree:
     raise ValueError(f"{field}={path!r}: no 'dit/...' keys; write it with "
                      "python -m mmsr_jax.convert --kind=pixart")
@@ -244,3 +247,105 @@ def pixart_for_mmsr(path: str, abstract_params: dict[str, Any], *, num_heads: in
                        "config.text.encoder.d_model against the converted PixArt)")
   return traverse_util.unflatten_dict({k: np.asarray(v, np.float32) for k, v in got.items()},
                                       sep="/")
+
+
+# ---------------------------------------------------------------------------------------------
+# What a converted PixArt was trained with: position-embedding scale and noise schedule.
+# ---------------------------------------------------------------------------------------------
+# PixArt-alpha and -Sigma train with IDDPM's linear betas (1e-4 -> 0.02 over 1000 steps) and
+# predict epsilon (plus a learned variance, dropped here); their diffusers pipelines ship it as
+# scheduler/scheduler_config.json. Used when a source has no scheduler config.
+DEFAULT_SCHEDULE = {"schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
+                    "num_timesteps": 1000, "prediction": "epsilon", "rescale_zero_snr": False}
+_BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear",
+                   "squaredcos_cap_v2": "cosine"}
+_PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v"}
+# The fields of config.diffusion that fix the noise level at each t: a start from a prior
+# trained on other values sees, at every t, a noise level it never learned.
+SCHEDULE_FIELDS = ("schedule", "beta_start", "beta_end", "num_timesteps", "rescale_zero_snr")
+
+
+def interpolation_scale(cfg: dict) -> float:
+  """diffusers' ``interpolation_scale`` of a ``PixArtTransformer2DModel`` config (its default,
+  ``max(sample_size // 64, 1)``, when the config leaves it unset: 2 for the 1024px models)."""
+  value = cfg.get("interpolation_scale")
+  if value is None:
+    value = max(int(cfg.get("sample_size", 128)) // 64, 1)
+  if not float(value) > 0:
+    raise ValueError(f"--kind=pixart: interpolation_scale={value!r} in the source config.json; "
+                     "expected a positive number")
+  return float(value)
+
+
+def training_schedule(scheduler_cfg: dict | None, where: str = "") -> dict:
+  """The noise schedule (``config.diffusion`` field values) a diffusers scheduler config
+  describes; :data:`DEFAULT_SCHEDULE` when there is none (``source`` says which)."""
+  if scheduler_cfg is None:
+    return dict(DEFAULT_SCHEDULE, source="PixArt default (no scheduler config found)")
+  name = scheduler_cfg.get("beta_schedule", "linear")
+  if scheduler_cfg.get("trained_betas") is not None or name not in _BETA_SCHEDULES:
+    raise ValueError(f"{where}: beta_schedule={name!r} (or trained_betas) is not one this "
+                     f"project can train with ({', '.join(_BETA_SCHEDULES)})")
+  pred = scheduler_cfg.get("prediction_type", "epsilon")
+  if pred not in _PREDICTIONS:
+    raise ValueError(f"{where}: prediction_type={pred!r}; expected one of {tuple(_PREDICTIONS)}")
+  return {"schedule": _BETA_SCHEDULES[name],
+          "beta_start": float(scheduler_cfg.get("beta_start", 1e-4)),
+          "beta_end": float(scheduler_cfg.get("beta_end", 0.02)),
+          "num_timesteps": int(scheduler_cfg.get("num_train_timesteps", 1000)),
+          "prediction": _PREDICTIONS[pred],
+          "rescale_zero_snr": bool(scheduler_cfg.get("rescale_betas_zero_snr", False)),
+          "source": where}
+
+
+def check_training_schedule(info: dict, diffusion_cfg, *, field: str = "config.model.init_from",
+                            path: str = "") -> list[str]:
+  """Compares ``config.diffusion`` with the schedule a converted PixArt folder records.
+
+  A different noise schedule (betas, timesteps, zero-SNR rescaling) is refused with one
+  ValueError; a different prediction type is allowed (a deliberate fine-tuning choice) and
+  returned as a warning line. Folders converted before the schedule was recorded are PixArt's
+  default schedule.
+  """
+  recorded = info.get("training_schedule") or dict(
+      DEFAULT_SCHEDULE, source="PixArt default (the converted folder records none)")
+  diffs = []
+  for key in SCHEDULE_FIELDS:
+    want, have = recorded[key], diffusion_cfg.get(key)
+    same = (abs(float(want) - float(have)) <= 1e-9 * max(1.0, abs(float(want)))
+            if isinstance(want, float) else want == have)
+    if not same:
+      diffs.append(f"config.diffusion.{key}={have!r} (trained with {want!r})")
+  if diffs:
+    flags = " ".join(f"--config.diffusion.{k}={recorded[k]}" for k in SCHEDULE_FIELDS)
+    raise ValueError(
+        f"{field}={path!r} was trained with another noise schedule than this config's: "
+        f"{'; '.join(diffs)} [{recorded.get('source', '')}]. At every t the prior would see a "
+        f"noise level it never learned; set {flags}")
+  warnings = []
+  if recorded["prediction"] != diffusion_cfg.get("prediction"):
+    warnings.append(
+        f"{field}={path!r} predicts {recorded['prediction']!r} but config.diffusion.prediction="
+        f"{diffusion_cfg.get('prediction')!r}: its output layer starts on another target and "
+        "must be re-learned")
+  return warnings
+
+
+def check_converted(path: str, config, *, field: str = "config.model.init_from") -> list[str]:
+  """Checks a run's config against what a converted PixArt folder records, before any weights
+  are read: the noise schedule (:func:`check_training_schedule`) and the position-embedding
+  ``interpolation_scale`` (``config.model.pos_interpolation_scale``). Returns warning lines."""
+  from mmsr_jax.weights import params_io
+  file = params_io.params_file(path)
+  info_path = os.path.join(os.path.dirname(os.path.abspath(file)), "config.json")
+  info = {}
+  if os.path.isfile(info_path):
+    with open(info_path) as f:
+      info = json.load(f)
+  recorded = info.get("arch", {}).get("interpolation_scale")
+  have = float(config.model.get("pos_interpolation_scale", 1.0))
+  if recorded is not None and abs(float(recorded) - have) > 1e-9:
+    raise ValueError(f"{field}={path!r} was trained with position interpolation_scale="
+                     f"{recorded:g} but config.model.pos_interpolation_scale={have:g}; set "
+                     f"--config.model.pos_interpolation_scale={recorded:g}")
+  return check_training_schedule(info, config.diffusion, field=field, path=path)
