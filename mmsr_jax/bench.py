@@ -19,6 +19,7 @@ BENCHES = {
     "sample": "sample",  # images/s of the sampler
     "train": "train",  # step time, images/s, MFU
     "evaluate": "evaluate",  # PSNR + SSIM + NIQE on a folder of pairs (RealSR by default)
+    "suite": "suite",  # the accelerator check: train MFU, cuDNN attention, sampling, one JSON
 }
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from mmsr_jax.config import schema
+from tests.conftest import small_config
 from mmsr_jax.training import vq_losses as L
 from mmsr_jax.models import vqgan as vqgan_lib
 from mmsr_jax.training import sr_task
@@ -362,8 +363,10 @@ def test_tokenize_then_decode_round_trips_through_shards(tmp_path):
 
   records = _write_annotated_shards(str(tmp_path / "ann"))
   vq_dir = _vq_workdir(str(tmp_path / "vq"))
-  outs = precompute.precompute_shards(vq_dir, str(tmp_path / "ann"), str(tmp_path / "tok"),
-                                  batch_size=4, log=lambda _: None)
+  cfg = precompute.tokenizer_config(small_config(), vq_dir)
+  outs = precompute.precompute_shards(cfg, str(tmp_path / "ann"), str(tmp_path / "tok"),
+                                      features=("vq",), crop_size=0, batch_size=4,
+                                      log=lambda _: None)
   assert [os.path.basename(o) for o in outs] == sorted(os.listdir(tmp_path / "ann"))
   out_records = []
   for o in outs:
@@ -400,7 +403,7 @@ def test_tokenize_then_decode_round_trips_through_shards(tmp_path):
   assert np.mean(psnrs["edge"]) > np.mean(blank_psnrs) + 2.5, (psnrs, blank_psnrs)
   # Existing outputs are never replaced silently.
   with pytest.raises(FileExistsError, match="--overwrite"):
-    precompute.precompute_shards(vq_dir, str(tmp_path / "ann"), str(tmp_path / "tok"))
+    precompute.precompute_shards(cfg, str(tmp_path / "ann"), str(tmp_path / "tok"))
   with pytest.raises(ValueError, match="no token ids"):
     read_ids(records[0])
 
@@ -455,8 +458,9 @@ def crop_bank_shards(tmp_path_factory):
   cfg = small_config()
   _write_annotated_shards(str(root / "ann"))
   vq_dir = _vq_workdir(str(root / "vq"), map_size=cfg.data.map_size)
-  precompute.precompute_shards(vq_dir, str(root / "ann"), str(root / "tok"), batch_size=16,
-                           crop_size=cfg.data.hr_size, crops=4, log=lambda _: None)
+  precompute.precompute_shards(precompute.tokenizer_config(cfg, vq_dir), str(root / "ann"),
+                               str(root / "tok"), features=("vq",), batch_size=16, crops=4,
+                               log=lambda _: None)
   return {"ann": str(root / "ann"), "tok": str(root / "tok"), "vq": vq_dir,
           "tokenizer": precompute.load_tokenizer(vq_dir)}
 
@@ -464,7 +468,8 @@ def crop_bank_shards(tmp_path_factory):
 def _shards_config(path, **overrides):
   from tests.conftest import small_config
   return small_config(**{"data.source": "arrayrecord", "data.path": path,
-                         "data.min_image_size": 32, "vq.ids_from": "shards", **overrides})
+                         "data.min_image_size": 32, "vq.ids_from": "shards",
+                         "data.maps_from": "record", **overrides})
 
 
 def test_crop_bank_boxes():
@@ -538,7 +543,7 @@ def test_ids_from_shards_errors(crop_bank_shards):
 
   with pytest.raises(ValueError, match="unless config.data.source='arrayrecord'"):
     schema.validate(_shards_config(crop_bank_shards["tok"], **{"data.source": "demo"}))
-  with pytest.raises(ValueError, match="record 0 has no token-id crop bank"):
+  with pytest.raises(ValueError, match="record 0 has no crop bank"):
     make(**{"data.path": crop_bank_shards["ann"]})
   with pytest.raises(ValueError, match=r"32px crops != config.data.hr_size=48.*--crop_size=48"):
     make(**{"data.hr_size": 48})
@@ -548,7 +553,8 @@ def test_ids_from_shards_errors(crop_bank_shards):
     make(**{"vq.arch.block_out_channels": (16, 32)})
   with pytest.raises(ValueError, match="is not the tokenizer"):
     make(**{"vq.params": os.path.join(crop_bank_shards["tok"], "precompute.json")})
-  with pytest.raises(ValueError, match="config.vq.params='' is not a tokenizer file"):
+  with pytest.raises(ValueError, match=r"config.vq.params='' \(fingerprint random:.*is not the "
+                     "tokenizer"):
     make(**{"vq.params": ""})
   # A record without a bank met during training is named.
   t = sr_examples.MakeTrainingExample(32, 4, 16, 16, tok, ids_from="shards", vq_grid=4)
@@ -581,9 +587,10 @@ def test_tokenize_split_between_workers_writes_what_one_run_writes(crop_bank_sha
   out = str(tmp_path / "split")
   written = []
   for worker in (1, 0):
-    written += precompute.precompute_shards(b["vq"], b["ann"], out, batch_size=16, crop_size=32,
-                                        crops=4, worker_index=worker, num_workers=2,
-                                        log=lambda _: None)
+    written += precompute.precompute_shards(
+        precompute.tokenizer_config(small_config(), b["vq"]), b["ann"], out, features=("vq",),
+        batch_size=16, crop_size=32, crops=4, worker_index=worker, num_workers=2,
+        log=lambda _: None)
   assert sorted(os.path.basename(w) for w in written) == sorted(os.listdir(b["ann"]))
   assert sorted(f for f in os.listdir(out) if f.endswith(".json")) == [
       "precompute-00000-of-00002.json", "precompute-00001-of-00002.json"]
@@ -603,4 +610,4 @@ def test_tokenize_split_between_workers_writes_what_one_run_writes(crop_bank_sha
         np.testing.assert_array_equal(bank_x[k], bank_y[k])
       np.testing.assert_array_equal(read_ids(x)[0], read_ids(y)[0])
   with pytest.raises(ValueError, match="--worker_index=2 --num_workers=2"):
-    precompute.precompute_shards(b["vq"], b["ann"], out, worker_index=2, num_workers=2)
+    precompute.precompute_shards(small_config(), b["ann"], out, worker_index=2, num_workers=2)

@@ -172,11 +172,12 @@ def test_t5_shapes_and_padding(ffp):
   variables = model.init(jax.random.key(0), ids, mask)
   p = variables["params"]
   assert p["shared"]["embedding"].shape == (259, 64)
-  attn0 = p["block_0"]["layer_0"]["SelfAttention"]
-  assert attn0["relative_attention_bias"]["embedding"].shape == (32, 4)
-  attn1 = p["block_1"]["layer_0"]["SelfAttention"]
-  assert "relative_attention_bias" not in attn1
-  ff = p["block_1"]["layer_1"]["DenseReluDense"]
+  # One position-bias table beside the scanned stack of layers (leading layer axis).
+  assert p["relative_attention_bias"]["embedding"].shape == (32, 4)
+  attn = p["block"]["layer_0"]["SelfAttention"]
+  assert "relative_attention_bias" not in attn
+  assert attn["q"]["kernel"].shape == (cfg.num_layers, 64, cfg.num_heads * cfg.d_kv)
+  ff = p["block"]["layer_1"]["DenseReluDense"]
   assert set(ff) == ({"wi_0", "wi_1", "wo"} if ffp.startswith("gated")
                      else {"wi", "wo"})
   apply = jax.jit(model.apply)
@@ -213,8 +214,12 @@ def test_t5_converter_errors():
   shapes = importers.t5_param_shapes(cfg)["params"]
   sd = {}
   for path, s in flax.traverse_util.flatten_dict(shapes).items():
-    shape = s.shape[::-1] if path[-1] == "kernel" else s.shape
-    sd[importers._t5_torch_key(path)] = np.zeros(shape, np.float32)
+    per_layer = [(path, s.shape)]
+    if path[0] == "block":  # the scanned stack: one torch key per layer
+      per_layer = [((f"block_{i}",) + path[1:], s.shape[1:]) for i in range(s.shape[0])]
+    for p_i, shape in per_layer:
+      shape = shape[::-1] if p_i[-1] == "kernel" else shape
+      sd[importers._t5_torch_key(p_i)] = np.zeros(shape, np.float32)
   importers.t5_params_from_torch_state_dict(sd, cfg)
   # Decoder keys of a full checkpoint are skipped; the tied alias is accepted.
   full = dict(sd, **{"decoder.block.0.layer.0.SelfAttention.q.weight":

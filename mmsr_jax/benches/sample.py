@@ -118,75 +118,90 @@ def _describe(config) -> str:
           f", VQ {list(config.vq.arch.block_out_channels)}")
 
 
+def measure(config, *, size: int = 512, steps: int = 50, guidance: str = "mcfg",
+            batch: int = 0, large: int = 2048, large_tile_batch: int = 16,
+            large_map_batch: int = 4, large_execute: bool | None = None, timed: bool = True,
+            max_batch: int = 256, repeats: int | None = None) -> dict:
+  """Times the sampler on a batch of ``size`` px outputs and measures a tiled ``large`` px one.
+
+  Every program is compiled once and the compiled object is what runs. ``batch=0`` takes the
+  largest power of two (times the device count) that XLA's memory analysis of one compiled
+  batch-of-``devices`` program says fits in 90% of the device's memory (1 on a CPU)."""
+  missing = _frozen_config(config)
+  st = _Setup(config)
+  guided = guidance != "none"
+  fn, grid = st.sample_fn(size, steps, guidance)
+  on_cpu = jax.devices()[0].platform == "cpu"
+  shards = len(jax.devices())
+
+  def args(b):
+    return (st.params, st.frozen, st.inputs(b, size, grid, guided), jax.random.key(0), 2.0, 0.0)
+
+  compiled = {}
+
+  def compile_for(b):
+    if b not in compiled:
+      compiled[b] = fn.lower(*args(b)).compile()
+    return compiled[b]
+
+  if batch <= 0:
+    batch = 1
+    limit = None if on_cpu else (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+    if limit:
+      m = compile_for(shards).memory_analysis()
+      weights = int(m.argument_size_in_bytes) - sum(
+          int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(args(shards)[2]))
+      per_image = (int(m.argument_size_in_bytes) - weights + int(m.output_size_in_bytes)
+                   + int(m.temp_size_in_bytes)) / shards
+      batch = shards
+      while 2 * batch <= max_batch and weights + 2 * batch * per_image <= 0.9 * limit:
+        batch *= 2
+  # The large output runs first, so the device's peak counter then measures it alone.
+  out_large = {}
+  if large:
+    big_fn, big_grid = st.sample_fn(large, steps, guidance, large_tile_batch, large_map_batch)
+    big_args = (st.params, st.frozen, st.inputs(1, large, big_grid, guided), jax.random.key(0),
+                2.0, 0.0)
+    big = big_fn.lower(*big_args).compile()
+    out_large = {"large_output": f"{large}x{large}", "large_tiles": big_grid.num_tiles,
+                 "large_tile_batch": large_tile_batch, "large_map_batch": large_map_batch,
+                 "large_xla_bytes": _bytes(big)}
+    if (not on_cpu) if large_execute is None else large_execute:
+      out_large["large_seconds"] = common.time_call(
+          lambda: big(*big_args).block_until_ready(), repeats=1, warmup=1)
+      big_peak = common.peak_device_memory()
+      out_large["large_peak_memory_bytes"] = (big_peak if big_peak is not None
+                                              else common.host_peak_rss())
+  result = {"config": _describe(config), "output": f"{size}x{size}", "steps": steps,
+            "guidance": guidance, "batch": batch, "tiles_per_image": grid.num_tiles,
+            **_text_encoder(config), "random_weights_for": missing or "denoiser only"}
+  program = compile_for(batch)
+  result["program_xla_bytes"] = _bytes(program)
+  if timed:
+    a = args(batch)
+    call = lambda: program(*a).block_until_ready()  # noqa: E731
+    seconds = common.time_call(call, repeats)
+    out = call()
+    assert out.shape == (batch, size, size, 3), out.shape
+    assert np.isfinite(np.asarray(out)).all()
+    peak = common.peak_device_memory()
+    result.update(seconds_per_batch=seconds, images_per_s=batch / seconds,
+                  peak_memory_bytes=peak if peak is not None else result["program_xla_bytes"],
+                  peak_memory_source=("device peak" if peak is not None
+                                      else "XLA memory analysis of the compiled program"),
+                  host_peak_rss_bytes=common.host_peak_rss())
+  result["timed"] = timed
+  result["programs_compiled"] = len(compiled) + bool(large)
+  result.update(out_large)
+  return result
+
+
 def run() -> dict:
   config = common.CONFIG.value
   if config is None:
     raise ValueError("bench sample needs --config (e.g. --config=configs/dit_l.py)")
-  missing = _frozen_config(config)
-  st = _Setup(config)
-  guided = _GUIDANCE.value != "none"
-  size, steps = _SIZE.value, _STEPS.value
-  fn, grid = st.sample_fn(size, steps, _GUIDANCE.value)
-  on_cpu = jax.devices()[0].platform == "cpu"
-  shards = len(jax.devices())
-
-  def compiled_bytes(b):
-    args = (st.params, st.frozen, st.inputs(b, size, grid, guided), jax.random.key(0), 2.0, 0.0)
-    return _bytes(fn.lower(*args).compile())
-
-  batch = _BATCH.value
-  if batch <= 0:
-    batch = 1
-    if not on_cpu:  # the largest power of two that compiles within the memory limit
-      limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
-      b = shards
-      while limit and b <= _MAX_BATCH.value and compiled_bytes(b) <= 0.9 * limit:
-        batch, b = b, 2 * b
-  # The large output runs first, so the device's peak counter then measures it alone.
-  large = {}
-  if _LARGE.value:
-    big_fn, big_grid = st.sample_fn(_LARGE.value, steps, _GUIDANCE.value,
-                                    _LARGE_TILE_BATCH.value, _LARGE_MAP_BATCH.value)
-    big_inputs = st.inputs(1, _LARGE.value, big_grid, guided)
-    args = (st.params, st.frozen, big_inputs, jax.random.key(0), 2.0, 0.0)
-    large["large_output"] = f"{_LARGE.value}x{_LARGE.value}"
-    large["large_tiles"] = big_grid.num_tiles
-    large["large_tile_batch"] = _LARGE_TILE_BATCH.value
-    large["large_map_batch"] = _LARGE_MAP_BATCH.value
-    large["large_xla_bytes"] = _bytes(big_fn.lower(*args).compile())
-    execute = (not on_cpu) if _LARGE_EXECUTE.value is None else _LARGE_EXECUTE.value
-    if execute:
-      large["large_seconds"] = common.time_call(
-          lambda: big_fn(*args).block_until_ready(), repeats=1, warmup=1)
-      big_peak = common.peak_device_memory()
-      large["large_peak_memory_bytes"] = big_peak if big_peak is not None else \
-          common.host_peak_rss()
-  if not _TIME.value:
-    return {"config": _describe(config), "output": f"{size}x{size}", "steps": steps,
-            "guidance": _GUIDANCE.value, "batch": batch, "tiles_per_image": grid.num_tiles,
-            "program_xla_bytes": compiled_bytes(batch), "timed": False,
-            **_text_encoder(config), **large}
-  inputs = st.inputs(batch, size, grid, guided)
-  call = lambda: fn(st.params, st.frozen, inputs, jax.random.key(0), 2.0,  # noqa: E731
-                    0.0).block_until_ready()
-  seconds = common.time_call(call)
-  out = call()
-  assert out.shape == (batch, size, size, 3), out.shape
-  assert np.isfinite(np.asarray(out)).all()
-  peak = common.peak_device_memory()
-  result = {
-      "config": _describe(config),
-      "output": f"{size}x{size}", "steps": steps, "guidance": _GUIDANCE.value, "batch": batch,
-      "tiles_per_image": grid.num_tiles, "seconds_per_batch": seconds,
-      "images_per_s": batch / seconds,
-      "program_xla_bytes": compiled_bytes(batch),
-      **_text_encoder(config),
-      "random_weights_for": missing or "denoiser only",
-  }
-  result["peak_memory_bytes"] = peak if peak is not None else result["program_xla_bytes"]
-  result["peak_memory_source"] = ("device peak" if peak is not None
-                                  else "XLA memory analysis of the compiled program")
-  result["host_peak_rss_bytes"] = common.host_peak_rss()
-
-  result.update(large)
-  return result
+  return measure(config, size=_SIZE.value, steps=_STEPS.value, guidance=_GUIDANCE.value,
+                 batch=_BATCH.value, large=_LARGE.value,
+                 large_tile_batch=_LARGE_TILE_BATCH.value, large_map_batch=_LARGE_MAP_BATCH.value,
+                 large_execute=_LARGE_EXECUTE.value, timed=_TIME.value,
+                 max_batch=_MAX_BATCH.value)

@@ -1,5 +1,7 @@
 r"""``bench train``: step time, images/s and MFU of the real SR update step on a synthetic batch of
-the config's shapes, with XLA's own FLOP count of the compiled step.
+the config's shapes; ``--analyze`` compiles the step without running it (any machine, no weights)
+and reports XLA's FLOP count, the trainable model's share of it, the frozen encoders' share, the
+program size and the compile time.
 """
 
 from __future__ import annotations
@@ -12,17 +14,23 @@ from absl import flags
 from mmsr_jax.benches import common
 
 _PEAK = None
+_ANALYZE = None
 
 
 def define_flags() -> None:
-  global _PEAK
+  global _PEAK, _ANALYZE
   _PEAK = flags.DEFINE_float(
       "peak_flops", 0.0, "Peak FLOP/s per device for MFU when the device is not in "
       "mmsr_jax.training.flops.PEAK_FLOPS (e.g. CPU); 0 = the table (MFU null when unknown).")
+  _ANALYZE = flags.DEFINE_bool(
+      "analyze", False, "Compile the step for abstract inputs (nothing allocated, no weights) "
+      "and report XLA's FLOP and instruction counts instead of timing it.")
 
 
 def synthetic_batch(config, seed: int = 0) -> dict:
-  """A global batch of the shapes the training pipeline produces, random values."""
+  """A global batch of the shapes the training pipeline produces (precomputed features included
+  where the config reads them from shards), random values."""
+  import ml_dtypes
   rng = np.random.default_rng(seed)
   b, s, m, n = (config.batch_size, config.data.hr_size, config.data.map_size,
                 config.text.max_length)
@@ -30,35 +38,157 @@ def synthetic_batch(config, seed: int = 0) -> dict:
   img = lambda *shape: rng.uniform(-1, 1, shape).astype(np.float32)  # noqa: E731
   mask = np.zeros((b, n), np.int32)
   mask[:, : max(1, n // 2)] = 1
-  return {"hr": img(b, s, s, 3), "lr": img(b, lr, lr, 3), "depth": img(b, m, m, 3),
-          "seg": img(b, m, m, 3), "edge": img(b, m, m, 3), "present": np.ones((b, 3), bool),
-          "text_ids": rng.integers(0, 259, (b, n)).astype(np.int32) * mask,
-          "text_mask": mask}
+  batch = {"hr": img(b, s, s, 3), "lr": img(b, lr, lr, 3), "depth": img(b, m, m, 3),
+           "seg": img(b, m, m, 3), "edge": img(b, m, m, 3), "present": np.ones((b, 3), bool),
+           "text_ids": rng.integers(0, 259, (b, n)).astype(np.int32) * mask,
+           "text_mask": mask}
+  grid = m // 2 ** (len(config.vq.arch.block_out_channels) - 1)
+  if config.vq.ids_from == "shards":
+    batch["vq_ids"] = rng.integers(0, config.vq.arch.num_vq_embeddings,
+                                   (b, 3, grid, grid)).astype(np.int32)
+  if config.text.states_from == "shards":
+    batch["text_states"] = rng.standard_normal(
+        (b, n, config.text.encoder.d_model)).astype(ml_dtypes.bfloat16)
+  if config.autoencoder.hr_latents_from == "shards":
+    lat = s // config.autoencoder.factor
+    c = config.autoencoder.arch.latent_channels if config.autoencoder.kind == "vae" else (
+        3 * config.autoencoder.factor ** 2)
+    batch["hr_latent"] = rng.standard_normal((b, lat, lat, c)).astype(ml_dtypes.bfloat16)
+  return batch
 
 
-def measure(config, *, peak_flops: float = 0.0, repeats: int | None = None,
-            warmup: int | None = None, devices=None) -> dict:
-  """Builds the trainer for ``config`` (on ``devices``, default all) and times its update step."""
-  import jax
-
-  from mmsr_jax.training import flops as flops_lib
-  from mmsr_jax.training.sr_task import SRTask
-  from mmsr_jax.runtime import sharding
+def _bench_config(config):
+  """No weight files, no hub: random frozen encoders and the byte caption tokenizer (the timing
+  and the FLOPs do not depend on the values)."""
   config = config.copy_and_resolve_references()
   config.text.params = config.vq.params = config.autoencoder.params = ""
   config.text.tokenizer = "byte"
   config.model.init_from = ""
-  trainer = SRTask(config, "/unused", devices=devices)
+  return config
+
+
+def _flops(compiled, devices: int) -> float:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  # The compiled SPMD program is one device's share: XLA's count times the number of devices.
+  return float((cost or {}).get("flops", float("nan"))) * devices
+
+
+def _abstract(tree, shardings):
+  import jax
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      tree, shardings)
+
+
+def _abstract_step(config, devices=None) -> dict:
+  """The jitted update step of ``config`` and abstract arguments carrying their shardings."""
+  import jax
+
+  from mmsr_jax.runtime import sharding
+  from mmsr_jax.system import System
+  from mmsr_jax.training import sr_task
+  config = _bench_config(config)
+  system = System.from_config(config, devices)
+  frozen = {p: system.conditioner.abstract_params(p) for p in sr_task.frozen_parts(config)}
+  frozen_sh = sharding.frozen_shardings(frozen, system.mesh)
+  null = (np.zeros((config.text.max_length, config.text.encoder.d_model), np.float32),
+          np.zeros((config.text.max_length,), np.int32))
+  batch_sh = sharding.batch_sharding(system.mesh)
+  return {"config": config, "system": system, "null": null, "frozen_sharding": frozen_sh,
+          "step": sr_task.jitted_step(system, null, frozen_sh),
+          "args": (system.abstract_with_shardings(), _abstract(frozen, frozen_sh),
+                   jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                               sharding=batch_sh),
+                                synthetic_batch(config)))}
+
+
+def analyze_memory(config, *, devices=None) -> dict:
+  """One compile of the update step for abstract inputs: XLA's memory analysis and the time."""
+  a = _abstract_step(config, devices)
+  t0 = time.perf_counter()
+  compiled = a["step"].lower(*a["args"]).compile()
+  compile_s = time.perf_counter() - t0
+  memory = compiled.memory_analysis()
+  return {"compile_s": compile_s, "compiled": compiled, "abstract": a,
+          "temp_bytes_per_device": int(memory.temp_size_in_bytes),
+          "argument_bytes_per_device": int(memory.argument_size_in_bytes)}
+
+
+def analyze(config, *, devices=None) -> dict:
+  """Compiles the update step for abstract state, frozen weights and batch (nothing is
+  allocated) and reads XLA's counts of the compiled program."""
+  import jax
+
+  from mmsr_jax.models import build, layers
+  from mmsr_jax.training import flops as flops_lib
+  from mmsr_jax.training import sr_task
+  mem = analyze_memory(config, devices=devices)
+  a = mem.pop("abstract")
+  compiled = mem.pop("compiled")
+  config, system = a["config"], a["system"]
+  n = system.mesh.devices.size
+  cond = system.conditioner
+
+  def frozen_work(frozen, batch):  # what the step runs of the frozen encoders
+    c = cond(frozen, batch)
+    return c, cond.batch_target(frozen, batch, c["lr_latent"])
+  # FLOPs are counted on copies traced with the layer stacks unrolled: XLA's cost analysis
+  # counts a loop body once, whatever its trip count (a new jit: the scanned trace is cached).
+  with layers.unrolled_scans():
+    unrolled = sr_task.jitted_step(system, a["null"], a["frozen_sharding"])
+    step_flops = _flops(unrolled.lower(*a["args"]).compile(), n)
+    frozen_flops = _flops(jax.jit(frozen_work).lower(*a["args"][1:]).compile(), n)
+  b = config.batch_size
+  model = flops_lib.mmsr_train_flops_per_step(config)
+  return {
+      "config": f"DiT {config.model.width} x {config.model.depth}, {config.compute_dtype}, "
+                f"remat {config.model.remat}, attention {build.attention(config)}",
+      "batch_size": b, "resolution": config.data.hr_size,
+      "features_from_shards": [f for f, v in (("vq_ids", config.vq.ids_from),
+                                              ("text_states", config.text.states_from),
+                                              ("hr_latents",
+                                               config.autoencoder.hr_latents_from))
+                               if v == "shards"],
+      "xla_flops_per_image": step_flops / b,
+      "model_flops_per_image": model / b,
+      "model_flops_share": model / step_flops,
+      "frozen_flops_share": frozen_flops / step_flops,
+      "hlo_instructions": sum(1 for line in compiled.as_text().splitlines() if " = " in line),
+      **mem,
+      "attention": build.attention(config),
+      "mesh": dict(system.mesh.shape),
+  }
+
+
+def measure(config, *, peak_flops: float = 0.0, repeats: int | None = None,
+            warmup: int | None = None, devices=None, count_xla_flops: bool = False) -> dict:
+  """Builds the task for ``config`` (on ``devices``, default all) and times its update step;
+  ``count_xla_flops`` also compiles an unrolled copy for XLA's FLOP count (slow for big
+  models)."""
+  import jax
+
+  from mmsr_jax.models import build
+  from mmsr_jax.runtime import sharding
+  from mmsr_jax.training import flops as flops_lib
+  from mmsr_jax.training.sr_task import SRTask
+  config = _bench_config(config)
+  null = (np.zeros((config.text.max_length, config.text.encoder.d_model), np.float32),
+          np.zeros((config.text.max_length,), np.int32))
+  trainer = SRTask(config, "/unused", devices=devices, null_text=null)
   state = trainer.init_state()
   batch = sharding.global_batch(synthetic_batch(config), trainer.mesh)
 
   t0 = time.perf_counter()
   compiled = trainer.train_step.lower(state, trainer.frozen, batch).compile()
   compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  # The compiled SPMD program is one device's share: XLA's count times the number of devices.
-  xla_flops = float((cost or {}).get("flops", float("nan"))) * trainer.mesh.devices.size
+  n = trainer.mesh.devices.size
+  xla_flops = None
+  if count_xla_flops:
+    from mmsr_jax.models import layers
+    from mmsr_jax.training.sr_task import jitted_step
+    with layers.unrolled_scans():  # a new jit: the scanned trace is cached
+      unrolled = jitted_step(trainer.system, trainer.null, trainer.frozen_sharding)
+      xla_flops = _flops(unrolled.lower(state, trainer.frozen, batch).compile(), n)
 
   def one_step():
     nonlocal state
@@ -66,21 +196,22 @@ def measure(config, *, peak_flops: float = 0.0, repeats: int | None = None,
     jax.block_until_ready(metrics["loss"])
 
   step_time = common.time_call(one_step, repeats, warmup)
-  n = trainer.mesh.devices.size
   peak = peak_flops or flops_lib.peak_flops_per_device(trainer.mesh.devices.flat[0])
   model_flops = trainer.flops_per_step()
   return {
       "step_time_s": step_time,
       "images_per_s": config.batch_size / step_time,
       "mfu": model_flops / step_time / (peak * n) if peak else None,
-      "hfu_xla": xla_flops / step_time / (peak * n) if peak else None,
+      "hfu_xla": xla_flops / step_time / (peak * n) if peak and xla_flops else None,
       "model_tflops_per_step": model_flops / 1e12,
-      "xla_tflops_per_step": xla_flops / 1e12,
+      "xla_tflops_per_step": xla_flops / 1e12 if xla_flops else None,
+      "model_flops_share": model_flops / xla_flops if xla_flops else None,
       "peak_tflops_per_device": peak / 1e12 if peak else None,
       "batch_size": config.batch_size,
       "resolution": config.data.hr_size,
       "compute_dtype": config.compute_dtype,
-      "remat": bool(config.model.remat),
+      "remat": config.model.remat,
+      "attention": build.attention(config),
       "params_m": sum(x.size for x in jax.tree.leaves(state.params)) / 1e6,
       "mesh": dict(trainer.mesh.shape),
       "compile_s": compile_s,
@@ -92,4 +223,6 @@ def measure(config, *, peak_flops: float = 0.0, repeats: int | None = None,
 def run() -> dict:
   if common.CONFIG.value is None:
     raise ValueError("--config is required, e.g. --config=configs/dit_l.py")
+  if _ANALYZE is not None and _ANALYZE.value:
+    return analyze(common.CONFIG.value)
   return measure(common.CONFIG.value, peak_flops=_PEAK.value if _PEAK is not None else 0.0)

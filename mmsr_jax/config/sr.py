@@ -15,12 +15,20 @@ from mmsr_jax.data.images import DEFAULT_MAX_INPUT_PIXELS, DEFAULT_MAX_PIXELS, p
 from mmsr_jax.data.realesrgan import PRESETS
 from mmsr_jax.diffusion.guidance import GUIDANCE_MODES
 from mmsr_jax.diffusion.schedule import PREDICTIONS, SCHEDULES, SPACINGS
+from mmsr_jax.models.layers import ATTENTION, REMAT
 
 TASK = "sr"
 SOURCES = ("demo", "folder", "tfds", "arrayrecord")
 DEGRADATIONS = ("simple",) + tuple(PRESETS)
 AUTOENCODERS = ("pixel", "vae")
 IDS_FROM = ("encoder", "shards")
+# Where the training / held-out modality maps come from: "record" (the record's depth / seg, Canny
+# edges of the degraded LR), or all three made by fixed image operators
+# (data.modalities.operator_maps) from the degraded "lr" or, as an oracle, from the "hr" crop.
+MAPS_FROM = ("record", "lr", "hr")
+# The research configs' negative prompt (m0cfg / mcfg negative branch); cfg uses the empty one.
+NEGATIVE_PROMPT = ("blurry, noisy, jpeg artifacts, low resolution, oversmoothed, distorted, "
+                   "low quality")
 TEXT_DEVICES = ("auto", "accelerator", "cpu")
 # Fields that fix the shapes of the saved state: a resume must not change them.
 ARCH_FIELDS = ("model", "autoencoder", "vq", "text", "diffusion", "data.scale", "data.map_size")
@@ -46,11 +54,15 @@ def sr_config() -> ml_collections.ConfigDict:
   c.data.max_image_pixels = DEFAULT_MAX_PIXELS
   c.data.degradation = "simple"  # one stage (tiny demo), "realesrgan" or "seesr"
   c.data.prefetch = 2  # batches degraded ahead in a thread (realesrgan / seesr)
+  c.data.maps_from = "record"  # one of MAPS_FROM
 
   c.text = ml_collections.ConfigDict()
   c.text.tokenizer = "byte"  # "byte" or a folder / hub id of a transformers tokenizer
   c.text.max_length = 77
   c.text.params = ""  # frozen text-encoder weights (mmsr_jax.convert output); "" = random
+  # "encoder": run the text encoder in every step; "shards": read the caption states written by
+  # python -m mmsr_jax.precompute (the text encoder then never sits on the accelerators).
+  c.text.states_from = "encoder"
   c.text.encoder = ml_collections.ConfigDict(dict(
       vocab_size=259, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
       relative_attention_num_buckets=32, relative_attention_max_distance=128,
@@ -70,6 +82,9 @@ def sr_config() -> ml_collections.ConfigDict:
   c.autoencoder.scaling_factor = 0.18215
   c.autoencoder.shift_factor = 0.0  # latent = (mean - shift) * scale
   c.autoencoder.params = ""  # kind 'vae': weights (mmsr_jax.convert output); "" = random
+  # "encoder": encode the HR crop in every step; "shards": read the latents of the shards' crop
+  # bank (python -m mmsr_jax.precompute). The LR latent is encoded every step either way.
+  c.autoencoder.hr_latents_from = "encoder"
   c.autoencoder.arch = ml_collections.ConfigDict(dict(
       in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512),
       layers_per_block=2, latent_channels=4, norm_num_groups=32))
@@ -80,11 +95,14 @@ def sr_config() -> ml_collections.ConfigDict:
   c.model.num_heads = 16
   c.model.patch_size = 2
   c.model.mlp_ratio = 4.0
-  c.model.remat = False
+  c.model.remat = "none"  # "none", "full" (recompute each block), "dots" (keep matmul outputs)
+  c.model.attention = "auto"  # "auto", "xla", "cudnn" (GPU), "flash" (TPU Pallas)
   c.model.context_latents = 128
   c.model.context_depth = 2
   c.model.context_heads = 16
   c.model.init_from = ""  # a folder from mmsr_jax.convert --kind=pixart
+  # PixArt's interpolation_scale: positions = index / (grid / base) / scale (the converter sets it)
+  c.model.pos_interpolation_scale = 1.0
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.num_timesteps = 1000
@@ -101,6 +119,10 @@ def sr_config() -> ml_collections.ConfigDict:
   c.cond_dropout = ml_collections.ConfigDict()
   c.cond_dropout.modality = 0.1  # each spatial modality -> null block, independently
   c.cond_dropout.text = 0.1  # caption -> empty caption
+  # Joint drops, so that the guidance modes' negative branches are trained (independent drops
+  # give "empty caption and every modality null" with p^4 = 1e-4):
+  c.cond_dropout.all = 0.1  # caption and every modality together (cfg's negative branch)
+  c.cond_dropout.all_modalities = 0.05  # every modality, caption kept (m0cfg's negative branch)
 
   c.sampling = ml_collections.ConfigDict()
   c.sampling.steps = 50
@@ -108,7 +130,7 @@ def sr_config() -> ml_collections.ConfigDict:
   c.sampling.spacing = "leading"
   c.sampling.guidance = "mcfg"
   c.sampling.scale = 2.0
-  c.sampling.negative_prompt = ""
+  c.sampling.negative_prompt = NEGATIVE_PROMPT
   c.sampling.clip_x0 = 0.0  # > 0 clips the predicted x0
   c.sampling.seed = 0
   c.sampling.strength = 1.0  # < 1 starts from the upsampled LR, noised (fidelity over detail)
@@ -122,6 +144,7 @@ def sr_config() -> ml_collections.ConfigDict:
   c.eval.steps = 50
   c.eval.scale = 0.0  # guidance scale of the report's samples (0 = conditional only)
   c.eval.val_batches = 4  # noise draws per held-out example for val_loss
+  c.eval.sample_ablation = False  # also sample the held-out crops with each group nulled
   return c
 
 
@@ -143,7 +166,16 @@ def full_size_config(*, width: int, depth: int, num_heads: int, lr: float,
   c.optimizer.weight_decay = 0.03
   c.optimizer.ema_decay = 0.9999
 
+  # Train from shards that carry the frozen encoders' outputs (python -m mmsr_jax.precompute
+  # on annotated shards); the step then encodes only what the per-step degradation changes: the
+  # LR image and its Canny edges.
+  c.data.source = "arrayrecord"
+  c.data.path = "data/precomputed"
   c.data.degradation = "realesrgan"
+  c.data.num_workers = 16  # Grain worker processes for decode, crop and degradation sampling
+  c.vq.ids_from = "shards"
+  c.text.states_from = "shards"
+  c.autoencoder.hr_latents_from = "shards"
 
   c.text.tokenizer = "weights/t5_v1_1_xxl"
   c.text.params = "weights/t5_v1_1_xxl"
@@ -157,7 +189,7 @@ def full_size_config(*, width: int, depth: int, num_heads: int, lr: float,
   c.model.width = width
   c.model.depth = depth
   c.model.num_heads = num_heads
-  c.model.remat = True
+  c.model.remat = "full"
   c.model.context_heads = num_heads
   c.model.init_from = init_from
   return c
@@ -188,9 +220,19 @@ def validate(config) -> None:
   ck.integer("data.max_image_pixels", 1, pillow_limit())
   ck.choice("data.degradation", DEGRADATIONS)
   ck.integer("data.prefetch", 0)
+  ck.choice("data.maps_from", MAPS_FROM)
+  if d.maps_from != "record" and (d.degradation != "simple" or config.vq.ids_from != "encoder"):
+    ck.fail("data.maps_from", "'record' unless config.data.degradation='simple' and "
+            "config.vq.ids_from='encoder' (operator maps are made per example on the host)")
 
   ck.integer("text.max_length", 2)
   ck.choice("vq.ids_from", IDS_FROM)
+  ck.choice("text.states_from", IDS_FROM)
+  ck.choice("autoencoder.hr_latents_from", IDS_FROM)
+  for field in ("text.states_from", "autoencoder.hr_latents_from"):
+    if ck.get(field) == "shards" and d.source != "arrayrecord":
+      ck.fail(field, "'encoder' unless config.data.source='arrayrecord' (features are read from "
+              "shards written by python -m mmsr_jax.precompute)")
   if config.vq.ids_from == "shards" and d.source != "arrayrecord":
     ck.fail("vq.ids_from", "'encoder' unless config.data.source='arrayrecord' (ids are read "
             "from shards written by python -m mmsr_jax.precompute --crop_size=...)")
@@ -216,9 +258,12 @@ def validate(config) -> None:
   ck.divides("model.width", m.num_heads, "model.num_heads")
   ck.divides("model.width", m.context_heads, "model.context_heads")
   ck.integer("model.depth", 1)
-  ck.integer("model.context_depth", 0)
+  ck.integer("model.context_depth", 1)
+  ck.choice("model.remat", REMAT)
+  ck.choice("model.attention", ATTENTION)
   ck.integer("model.context_latents", 1)
   ck.number("model.mlp_ratio", 0.0, lo_open=True)
+  ck.number("model.pos_interpolation_scale", 0.0, lo_open=True)
 
   ck.integer("diffusion.num_timesteps", 2)
   ck.choice("diffusion.schedule", SCHEDULES)
@@ -227,9 +272,15 @@ def validate(config) -> None:
   ck.choice("diffusion.prediction", PREDICTIONS)
   ck.number("diffusion.min_snr_gamma", 0.0)
   ck.number("diffusion.residual_scale", 0.0, lo_open=True)
+  ck.choice("diffusion.rescale_zero_snr", (True, False))
+  if config.diffusion.rescale_zero_snr and config.diffusion.prediction != "v":
+    ck.fail("diffusion.rescale_zero_snr", "False unless config.diffusion.prediction='v' (at zero "
+            "terminal SNR epsilon says nothing about x0: NaN at t = T-1, min-SNR weight 0/0)")
 
   ck.number("cond_dropout.modality", 0.0, 1.0)
   ck.number("cond_dropout.text", 0.0, 1.0)
+  ck.number("cond_dropout.all", 0.0, 1.0)
+  ck.number("cond_dropout.all_modalities", 0.0, 1.0)
 
   ck.integer("sampling.steps", 1, config.diffusion.num_timesteps)
   ck.number("sampling.eta", 0.0, 1.0)
@@ -241,6 +292,20 @@ def validate(config) -> None:
   ck.number("sampling.strength", 0.0, 1.0, lo_open=True)
   ck.choice("sampling.text_device", TEXT_DEVICES)
   ck.integer("sampling.max_input_pixels", 1, pillow_limit())
+  if not isinstance(config.sampling.negative_prompt, str):
+    ck.fail("sampling.negative_prompt", "a string")
+  ck.choice("eval.sample_ablation", (True, False))
   ck.integer("eval.steps", 1, config.diffusion.num_timesteps)
   ck.number("eval.scale", 0.0)
   ck.integer("eval.val_batches", 1)
+
+  # The frozen components' architectures (a bad one would fail deep inside a model build).
+  common.check_conv_arch(ck, "vq.arch")
+  ck.integer("vq.arch.num_vq_embeddings", 2)
+  ck.integer("vq.arch.vq_embed_dim", 1)
+  if ae.kind == "vae":
+    common.check_conv_arch(ck, "autoencoder.arch")
+  for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
+               "relative_attention_num_buckets", "relative_attention_max_distance"):
+    ck.integer(f"text.encoder.{name}", 1)
+  ck.number("text.encoder.layer_norm_epsilon", 0.0, lo_open=True)

@@ -18,7 +18,7 @@ from absl import logging
 
 from mmsr_jax.data import demo
 from mmsr_jax.data.images import DEFAULT_MAX_PIXELS, BadImage, read_image
-from mmsr_jax.formats.records import decode_record, list_shards, read_crop_bank
+from mmsr_jax.formats.records import decode_record, list_shards, read_crop_bank, read_features
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 MIN_CHECKED = 20
@@ -116,12 +116,15 @@ class TfdsSource:
 
 
 def training_record(data: bytes, default_name: str) -> dict[str, Any]:
-  """An annotator record (bytes) as a training record (:func:`on_image_grid`), plus
-  ``'vq_bank'`` when the record was tokenized with a crop bank."""
+  """An annotator record (bytes) as a training record (:func:`on_image_grid`), plus its crop
+  bank (``'vq_bank'``) and encoder ``'features'`` where the precompute pass wrote them."""
   out = on_image_grid(decode_record(data), default_name)
   bank = read_crop_bank(data)
   if bank is not None:
     out["vq_bank"] = bank
+  arrays, meta = read_features(data)
+  if meta:
+    out["features"] = dict(arrays, meta=meta)
   return out
 
 

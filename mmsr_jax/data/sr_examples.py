@@ -4,6 +4,7 @@ and the deterministic, checkpointable Grain loader (example format: :func:`make_
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import threading
@@ -12,14 +13,17 @@ from typing import Any, Protocol
 
 import cv2
 import grain.python as pygrain
+import ml_dtypes
 import ml_collections
 import numpy as np
 
 from mmsr_jax.data import demo, realesrgan, sources
 from mmsr_jax.data.simple_degradation import simple_degrade
-from mmsr_jax.data.modalities import MODALITIES, canny_edges, render_crop_maps, render_map
-from mmsr_jax.formats.records import file_sha256, read_crop_bank
-from mmsr_jax.weights.params_io import params_file
+from mmsr_jax.data.modalities import (MODALITIES, canny_edges, operator_maps, render_crop_maps,
+                                      render_map)
+from mmsr_jax.formats.records import (HR_LATENTS_KEY, NULL_TEXT_FILE, TEXT_STATES_KEY,
+                                      list_shards, read_crop_bank, read_features)
+from mmsr_jax.weights.fingerprint import encoder_fingerprint
 
 EVAL_SEED = 1234
 DEFAULT_EVAL_SIZE = 128
@@ -122,21 +126,28 @@ def context_example(maps: dict[str, np.ndarray], caption: str, *, map_size: int,
 
 def conditioning_example(lr: np.ndarray, maps: dict[str, np.ndarray], caption: str, *,
                          map_size: int, text_len: int, tokenizer: CaptionTokenizer,
-                         rendered: dict[str, np.ndarray] | None = None
-                         ) -> dict[str, np.ndarray]:
+                         rendered: dict[str, np.ndarray] | None = None,
+                         derive: tuple[str, ...] = ("edge",)) -> dict[str, np.ndarray]:
   """The model's conditioning for one LR image, shared by training and sampling.
 
   ``lr`` is float HxWx3 in [0, 1]; ``maps`` holds the raw modality maps that exist (``depth``
-  HxW in [0, 1], ``seg`` HxW labels, ``edge`` HxW in [0, 1]); a missing edge map is computed by
-  Canny on ``lr``. Returns ``lr`` in [-1, 1], the rendered maps (zeros when absent), ``present``
-  and the caption's ``text_ids`` / ``text_mask``. ``rendered`` holds maps already rendered at
-  ``map_size`` (``render_crop_maps``).
+  HxW in [0, 1], ``seg`` HxW labels, ``edge`` HxW in [0, 1]); the missing maps named in
+  ``derive`` are made from ``lr`` (edges by Canny, all three by ``operator_maps`` when
+  ``config.data.maps_from='lr'``). Returns ``lr`` in [-1, 1], the rendered maps (zeros when
+  absent), ``present`` and the caption's ``text_ids`` / ``text_mask``. ``rendered`` holds maps
+  already rendered at ``map_size`` (``render_crop_maps``).
   """
   for name in maps:
     if name not in MODALITIES:
       raise ValueError(f"map {name!r}: expected one of {MODALITIES}")
-  if "edge" not in maps and "edge" not in (rendered or {}):
+  if not set(derive) <= set(MODALITIES):
+    raise ValueError(f"derive={derive!r}: expected names from {MODALITIES}")
+  missing = [k for k in derive if k not in maps and k not in (rendered or {})]
+  if missing == ["edge"]:
     maps = dict(maps, edge=canny_edges(lr, map_size))
+  elif missing:
+    made = operator_maps(lr, map_size)
+    maps = dict(maps, **{k: made[k] for k in missing})
   example = {"lr": np.asarray(lr, np.float32) * np.float32(2.0) - np.float32(1.0)}
   example.update(context_example(maps, caption, map_size=map_size, text_len=text_len,
                                  tokenizer=tokenizer, rendered=rendered))
@@ -145,16 +156,24 @@ def conditioning_example(lr: np.ndarray, maps: dict[str, np.ndarray], caption: s
 
 def _build_example(image: np.ndarray, rendered: dict[str, np.ndarray], caption: str,
                    rng: np.random.Generator, *, scale: int, map_size: int, text_len: int,
-                   tokenizer: CaptionTokenizer, degradation: str = "simple") -> dict[str, np.ndarray]:
+                   tokenizer: CaptionTokenizer, degradation: str = "simple",
+                   maps_from: str = "record") -> dict[str, np.ndarray]:
   """Degrades an HR crop and assembles the example dict (see the module docstring);
-  ``rendered`` holds the crop's depth / seg maps from ``render_crop_maps``."""
+  ``rendered`` holds the crop's depth / seg maps from ``render_crop_maps``. ``maps_from``
+  (``config.data.maps_from``): 'lr' / 'hr' replace them and the edges with ``operator_maps``
+  of the degraded LR / of the HR crop."""
   hr = image.astype(np.float32) / np.float32(255.0)
+  if maps_from == "hr":
+    rendered = {k: render_map(k, v, map_size) for k, v in operator_maps(image, map_size).items()}
+  elif maps_from == "lr":
+    rendered = {}
   if degradation == "simple":
     lr = simple_degrade(hr, rng, scale=scale)
   else:
     lr = realesrgan.RealESRGANDegrader(degradation, scale).degrade_one(hr, rng)
   example = conditioning_example(lr, {}, caption, map_size=map_size, text_len=text_len,
-                                 tokenizer=tokenizer, rendered=rendered)
+                                 tokenizer=tokenizer, rendered=rendered,
+                                 derive=MODALITIES if maps_from == "lr" else ("edge",))
   example["hr"] = hr * np.float32(2.0) - np.float32(1.0)
   return example
 
@@ -177,8 +196,10 @@ class MakeTrainingExample(pygrain.RandomMapTransform):
 
   def __init__(self, hr_size: int, scale: int, map_size: int, text_len: int,
                tokenizer: CaptionTokenizer, degradation: str = "simple", ids_from: str = "encoder",
-               vq_grid: int | None = None):
+               vq_grid: int | None = None, maps_from: str = "record",
+               text_from_shards: bool = False, latents_from_shards: bool = False):
     self.degradation = degradation
+    self.maps_from = maps_from
     self.hr_size = int(hr_size)
     self.scale = int(scale)
     self.map_size = int(map_size)
@@ -186,6 +207,9 @@ class MakeTrainingExample(pygrain.RandomMapTransform):
     self.tokenizer = tokenizer
     self.ids_from = ids_from
     self.vq_grid = None if vq_grid is None else int(vq_grid)
+    self.text_from_shards, self.latents_from_shards = text_from_shards, latents_from_shards
+    # Precomputed features belong to the crop bank's boxes: the crop is one of them.
+    self.from_bank = ids_from == "shards" or latents_from_shards
 
   def _bank(self, element: dict[str, Any]) -> dict[str, Any]:
     bank = element.get("vq_bank")
@@ -203,7 +227,7 @@ class MakeTrainingExample(pygrain.RandomMapTransform):
     h, w = rec["image"].shape[:2]
     s = self.hr_size
     vq_ids = None
-    if self.ids_from == "shards":
+    if self.from_bank:
       bank = self._bank(element)
       box = int(rng.integers(0, len(bank["boxes"])))
       top, left = (int(v) for v in bank["boxes"][box])
@@ -226,9 +250,14 @@ class MakeTrainingExample(pygrain.RandomMapTransform):
     else:
       ex = _build_example(np.ascontiguousarray(image), rendered, rec["caption"], rng,
                           scale=self.scale, map_size=self.map_size, text_len=self.text_len,
-                          tokenizer=self.tokenizer)
+                          tokenizer=self.tokenizer, maps_from=self.maps_from)
     if vq_ids is not None:
       ex["vq_ids"] = vq_ids
+    if self.latents_from_shards:
+      ex["hr_latent"] = stored_array(element["features"], HR_LATENTS_KEY)[box, int(flip)]
+    if self.text_from_shards:
+      ex["text_states"] = padded_text_states(element["features"], ex["text_mask"],
+                                             where=element.get("name", "?"))
     return ex
 
   def _hr_and_params(self, image, rendered, caption, rng):
@@ -381,8 +410,10 @@ def make_train_loader(config: ml_collections.ConfigDict, tokenizer: CaptionToken
   ids_from = config.vq.ids_from
   source = sources.make_source(config, "train")
   vq_grid = None
-  if ids_from == "shards":
-    vq_grid = check_shards_for_ids(config, source)
+  text_shards = config.text.states_from == "shards"
+  latent_shards = config.autoencoder.hr_latents_from == "shards"
+  if ids_from == "shards" or text_shards or latent_shards:
+    vq_grid = check_precomputed(config, source)
   sampler = pygrain.IndexSampler(
       num_records=len(source),
       shard_options=pygrain.ShardByJaxProcess(drop_remainder=True),
@@ -399,6 +430,9 @@ def make_train_loader(config: ml_collections.ConfigDict, tokenizer: CaptionToken
       degradation=degradation,
       ids_from=ids_from,
       vq_grid=vq_grid,
+      text_from_shards=text_shards,
+      latents_from_shards=latent_shards,
+      maps_from=config.data.get("maps_from", "record"),
   )
   ops = [] if source_name == "demo" else [sources.DropBad()]
   loader = pygrain.DataLoader(
@@ -413,32 +447,111 @@ def make_train_loader(config: ml_collections.ConfigDict, tokenizer: CaptionToken
                         config.data.map_size, int(config.data.get("prefetch", 2)))
 
 
-def check_shards_for_ids(config: ml_collections.ConfigDict, source) -> int:
-  """Checks, before training starts, that ``source`` can feed config.vq.ids_from='shards': an
-  'arrayrecord' source whose first record has a crop bank of config.data.hr_size crops at
-  config.data.map_size, tokenized by the tokenizer config.vq.params names. Returns the grid."""
+def stored_array(features: dict[str, Any], key: str) -> np.ndarray:
+  """A precomputed feature as stored (bfloat16 is kept as its uint16 bits)."""
+  arr = features[key]
+  if features["meta"][key]["dtype"] == "bfloat16":
+    arr = arr.view(ml_dtypes.bfloat16)
+  return arr
+
+
+def padded_text_states(features: dict[str, Any], mask: np.ndarray, *, where: str) -> np.ndarray:
+  """A record's stored caption states (its real tokens) padded with zeros to the mask's length;
+  the padded positions are masked out of every attention, so zeros change nothing."""
+  states = stored_array(features, TEXT_STATES_KEY)
+  if len(states) != int(np.sum(mask)):
+    raise ValueError(f"record {where!r}: {len(states)} stored caption states but the caption "
+                     f"has {int(np.sum(mask))} tokens; precompute with the config's tokenizer")
+  out = np.zeros((len(mask), states.shape[1]), states.dtype)
+  out[:len(states)] = states
+  return out
+
+
+def read_null_text(config) -> tuple[np.ndarray, np.ndarray]:
+  """The empty caption's states ``[L, D]`` (float32) and mask ``[L]`` that the precompute pass
+  wrote beside the shards (condition dropout gives them to a dropped caption)."""
+  path = os.path.join(_shard_folder(config.data.path), NULL_TEXT_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: config.text.states_from='shards' needs the "
+                            "folder written by python -m mmsr_jax.precompute")
+  with np.load(path, allow_pickle=False) as z:
+    meta = json.loads(z["meta"].tobytes().decode("utf-8"))
+    states, mask = z["states"], z["mask"]
+  _check_text_meta(meta, config, where=path)
+  if meta["dtype"] == "bfloat16":
+    states = states.view(ml_dtypes.bfloat16)
+  return np.asarray(states, np.float32), np.asarray(mask, np.int32)
+
+
+def _shard_folder(path: str) -> str:
+  return path if os.path.isdir(path) else os.path.dirname(list_shards(path, "config.data.path")[0])
+
+
+def _check_text_meta(meta: dict, config, *, where: str) -> None:
+  want = {"fingerprint": encoder_fingerprint(config, "text"), "tokenizer": config.text.tokenizer,
+          "max_length": int(config.text.max_length),
+          "d_model": int(config.text.encoder.d_model)}
+  for key, value in want.items():
+    if meta.get(key) != value:
+      raise ValueError(f"{where}: caption states written with text {key} {meta.get(key)!r} but "
+                       f"the config's is {value!r}; run python -m mmsr_jax.precompute with this "
+                       "config, or set config.text.states_from='encoder'")
+
+
+def _check_latent_meta(meta: dict, config, *, where: str) -> None:
+  lat = int(config.data.hr_size) // int(config.autoencoder.factor)
+  want = {"fingerprint": encoder_fingerprint(config, "ae"),
+          "crop_size": int(config.data.hr_size),
+          "scaling_factor": float(config.autoencoder.scaling_factor),
+          "shift_factor": float(config.autoencoder.get("shift_factor", 0.0) or 0.0)}
+  for key, value in want.items():
+    if meta.get(key) != value:
+      raise ValueError(f"{where}: HR latents written with autoencoder {key} {meta.get(key)!r} "
+                       f"but the config's is {value!r}; run python -m mmsr_jax.precompute with "
+                       "this config, or set config.autoencoder.hr_latents_from='encoder'")
+  if tuple(meta["shape"][-3:-1]) != (lat, lat):
+    raise ValueError(f"{where}: HR latents of {meta['shape'][-3:-1]} != the config's {lat}x{lat}")
+
+
+def check_precomputed(config: ml_collections.ConfigDict, source) -> int | None:
+  """Checks, before training starts, that the first record of ``source`` (an 'arrayrecord'
+  source of precompute shards) holds what the config reads from shards, written by the encoders
+  the config names (their fingerprints) at its sizes. Returns the token grid (ids from shards)."""
   inner = source.inner if isinstance(source, sources.CheckedSource) else source
-  grid = int(config.data.map_size) // 2 ** (len(config.vq.arch.block_out_channels) - 1)
-  first = inner.files[0]
-  bank = read_crop_bank(inner.raw(0))
-  if bank is None:
-    raise ValueError(f"{first} record 0 has no token-id crop bank: {IDS_FROM_SHARDS_NEEDS}")
-  meta = bank["meta"]
-  check_bank_meta(meta, int(config.data.hr_size), int(config.data.map_size), grid,
-                  where=f"{first} record 0")
-  if bool(meta.get("per_modality", False)) != bool(config.vq.get("per_modality", False)):
-    raise ValueError(f"{first}: tokenized with per_modality={meta.get('per_modality')} but "
-                     f"config.vq.per_modality={config.vq.get('per_modality', False)}")
-  params = config.vq.params
-  if not params or not os.path.isfile(params_file(params)):
-    raise ValueError(f"config.vq.params={params!r} is not a tokenizer file, but the shards' "
-                     f"ids come from the tokenizer with sha256 {meta['tokenizer_sha256']}; the "
-                     "edge ids are still encoded every step, so config.vq.params must be that "
-                     "tokenizer (its vq.safetensors)")
-  sha = file_sha256(params_file(params))
-  if sha != meta["tokenizer_sha256"]:
-    raise ValueError(f"config.vq.params={params!r} (sha256 {sha[:12]}...) is not the tokenizer "
-                     f"{first} was tokenized with (sha256 {meta['tokenizer_sha256'][:12]}...)")
+  first = f"{inner.files[0]} record 0"
+  data = inner.raw(0)
+  grid = None
+  if config.vq.ids_from == "shards" or config.autoencoder.hr_latents_from == "shards":
+    bank = read_crop_bank(data)
+    if bank is None:
+      raise ValueError(f"{first} has no crop bank: {IDS_FROM_SHARDS_NEEDS}")
+    meta = bank["meta"]
+    grid = int(config.data.map_size) // 2 ** (len(config.vq.arch.block_out_channels) - 1)
+    check_bank_meta(meta, int(config.data.hr_size), int(config.data.map_size), grid, where=first)
+  if config.vq.ids_from == "shards":
+    if bool(meta.get("per_modality", False)) != bool(config.vq.per_modality):
+      raise ValueError(f"{first}: tokenized with per_modality={meta.get('per_modality')} but "
+                       f"config.vq.per_modality={config.vq.per_modality}")
+    have = encoder_fingerprint(config, "vq")
+    if have != meta["tokenizer_sha256"]:
+      raise ValueError(f"config.vq.params={config.vq.params!r} (fingerprint {have[:16]}...) is "
+                       f"not the tokenizer {first} was tokenized with "
+                       f"({meta['tokenizer_sha256'][:16]}...); the edge ids are encoded every "
+                       "step, so it must be that tokenizer")
+  else:
+    grid = None
+  features, fmeta = read_features(data)
+  for field, key, check in (("text.states_from", TEXT_STATES_KEY, _check_text_meta),
+                            ("autoencoder.hr_latents_from", HR_LATENTS_KEY, _check_latent_meta)):
+    node = config
+    for part in field.split("."):
+      node = node[part]
+    if node != "shards":
+      continue
+    if key not in features:
+      raise ValueError(f"{first} has no {key!r}: config.{field}='shards' needs shards written "
+                       "by python -m mmsr_jax.precompute with that feature")
+    check(fmeta[key], config, where=first)
   return grid
 
 
@@ -473,7 +586,8 @@ def make_eval_examples(config: ml_collections.ConfigDict, tokenizer: CaptionToke
         render_crop_maps(rec, top, left, e, False, int(config.data.map_size)),
         rec["caption"], _eval_seed(rec["name"]), scale=scale,
         map_size=int(config.data.map_size), text_len=int(config.text.max_length),
-        tokenizer=tokenizer, degradation=degradation)
+        tokenizer=tokenizer, degradation=degradation,
+        maps_from=config.data.get("maps_from", "record"))
     ex["name"] = rec["name"]
     ex["caption"] = rec["caption"]
     examples.append(ex)

@@ -9,6 +9,7 @@ projections), ``vocab`` (embedding tables), ``latents`` / ``tokens`` (learned to
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Sequence
 
@@ -149,6 +150,20 @@ def remat_policy(name: str):
   raise ValueError(f"remat policy {name!r}: expected one of {REMAT}")
 
 
+_UNROLL = [False]
+
+
+@contextlib.contextmanager
+def unrolled_scans():
+  """Traces the layer stacks as straight-line code while active. XLA's cost analysis counts a
+  while loop's body once, so FLOP counts are read from a program traced this way."""
+  _UNROLL.append(True)
+  try:
+    yield
+  finally:
+    _UNROLL.pop()
+
+
 def scan_blocks(block_cls, *, depth: int, remat: str = "none", broadcast: int = 0):
   """``block_cls`` applied ``depth`` times as one ``nn.scan`` over stacked parameters (leading
   ``layers`` axis), optionally rematerialised. ``block_cls.__call__(carry, *args)`` returns
@@ -158,6 +173,7 @@ def scan_blocks(block_cls, *, depth: int, remat: str = "none", broadcast: int = 
     block_cls = nn.remat(block_cls, policy=policy, prevent_cse=False)
   return nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                  in_axes=(nn.broadcast,) * broadcast, length=depth,
+                 unroll=depth if _UNROLL[-1] else 1,
                  metadata_params={nn.PARTITION_NAME: "layers"})
 
 

@@ -20,25 +20,42 @@ from mmsr_jax.training.optimizer import TrainState, ema_decay
 from mmsr_jax.weights import pixart
 
 
+def drop_conditions(cfg, rng, present):
+  """Condition dropout of a batch (``cfg`` = ``config.cond_dropout``): each modality is nulled
+  with ``modality`` and the caption emptied with ``text``, independently; ``all`` drops the
+  caption and every modality together and ``all_modalities`` every modality (caption kept), so
+  the guidance modes' negative branches are trained. Returns ``(present [B, 3], drop_text [B])``.
+  """
+  r_mod, r_txt, _ = jax.random.split(rng, 3)
+  # The joint drops draw from their own stream, so the independent ones stay as they were.
+  r_all, r_all_mod = jax.random.split(jax.random.fold_in(rng, 1), 2)
+  b = present.shape[0]
+  drop_all = jax.random.bernoulli(r_all, cfg.get("all", 0.0), (b,))
+  drop_mods = drop_all | jax.random.bernoulli(r_all_mod, cfg.get("all_modalities", 0.0), (b,))
+  present = (present & ~drop_mods[:, None]
+             & jax.random.bernoulli(r_mod, 1.0 - cfg.modality, present.shape))
+  return present, jax.random.bernoulli(r_txt, cfg.text, (b,)) | drop_all
+
+
 def make_train_step(config, model: MMSR, conditioner: Conditioner, schedule, tx, lr_fn,
-                    empty_text: tuple[np.ndarray, np.ndarray]):
-  """The update step: frozen encoders -> condition dropout -> loss -> AdamW -> EMA."""
+                    null_text: tuple[np.ndarray, np.ndarray]):
+  """The update step: frozen encoders (or the batch's precomputed features) -> condition
+  dropout -> loss -> AdamW -> EMA. ``null_text`` is the empty caption's text states ``[L, D]``
+  and mask ``[L]``, which a dropped caption gets."""
   base_rng = jax.random.key(config.seed)
-  p_mod, p_txt = config.cond_dropout.modality, config.cond_dropout.text
   min_snr = config.diffusion.min_snr_gamma or None
 
   def step_fn(state: TrainState, frozen, batch):
     rng = jax.random.fold_in(base_rng, state.step)
-    r_mod, r_txt, r_loss = jax.random.split(rng, 3)
-    b = batch["hr"].shape[0]
-    present = batch["present"] & jax.random.bernoulli(r_mod, 1.0 - p_mod, batch["present"].shape)
-    drop_text = jax.random.bernoulli(r_txt, p_txt, (b,))[:, None]
-    batch = dict(batch,
-                 text_ids=jnp.where(drop_text, empty_text[0][None], batch["text_ids"]),
-                 text_mask=jnp.where(drop_text, empty_text[1][None], batch["text_mask"]))
-    cond = jax.lax.stop_gradient(conditioner(frozen, batch))
-    x0 = jax.lax.stop_gradient(
-        conditioner.diffusion_target(frozen, batch["hr"], cond["lr_latent"]))
+    r_loss = jax.random.split(rng, 3)[2]
+    present, drop_text = drop_conditions(config.cond_dropout, rng, batch["present"])
+    cond = dict(conditioner(frozen, batch))
+    drop = drop_text[:, None]
+    cond["text_states"] = jnp.where(drop[..., None], null_text[0][None],
+                                    cond["text_states"].astype(jnp.float32))
+    cond["text_mask"] = jnp.where(drop, null_text[1][None], cond["text_mask"])
+    cond = jax.lax.stop_gradient(cond)
+    x0 = jax.lax.stop_gradient(conditioner.batch_target(frozen, batch, cond["lr_latent"]))
 
     def loss_fn(params):
       ctx = model.apply({"params": params}, cond["text_states"], cond["text_mask"], cond["ids"],
@@ -61,21 +78,48 @@ def make_train_step(config, model: MMSR, conditioner: Conditioner, schedule, tx,
 
 
 
+def frozen_parts(config) -> tuple[str, ...]:
+  """The frozen encoders a train step runs: the VAE (the LR latent) and the VQ tokenizer (the LR
+  edges) always; T5 unless the caption states come from the shards."""
+  return ("ae", "vq") if config.text.states_from == "shards" else ("ae", "text", "vq")
+
+
+def jitted_step(system: System, null_text, frozen_sharding):
+  """The update step of ``system`` jitted with explicit shardings, the state donated."""
+  step_fn = make_train_step(system.config, system.model, system.conditioner, system.schedule,
+                            system.tx, system.lr_fn, null_text)
+
+  def constrained_step(state, frozen, batch):  # activation constraints on while tracing
+    with sharding.activation_rules(system.mesh):
+      return step_fn(state, frozen, batch)
+  return jax.jit(constrained_step,
+                 in_shardings=(system.state_sharding, frozen_sharding,
+                               sharding.batch_sharding(system.mesh)),
+                 out_shardings=(system.state_sharding, sharding.replicated(system.mesh)),
+                 donate_argnums=(0,))
+
+
 class SRTask:
   """The super-resolution task of :mod:`mmsr_jax.training.loop`: the system of the config, its
   frozen weights placed on the mesh, the sharded initial state and the jitted update step."""
 
-  def __init__(self, config, workdir: str, devices=None, system: System | None = None):
+  def __init__(self, config, workdir: str, devices=None, system: System | None = None,
+               null_text: tuple[np.ndarray, np.ndarray] | None = None):
     self.config, self.workdir = config, workdir
     s = System.from_config(config, devices) if system is None else system
     self.system = s
     self.mesh, self.model, self.conditioner = s.mesh, s.model, s.conditioner
     self.schedule, self.tokenizer, self.tx, self.lr_fn = s.schedule, s.tokenizer, s.tx, s.lr_fn
     self.state_sharding, self.abstract_state = s.state_sharding, s.abstract_state
-    self.frozen = s.load_frozen()
+    # Precomputed caption states: the text encoder stays off the accelerators (T5-XXL is 19 GB);
+    # only the report loads it (eval_frozen).
+    self.text_from_shards = config.text.states_from == "shards"
+    self.frozen = s.load_frozen(frozen_parts(config))
     self.frozen_sharding = jax.tree.map(lambda a: a.sharding, self.frozen)
     self._init = jax.jit(s.init_fn, out_shardings=self.state_sharding)
     if config.model.init_from:  # read (and checked) before anything long starts
+      for warning in pixart.check_converted(config.model.init_from, config):
+        loop.log(f"WARNING: {warning}")
       self._pixart = pixart.pixart_for_mmsr(
           config.model.init_from, self.abstract_state.params, num_heads=config.model.num_heads)
 
@@ -85,18 +129,26 @@ class SRTask:
           params["context"] = {**state.params["context"], **pretrained["context"]}
         return TrainState(state.step, params, self.tx.init(params), params)
       self._pretrained = jax.jit(graft, out_shardings=self.state_sharding, donate_argnums=(0,))
-    empty = self.tokenizer.encode("", config.text.max_length)
-    step_fn = make_train_step(config, self.model, self.conditioner, self.schedule, self.tx,
-                              self.lr_fn, empty)
+    self.null = null_text or self.null_text()
+    self.train_step = jitted_step(s, self.null, self.frozen_sharding)
 
-    def constrained_step(state, frozen, batch):  # activation constraints on while tracing
-      with sharding.activation_rules(self.mesh):
-        return step_fn(state, frozen, batch)
-    self.train_step = jax.jit(
-        constrained_step,
-        in_shardings=(self.state_sharding, self.frozen_sharding,
-                      sharding.batch_sharding(self.mesh)),
-        out_shardings=(self.state_sharding, sharding.replicated(self.mesh)), donate_argnums=(0,))
+  def null_text(self) -> tuple[np.ndarray, np.ndarray]:
+    """The empty caption's text states ``[L, D]`` (float32) and mask ``[L]``: written beside the
+    shards by the precompute pass, or computed here by the text encoder."""
+    if self.text_from_shards:
+      return sr_examples.read_null_text(self.config)
+    ids, mask = self.tokenizer.encode("", self.config.text.max_length)
+    states = jax.jit(self.conditioner.text_states)(self.frozen, ids[None], mask[None])[0]
+    return np.asarray(states, np.float32), np.asarray(mask)
+
+  def eval_frozen(self) -> dict:
+    """The frozen weights with the text encoder, which the report's held-out examples need (it
+    is loaded here, once, when training reads precomputed caption states)."""
+    if "text" in self.frozen:
+      return self.frozen
+    if getattr(self, "_eval_frozen", None) is None:
+      self._eval_frozen = {**self.frozen, **self.system.load_frozen(("text",))}
+    return self._eval_frozen
 
   # --- The task interface of the loop.
   def step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
@@ -128,7 +180,7 @@ class SRTask:
     sr = sr_report.super_resolve(c, self, state.ema_params, self._eval_examples,
                                  steps=c.eval.steps, scale=c.eval.scale,
                                  guidance=c.sampling.guidance, strength=c.sampling.strength,
-                                 seed=c.sampling.seed)
+                                 seed=c.sampling.seed)["all"]
     return {ex["name"]: sr_report.example_grid(ex, sr_u8)
             for ex, sr_u8 in zip(self._eval_examples, sr)}
 
@@ -137,9 +189,9 @@ class SRTask:
 
 
 def train(config, workdir: str, *, devices=None, stop_at: int | None = None,
-          write_report: bool = True) -> TrainState:
+          write_report: bool = True, restore_step: int | None = None) -> TrainState:
   """Trains to ``config.num_train_steps`` (or stops after ``stop_at``, saving a checkpoint)."""
   schema.validate(config)
   loop.check_workdir(config, workdir)
   return loop.run(SRTask(config, workdir, devices), workdir, stop_at=stop_at,
-                  write_report=write_report)
+                  write_report=write_report, restore_step=restore_step)
