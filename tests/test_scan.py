@@ -131,3 +131,47 @@ def test_masked_attention_and_key_scale_run_xla_whatever_the_kernel():
 
 def test_t5_config_default_dtype_is_float32():
   assert dataclasses.asdict(t5.T5Config.tiny())["dtype"] == "float32"
+
+
+def _per_layer(flat: dict) -> dict:
+  """The inverse of ``layout.stack_layers``: ``.../blocks/...`` arrays split into
+  ``.../blocks_<i>/...``, as runs saved before the layers were scanned hold them."""
+  import re
+  out = {}
+  for key, value in flat.items():
+    m = re.search(r"(^|/)(blocks|block)(?=/)", key)
+    if m is None:
+      out[key] = value
+      continue
+    for i in range(value.shape[0]):
+      out[key[:m.end()] + f"_{i}" + key[m.end():]] = value[i]
+  return out
+
+
+def test_checkpoint_saved_before_the_layers_were_scanned_restores(tmp_path):
+  """A train state saved with per-layer keys (the layout before ``nn.scan``) restores into the
+  stacked layout, for resuming (whole state) and for sampling (the EMA alone)."""
+  import orbax.checkpoint as ocp
+  from flax import serialization, traverse_util
+
+  from mmsr_jax.runtime import checkpoint as ckpt_lib
+  from mmsr_jax.system import System
+  from tests.conftest import small_config
+  system = System.from_config(small_config(), jax.devices()[:1])
+  state = jax.jit(system.init_fn)(jax.random.key(3))
+  state = state.replace(ema_params=_random_like(state.ema_params, 4))
+  flat = traverse_util.flatten_dict(jax.device_get(serialization.to_state_dict(state)), sep="/")
+  old = _per_layer(flat)
+  assert any("blocks_1/" in k for k in old) and not any("/blocks/" in k for k in old)
+  step_dir = tmp_path / "checkpoints" / "5"
+  ocp.PyTreeCheckpointer().save(str(step_dir / "state"),
+                                traverse_util.unflatten_dict(old, sep="/"))
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path))
+  assert ckpt_lib.is_per_layer(str(step_dir / "state"))
+  restored = ckpt.restore(5, system.abstract_state)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  ema = ckpt.restore_part(5, "ema_params", system.abstract_state.ema_params)
+  for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(state.ema_params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  ckpt.close()

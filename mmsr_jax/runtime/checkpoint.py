@@ -12,6 +12,7 @@ import glob
 import itertools
 import json
 import os
+import re
 import shutil
 import zlib
 
@@ -21,8 +22,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import serialization, traverse_util
 
 from mmsr_jax.config import schema
+from mmsr_jax.weights import layout
 
 # Written beside Orbax's item folders once a step is committed: checkpoints/N/MANIFEST_PREFIX<k>.json
 # holds (size, CRC-32) of the share of the step's files that process k read back.
@@ -156,6 +159,52 @@ def non_finite_leaf(tree) -> str | None:
   return _path_name(leaves[bad[0]][0]) if bad.size else None
 
 
+# --- Checkpoints written before the layers were scanned -----------------------------------------
+_PER_LAYER_KEY = re.compile(r"['\"](blocks|block)_\d+['\"]")
+
+
+def is_per_layer(item_dir: str) -> bool:
+  """Whether an Orbax item folder holds a tree with per-layer keys (``blocks_<i>``), the layout
+  of runs saved before the DiT / MMLC / T5 layers were scanned."""
+  try:
+    with open(os.path.join(item_dir, "_METADATA")) as f:
+      return bool(_PER_LAYER_KEY.search(f.read()))
+  except OSError:
+    return False
+
+
+def restore_per_layer(item_dir: str, abstract, name: str | None = None):
+  """Restores a per-layer tree (or its field ``name``) into the stacked layout of ``abstract``
+  (its shapes, dtypes and shardings): read on the host, layers stacked, then placed."""
+  meta = ocp.PyTreeCheckpointer().metadata(item_dir)
+  tree = getattr(meta, "item_metadata", meta)
+  tree = getattr(tree, "tree", tree)
+  if name is not None:
+    tree = {name: tree[name]}
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  raw = ocp.PyTreeCheckpointer().restore(item_dir, args=ocp.args.PyTreeRestore(
+      item=tree, restore_args=args, partial_restore=name is not None))
+  if name is not None:
+    raw = raw[name]
+  flat = layout.stack_layers(traverse_util.flatten_dict(raw, sep="/"))
+  want = traverse_util.flatten_dict(serialization.to_state_dict(abstract), sep="/",
+                                    keep_empty_nodes=True)  # e.g. optax's empty states
+  empty = {k: v for k, v in want.items() if v is traverse_util.empty_node}
+  arrays = {k: v for k, v in want.items() if k not in empty}
+  missing, extra = sorted(set(arrays) - set(flat)), sorted(set(flat) - set(arrays))
+  if missing or extra:
+    raise ValueError(f"restacked keys differ from the model's: missing {missing[:3]}, "
+                     f"unexpected {extra[:3]}")
+  placed = dict(empty)
+  for key, spec in arrays.items():
+    arr = np.asarray(flat[key])
+    if arr.shape != tuple(spec.shape):
+      raise ValueError(f"{key}: saved shape {arr.shape}, model shape {tuple(spec.shape)}")
+    placed[key] = jax.device_put(arr.astype(spec.dtype), spec.sharding)
+  return serialization.from_state_dict(
+      abstract, traverse_util.unflatten_dict(placed, sep="/"))
+
+
 # --- The checkpointer ---------------------------------------------------------------------------
 class Checkpointer:
   """A thin wrapper over ``ocp.CheckpointManager`` with ``state`` and ``data`` items.
@@ -280,8 +329,11 @@ class Checkpointer:
     if reason is not None:
       raise CorruptCheckpoint(step, where, reason)
     try:
-      state = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state)))["state"]
+      if is_per_layer(os.path.join(where, "state")):  # saved before the layers were scanned
+        state = restore_per_layer(os.path.join(where, "state"), abstract_state)
+      else:
+        state = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))["state"]
     except Exception as e:  # noqa: BLE001 - re-raised as one line; never a silent fresh start
       raise self._restore_error(step, e, has_manifest, "state") from e
     bad = non_finite_leaf(state)
@@ -313,9 +365,12 @@ class Checkpointer:
     path = os.path.join(where, "state")
     target = {name: abstract_part}
     try:
-      restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-          partial_restore=True))
+      if is_per_layer(path):  # saved before the layers were scanned
+        restored = {name: restore_per_layer(path, abstract_part, name)}
+      else:
+        restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True))
     except Exception as e:  # noqa: BLE001 - re-raised as one line
       raise self._restore_error(step, e, has_manifest, repr(name)) from e
     bad = non_finite_leaf(restored[name])

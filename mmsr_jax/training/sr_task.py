@@ -11,6 +11,7 @@ import optax
 from mmsr_jax.config import schema
 from mmsr_jax.data import sr_examples
 from mmsr_jax.diffusion import schedule as diffusion
+from mmsr_jax.models import build
 from mmsr_jax.models.conditioner import Conditioner
 from mmsr_jax.models.mmsr import MMSR
 from mmsr_jax.runtime import sharding
@@ -114,6 +115,11 @@ class SRTask:
     # Precomputed caption states: the text encoder stays off the accelerators (T5-XXL is 19 GB);
     # only the report loads it (eval_frozen).
     self.text_from_shards = config.text.states_from == "shards"
+    loop.log(f"DiT {config.model.width} x {config.model.depth}: attention "
+             f"{build.attention(config)} (config.model.attention="
+             f"{config.model.get('attention')!r}), remat {config.model.remat}, compute "
+             f"{config.compute_dtype}; frozen encoders in the step: "
+             f"{', '.join(frozen_parts(config))}")
     self.frozen = s.load_frozen(frozen_parts(config))
     self.frozen_sharding = jax.tree.map(lambda a: a.sharding, self.frozen)
     self._init = jax.jit(s.init_fn, out_shardings=self.state_sharding)
