@@ -3,8 +3,9 @@ r"""Precomputes the frozen encoders' outputs into annotated shards, for training
   python -m mmsr_jax.precompute --config=configs/dit_l.py --input=ANNOTATED --output=DIR
 
 Writes, per record, the VQ token ids (whole maps and a crop bank of ``--crops`` boxes of the
-config's ``data.hr_size``), the HR latents of the bank's boxes and the caption's T5 states, with
-the encoders named by the config (``--vq=RUN`` takes the tokenizer of a train_vq run).
+config's ``data.hr_size``), the HR latents of the bank's boxes, the caption's T5 states and the
+bank's crops re-encoded on their own (``--crop_encoding``), with the encoders named by the
+config (``--vq=RUN`` takes the tokenizer of a train_vq run).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from ml_collections import config_flags
 
 from mmsr_jax import cli
 from mmsr_jax.config import schema
-from mmsr_jax.formats.records import list_shards
+from mmsr_jax.formats.records import CROP_ENCODINGS, list_shards
 from mmsr_jax.training.precompute import FEATURES, STORE_DTYPES, precompute_shards, \
     tokenizer_config
 
@@ -33,7 +34,7 @@ def main(argv):
   precompute_shards(config, f.input, f.output, features=f.features, batch_size=f.batch_size,
                     crop_size=None if f.crop_size < 0 else f.crop_size, crops=f.crops,
                     dtype=f.dtype, overwrite=f.overwrite, worker_index=f.worker_index,
-                    num_workers=f.num_workers)
+                    num_workers=f.num_workers, crop_encoding=f.crop_encoding)
 
 
 def define_flags() -> None:
@@ -45,12 +46,16 @@ def define_flags() -> None:
   flags.DEFINE_string("input", None, "Folder or glob of mmsr_jax.annotate ArrayRecord shards.")
   flags.DEFINE_string("output", None, "Folder for the precomputed shards (same names).")
   flags.DEFINE_list("features", list(FEATURES), "What to write: vq (token ids and their crop "
-                    "bank), text (caption states), latents (HR latents of the bank's boxes).")
+                    "bank), text (caption states), latents (HR latents of the bank's boxes), crops (the "
+                    "bank's HR crops as images: training decodes one crop, not the photo).")
   flags.DEFINE_enum("dtype", "bfloat16", list(STORE_DTYPES), "Stored dtype of the features.")
   flags.DEFINE_integer("batch_size", 64, "Maps / crops / captions encoded per call.")
   flags.DEFINE_integer("crop_size", -1, "Side of the crop bank's crops (-1: the config's "
                        "data.hr_size; 0: whole-map ids only, no bank).")
   flags.DEFINE_integer("crops", 16, "Crop boxes per record in the crop bank.")
+  flags.DEFINE_enum("crop_encoding", "png", list(CROP_ENCODINGS), "How --features=crops stores "
+                    "each crop: png (lossless) or jpeg (quality 95, faster to decode; the HR "
+                    "latents are then those of the JPEG crop).")
   flags.DEFINE_bool("overwrite", False, "Replace output shards that exist.")
   flags.DEFINE_integer("worker_index", 0, "This run's share of the shards (with --num_workers).")
   flags.DEFINE_integer("num_workers", 1, "Independent runs splitting the shards (e.g. one per "

@@ -4,6 +4,7 @@ features of another encoder are refused before training starts."""
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -124,3 +125,71 @@ def test_stale_shards_are_one_error_line_from_the_cli(shards, tmp_path):
   assert r.returncode == 2, r.stderr[-2000:]
   last = r.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and "caption states written with text fingerprint" in last
+
+
+def test_crop_images_give_the_example_of_the_full_image(shards):
+  """The pass stores each bank box's crop (PNG, lossless) and maps; an example built from them,
+  without decoding the photo, equals the one cut from the decoded full image (same box, flip)."""
+  from mmsr_jax.data import sources
+  from mmsr_jax.formats.records import read_crop_bank, read_crops
+  cfg = _config(shards["pre"])
+  full = sources.ArrayRecordSource(shards["pre"])
+  lean = sources.ArrayRecordSource(shards["pre"], crops_only=True)
+  assert isinstance(sources.make_source(cfg).inner, sources.ArrayRecordSource)
+  assert sources.make_source(cfg).inner.crops_only
+  data = full.raw(1)  # the record without segmentation
+  crops, bank = read_crops(data), read_crop_bank(data)
+  assert crops["meta"]["encoding"] == "png" and crops["meta"]["maps"] == ["depth"]
+  assert crops["meta"]["boxes"] == len(bank["boxes"]) == 4
+  tok = make_tokenizer("byte")
+  make = sr_examples.MakeTrainingExample(
+      cfg.data.hr_size, cfg.data.scale, cfg.data.map_size, cfg.text.max_length, tok,
+      degradation="simple", ids_from="shards")
+  for i in range(len(full)):
+    a_rec, b_rec = full[i], lean[i]
+    assert a_rec["image"] is not None and b_rec["image"] is None and "crops" in b_rec
+    for seed in range(3):
+      a = make.random_map(a_rec, np.random.default_rng([i, seed]))
+      b = make.random_map(b_rec, np.random.default_rng([i, seed]))
+      assert set(a) == set(b)
+      for k in a:
+        if k == "depth":  # stored as 16-bit PNG of the depth resized onto the image grid
+          np.testing.assert_allclose(a[k], b[k], atol=1e-4, err_msg=k)
+        else:
+          np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  assert a_rec["seg"] is not None and np.abs(a["seg"]).sum() > 0  # the maps travel too
+
+
+def test_grain_worker_processes_on_precomputed_shards_resume(shards, tmp_path):
+  """config.data.num_workers=2 on the arrayrecord crop path, with the Real-ESRGAN prefetch
+  thread on top: batches come, and the checkpointed iterator resumes exactly."""
+  import grain
+  import orbax.checkpoint as ocp
+  from absl import flags
+  if not flags.FLAGS.is_parsed():  # as the CLI leaves them; Grain's workers read its flags
+    flags.FLAGS.mark_as_parsed()
+  cfg = _config(shards["pre"], **{"data.num_workers": 2, "data.degradation": "realesrgan",
+                                  "data.prefetch": 2, "batch_size": 2})
+  tok = make_tokenizer("byte")
+  it = iter(sr_examples.make_train_loader(cfg, tok))
+  first = next(it)
+  assert first["hr"].shape == (2, 32, 32, 3) and first["lr"].shape == (2, 8, 8, 3)
+  assert first["vq_ids"].shape[:2] == (2, 3)
+  next(it)
+  mngr = ocp.CheckpointManager(tmp_path / "ckpt")
+  mngr.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+  mngr.wait_until_finished()
+  want = [next(it) for _ in range(3)]  # crosses the epoch boundary (6 records)
+  fresh = iter(sr_examples.make_train_loader(cfg, tok))
+  restored = mngr.restore(
+      2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh))).data
+  mngr.close()
+  for w in want:
+    got = next(restored)
+    assert set(got) == set(w)
+    for k in w:
+      np.testing.assert_array_equal(got[k], w[k], err_msg=k)
+  for x in (it, restored):
+    x.close()
+  del it, restored, fresh
+  gc.collect()  # Grain's worker processes stop with their iterators, not at interpreter exit

@@ -248,3 +248,30 @@ def test_eval_examples_from_folder_with_realesrgan(tmp_path, tok):
   assert not np.array_equal(ex[0]["lr"][..., 1], ex[1]["lr"][..., 1])  # per-name seeds
   with pytest.raises(ValueError, match="config.data.degradation='x'"):
     schema.validate(_config(tmp_path, **{"data.degradation": "x"}))
+
+
+def test_degradation_split_over_the_local_devices_equals_one_device(monkeypatch):
+  """The jitted stages run on every local device (8 fake CPUs here), each on its rows of the
+  batch, and give what a single device gives for the same parameters."""
+  import jax
+  from mmsr_jax.data import realesrgan
+  b, side = 8, 32
+  hr = np.random.default_rng(0).random((b, side, side, 3)).astype(np.float32)
+  params = realesrgan.stack_params([realesrgan.sample_params(
+      np.random.default_rng(i), (side, side), realesrgan.REALESRGAN, 4) for i in range(b)])
+  used = []
+  stage = realesrgan._stage_batch  # pylint: disable=protected-access
+
+  def spy(*args):
+    out = stage(*args)
+    used.append(len(out.sharding.device_set))
+    return out
+
+  monkeypatch.setattr(realesrgan, "_stage_batch", spy)
+  split = realesrgan.RealESRGANDegrader("realesrgan", 4)(hr, params)
+  assert used == [8, 8]
+  one = realesrgan.RealESRGANDegrader("realesrgan", 4, devices=jax.local_devices()[:1])(hr, params)
+  assert used[2:] == [1, 1]
+  np.testing.assert_allclose(split, one, atol=1e-6)
+  deg = realesrgan.RealESRGANDegrader("realesrgan", 4)
+  assert [len(deg.batch_sharding(n).device_set) for n in (6, 7, 16)] == [6, 7, 8]

@@ -1,6 +1,7 @@
 """The Real-ESRGAN second-order degradation (and the lighter SeeSR preset): random parameters drawn
-per example on the host, blur / resize / noise as jitted batch stages on fixed-size canvases, JPEG
-on the host. ``docs/internals.md`` explains the split and the differences from the reference.
+per example on the host, blur / resize / noise as jitted batch stages on fixed-size canvases, split
+over the batch axis of the local devices, JPEG on the host. ``docs/internals.md`` explains the
+split and the differences from the reference.
 """
 
 from __future__ import annotations
@@ -407,11 +408,19 @@ class RealESRGANDegrader:
   Args:
     preset: 'realesrgan' or 'seesr' (or a DegradationConfig).
     scale: the SR factor; outputs are exactly H/scale x W/scale.
+    devices: where the jitted stages run (default: ``jax.local_devices()``). A batch of B is
+      split over the largest number of them that divides B (every example is independent, so the
+      result does not depend on the split); one device when B is prime to all counts.
   """
 
-  def __init__(self, preset: str | DegradationConfig = "realesrgan", scale: int = 4):
+  def __init__(self, preset: str | DegradationConfig = "realesrgan", scale: int = 4,
+               devices=None):
     self.preset = get_preset(preset) if isinstance(preset, str) else preset
     self.scale = int(scale)
+    self.devices = tuple(jax.local_devices() if devices is None else devices)
+    if not self.devices:
+      raise ValueError("RealESRGANDegrader: no devices given")
+    self._shardings: dict[int, jax.sharding.NamedSharding] = {}
     # Host time spent in JPEG so far, wall and process-CPU seconds (for the data benchmark).
     self.jpeg_seconds = 0.0
     self.jpeg_cpu_seconds = 0.0
@@ -422,6 +431,14 @@ class RealESRGANDegrader:
     self.jpeg_seconds += time.perf_counter() - t0
     self.jpeg_cpu_seconds += time.process_time() - c0
     return out
+
+  def batch_sharding(self, b: int) -> jax.sharding.NamedSharding:
+    """The batch-axis sharding of a batch of ``b`` over the devices (see the class docstring)."""
+    n = max(d for d in range(1, len(self.devices) + 1) if b % d == 0)
+    if n not in self._shardings:
+      mesh = jax.sharding.Mesh(np.array(self.devices[:n]), ("batch",))
+      self._shardings[n] = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+    return self._shardings[n]
 
   def sample(self, rng: np.random.Generator, hr_hw: tuple[int, int]) -> dict[str, np.ndarray]:
     return sample_params(rng, hr_hw, self.preset, self.scale)
@@ -465,27 +482,30 @@ class RealESRGANDegrader:
       return np.stack([reflect_index(int(n), length, r) for n in n_valid])
 
     full = lambda v: np.full((b,), v)
+    sharding = self.batch_sharding(b)
+    # Each device runs the stages on its rows of the batch (every input has the batch axis).
+    put = lambda *xs: jax.device_put(xs, sharding)  # noqa: E731
     # Stage 1 on the HR image.
-    x = _stage_batch(
+    x = _stage_batch(*put(
         hr, params["k1"], pads(full(h), h), pads(full(w), w),
         mats(full(h), size1[:, 0], modes[:, 0], c1h, h),
         mats(full(w), size1[:, 1], modes[:, 0], c1w, w),
-        params["noise1"], np.stack([seeds[:, 0], full(1).astype(np.uint32)], 1), size1)
+        params["noise1"], np.stack([seeds[:, 0], full(1).astype(np.uint32)], 1), size1))
     x = self._jpeg(np.asarray(x), size1, jq[:, 0], np.ones(b, bool))
     # Stage 2 on the stage-1 canvas.
-    x = _stage_batch(
+    x = _stage_batch(*put(
         x, params["k2"], pads(size1[:, 0], c1h), pads(size1[:, 1], c1w),
         mats(size1[:, 0], size2[:, 0], modes[:, 1], c2h, c1h),
         mats(size1[:, 1], size2[:, 1], modes[:, 1], c2w, c1w),
-        params["noise2"], np.stack([seeds[:, 1], full(2).astype(np.uint32)], 1), size2)
+        params["noise2"], np.stack([seeds[:, 1], full(2).astype(np.uint32)], 1), size2))
     x = np.clip(np.asarray(x), 0.0, 1.0)
     # Final: order 1 does JPEG first; then resize to exactly H/s x W/s and the sinc filter.
     x = self._jpeg(x, size2, jq[:, 1], order == 1)
     ho, wo = h // s, w // s
-    x = _final_batch(
+    x = _final_batch(*put(
         x, mats(size2[:, 0], full(ho), modes[:, 2], ho, c2h),
         mats(size2[:, 1], full(wo), modes[:, 2], wo, c2w),
-        params["sinc"], pads(full(ho), ho), pads(full(wo), wo))
+        params["sinc"], pads(full(ho), ho), pads(full(wo), wo)))
     x = np.clip(np.asarray(x), 0.0, 1.0)
     x = self._jpeg(x, np.tile([ho, wo], (b, 1)), jq[:, 1], order == 0)
     return np.clip(np.round(x * 255.0), 0, 255).astype(np.float32) / np.float32(255.0)

@@ -18,7 +18,8 @@ from absl import logging
 
 from mmsr_jax.data import demo
 from mmsr_jax.data.images import DEFAULT_MAX_PIXELS, BadImage, read_image
-from mmsr_jax.formats.records import decode_record, list_shards, read_crop_bank, read_features
+from mmsr_jax.formats.records import (decode_record, list_shards, read_crop_bank, read_crops,
+                                      read_features)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 MIN_CHECKED = 20
@@ -115,10 +116,21 @@ class TfdsSource:
     self.__init__(*state["args"])
 
 
-def training_record(data: bytes, default_name: str) -> dict[str, Any]:
+def training_record(data: bytes, default_name: str, crops_only: bool = False) -> dict[str, Any]:
   """An annotator record (bytes) as a training record (:func:`on_image_grid`), plus its crop
-  bank (``'vq_bank'``) and encoder ``'features'`` where the precompute pass wrote them."""
-  out = on_image_grid(decode_record(data), default_name)
+  bank (``'vq_bank'``) and encoder ``'features'`` where the precompute pass wrote them.
+
+  ``crops_only``: a record with crop images (``formats.records``) is not decoded; it gives
+  ``'crops'`` (still encoded: the training transform decodes the one box it draws),
+  ``'image_hw'`` and None for the image and maps."""
+  crops = read_crops(data) if crops_only else None
+  if crops is not None:
+    head = decode_record(data, pixels=False)
+    out = {"name": head["meta"].get("name", default_name), "image": None, "depth": None,
+           "seg": None, "caption": head["caption"] or "", "crops": crops,
+           "image_hw": tuple(crops["meta"]["image_hw"])}
+  else:
+    out = on_image_grid(decode_record(data), default_name)
   bank = read_crop_bank(data)
   if bank is not None:
     out["vq_bank"] = bank
@@ -145,10 +157,14 @@ def on_image_grid(rec: dict[str, Any], default_name: str) -> dict[str, Any]:
 
 
 class ArrayRecordSource:
-  """Records written by ``mmsr_jax.annotate``; maps are resized onto the image's grid."""
+  """Records written by ``mmsr_jax.annotate``; maps are resized onto the image's grid.
 
-  def __init__(self, path: str):
+  ``crops_only`` (training from the crop bank): records with crop images are returned undecoded
+  (see :func:`training_record`)."""
+
+  def __init__(self, path: str, crops_only: bool = False):
     self.path = path
+    self.crops_only = bool(crops_only)
     self.files = list_shards(path, "config.data.path")
     self._ds = pygrain.ArrayRecordDataSource(self.files)
 
@@ -161,15 +177,18 @@ class ArrayRecordSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     try:
-      return training_record(self.raw(index), f"{self.path}[{int(index)}]")
+      return training_record(self.raw(index), f"{self.path}[{int(index)}]", self.crops_only)
     except Exception as e:  # pylint: disable=broad-except
       raise BadImage(f"cannot decode annotation record: {e}") from e
 
+  def __repr__(self) -> str:  # Grain checks a restored iterator's source by its repr
+    return f"ArrayRecordSource({self.path!r}, n={len(self)}, crops_only={self.crops_only})"
+
   def __getstate__(self):
-    return {"path": self.path}
+    return {"path": self.path, "crops_only": self.crops_only}
 
   def __setstate__(self, state):
-    self.__init__(state["path"])
+    self.__init__(state["path"], state.get("crops_only", False))
 
 
 class CheckedSource:
@@ -198,7 +217,7 @@ class CheckedSource:
     index = int(index)
     try:
       rec = self.inner[index]
-      h, w = rec["image"].shape[:2]
+      h, w = rec["image"].shape[:2] if rec.get("image") is not None else rec["image_hw"]
       if min(h, w) < self.min_size:
         raise BadImage(f"too small: {h}x{w} < config.data.min_image_size={self.min_size}")
       if h * w > self.max_pixels:
@@ -306,7 +325,10 @@ def make_source(config: ml_collections.ConfigDict, split: str = "train"):
                                image_key=d.get("image_key", ""),
                                caption_key=d.get("caption_key", ""))
   else:
-    inner = ArrayRecordSource(path)
+    # Training from the crop bank: a record's stored crop images replace its full image.
+    from_bank = (config.get("vq", {}).get("ids_from") == "shards"
+                 or config.get("autoencoder", {}).get("hr_latents_from") == "shards")
+    inner = ArrayRecordSource(path, crops_only=split == "train" and from_bank)
   return CheckedSource(inner, min_size=int(d.get("min_image_size", 64)),
                                max_bad_fraction=float(d.get("max_bad_fraction", 0.05)),
                                max_pixels=max_pixels)

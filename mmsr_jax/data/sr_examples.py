@@ -22,7 +22,8 @@ from mmsr_jax.data.simple_degradation import simple_degrade
 from mmsr_jax.data.modalities import (MODALITIES, canny_edges, operator_maps, render_crop_maps,
                                       render_map)
 from mmsr_jax.formats.records import (HR_LATENTS_KEY, NULL_TEXT_FILE, TEXT_STATES_KEY,
-                                      list_shards, read_crop_bank, read_features)
+                                      decode_crop, list_shards, read_crop_bank, read_crops,
+                                      read_features)
 from mmsr_jax.weights.fingerprint import encoder_fingerprint
 
 EVAL_SEED = 1234
@@ -192,6 +193,8 @@ class MakeTrainingExample(pygrain.RandomMapTransform):
   With ``ids_from='shards'`` the crop is one of the boxes of the record's token-id bank (written
   by ``python -m mmsr_jax.precompute --crop_size=hr_size``; ``sources.ArrayRecordSource`` passes it
   as ``'vq_bank'``), and the example gets that box's stored depth / seg ids as ``'vq_ids'``.
+  A record with crop images (``'crops'``, see ``formats.records``) gives that box's stored crop
+  and maps instead of a full image to cut it from: the same example, one small decode.
   """
 
   def __init__(self, hr_size: int, scale: int, map_size: int, text_len: int,
@@ -223,9 +226,15 @@ class MakeTrainingExample(pygrain.RandomMapTransform):
 
   def random_map(self, element: dict[str, Any],
                  rng: np.random.Generator) -> dict[str, np.ndarray]:
-    rec = resize_min_side(element, self.hr_size)
-    h, w = rec["image"].shape[:2]
     s = self.hr_size
+    crops = element.get("crops") if self.from_bank else None
+    if crops is not None:
+      check_crops_meta(crops["meta"], s, len(self._bank(element)["boxes"]),
+                       where=f"record {element.get('name', '?')!r}")
+      h, w = crops["meta"]["grid_hw"]
+    else:
+      rec = resize_min_side(element, self.hr_size)
+      h, w = rec["image"].shape[:2]
     vq_ids = None
     if self.from_bank:
       bank = self._bank(element)
@@ -241,6 +250,8 @@ class MakeTrainingExample(pygrain.RandomMapTransform):
     flip = bool(rng.random() < 0.5)
     if self.ids_from == "shards":
       vq_ids = bank["ids"][box, int(flip)].astype(np.int32)  # 0 where absent and for edge
+    if crops is not None:  # the box's own crop and maps: a record whose frame is the box
+      rec, top, left = dict(decode_crop(crops, box), caption=element["caption"]), 0, 0
     image = _crop(rec["image"], top, left, s)
     if flip:
       image = image[:, ::-1]
@@ -271,6 +282,14 @@ class MakeTrainingExample(pygrain.RandomMapTransform):
         self.degradation), self.scale)
     ex.update({f"deg_{k}": v for k, v in params.items()})
     return ex
+
+
+def check_crops_meta(meta: dict[str, Any], hr_size: int, boxes: int, *, where: str) -> None:
+  """ValueError unless a record's crop images belong to its bank at the config's crop size."""
+  if int(meta["crop_size"]) != hr_size or int(meta["boxes"]) != boxes:
+    raise ValueError(f"{where}: {meta['boxes']} crop images of {meta['crop_size']}px do not match "
+                     f"its crop bank ({boxes} boxes) at config.data.hr_size={hr_size}; run "
+                     f"python -m mmsr_jax.precompute --crop_size={hr_size} again")
 
 
 def check_bank_meta(meta: dict[str, Any], hr_size: int, map_size: int, grid: int | None, *,
@@ -355,6 +374,10 @@ class DegradingIterator:
       raise item
     out, self._state = item
     return out
+
+  def close(self) -> None:
+    """Stops the prefetch thread (the wrapped iterator's workers stop when it is dropped)."""
+    self._halt()
 
   def _halt(self) -> None:
     if self._thread is not None:
@@ -520,7 +543,7 @@ def check_precomputed(config: ml_collections.ConfigDict, source) -> int | None:
   inner = source.inner if isinstance(source, sources.CheckedSource) else source
   first = f"{inner.files[0]} record 0"
   data = inner.raw(0)
-  grid = None
+  grid = bank = None
   if config.vq.ids_from == "shards" or config.autoencoder.hr_latents_from == "shards":
     bank = read_crop_bank(data)
     if bank is None:
@@ -540,6 +563,9 @@ def check_precomputed(config: ml_collections.ConfigDict, source) -> int | None:
                        "step, so it must be that tokenizer")
   else:
     grid = None
+  crops = read_crops(data)
+  if crops is not None and bank is not None:
+    check_crops_meta(crops["meta"], int(config.data.hr_size), len(bank["boxes"]), where=first)
   features, fmeta = read_features(data)
   for field, key, check in (("text.states_from", TEXT_STATES_KEY, _check_text_meta),
                             ("autoencoder.hr_latents_from", HR_LATENTS_KEY, _check_latent_meta)):

@@ -4,6 +4,19 @@ One ArrayRecord record per image, an ``.npz`` archive of uint8 byte arrays (read
 ``allow_pickle=False``). ``annotate`` writes the image and its maps, ``precompute`` adds token ids,
 crop banks and encoder features; the training sources read them back. This module depends on
 nothing else in the package.
+
+Crop images (``python -m mmsr_jax.precompute``, feature ``crops``): for each box of the record's
+crop bank, the HR crop the trainer would cut from the full image (after ``resize_min_side``, not
+mirrored), re-encoded on its own, plus the depth / seg crops on the same grid, so a training
+example decodes one crop-size image instead of the whole photo. Entries, per box b of the bank
+(same order) and per kind in ``CROP_IMAGE_KINDS`` that the record has: ``crops_<kind>_<b:03d>``
+uint8, one encoded image (an entry of its own, so reading one box reads only its bytes);
+``crops_meta`` JSON: ``version``, ``encoding`` of the images
+('png': lossless 8-bit RGB; 'jpeg': baseline JPEG at ``quality``), ``crop_size``, ``boxes`` (N,
+the bank's count, same order), ``image_hw`` (the decoded image's size) and ``grid_hw`` (its size
+after ``resize_min_side``, the frame of the boxes), ``maps`` (the map kinds stored). Depth crops
+are 16-bit PNG of round(depth * 65535) (depth as the record holds it, on the image grid), seg
+crops 16-bit PNG of label + 1; both lossless up to that quantisation of the resized depth.
 """
 
 from __future__ import annotations
@@ -42,6 +55,11 @@ FEATURES_META_KEY = "features_meta"  # JSON: per feature its encoder fingerprint
 FEATURE_KEYS = (TEXT_STATES_KEY, HR_LATENTS_KEY, FEATURES_META_KEY)
 # Beside the shards: the text states of the empty caption (condition dropout needs them).
 NULL_TEXT_FILE = "null_text.npz"
+# Crop images of the crop bank's boxes (see the module docstring).
+CROPS_META_KEY = "crops_meta"
+CROP_IMAGE_KINDS = ("image", "depth", "seg")
+CROP_ENCODINGS = ("png", "jpeg")
+CROPS_VERSION = 1
 
 
 def list_shards(pattern: str, field: str) -> list[str]:
@@ -103,11 +121,15 @@ def encode_record(image: np.ndarray, maps: dict[str, Any], meta: dict[str, Any])
   return _archive(entries)
 
 
-def decode_record(data: bytes) -> dict[str, Any]:
+def decode_record(data: bytes, pixels: bool = True) -> dict[str, Any]:
   """Inverse of :func:`encode_record`: ``image`` uint8 HxWx3, ``edge``/``depth`` float32 in
   [0, 1], ``seg`` int32 labels (-1 = no label), ``caption`` str, ``meta`` dict; absent maps are
-  None."""
+  None. ``pixels=False`` decodes only the caption and meta (image and maps None)."""
   with np.load(io.BytesIO(data), allow_pickle=False) as z:
+    if not pixels:
+      caption = z["caption"].tobytes().decode("utf-8") if "caption" in z.files else None
+      return {"image": None, "edge": None, "depth": None, "seg": None, "caption": caption,
+              "meta": json.loads(z["meta"].tobytes().decode("utf-8"))}
     raw = {k: z[k].tobytes() for k in z.files}
 
   def img(b, flag=cv2.IMREAD_UNCHANGED):
@@ -211,3 +233,85 @@ def read_crop_bank(record: bytes) -> dict[str, Any] | None:
     meta = json.loads(z[META_KEY].tobytes().decode("utf-8"))
   return {"boxes": arrays[CROP_BOXES_KEY], "ids": arrays[CROP_IDS_KEY],
           "present": arrays[CROP_PRESENT_KEY], "meta": meta}
+
+
+# ----------------------------------------------------------------------------- crop images
+def encode_crop_image(image: np.ndarray, encoding: str, quality: int = 95) -> bytes:
+  """One uint8 SxSx3 RGB crop as ``crops_image`` stores it ('png' lossless or 'jpeg')."""
+  bgr = np.ascontiguousarray(np.asarray(image, np.uint8)[..., ::-1])
+  if encoding == "png":
+    return _png(bgr)
+  if encoding == "jpeg":
+    ok, buf = cv2.imencode(".jpg", bgr, [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)])
+    if not ok:
+      raise RuntimeError(f"JPEG encoding failed for an array of shape {image.shape}")
+    return buf.tobytes()
+  raise ValueError(f"crop encoding {encoding!r}: expected one of {CROP_ENCODINGS}")
+
+
+def encode_crop_map(kind: str, crop: np.ndarray) -> bytes:
+  """A depth (float in [0, 1]) or seg (int labels >= -1) crop as ``crops_<kind>`` stores it."""
+  if kind == "depth":
+    return _unit_to_png16(np.asarray(crop, np.float32))
+  if kind == "seg":
+    return _png((np.asarray(crop, np.int64) + 1).astype(np.uint16))
+  raise ValueError(f"crop map kind {kind!r}: expected 'depth' or 'seg'")
+
+
+def add_crops(record: bytes, crops: dict[str, list[bytes]], meta: dict) -> bytes:
+  """``record`` with its crop images (``{kind: [encoded box 0, box 1, ...]}``, kinds from
+  ``CROP_IMAGE_KINDS``, 'image' required) and their ``meta``; earlier crop entries replaced."""
+  if "image" not in crops:
+    raise ValueError("crop images: the 'image' crops are required")
+  entries = {}
+  for kind, items in crops.items():
+    if kind not in CROP_IMAGE_KINDS:
+      raise ValueError(f"crop kind {kind!r}: expected one of {CROP_IMAGE_KINDS}")
+    for b, item in enumerate(items):
+      entries[f"crops_{kind}_{b:03d}"] = np.frombuffer(item, np.uint8)
+  maps = sorted(k for k in crops if k != "image")
+  entries[CROPS_META_KEY] = _json_entry(dict(meta, version=CROPS_VERSION, maps=maps))
+  return _with_entries(record, entries, lambda k: k.startswith("crops_"))
+
+
+def read_crops(record: bytes) -> dict[str, Any] | None:
+  """A record's crop ``meta`` and the ``record`` itself, or None when it has no crop images;
+  :func:`decode_crop` reads and decodes one box."""
+  with np.load(io.BytesIO(record), allow_pickle=False) as z:
+    if CROPS_META_KEY not in z.files:
+      return None
+    meta = json.loads(z[CROPS_META_KEY].tobytes().decode("utf-8"))
+  out = {"meta": meta, "record": record}
+  if meta.get("version") != CROPS_VERSION or meta.get("encoding") not in CROP_ENCODINGS:
+    raise ValueError(f"crop images of version {meta.get('version')} / encoding "
+                     f"{meta.get('encoding')!r}: expected version {CROPS_VERSION} and one of "
+                     f"{CROP_ENCODINGS}; precompute these shards again")
+  return out
+
+
+def decode_crop(crops: dict[str, Any], box: int) -> dict[str, Any]:
+  """Box ``box`` of :func:`read_crops`: ``image`` uint8 SxSx3 RGB, ``depth`` float32 in [0, 1]
+  and ``seg`` int32 labels (-1 = none) SxS, or None where the record has no such map."""
+  maps = crops["meta"]["maps"]
+  with np.load(io.BytesIO(crops["record"]), allow_pickle=False) as z:
+    def one(kind, flag):
+      out = cv2.imdecode(z[f"crops_{kind}_{int(box):03d}"], flag)
+      if out is None:
+        raise ValueError(f"undecodable {kind} crop {box} in a record's crop images")
+      return out
+
+    out: dict[str, Any] = {"image": one("image", cv2.IMREAD_COLOR)[..., ::-1], "depth": None,
+                           "seg": None}
+    if "depth" in maps:
+      out["depth"] = one("depth", cv2.IMREAD_UNCHANGED).astype(np.float32) / np.float32(65535.0)
+    if "seg" in maps:
+      out["seg"] = one("seg", cv2.IMREAD_UNCHANGED).astype(np.int32) - 1
+  return out
+
+
+def decode_crop_image(data: bytes) -> np.ndarray:
+  """One encoded ``crops_image_*`` entry -> uint8 SxSx3 RGB."""
+  out = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+  if out is None:
+    raise ValueError("undecodable crop image")
+  return out[..., ::-1]

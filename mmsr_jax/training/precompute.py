@@ -3,8 +3,10 @@ each record what the SR trainer can then read instead of running a frozen encode
 the VQ token ids of its maps, and for the boxes of a crop bank (unflipped and mirrored, made by
 the same functions as the training pipeline) the depth / seg ids and the VAE latents (posterior
 mean, scaled as the diffusion sees it) of the HR crop; and the T5 states of its caption (the
-real tokens only). The features carry the fingerprint of the encoder that wrote them. Shards are
-written to a temporary name and renamed when complete; independent workers may split them."""
+real tokens only); and the bank boxes' HR crops (and depth / seg crops) re-encoded on their own,
+so the trainer decodes one crop instead of the whole photo (format in ``formats/records.py``).
+The features carry the fingerprint of the encoder that wrote them. Shards are written to a
+temporary name and renamed when complete; independent workers may split them."""
 
 from __future__ import annotations
 
@@ -25,8 +27,10 @@ from array_record.python.array_record_module import ArrayRecordReader, ArrayReco
 from mmsr_jax.data import sources, sr_examples
 from mmsr_jax.data.captions import make_tokenizer
 from mmsr_jax.data.modalities import MODALITIES, canny, render_crop_maps, render_map
-from mmsr_jax.formats.records import (HR_LATENTS_KEY, MANIFEST, NULL_TEXT_FILE, TEXT_STATES_KEY,
-                                      add_features, add_ids, decode_record, list_shards)
+from mmsr_jax.formats.records import (CROP_ENCODINGS, HR_LATENTS_KEY, MANIFEST, NULL_TEXT_FILE,
+                                      TEXT_STATES_KEY, add_crops, add_features, add_ids,
+                                      decode_crop_image, decode_record, encode_crop_image,
+                                      encode_crop_map, list_shards)
 from mmsr_jax.models import build
 from mmsr_jax.models import vqgan as vqgan_lib
 from mmsr_jax.runtime import checkpoint as ckpt_lib
@@ -35,7 +39,7 @@ from mmsr_jax.training.vq_report import EXPORT_FILE
 from mmsr_jax.weights import params_io
 from mmsr_jax.weights.fingerprint import encoder_fingerprint, weights_fingerprint
 
-FEATURES = ("vq", "text", "latents")
+FEATURES = ("vq", "text", "latents", "crops")
 STORE_DTYPES = ("bfloat16", "float32")
 
 
@@ -191,6 +195,35 @@ class Encoders:
     return np.concatenate(out)
 
 
+def record_crop_images(decoded: dict[str, Any], boxes: np.ndarray, crop_size: int,
+                       encoding: str = "png") -> tuple[dict[str, list[bytes]], dict, np.ndarray]:
+  """The crop images of a record's bank boxes (``formats.records.add_crops``): per kind the
+  encoded crops, their meta, and the image crops as they decode (uint8 ``[N, S, S, 3]``; equal to
+  the cut for 'png'), which the HR latents are then computed from."""
+  rec = sr_examples.resize_min_side(sources.on_image_grid(decoded, "record"), crop_size)
+  crops: dict[str, list[bytes]] = {"image": []}
+  for kind in ("depth", "seg"):
+    if rec.get(kind) is not None:
+      crops[kind] = []
+  for top, left in boxes:
+    window = (slice(int(top), int(top) + crop_size), slice(int(left), int(left) + crop_size))
+    crops["image"].append(encode_crop_image(rec["image"][window], encoding))
+    for kind in crops:
+      if kind != "image":
+        crops[kind].append(encode_crop_map(kind, rec[kind][window]))
+  meta = {"encoding": encoding, "quality": 95 if encoding == "jpeg" else None,
+          "crop_size": int(crop_size), "boxes": len(boxes),
+          "image_hw": list(decoded["image"].shape[:2]), "grid_hw": list(rec["image"].shape[:2])}
+  images = np.stack([decode_crop_image(b) for b in crops["image"]])
+  return crops, meta, images
+
+
+def hr_crops_of(images: np.ndarray) -> np.ndarray:
+  """uint8 crops ``[N, S, S, 3]`` -> float32 ``[N, 2 (flip), S, S, 3]`` in [-1, 1]."""
+  x = images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+  return np.stack([x, x[:, :, ::-1]], axis=1)
+
+
 def record_hr_crops(decoded: dict[str, Any], boxes: np.ndarray, crop_size: int) -> np.ndarray:
   """The HR crops of a record's bank boxes as the trainer sees them, float32 ``[N, 2 (flip),
   S, S, 3]`` in [-1, 1]."""
@@ -206,14 +239,16 @@ def record_hr_crops(decoded: dict[str, Any], boxes: np.ndarray, crop_size: int) 
 def precompute_records(config, encoders: Encoders, records: Iterable[bytes], *,
                        features=FEATURES, batch_size: int = 64, crop_size: int = 0,
                        crops: int = 16, first_index: int = 0,
-                       dtype: str = "bfloat16") -> Iterable[bytes]:
+                       dtype: str = "bfloat16", crop_encoding: str = "png") -> Iterable[bytes]:
   """Yields the records with the ``features`` added (encoders run in batches).
 
   With ``crop_size > 0`` each record gets its crop bank of ``crops`` boxes; the record at
-  position j is keyed ``first_index + j`` for ``sr_examples.crop_bank_boxes``.
+  position j is keyed ``first_index + j`` for ``sr_examples.crop_bank_boxes``. Feature 'crops'
+  stores the boxes' crops encoded as ``crop_encoding``.
   """
   tok = encoders.vq
-  bank_on = bool(crop_size) and ("vq" in features or "latents" in features)
+  bank_on = bool(crop_size) and ("vq" in features or "latents" in features
+                                 or "crops" in features)
   vq_meta = dict(tok.meta, crop_size=int(crop_size) if bank_on else 0,
                  crops=int(crops) if bank_on else 0) if tok is not None else None
   g = tok.grid if tok is not None else 1
@@ -224,10 +259,13 @@ def precompute_records(config, encoders: Encoders, records: Iterable[bytes], *,
         "fingerprint": encoder_fingerprint(config, "text"), "tokenizer": config.text.tokenizer,
         "max_length": int(config.text.max_length),
         "d_model": int(config.text.encoder.d_model), "dtype": dtype}
+  if crop_encoding not in CROP_ENCODINGS:
+    raise ValueError(f"--crop_encoding={crop_encoding!r}: expected one of {CROP_ENCODINGS}")
+  for name in ("latents", "crops"):
+    if name in features and not crop_size:
+      raise ValueError(f"--features={name} belongs to a crop bank: give --crop_size (the "
+                       "config's data.hr_size)")
   if "latents" in features:
-    if not crop_size:
-      raise ValueError("HR latents belong to a crop bank: give --crop_size (the config's "
-                       "data.hr_size)")
     fmeta[HR_LATENTS_KEY] = {
         "fingerprint": encoder_fingerprint(config, "ae"), "crop_size": int(crop_size),
         "scaling_factor": float(config.autoencoder.scaling_factor),
@@ -285,6 +323,8 @@ def precompute_records(config, encoders: Encoders, records: Iterable[bytes], *,
       if feats[i]:
         meta = {k: dict(fmeta[k], shape=list(v.shape)) for k, v in feats[i].items()}
         rec = add_features(rec, feats[i], meta)
+      if "crops" in features:
+        rec = add_crops(rec, p["crops"], p["crops_meta"])
       out.append(rec)
     pending.clear()
     return out
@@ -297,7 +337,13 @@ def precompute_records(config, encoders: Encoders, records: Iterable[bytes], *,
     if bank_on:
       item["boxes"], item["crop_maps"] = record_crop_maps(
           decoded, crop_size, crops, first_index + j, int(config.data.map_size))
-    if "latents" in features:
+    if "crops" in features:
+      # The latents are those of the crops as stored (the same pixels for 'png').
+      item["crops"], item["crops_meta"], images = record_crop_images(
+          decoded, item["boxes"], crop_size, crop_encoding)
+      if "latents" in features:
+        item["hr_crops"] = hr_crops_of(images)
+    elif "latents" in features:
       item["hr_crops"] = record_hr_crops(decoded, item["boxes"], crop_size)
     if "text" in features:
       item["text"] = captions.encode(decoded["caption"] or "", int(config.text.max_length))
@@ -324,7 +370,8 @@ def write_null_text(config, encoders: Encoders, path: str, dtype: str) -> None:
 def precompute_shards(config, input_pattern: str, output_dir: str, *, features=FEATURES,
                       batch_size: int = 64, crop_size: int | None = None, crops: int = 16,
                       dtype: str = "bfloat16", overwrite: bool = False, worker_index: int = 0,
-                      num_workers: int = 1, log=print) -> list[str]:
+                      num_workers: int = 1, crop_encoding: str = "png",
+                      log=print) -> list[str]:
   """Precomputes ``features`` of the shards of ``input_pattern`` into ``output_dir``; returns
   the written paths.
 
@@ -349,6 +396,10 @@ def precompute_shards(config, input_pattern: str, output_dir: str, *, features=F
                      "for whole-map ids only")
   if crops < 1:
     raise ValueError(f"--crops={crops}: expected >= 1")
+  if crop_encoding not in CROP_ENCODINGS:
+    raise ValueError(f"--crop_encoding={crop_encoding!r}: expected one of {CROP_ENCODINGS}")
+  if "crops" in features and not crop_size:
+    raise ValueError("--features=crops stores the crop bank's crops: give --crop_size > 0")
   if num_workers < 1 or not 0 <= worker_index < num_workers:
     raise ValueError(f"--worker_index={worker_index} --num_workers={num_workers}: expected "
                      "num_workers >= 1 and 0 <= worker_index < num_workers")
@@ -379,11 +430,14 @@ def precompute_shards(config, input_pattern: str, output_dir: str, *, features=F
     n = reader.num_records()
     records = (reader.read([i])[0] for i in range(n))
     tmp = dst + ".tmp"
-    writer = ArrayRecordWriter(tmp, "group_size:1")
+    # Uncompressed: the entries are PNG / JPEG / arrays that barely compress, and reading a
+    # compressed record costs the trainer's host several times its memory copy.
+    writer = ArrayRecordWriter(tmp, "group_size:1,uncompressed")
     count = 0
     for rec in precompute_records(config, encoders, records, features=features,
                                   batch_size=batch_size, crop_size=crop_size, crops=crops,
-                                  first_index=first_index, dtype=dtype):
+                                  first_index=first_index, dtype=dtype,
+                                  crop_encoding=crop_encoding):
       writer.write(rec)
       count += 1
     writer.close()
@@ -400,6 +454,7 @@ def precompute_shards(config, input_pattern: str, output_dir: str, *, features=F
   with open(os.path.join(output_dir, summary), "w") as f:
     json.dump({"features": list(features), "crop_size": crop_size,
                "crops": crops if crop_size else 0, "dtype": dtype,
+               "crop_encoding": crop_encoding if "crops" in features else None,
                "fingerprints": {p: encoder_fingerprint(config, p) for p in parts},
                "vq": encoders.vq.meta if encoders.vq is not None else None,
                "shards": [os.path.basename(o) for o in outs]}, f, indent=2)
