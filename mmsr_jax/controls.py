@@ -1,0 +1,140 @@
+r"""Draws the controllability figure of one image: a labelled grid over guidance modes x guidance
+scales and one over per-group attention temperatures, every cell with the same seed.
+
+  python -m mmsr_jax.controls --workdir=runs/tiny --input=photo.png --output=out/ \
+      [--caption="a cat"] [--modes=cfg,m0cfg,mcfg] [--scales=0,1,2,4] \
+      [--temperature_groups=text,depth,seg,edge] [--temperatures=0.5,1,2]
+
+Writes ``<stem>_guidance.png``, ``<stem>_temperature.png`` and ``<stem>_controls.json`` (every
+cell's settings and its box in the picture). The work is done by
+:mod:`mmsr_jax.inference.controls`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags
+
+from mmsr_jax import cli
+from mmsr_jax.data import images as image_io
+from mmsr_jax.diffusion.guidance import GUIDANCE_MODES
+from mmsr_jax.formats.records import MODALITIES
+from mmsr_jax.inference import controls
+from mmsr_jax.inference.super_resolver import SuperResolver, read_map
+from mmsr_jax.runtime import checkpoint as ckpt_lib
+
+
+def define_flags() -> None:
+  """Flags of the CLI (defined only when run as a program)."""
+  d = flags
+  d.DEFINE_string("workdir", None, "Training run directory (config + checkpoints).")
+  d.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+  d.DEFINE_string("input", None, "One image file.")
+  d.DEFINE_string("output", None, "Output folder for the grid PNGs and their JSON.")
+  d.DEFINE_string("caption", None, "Caption (default: the annotator's, else '').")
+  d.DEFINE_string("negative_prompt", None, "Negative prompt (default: the config's).")
+  d.DEFINE_list("modes", list(controls.DEFAULT_MODES), "Rows of the guidance grid "
+                f"({', '.join(GUIDANCE_MODES)}); empty: no guidance grid.")
+  d.DEFINE_list("scales", [f"{s:g}" for s in controls.DEFAULT_SCALES],
+                "Columns of the guidance grid: guidance scales w >= 0.")
+  d.DEFINE_list("temperature_groups", list(controls.DEFAULT_GROUPS), "Rows of the temperature "
+                "grid (text, depth, seg, edge); empty: no temperature grid.")
+  d.DEFINE_list("temperatures", [f"{t:g}" for t in controls.DEFAULT_TEMPERATURES],
+                "Columns of the temperature grid: temperatures > 0 (1: unchanged).")
+  d.DEFINE_enum("guidance", None, list(GUIDANCE_MODES), "Guidance mode of the temperature grid "
+                "(default: the config's).")
+  d.DEFINE_float("scale", None, "Guidance scale of the temperature grid (default: the config's).")
+  d.DEFINE_integer("steps", None, "DDIM steps.")
+  d.DEFINE_float("eta", None, "DDIM eta.")
+  d.DEFINE_integer("seed", None, "Noise seed, the same for every cell.")
+  d.DEFINE_float("strength", None, "1 = from pure noise; < 1 = from the noised upsampled LR.")
+  for k in MODALITIES:
+    d.DEFINE_string(k, None, f"User-supplied {k} map (image file).")
+  d.DEFINE_string("annotate_depth", None, "Depth model (folder or hub id) for missing depth.")
+  d.DEFINE_string("annotate_seg", None, "Mask2Former model for missing segmentation.")
+  d.DEFINE_string("annotate_caption", None, "Captioning model for a missing --caption.")
+  d.DEFINE_string("annotate_caption_kind", "blip", "blip, florence2 or qwen2_5_vl.")
+  d.DEFINE_integer("max_pixels", None, "Largest input image (pixels; default: the run's "
+                   "config.sampling.max_input_pixels).")
+  d.DEFINE_bool("overwrite", False, "Replace existing outputs (never the input).")
+  d.DEFINE_bool("progress", True, "Show a progress bar over the cells.")
+
+
+def main(argv):
+  del argv
+  F = flags.FLAGS
+  for name in ("workdir", "input", "output"):
+    if not F[name].value:
+      raise app.UsageError(f"--{name} is required")
+  # Every check on flags and files happens before the model is built.
+  axes = controls.check_controls(F.modes, F.scales, F.temperature_groups, F.temperatures)
+  grids = controls.grids_to_draw(axes)
+  if os.path.isdir(F.input) or not os.path.exists(F.input):
+    raise FileNotFoundError(f"--input={F.input}: expected one image file")
+  run_config = ckpt_lib.load_config(F.workdir)
+  if F.max_pixels is None:
+    limit = image_io.check_limit(run_config.sampling.get(
+        "max_input_pixels", image_io.DEFAULT_MAX_INPUT_PIXELS), "config.sampling.max_input_pixels")
+  else:
+    limit = image_io.check_limit(F.max_pixels, "--max_pixels")
+  pic = image_io.read(F.input, limit)
+  maps = {k: read_map(F[k].value, k) for k in MODALITIES if F[k].value}
+  if os.path.exists(F.output) and not os.path.isdir(F.output):
+    raise NotADirectoryError(f"--output={F.output} exists and is not a folder")
+  paths = controls.output_paths(F.input, F.output, grids)
+  for k in MODALITIES:
+    if F[k].value and os.path.realpath(F[k].value) in {os.path.realpath(p)
+                                                       for p in paths.values()}:
+      raise ValueError(f"--output={F.output}: would overwrite the --{k} map {F[k].value}")
+  cli.check_writable(F.output, "--output")
+  existing = [p for p in paths.values() if os.path.exists(p)]
+  if existing and not F.overwrite:
+    raise FileExistsError(f"{existing[0]} exists (and {len(existing) - 1} more); pass "
+                          "--overwrite to replace")
+  annotator = None
+  if F.annotate_depth or F.annotate_seg or F.annotate_caption:
+    from mmsr_jax.data.annotator import Annotator  # torch extras: only when asked for
+    annotator = Annotator(depth=F.annotate_depth, seg=F.annotate_seg,
+                          caption=F.annotate_caption, caption_kind=F.annotate_caption_kind)
+
+  sr = SuperResolver.from_workdir(F.workdir, step=F.step, annotator=annotator,
+                                  max_input_pixels=limit)
+  settings = dict(guidance=F.guidance, scale=F.scale, steps=F.steps, eta=F.eta, seed=F.seed,
+                  strength=F.strength, negative_prompt=F.negative_prompt)
+  sr.resolve(**settings)  # bad values fail here, before anything is sampled or written
+  n_cells = sum(len(axes[a]) * len(axes[b]) for g, a, b in
+                (("guidance", "modes", "scales"), ("temperature", "groups", "temperatures"))
+                if g in grids)
+  from tqdm import tqdm
+  bar = tqdm(total=n_cells, desc="cells", unit="cell", disable=not F.progress)
+  figures = controls.controls_figures(sr, pic, axes, caption=F.caption, maps=maps,
+                                      progress=lambda: bar.update(1), **settings)
+  bar.close()
+  os.makedirs(F.output, exist_ok=True)
+  for name, fig in figures.items():
+    fig["image"].save(paths[name], format="PNG")
+    fig["record"]["file"] = os.path.abspath(paths[name])
+  with open(paths["json"], "w") as fh:
+    json.dump({"input": os.path.abspath(F.input), "workdir": os.path.abspath(F.workdir),
+               "checkpoint_step": sr.step, "map_files": {k: F[k].value for k in maps},
+               "files": {k: os.path.abspath(p) for k, p in paths.items()},
+               "grids": {name: fig["record"] for name, fig in figures.items()}}, fh, indent=2)
+  for name, fig in figures.items():
+    r = fig["record"]
+    print(f"{paths[name]}: {len(r['rows']['values'])} {r['rows']['field']} x "
+          f"{len(r['columns']['values'])} {r['columns']['field']}, cells "
+          f"{r['cell_size'][1]}x{r['cell_size'][0]}, picture {r['picture_size'][1]}x"
+          f"{r['picture_size'][0]}")
+  nulls = sorted({k for fig in figures.values() for c in fig["record"]["cells"]
+                  for k, v in c["settings"]["maps"].items()
+                  if v == "null" and k in axes["groups"]})
+  if "temperature" in figures and nulls:
+    print(f"note: {', '.join(nulls)} had no map (null tokens); their temperatures act on the null "
+          "block. Give --depth/--seg or --annotate_depth/--annotate_seg for the real effect.")
+  print(f"{paths['json']}: every cell's settings")
+
+
+if __name__ == "__main__":
+  cli.run(main, define_flags)
