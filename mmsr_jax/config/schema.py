@@ -3,9 +3,12 @@ fields a resume may not change."""
 
 from __future__ import annotations
 
+import ml_collections
+
 from mmsr_jax.config import sr, vq
 
 TASKS = {sr.TASK: sr, vq.TASK: vq}
+DEFAULTS = {sr.TASK: sr.sr_config, vq.TASK: vq.vq_config}
 
 
 def task_of(config) -> str:
@@ -32,3 +35,19 @@ RESUME_FIXED = ("seed",)
 def resume_fields(config) -> tuple[str, ...]:
   """The fields whose value a resume may not change."""
   return arch_fields(config) + RESUME_FIXED
+
+
+def with_defaults(saved: dict) -> ml_collections.ConfigDict:
+  """A run's saved config (plain dict) with the fields added to its task's schema since it was
+  written taking their defaults, so older runs still sample and resume."""
+  def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+      out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+  task = task_of(saved)
+  merged = merge(DEFAULTS[task]().to_dict(), saved)
+  model = merged.get("model", {})
+  if isinstance(model.get("remat"), bool):  # a switch before the remat policies existed
+    model["remat"] = "full" if model["remat"] else "none"
+  return ml_collections.ConfigDict(merged)

@@ -436,7 +436,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"{path} not found: --workdir must be a directory written by "
                             "python -m mmsr_jax.train")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    return schema.with_defaults(json.load(f))
 
 
 def _get(cfg, dotted: str):
