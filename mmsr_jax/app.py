@@ -210,10 +210,7 @@ def define_flags() -> None:
                    "only to the model's multiple).")
   d.DEFINE_integer("max_queue", 16, "Requests that may wait while one runs.")
   d.DEFINE_bool("share", False, "Ask Gradio for a public share link (e.g. on Colab).")
-  d.DEFINE_string("annotate_depth", None, "Depth model (folder or hub id) for missing depth.")
-  d.DEFINE_string("annotate_seg", None, "Mask2Former model for missing segmentation.")
-  d.DEFINE_string("annotate_caption", None, "Captioning model for a missing caption.")
-  d.DEFINE_string("annotate_caption_kind", "blip", "blip, florence2 or qwen2_5_vl.")
+  cli.define_annotator_flags()
   d.DEFINE_enum("text_device", None, list(TEXT_DEVICES), "Where the text encoder runs (see "
                 "python -m mmsr_jax.sample --help).")
 
@@ -234,11 +231,7 @@ def main(argv):
     raise NotADirectoryError(f"--output={F.output} exists and is not a folder")
   check_port_free(F.host, F.port)
   ckpt_lib.load_config(F.workdir)  # fails early on a folder that is not a run
-  annotator = None
-  if F.annotate_depth or F.annotate_seg or F.annotate_caption:
-    from mmsr_jax.data.annotator import Annotator  # torch extras: only when asked for
-    annotator = Annotator(depth=F.annotate_depth, seg=F.annotate_seg,
-                          caption=F.annotate_caption, caption_kind=F.annotate_caption_kind)
+  annotator = cli.annotator_from_flags()
   sr = SuperResolver.from_workdir(F.workdir, step=F.step, text_device=F.text_device,
                                   max_input_pixels=F.max_pixels)
   output = F.output or tempfile.mkdtemp(prefix="mmsr_app_")

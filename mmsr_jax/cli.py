@@ -39,6 +39,33 @@ def check_writable(folder: str, flag: str) -> None:
     raise OSError(f"{flag}={folder}: {probe} cannot be written ({e.strerror or e})") from e
 
 
+def define_annotator_flags() -> None:
+  """The flags that name annotator models for what an input lacks (sample, controls, app)."""
+  d = flags
+  d.DEFINE_string("annotate_depth", None, "Depth model (folder or hub id) for missing depth.")
+  d.DEFINE_string("annotate_seg", None, "Mask2Former model for missing segmentation.")
+  d.DEFINE_string("annotate_caption", None, "Captioning model for a missing caption.")
+  d.DEFINE_string("annotate_caption_kind", "blip", "blip, florence2 or qwen2_5_vl.")
+
+
+def annotator_from_flags():
+  """The Annotator the ``--annotate_*`` flags ask for (None when none is given)."""
+  F = flags.FLAGS
+  if not (F.annotate_depth or F.annotate_seg or F.annotate_caption):
+    return None
+  from mmsr_jax.data.annotator import Annotator  # torch extras: only when asked for
+  return Annotator(depth=F.annotate_depth, seg=F.annotate_seg, caption=F.annotate_caption,
+                   caption_kind=F.annotate_caption_kind)
+
+
+def refuse_existing(paths, overwrite: bool) -> None:
+  """FileExistsError naming the first of ``paths`` that exists, unless ``overwrite``."""
+  existing = [p for p in paths if os.path.exists(p)]
+  if existing and not overwrite:
+    raise FileExistsError(f"{existing[0]} exists (and {len(existing) - 1} more); pass "
+                          "--overwrite to replace")
+
+
 def run(main, define_flags=None) -> None:
   """Defines the flags and runs ``main`` under absl, reporting bad flags and inputs as one line
   (exit status 2)."""

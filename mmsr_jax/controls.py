@@ -52,10 +52,7 @@ def define_flags() -> None:
   d.DEFINE_float("strength", None, "1 = from pure noise; < 1 = from the noised upsampled LR.")
   for k in MODALITIES:
     d.DEFINE_string(k, None, f"User-supplied {k} map (image file).")
-  d.DEFINE_string("annotate_depth", None, "Depth model (folder or hub id) for missing depth.")
-  d.DEFINE_string("annotate_seg", None, "Mask2Former model for missing segmentation.")
-  d.DEFINE_string("annotate_caption", None, "Captioning model for a missing --caption.")
-  d.DEFINE_string("annotate_caption_kind", "blip", "blip, florence2 or qwen2_5_vl.")
+  cli.define_annotator_flags()
   d.DEFINE_integer("max_pixels", None, "Largest input image (pixels; default: the run's "
                    "config.sampling.max_input_pixels).")
   d.DEFINE_bool("overwrite", False, "Replace existing outputs (never the input).")
@@ -89,15 +86,8 @@ def main(argv):
                                                        for p in paths.values()}:
       raise ValueError(f"--output={F.output}: would overwrite the --{k} map {F[k].value}")
   cli.check_writable(F.output, "--output")
-  existing = [p for p in paths.values() if os.path.exists(p)]
-  if existing and not F.overwrite:
-    raise FileExistsError(f"{existing[0]} exists (and {len(existing) - 1} more); pass "
-                          "--overwrite to replace")
-  annotator = None
-  if F.annotate_depth or F.annotate_seg or F.annotate_caption:
-    from mmsr_jax.data.annotator import Annotator  # torch extras: only when asked for
-    annotator = Annotator(depth=F.annotate_depth, seg=F.annotate_seg,
-                          caption=F.annotate_caption, caption_kind=F.annotate_caption_kind)
+  cli.refuse_existing(paths.values(), F.overwrite)
+  annotator = cli.annotator_from_flags()
 
   sr = SuperResolver.from_workdir(F.workdir, step=F.step, annotator=annotator,
                                   max_input_pixels=limit)

@@ -81,10 +81,7 @@ def define_flags() -> None:
   d.DEFINE_integer("tile_batch", None, "Most tiles x guidance branches per denoiser pass "
                    "(lower = less memory for large outputs; default: all at once).")
   d.DEFINE_integer("map_batch", None, "Most tiles whose maps are VQ-encoded at once.")
-  d.DEFINE_string("annotate_depth", None, "Depth model (folder or hub id) for missing depth.")
-  d.DEFINE_string("annotate_seg", None, "Mask2Former model for missing segmentation.")
-  d.DEFINE_string("annotate_caption", None, "Captioning model for a missing --caption.")
-  d.DEFINE_string("annotate_caption_kind", "blip", "blip, florence2 or qwen2_5_vl.")
+  cli.define_annotator_flags()
   d.DEFINE_enum("text_device", None, list(TEXT_DEVICES), "Where the text encoder runs: cpu "
                 "keeps its weights on the host (default: config.sampling.text_device, else auto).")
   d.DEFINE_bool("overwrite", False, "Replace existing outputs.")
@@ -120,16 +117,9 @@ def main(argv):
     raise NotADirectoryError(f"--output={F.output} exists and is not a folder")
   targets = output_paths(files, F.output, [F[k].value for k in MODALITIES if F[k].value])
   cli.check_writable(F.output, "--output")  # before the model is built
-  existing = [p for t in targets.values() for p in (t, os.path.splitext(t)[0] + ".json")
-              if os.path.exists(p)]
-  if existing and not F.overwrite:
-    raise FileExistsError(f"{existing[0]} exists (and {len(existing) - 1} more); pass "
-                          "--overwrite to replace")
-  annotator = None
-  if F.annotate_depth or F.annotate_seg or F.annotate_caption:
-    from mmsr_jax.data.annotator import Annotator  # torch extras: only when asked for
-    annotator = Annotator(depth=F.annotate_depth, seg=F.annotate_seg,
-                          caption=F.annotate_caption, caption_kind=F.annotate_caption_kind)
+  cli.refuse_existing([p for t in targets.values()
+                       for p in (t, os.path.splitext(t)[0] + ".json")], F.overwrite)
+  annotator = cli.annotator_from_flags()
 
   sr = SuperResolver.from_workdir(F.workdir, step=F.step, annotator=annotator,
                                   text_device=F.text_device, max_input_pixels=limit)

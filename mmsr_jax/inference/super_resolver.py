@@ -439,10 +439,10 @@ def check_checkpoint_matches(ckpt: ckpt_lib.Checkpointer, step: int, abstract_st
     return
   if meta is None:
     return
-  saved = {_path_name(p): tuple(getattr(v, "shape", ()) or ())
+  saved = {ckpt_lib.path_name(p): tuple(getattr(v, "shape", ()) or ())
            for p, v in jax.tree_util.tree_leaves_with_path(meta)}
   for p, v in jax.tree_util.tree_leaves_with_path(abstract_state):
-    key = _path_name(p)
+    key = ckpt_lib.path_name(p)
     want = tuple(v.shape)
     if key not in saved:
       raise ValueError(f"{os.path.join(ckpt.directory, str(step))}: has no array {key} that "
@@ -454,15 +454,6 @@ def check_checkpoint_matches(ckpt: ckpt_lib.Checkpointer, step: int, abstract_st
                        "checkpoint does not match the config")
 
 
-def _path_name(path) -> str:
-  """``a.b.c`` for a tree path, whether its parts are dict keys or dataclass attributes."""
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-  return ".".join(parts)
 
 
 def parse_temperature(text: str) -> dict[str, float]:

@@ -123,7 +123,8 @@ def _barrier(name: str) -> None:
 
 
 # --- Non-finite values --------------------------------------------------------------------------
-def _path_name(path) -> str:
+def path_name(path) -> str:
+  """``a.b.c`` for a tree path, whether its parts are dict keys or dataclass attributes."""
   parts = []
   for k in path:
     for attr in ("key", "name", "idx"):
@@ -156,7 +157,7 @@ def non_finite_leaf(tree) -> str | None:
   flags = _finite_flags(out)(arrays)
   flags = np.asarray(flags.addressable_data(0)) if isinstance(flags, jax.Array) else flags
   bad = np.flatnonzero(~np.asarray(flags, bool))
-  return _path_name(leaves[bad[0]][0]) if bad.size else None
+  return path_name(leaves[bad[0]][0]) if bad.size else None
 
 
 # --- Checkpoints written before the layers were scanned -----------------------------------------
