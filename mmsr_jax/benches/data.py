@@ -1,5 +1,6 @@
-"""``bench data``: host input-pipeline throughput per stage, and the share of a train step spent
-waiting for data.
+"""``bench data``: host input-pipeline throughput per stage, decode cost per training example from
+a folder of full-size photos and from precomputed crop images, and the share of a train step
+spent waiting for data.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ _PRESET = flags.DEFINE_string("data_preset", "realesrgan", "Degradation preset (
 _STEPS = flags.DEFINE_integer("data_steps", 20, "Timed train steps (data-wait share).")
 _DEGR = flags.DEFINE_string("data_degradation", "realesrgan",
                             "config.data.degradation for the data-wait measurement.")
+_PHOTOS = flags.DEFINE_integer("data_photos", 6, "Full-size (2040x1356) photos made for the "
+                               "decode measurement (folder vs crop images).")
+_PHOTO_HW = (1356, 2040)  # DIV2K's typical size
 
 
 def _throughput() -> dict:
@@ -83,6 +87,89 @@ def _throughput() -> dict:
       "data_crop": _SIZE.value, "data_preset": _PRESET.value, "data_batch": b}
 
 
+def _photos(n: int) -> list:
+  """``n`` DIV2K-size RGB photos made from the scikit-image samples (no download)."""
+  import cv2
+  import numpy as np
+  import skimage.data
+  names = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
+  out = []
+  for i in range(n):
+    img = getattr(skimage.data, names[i % len(names)])()[..., :3]
+    img = cv2.resize(img, _PHOTO_HW[::-1], interpolation=cv2.INTER_CUBIC)
+    out.append(np.ascontiguousarray(img if i < len(names) else img[::-1]))
+  return out
+
+
+def _decode() -> dict:
+  """CPU time per training example of reading + decoding its record and cutting the crop
+  (``MakeTrainingExample``: crop, flip, degradation parameters, maps, tokens), from a folder of
+  full-size PNGs and from precompute shards with crop images (PNG and JPEG). With the host JPEG +
+  Canny of the degradation (measured by ``_throughput``) this is the host pipeline per example."""
+  import cv2
+  import numpy as np
+  from array_record.python.array_record_module import ArrayRecordWriter
+  from mmsr_jax.config.sr import sr_config
+  from mmsr_jax.data import sources, sr_examples
+  from mmsr_jax.data.captions import make_tokenizer
+  from mmsr_jax.formats.records import SHARD_PATTERN, encode_record
+  from mmsr_jax.training.precompute import precompute_shards
+  root = tempfile.mkdtemp(prefix="bench_decode_")
+  photos = _photos(_PHOTOS.value)
+  os.makedirs(os.path.join(root, "folder"))
+  os.makedirs(os.path.join(root, "ann"))
+  writer = ArrayRecordWriter(os.path.join(root, "ann", SHARD_PATTERN.format(0, 1)),
+                             "group_size:1")
+  for i, img in enumerate(photos):
+    cv2.imwrite(os.path.join(root, "folder", f"{i:04d}.png"), img[..., ::-1])
+    writer.write(encode_record(img, {"caption": f"photo {i}"}, {"name": f"{i:04d}"}))
+  writer.close()
+  size, crops = _SIZE.value, 16
+  cfg = sr_config()
+  cfg.data.hr_size, cfg.data.map_size = size, 256
+  for enc in ("png", "jpeg"):
+    precompute_shards(cfg, os.path.join(root, "ann"), os.path.join(root, enc), features=("crops",),
+                      crop_size=size, crops=crops, crop_encoding=enc, log=lambda _: None)
+  tok = make_tokenizer("byte")
+  kinds = {"folder": (sources.FolderSource(os.path.join(root, "folder")), "encoder"),
+           "shard_full": (sources.ArrayRecordSource(os.path.join(root, "ann")), "encoder")}
+  for enc in ("png", "jpeg"):
+    kinds[f"crops_{enc}"] = (sources.ArrayRecordSource(os.path.join(root, enc), crops_only=True),
+                             "shards")
+  out = {"data_decode_photo_hw": list(_PHOTO_HW), "data_decode_photos": len(photos)}
+  for name in ("ann", "png", "jpeg"):  # shard bytes per record
+    shard = os.path.join(root, name, SHARD_PATTERN.format(0, 1))
+    out[f"data_record_mb_{name}"] = os.path.getsize(shard) / len(photos) / 1e6
+  reps = max(2, common.REPEATS.value)
+  for name, (src, ids_from) in kinds.items():
+    make = sr_examples.MakeTrainingExample(size, 4, 256, 77, tok, degradation=_PRESET.value,
+                                           ids_from=ids_from)
+    read = build = 0.0
+    n = 0
+    for r in range(reps):
+      for i in range(len(src)):
+        c0 = time.process_time()
+        rec = src[i]
+        c1 = time.process_time()
+        make.random_map(rec, np.random.default_rng([r, i]))
+        c2 = time.process_time()
+        read, build, n = read + c1 - c0, build + c2 - c1, n + 1
+    out[f"data_{name}_read_cpu_ms_per_image"] = 1e3 * read / n
+    out[f"data_{name}_example_cpu_ms_per_image"] = 1e3 * build / n
+  return out
+
+
+def _per_core(out: dict) -> None:
+  """Host images/s per core of the whole pipeline per input format: read + decode + example
+  (``_decode``) + the degradation's host JPEG + Canny (``_throughput``)."""
+  rest = out["data_jpeg_cpu_ms_per_image"] + out["data_canny_cpu_ms_per_image"]
+  for name in ("folder", "shard_full", "crops_png", "crops_jpeg"):
+    ms = (out[f"data_{name}_read_cpu_ms_per_image"]
+          + out[f"data_{name}_example_cpu_ms_per_image"] + rest)
+    out[f"data_host_{name}_cpu_ms_per_image"] = ms
+    out[f"data_host_{name}_images_per_cpu_s"] = 1e3 / ms
+
+
 def _wait_share() -> dict:
   import jax
   from mmsr_jax.runtime import sharding
@@ -93,6 +180,8 @@ def _wait_share() -> dict:
     from configs import tiny
     cfg = tiny.get_config()
   cfg.data.degradation = _DEGR.value
+  if _DEGR.value != "simple":  # operator maps from the LR exist only for the simple degradation
+    cfg.data.maps_from = "record"
   workdir = tempfile.mkdtemp(prefix="bench_data_")
   trainer = SRTask(cfg, workdir)
   state = trainer.init_state()
@@ -120,5 +209,7 @@ def _wait_share() -> dict:
 def run() -> dict:
   out = {"host_cpus": os.cpu_count()}
   out.update(_throughput())
+  out.update(_decode())
+  _per_core(out)
   out.update(_wait_share())
   return out
