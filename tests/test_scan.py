@@ -5,6 +5,7 @@ rematerialisation; and the attention kernels resolve as documented."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import flax.linen as nn
 import jax
@@ -133,41 +134,45 @@ def test_t5_config_default_dtype_is_float32():
   assert dataclasses.asdict(t5.T5Config.tiny())["dtype"] == "float32"
 
 
-def _per_layer(flat: dict) -> dict:
-  """The inverse of ``layout.stack_layers``: ``.../blocks/...`` arrays split into
-  ``.../blocks_<i>/...``, as runs saved before the layers were scanned hold them."""
-  import re
+def _per_layer(tree):
+  """The layout before ``nn.scan``: every stacked ``blocks`` / ``block`` dict split into
+  ``blocks_<i>`` entries, inside dicts, tuples, namedtuples (optax states) and the train state."""
+  if dataclasses.is_dataclass(tree):
+    return tree.replace(**{f.name: _per_layer(getattr(tree, f.name))
+                           for f in dataclasses.fields(tree)})
+  if isinstance(tree, tuple):
+    parts = [_per_layer(x) for x in tree]
+    return type(tree)(*parts) if hasattr(tree, "_fields") else tuple(parts)
+  if not isinstance(tree, dict):
+    return tree
   out = {}
-  for key, value in flat.items():
-    m = re.search(r"(^|/)(blocks|block)(?=/)", key)
-    if m is None:
-      out[key] = value
-      continue
-    for i in range(value.shape[0]):
-      out[key[:m.end()] + f"_{i}" + key[m.end():]] = value[i]
+  for key, value in tree.items():
+    if key in ("blocks", "block") and isinstance(value, dict):
+      depth = jax.tree.leaves(value)[0].shape[0]
+      for i in range(depth):
+        out[f"{key}_{i}"] = jax.tree.map(lambda x, i=i: x[i], value)
+    else:
+      out[key] = _per_layer(value)
   return out
 
 
 def test_checkpoint_saved_before_the_layers_were_scanned_restores(tmp_path):
-  """A train state saved with per-layer keys (the layout before ``nn.scan``) restores into the
-  stacked layout, for resuming (whole state) and for sampling (the EMA alone)."""
-  import orbax.checkpoint as ocp
-  from flax import serialization, traverse_util
-
+  """A train state saved by the checkpointer with per-layer keys (the layout before
+  ``nn.scan``) restores into the stacked layout, for resuming (whole state) and for sampling
+  (the EMA alone)."""
   from mmsr_jax.runtime import checkpoint as ckpt_lib
   from mmsr_jax.system import System
   from tests.conftest import small_config
   system = System.from_config(small_config(), jax.devices()[:1])
   state = jax.jit(system.init_fn)(jax.random.key(3))
   state = state.replace(ema_params=_random_like(state.ema_params, 4))
-  flat = traverse_util.flatten_dict(jax.device_get(serialization.to_state_dict(state)), sep="/")
-  old = _per_layer(flat)
-  assert any("blocks_1/" in k for k in old) and not any("/blocks/" in k for k in old)
-  step_dir = tmp_path / "checkpoints" / "5"
-  ocp.PyTreeCheckpointer().save(str(step_dir / "state"),
-                                traverse_util.unflatten_dict(old, sep="/"))
+  old = jax.device_get(_per_layer(state))
+  names = [ckpt_lib.path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(old)]
+  assert any(".blocks_1." in n for n in names) and not any(".blocks." in n for n in names)
   ckpt = ckpt_lib.Checkpointer(str(tmp_path))
-  assert ckpt_lib.is_per_layer(str(step_dir / "state"))
+  ckpt.save(5, old, force=True)
+  ckpt.wait()
+  assert ckpt_lib.is_per_layer(os.path.join(ckpt.step_dir(5), "state"))
   restored = ckpt.restore(5, system.abstract_state)
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -174,6 +174,16 @@ def is_per_layer(item_dir: str) -> bool:
     return False
 
 
+def _as_dicts(tree):
+  """Lists and tuples (Orbax restores the optimizer's state tuple as a list) as ``{'0': ...}``
+  dicts, the keys ``flax.serialization.to_state_dict`` gives them."""
+  if isinstance(tree, dict):
+    return {k: _as_dicts(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return {str(i): _as_dicts(v) for i, v in enumerate(tree)}
+  return tree
+
+
 def restore_per_layer(item_dir: str, abstract, name: str | None = None):
   """Restores a per-layer tree (or its field ``name``) into the stacked layout of ``abstract``
   (its shapes, dtypes and shardings): read on the host, layers stacked, then placed."""
@@ -187,11 +197,12 @@ def restore_per_layer(item_dir: str, abstract, name: str | None = None):
       item=tree, restore_args=args, partial_restore=name is not None))
   if name is not None:
     raw = raw[name]
-  flat = layout.stack_layers(traverse_util.flatten_dict(raw, sep="/"))
+  flat = layout.stack_layers(traverse_util.flatten_dict(_as_dicts(raw), sep="/"))
   want = traverse_util.flatten_dict(serialization.to_state_dict(abstract), sep="/",
                                     keep_empty_nodes=True)  # e.g. optax's empty states
   empty = {k: v for k, v in want.items() if v is traverse_util.empty_node}
   arrays = {k: v for k, v in want.items() if k not in empty}
+  flat = {k: v for k, v in flat.items() if k not in empty}  # saved as None / empty containers
   missing, extra = sorted(set(arrays) - set(flat)), sorted(set(flat) - set(arrays))
   if missing or extra:
     raise ValueError(f"restacked keys differ from the model's: missing {missing[:3]}, "
