@@ -98,8 +98,8 @@ def main(argv):
       raise app.UsageError(f"--{name} is required")
   # Every check on the inputs happens before the model is built or compiled.
   files = list_inputs(F.input)
-  run_config = ckpt_lib.load_config(F.workdir)  # fails early on a folder that is not a run
-  if F.max_pixels is None:
+  if F.max_pixels is None:  # the run's limit: its config is read first
+    run_config = ckpt_lib.load_config(F.workdir)
     limit = image_io.check_limit(run_config.sampling.get(
         "max_input_pixels", image_io.DEFAULT_MAX_INPUT_PIXELS), "config.sampling.max_input_pixels")
   else:
@@ -107,6 +107,7 @@ def main(argv):
   sizes = {}
   for f in files:  # read once to check (decoded again when its turn comes; the header first)
     sizes[f] = image_io.read(f, limit).size
+  ckpt_lib.load_config(F.workdir)  # fails early on a folder that is not a run
   maps = {k: read_map(F[k].value, k) for k in MODALITIES if F[k].value}
   temperature = parse_temperature(F.temperature)
   for name in F.disable:

@@ -26,6 +26,11 @@ diffusers = pytest.importorskip("diffusers", reason="converter tests need diffus
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# The noise schedule PixArt-alpha was trained with: init_from refuses any other.
+PIXART_SCHEDULE = {"diffusion.schedule": "linear", "diffusion.beta_start": 1e-4,
+                   "diffusion.beta_end": 0.02}
+
+
 def _close(ours, theirs, rel=1e-4):
   err = float(np.max(np.abs(np.asarray(ours) - np.asarray(theirs))))
   scale = max(1.0, float(np.max(np.abs(theirs))))
@@ -213,7 +218,7 @@ def _tiny_pixart(config):
 def test_pixart_cli_then_train_start_keeps_text_to_image_function(tmp_path):
   """Convert with the CLI, start an MMSR run from it: the DiT given the caption projection of
   the text states computes PixArt's noise prediction, whatever the LR latent."""
-  config = small_config()
+  config = small_config(**PIXART_SCHEDULE)
   ref, c = _tiny_pixart(config)
   ref.save_pretrained(tmp_path / "pixart", safe_serialization=True)
   dst = str(tmp_path / "converted")
@@ -258,16 +263,16 @@ def test_pixart_cli_then_train_start_keeps_text_to_image_function(tmp_path):
 
 
 def test_pixart_init_from_checks_the_architecture(tmp_path):
-  config = small_config()
+  config = small_config(**PIXART_SCHEDULE)
   ref, _ = _tiny_pixart(config)
   ref.save_pretrained(tmp_path / "pixart", safe_serialization=True)
   dst = str(tmp_path / "converted")
   convert.convert_to_folder("pixart", str(tmp_path / "pixart"), dst)
-  bad_heads = small_config(**{"model.init_from": dst, "model.num_heads": 2})
+  bad_heads = small_config(**{"model.init_from": dst, "model.num_heads": 2, **PIXART_SCHEDULE})
   with pytest.raises(ValueError, match="4 attention heads but config.model.num_heads=2"):
     sr_task.SRTask(bad_heads, str(tmp_path / "a"), devices=jax.devices()[:1])
-  bad_text = small_config(**{"model.init_from": dst, "text.encoder.d_model": 32,
-                             "text.encoder.num_heads": 2})
+  bad_text = small_config(**{"model.init_from": dst, **PIXART_SCHEDULE,
+                             "text.encoder.d_model": 32, "text.encoder.num_heads": 2})
   with pytest.raises(ValueError, match=r"caption_projection_1/kernel.*\(64, 64\).*\(32, 64\)"):
     sr_task.SRTask(bad_text, str(tmp_path / "b"), devices=jax.devices()[:1])
 

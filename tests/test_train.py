@@ -187,7 +187,7 @@ def test_cli_errors_are_one_clear_line(tmp_path):
 
   (tmp_path / "empty_run").mkdir()
   r = _run("mmsr_jax.sample", f"--workdir={tmp_path}/empty_run", f"--input={bad}",
-           f"--output={tmp_path}/out")
+           f"--output={tmp_path}/out", "--max_pixels=100000")  # inputs are checked first
   assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
   assert "bad.png: not a readable image" in r.stderr
   assert not os.path.exists(tmp_path / "out")

@@ -24,13 +24,15 @@ def _image(shape, seed: int = 0) -> np.ndarray:
 
 def _vae_cfg(params: str = "") -> ml_collections.ConfigDict:
   """``config.autoencoder`` for the tiny VAE, with a non-trivial scale and shift."""
+  from mmsr_jax.config import sr
   tiny = VAEConfig.tiny()
-  return ml_collections.ConfigDict(dict(
-      kind="vae", factor=tiny.downsample_factor, scaling_factor=0.5, shift_factor=0.1,
-      params=params, arch=dict(block_out_channels=tiny.block_out_channels,
-                               layers_per_block=tiny.layers_per_block,
-                               latent_channels=tiny.latent_channels,
-                               norm_num_groups=tiny.norm_num_groups)))
+  c = sr.sr_config().autoencoder
+  c.update(dict(kind="vae", factor=tiny.downsample_factor, scaling_factor=0.5, shift_factor=0.1,
+                params=params))
+  c.arch.update(dict(block_out_channels=tuple(tiny.block_out_channels),
+                     layers_per_block=tiny.layers_per_block,
+                     latent_channels=tiny.latent_channels, norm_num_groups=tiny.norm_num_groups))
+  return c
 
 
 @pytest.fixture(scope="module")
