@@ -224,3 +224,29 @@ def test_degrade_cli(tmp_path):
   assert sheet.shape == (2 * 64, 2 * 96, 3)  # HR + 3 samples on a 2x2 grid
   r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
   assert r.returncode == 2 and "pass --overwrite" in r.stderr
+
+
+def test_device_side_jpeg_equals_the_float_round_trip():
+  """The degrader quantises on the device and sends uint8 to the host: the selected canvases'
+  valid regions must equal ``jpeg`` of the float image (channel order, rounding), the rest of a
+  selected canvas keeps its content to 1/255 and unselected canvases stay as they were."""
+  deg = R.RealESRGANDegrader("realesrgan", 4)
+  x = np.stack([_hr(40, 56, s) for s in range(4)]).astype(np.float32)
+  x[..., 0] *= 0.5  # unequal channels, so a swapped channel order changes the JPEG
+  valid = np.array([[40, 56], [33, 21], [40, 56], [17, 50]])
+  quality = np.array([35.0, 60.0, 90.0, 47.4])
+  which = np.array([True, True, False, True])
+  sharding = deg.batch_sharding(4)
+  got = np.asarray(deg._jpeg(jax.device_put(x, sharding), valid, quality, which, sharding))
+  for i in range(4):
+    h, w = valid[i]
+    if not which[i]:
+      np.testing.assert_array_equal(got[i], x[i])
+      continue
+    # (XLA may divide by 255 as a product with 1/255: one float32 ulp)
+    np.testing.assert_allclose(got[i, :h, :w], R.jpeg(x[i, :h, :w], quality[i]), rtol=0,
+                               atol=1.2e-7)
+    rest = np.ones((40, 56), bool)
+    rest[:h, :w] = False
+    np.testing.assert_allclose(got[i][rest], x[i][rest], atol=0.5 / 255 + 1e-6)
+  assert deg.jpeg_cpu_seconds > 0 and deg.host_cpu_seconds >= deg.jpeg_cpu_seconds

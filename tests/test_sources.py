@@ -262,8 +262,8 @@ def test_degradation_split_over_the_local_devices_equals_one_device(monkeypatch)
   used = []
   stage = realesrgan._stage_batch  # pylint: disable=protected-access
 
-  def spy(*args):
-    out = stage(*args)
+  def spy(*args, **kwargs):
+    out = stage(*args, **kwargs)
     used.append(len(out.sharding.device_set))
     return out
 

@@ -7,6 +7,7 @@ split and the differences from the reference.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import math
@@ -227,56 +228,51 @@ def canvas_sizes(hr_hw: tuple[int, int], preset: DegradationConfig,
 
 
 # ------------------------------------------------------------------ resize matrices / padding
-def _cubic(x: np.ndarray, a: float = -0.75) -> np.ndarray:
-  x = np.abs(x)
-  return np.where(x <= 1, ((a + 2) * x - (a + 3)) * x * x + 1,
-                  np.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0))
+def _cubic(x: jax.Array, a: float = -0.75) -> jax.Array:
+  x = jnp.abs(x)
+  return jnp.where(x <= 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                   jnp.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0))
 
 
-@functools.lru_cache(maxsize=4096)
-def resize_matrix(n_in: int, n_out: int, mode: str, rows: int, cols: int) -> np.ndarray:
-  """[rows, cols] matrix M with M[:n_out, :n_in] @ v = torch F.interpolate(v, n_out, mode) for a
-  1D signal v of length n_in (align_corners=False, no antialias); zero elsewhere."""
-  m = np.zeros((rows, cols), np.float64)
-  scale = n_in / n_out
-  for i in range(n_out):
-    if mode == "area":  # adaptive average pooling window
-      lo = (i * n_in) // n_out
-      hi = -((-(i + 1) * n_in) // n_out)
-      m[i, lo:hi] = 1.0 / (hi - lo)
-      continue
-    src = (i + 0.5) * scale - 0.5
-    if mode == "bilinear":
-      src = max(src, 0.0)
-      i0 = int(math.floor(src))
-      t = src - i0
-      for j, wgt in ((i0, 1 - t), (i0 + 1, t)):
-        m[i, min(max(j, 0), n_in - 1)] += wgt
-    elif mode == "bicubic":
-      i0 = int(math.floor(src))
-      t = src - i0
-      for off in (-1, 0, 1, 2):
-        m[i, min(max(i0 + off, 0), n_in - 1)] += float(_cubic(np.array(off - t)))
-    else:
+def resize_matrix(n_in, n_out, mode, rows: int, cols: int) -> jax.Array:
+  """[rows, cols] float32 matrix M with M[:n_out, :n_in] @ v = torch F.interpolate(v, n_out,
+  mode) for a 1D signal v of length n_in (align_corners=False, no antialias); zero elsewhere.
+
+  Built on the device from scalars (traceable: ``n_in``, ``n_out`` and ``mode``, an index into
+  RESIZE_MODES or its name, may be traced), so the host sends three integers per axis instead of
+  a dense matrix. Source positions are exact: (2i + 1) n_in - n_out over 2 n_out, split into its
+  integer floor and remainder.
+  """
+  if isinstance(mode, str):
+    if mode not in RESIZE_MODES:
       raise ValueError(f"resize mode {mode!r}: expected one of {RESIZE_MODES}")
-  out = m.astype(np.float32)
-  out.setflags(write=False)
-  return out
+    mode = RESIZE_MODES.index(mode)
+  n_in, n_out, mode = (jnp.asarray(v, jnp.int32) for v in (n_in, n_out, mode))
+  i = jnp.arange(rows, dtype=jnp.int32)[:, None]
+  j = jnp.arange(cols, dtype=jnp.int32)[None, :]
+  live = (i < n_out) & (j < n_in)
+  # area: adaptive average pooling windows [lo, hi)
+  lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+  area = jnp.where((j >= lo) & (j < hi), 1.0 / jnp.maximum(hi - lo, 1), 0.0)
+  num, den = (2 * i + 1) * n_in - n_out, 2 * n_out
+  i0, t = num // den, (num % den).astype(jnp.float32) / den.astype(jnp.float32)
+  # bilinear: the source position is clamped at 0 (torch), so left of it both taps are sample 0
+  b0, bt = jnp.where(num < 0, 0, i0), jnp.where(num < 0, 0.0, t)
+  tap = lambda k: jnp.clip(k, 0, n_in - 1) == j  # noqa: E731  taps past an edge use the edge
+  bilinear = jnp.where(tap(b0), 1.0 - bt, 0.0) + jnp.where(tap(b0 + 1), bt, 0.0)
+  bicubic = sum(jnp.where(tap(i0 + off), _cubic(off - t), 0.0) for off in (-1, 0, 1, 2))
+  m = jnp.select([mode == 0, mode == 1], [area, bilinear], bicubic)
+  return jnp.where(live, m, 0.0).astype(jnp.float32)
 
 
-@functools.lru_cache(maxsize=4096)
-def reflect_index(n_valid: int, length: int, radius: int) -> np.ndarray:
+def reflect_index(n_valid, length: int, radius: int) -> jax.Array:
   """Gather indices that reflect-pad (no edge repeat) a valid prefix of length n_valid by radius
-  on both sides; [length + 2 radius] int32 (positions past the valid region fold back too)."""
-  j = np.arange(length + 2 * radius) - radius
-  if n_valid == 1:
-    return np.zeros_like(j, dtype=np.int32)
-  period = 2 * (n_valid - 1)
-  j = np.mod(j, period)
-  j = np.where(j >= n_valid, period - j, j)
-  out = j.astype(np.int32)
-  out.setflags(write=False)
-  return out
+  on both sides; [length + 2 radius] int32 (positions past the valid region fold back too).
+  ``n_valid`` may be traced."""
+  n_valid = jnp.asarray(n_valid, jnp.int32)
+  period = jnp.maximum(2 * (n_valid - 1), 1)
+  j = jnp.mod(jnp.arange(length + 2 * radius, dtype=jnp.int32) - radius, period)
+  return jnp.where(n_valid == 1, 0, jnp.where(j >= n_valid, period - j, j)).astype(jnp.int32)
 
 
 # ------------------------------------------------------------------------------- device stages
@@ -362,43 +358,78 @@ def _noise(x: jax.Array, params: jax.Array, key: jax.Array, valid_hw: jax.Array)
   return jnp.clip(x + jnp.where(gaussian, g * sigma, p), 0.0, 1.0)
 
 
-def _stage(x, kernel, idx_h, idx_w, rh, rw, noise, seed, out_hw):
+def _stage(x, kernel, hw_in, hw_out, mode, noise, seed, canvas):
+  """One canvas: blur the valid ``hw_in`` region, resize it to ``hw_out`` on a ``canvas``-sized
+  canvas, add noise."""
+  r = KERNEL_SIZE // 2
   key = jax.random.wrap_key_data(seed.astype(jnp.uint32), impl="threefry2x32")
-  y = _resize(_blur(x, kernel, idx_h, idx_w), rh, rw)
-  return _noise(y, noise, key, out_hw)
+  (h, w), (ch, cw) = x.shape[:2], canvas
+  y = _blur(x, kernel, reflect_index(hw_in[0], h, r), reflect_index(hw_in[1], w, r))
+  y = _resize(y, resize_matrix(hw_in[0], hw_out[0], mode, ch, h),
+              resize_matrix(hw_in[1], hw_out[1], mode, cw, w))
+  return _noise(y, noise, key, hw_out)
 
 
-def _final(x, rh, rw, kernel, idx_h, idx_w):
-  return _blur(_resize(x, rh, rw), kernel, idx_h, idx_w)
+def _final(x, hw_in, mode, kernel, out):
+  """One canvas: resize the valid ``hw_in`` region to exactly ``out``, then the sinc filter."""
+  r = KERNEL_SIZE // 2
+  h, w = x.shape[:2]
+  y = _resize(x, resize_matrix(hw_in[0], out[0], mode, out[0], h),
+              resize_matrix(hw_in[1], out[1], mode, out[1], w))
+  return _blur(y, kernel, reflect_index(out[0], out[0], r), reflect_index(out[1], out[1], r))
 
 
-_stage_batch = jax.jit(jax.vmap(_stage))
-_final_batch = jax.jit(jax.vmap(_final))
+@functools.partial(jax.jit, static_argnames="canvas")
+def _stage_batch(x, kernel, hw_in, hw_out, mode, noise, seed, *, canvas):
+  return jax.vmap(functools.partial(_stage, canvas=canvas))(x, kernel, hw_in, hw_out, mode,
+                                                            noise, seed)
+
+
+@functools.partial(jax.jit, static_argnames="out")
+def _final_batch(x, hw_in, mode, kernel, *, out):
+  return jax.vmap(functools.partial(_final, out=out))(x, hw_in, mode, kernel)
+
+
+@jax.jit
+def _to_bgr8(x: jax.Array) -> jax.Array:
+  """Canvases quantised for the host JPEG, on the device: uint8, channels in OpenCV's order."""
+  return jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0).astype(jnp.uint8)[..., ::-1]
+
+
+@jax.jit
+def _from_bgr8(x: jax.Array, q: jax.Array, which: jax.Array) -> jax.Array:
+  """The canvases that went through JPEG (``which``) from their uint8 copy, the others as they
+  were (float, unquantised)."""
+  y = q[..., ::-1].astype(x.dtype) / jnp.asarray(255.0, x.dtype)
+  return jnp.where(which[:, None, None, None], y, x)
 
 
 # ---------------------------------------------------------------------------------- host JPEG
-def jpeg(img: np.ndarray, quality: float) -> np.ndarray:
-  """JPEG round trip (OpenCV, quality rounded) of a float HxWx3 RGB image in [0, 1]."""
-  x8 = np.round(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
-  ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(x8[..., ::-1]),
+def _jpeg_bgr8(x8: np.ndarray, quality: float) -> np.ndarray:
+  """JPEG round trip (OpenCV, quality rounded) of an HxWx3 uint8 image in OpenCV's BGR order."""
+  ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(x8),
                          [int(cv2.IMWRITE_JPEG_QUALITY), int(round(float(quality)))])
   if not ok:
     raise RuntimeError("cv2.imencode failed")
-  return cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1].astype(np.float32) / np.float32(255.0)
+  return cv2.imdecode(buf, cv2.IMREAD_COLOR)
+
+
+def jpeg(img: np.ndarray, quality: float) -> np.ndarray:
+  """JPEG round trip of a float HxWx3 RGB image in [0, 1] (values rounded to 1/255 first)."""
+  x8 = np.round(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
+  return _jpeg_bgr8(x8[..., ::-1], quality)[..., ::-1].astype(np.float32) / np.float32(255.0)
 
 
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="jpeg")
 
 
-def _jpeg_canvas(canvas: np.ndarray, valid: np.ndarray, quality: np.ndarray,
-                 which: np.ndarray) -> np.ndarray:
-  """JPEG of the valid region of each selected canvas (thread pool; cv2 drops the GIL)."""
-  out = np.array(canvas, np.float32, copy=True)
+def _jpeg_rows(q: np.ndarray, valid: np.ndarray, quality: np.ndarray, which: np.ndarray) -> None:
+  """In place: JPEG of the valid region of each selected uint8 BGR canvas of ``q`` (thread pool;
+  OpenCV drops the GIL). Only uint8 crosses to the host; the float work stays on the device."""
   def one(i):
     h, w = int(valid[i, 0]), int(valid[i, 1])
-    out[i, :h, :w] = jpeg(out[i, :h, :w], quality[i])
-  list(_POOL.map(one, [i for i in range(len(out)) if which[i]]))
-  return out
+    q[i, :h, :w] = _jpeg_bgr8(q[i, :h, :w], quality[i])
+  list(_POOL.map(one, np.flatnonzero(which)))
 
 
 # ---------------------------------------------------------------------------------- degrader
@@ -421,16 +452,31 @@ class RealESRGANDegrader:
     if not self.devices:
       raise ValueError("RealESRGANDegrader: no devices given")
     self._shardings: dict[int, jax.sharding.NamedSharding] = {}
-    # Host time spent in JPEG so far, wall and process-CPU seconds (for the data benchmark).
-    self.jpeg_seconds = 0.0
+    # Process-CPU seconds of the host's share so far (for the data benchmark): all of it
+    # (matrices, JPEG, conversions), and the JPEG round trips alone. Waits for the devices are
+    # not in either.
+    self.host_cpu_seconds = 0.0
     self.jpeg_cpu_seconds = 0.0
 
-  def _jpeg(self, canvas, valid, quality, which):
-    t0, c0 = time.perf_counter(), time.process_time()
-    out = _jpeg_canvas(canvas, valid, quality, which)
-    self.jpeg_seconds += time.perf_counter() - t0
-    self.jpeg_cpu_seconds += time.process_time() - c0
-    return out
+  @contextlib.contextmanager
+  def _host(self, jpeg: bool = False):
+    c0 = time.process_time()
+    try:
+      yield
+    finally:
+      dt = time.process_time() - c0
+      self.host_cpu_seconds += dt
+      if jpeg:
+        self.jpeg_cpu_seconds += dt
+
+  def _jpeg(self, x: jax.Array, valid, quality, which, sharding) -> jax.Array:
+    """JPEG of the selected canvases of the device array ``x``; the result stays on the device."""
+    if not which.any():
+      return x
+    q = np.array(_to_bgr8(x))  # waits for the device; a writable host copy
+    with self._host(jpeg=True):
+      _jpeg_rows(q, valid, quality, which)
+    return _from_bgr8(x, *jax.device_put((q, which), sharding))
 
   def batch_sharding(self, b: int) -> jax.sharding.NamedSharding:
     """The batch-axis sharding of a batch of ``b`` over the devices (see the class docstring)."""
@@ -466,49 +512,34 @@ class RealESRGANDegrader:
     if h % s or w % s:
       raise ValueError(f"HR size {h}x{w} is not divisible by scale={s}")
     (c1h, c1w), (c2h, c2w) = canvas_sizes((h, w), self.preset, s)
-    r = KERNEL_SIZE // 2
+    ho, wo = h // s, w // s
     size1 = np.asarray(params["size1"]).reshape(b, 2)
     size2 = np.asarray(params["size2"]).reshape(b, 2)
     modes = np.asarray(params["mode"]).reshape(b, 3)
     jq = np.asarray(params["jpeg"]).reshape(b, 2)
     order = np.asarray(params["order"]).reshape(b)
     seeds = np.asarray(params["seed"], np.uint32).reshape(b, 2)
-
-    def mats(n_in, n_out, mode, rows, cols):
-      return np.stack([resize_matrix(int(i), int(o), RESIZE_MODES[int(m)], rows, cols)
-                       for i, o, m in zip(n_in, n_out, mode)])
-
-    def pads(n_valid, length):
-      return np.stack([reflect_index(int(n), length, r) for n in n_valid])
-
-    full = lambda v: np.full((b,), v)
     sharding = self.batch_sharding(b)
     # Each device runs the stages on its rows of the batch (every input has the batch axis).
-    put = lambda *xs: jax.device_put(xs, sharding)  # noqa: E731
-    # Stage 1 on the HR image.
-    x = _stage_batch(*put(
-        hr, params["k1"], pads(full(h), h), pads(full(w), w),
-        mats(full(h), size1[:, 0], modes[:, 0], c1h, h),
-        mats(full(w), size1[:, 1], modes[:, 0], c1w, w),
-        params["noise1"], np.stack([seeds[:, 0], full(1).astype(np.uint32)], 1), size1))
-    x = self._jpeg(np.asarray(x), size1, jq[:, 0], np.ones(b, bool))
-    # Stage 2 on the stage-1 canvas.
-    x = _stage_batch(*put(
-        x, params["k2"], pads(size1[:, 0], c1h), pads(size1[:, 1], c1w),
-        mats(size1[:, 0], size2[:, 0], modes[:, 1], c2h, c1h),
-        mats(size1[:, 1], size2[:, 1], modes[:, 1], c2w, c1w),
-        params["noise2"], np.stack([seeds[:, 1], full(2).astype(np.uint32)], 1), size2))
-    x = np.clip(np.asarray(x), 0.0, 1.0)
+    with self._host():
+      hw = np.tile(np.array([h, w], np.int32), (b, 1))
+      seed1 = np.stack([seeds[:, 0], np.full(b, 1, np.uint32)], 1)
+      seed2 = np.stack([seeds[:, 1], np.full(b, 2, np.uint32)], 1)
+      stage1 = jax.device_put((hr, params["k1"], hw, size1, modes[:, 0], params["noise1"], seed1),
+                              sharding)
+      stage2 = jax.device_put((params["k2"], size1, size2, modes[:, 1], params["noise2"], seed2),
+                              sharding)
+      final = jax.device_put((size2, modes[:, 2], params["sinc"]), sharding)
+    x = _stage_batch(*stage1, canvas=(c1h, c1w))
+    x = self._jpeg(x, size1, jq[:, 0], np.ones(b, bool), sharding)
+    x = _stage_batch(x, *stage2, canvas=(c2h, c2w))  # clamped to [0, 1] by the noise
     # Final: order 1 does JPEG first; then resize to exactly H/s x W/s and the sinc filter.
-    x = self._jpeg(x, size2, jq[:, 1], order == 1)
-    ho, wo = h // s, w // s
-    x = _final_batch(*put(
-        x, mats(size2[:, 0], full(ho), modes[:, 2], ho, c2h),
-        mats(size2[:, 1], full(wo), modes[:, 2], wo, c2w),
-        params["sinc"], pads(full(ho), ho), pads(full(wo), wo)))
-    x = np.clip(np.asarray(x), 0.0, 1.0)
-    x = self._jpeg(x, np.tile([ho, wo], (b, 1)), jq[:, 1], order == 0)
-    return np.clip(np.round(x * 255.0), 0, 255).astype(np.float32) / np.float32(255.0)
+    x = self._jpeg(x, size2, jq[:, 1], order == 1, sharding)
+    q = np.array(_to_bgr8(_final_batch(x, *final, out=(ho, wo))))
+    with self._host(jpeg=True):
+      _jpeg_rows(q, np.tile([ho, wo], (b, 1)), jq[:, 1], order == 0)
+    with self._host():
+      return q[..., ::-1].astype(np.float32) / np.float32(255.0)
 
   def degrade_one(self, hr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Samples parameters from ``rng`` and degrades one float HxWx3 image."""
