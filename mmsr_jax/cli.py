@@ -39,6 +39,54 @@ def check_writable(folder: str, flag: str) -> None:
     raise OSError(f"{flag}={folder}: {probe} cannot be written ({e.strerror or e})") from e
 
 
+def define_sampling_flags(input_help: str, output_help: str, seed_help: str,
+                          map_help: str) -> None:
+  """The flags that ``sample`` and ``controls`` share (the run, input and output, caption,
+  sampler settings, user maps, annotators, input limit, overwrite, progress); ``*_help`` are the
+  texts that differ between them (``map_help`` takes the map's name)."""
+  from mmsr_jax.formats.records import MODALITIES
+  d = flags
+  d.DEFINE_string("workdir", None, "Training run directory (config + checkpoints).")
+  d.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+  d.DEFINE_string("input", None, input_help)
+  d.DEFINE_string("output", None, output_help)
+  d.DEFINE_string("caption", None, "Caption (default: the annotator's, else '').")
+  d.DEFINE_string("negative_prompt", None, "Negative prompt (default: the config's).")
+  d.DEFINE_integer("steps", None, "DDIM steps.")
+  d.DEFINE_float("eta", None, "DDIM eta.")
+  d.DEFINE_integer("seed", None, seed_help)
+  d.DEFINE_float("strength", None, "1 = from pure noise; < 1 = from the noised upsampled LR.")
+  for k in MODALITIES:
+    d.DEFINE_string(k, None, map_help.format(k))
+  define_annotator_flags()
+  d.DEFINE_integer("max_pixels", None, "Largest input image (pixels, checked from each file's "
+                   "header before decoding; default: the run's config.sampling.max_input_pixels).")
+  d.DEFINE_bool("overwrite", False, "Replace existing outputs (never an input).")
+  d.DEFINE_bool("progress", True, "Show progress bars.")
+
+
+def input_limit(workdir: str, max_pixels: int | None) -> int:
+  """The largest input image (pixels): ``--max_pixels`` when given, else the run's
+  ``config.sampling.max_input_pixels`` (reading the run's config, so a folder that is not a run
+  fails here)."""
+  from mmsr_jax.data import images as image_io
+  if max_pixels is not None:
+    return image_io.check_limit(max_pixels, "--max_pixels")
+  run_config = ckpt_lib.load_config(workdir)
+  return image_io.check_limit(run_config.sampling.get(
+      "max_input_pixels", image_io.DEFAULT_MAX_INPUT_PIXELS), "config.sampling.max_input_pixels")
+
+
+def refuse_input_overwrite(outputs, inputs, output_flag: str) -> None:
+  """ValueError when one of ``outputs`` is one of ``inputs`` (the same file by its real path).
+  Refused with --overwrite too: an input is never lost."""
+  real = {os.path.realpath(p): p for p in inputs}
+  for out in outputs:
+    if os.path.realpath(out) in real:
+      raise ValueError(f"{output_flag}: {out} would overwrite the input "
+                       f"{real[os.path.realpath(out)]}; choose another output folder")
+
+
 def define_annotator_flags() -> None:
   """The flags that name annotator models for what an input lacks (sample, controls, app)."""
   d = flags

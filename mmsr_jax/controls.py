@@ -29,12 +29,10 @@ from mmsr_jax.runtime import checkpoint as ckpt_lib
 def define_flags() -> None:
   """Flags of the CLI (defined only when run as a program)."""
   d = flags
-  d.DEFINE_string("workdir", None, "Training run directory (config + checkpoints).")
-  d.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-  d.DEFINE_string("input", None, "One image file.")
-  d.DEFINE_string("output", None, "Output folder for the grid PNGs and their JSON.")
-  d.DEFINE_string("caption", None, "Caption (default: the annotator's, else '').")
-  d.DEFINE_string("negative_prompt", None, "Negative prompt (default: the config's).")
+  cli.define_sampling_flags(
+      input_help="One image file.", output_help="Output folder for the grid PNGs and their JSON.",
+      seed_help="Noise seed, the same for every cell.",
+      map_help="User-supplied {} map (image file).")
   d.DEFINE_list("modes", list(controls.DEFAULT_MODES), "Rows of the guidance grid "
                 f"({', '.join(GUIDANCE_MODES)}); empty: no guidance grid.")
   d.DEFINE_list("scales", [f"{s:g}" for s in controls.DEFAULT_SCALES],
@@ -46,17 +44,6 @@ def define_flags() -> None:
   d.DEFINE_enum("guidance", None, list(GUIDANCE_MODES), "Guidance mode of the temperature grid "
                 "(default: the config's).")
   d.DEFINE_float("scale", None, "Guidance scale of the temperature grid (default: the config's).")
-  d.DEFINE_integer("steps", None, "DDIM steps.")
-  d.DEFINE_float("eta", None, "DDIM eta.")
-  d.DEFINE_integer("seed", None, "Noise seed, the same for every cell.")
-  d.DEFINE_float("strength", None, "1 = from pure noise; < 1 = from the noised upsampled LR.")
-  for k in MODALITIES:
-    d.DEFINE_string(k, None, f"User-supplied {k} map (image file).")
-  cli.define_annotator_flags()
-  d.DEFINE_integer("max_pixels", None, "Largest input image (pixels; default: the run's "
-                   "config.sampling.max_input_pixels).")
-  d.DEFINE_bool("overwrite", False, "Replace existing outputs (never the input).")
-  d.DEFINE_bool("progress", True, "Show a progress bar over the cells.")
 
 
 def main(argv):
@@ -70,21 +57,15 @@ def main(argv):
   grids = controls.grids_to_draw(axes)
   if os.path.isdir(F.input) or not os.path.exists(F.input):
     raise FileNotFoundError(f"--input={F.input}: expected one image file")
-  run_config = ckpt_lib.load_config(F.workdir)
-  if F.max_pixels is None:
-    limit = image_io.check_limit(run_config.sampling.get(
-        "max_input_pixels", image_io.DEFAULT_MAX_INPUT_PIXELS), "config.sampling.max_input_pixels")
-  else:
-    limit = image_io.check_limit(F.max_pixels, "--max_pixels")
+  limit = cli.input_limit(F.workdir, F.max_pixels)
+  ckpt_lib.load_config(F.workdir)  # fails early on a folder that is not a run
   pic = image_io.read(F.input, limit)
   maps = {k: read_map(F[k].value, k) for k in MODALITIES if F[k].value}
   if os.path.exists(F.output) and not os.path.isdir(F.output):
     raise NotADirectoryError(f"--output={F.output} exists and is not a folder")
-  paths = controls.output_paths(F.input, F.output, grids)
-  for k in MODALITIES:
-    if F[k].value and os.path.realpath(F[k].value) in {os.path.realpath(p)
-                                                       for p in paths.values()}:
-      raise ValueError(f"--output={F.output}: would overwrite the --{k} map {F[k].value}")
+  paths = controls.output_paths(F.output, grids, F.input)
+  cli.refuse_input_overwrite(paths.values(), [F.input, *(F[k].value for k in MODALITIES
+                                                          if F[k].value)], f"--output={F.output}")
   cli.check_writable(F.output, "--output")
   cli.refuse_existing(paths.values(), F.overwrite)
   annotator = cli.annotator_from_flags()

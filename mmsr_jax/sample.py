@@ -47,47 +47,31 @@ def output_paths(files: list[str], output: str, other_inputs=()) -> dict[str, st
     if t in seen:
       raise ValueError(f"{seen[t]} and {f} would both be written to {t}; rename one")
     seen[t] = f
-  inputs = {os.path.realpath(p): p for p in [*files, *other_inputs]}
-  for t in targets.values():
-    for out in (t, os.path.splitext(t)[0] + ".json"):
-      if os.path.realpath(out) in inputs:  # refused with --overwrite too: inputs are never lost
-        raise ValueError(f"--output={output}: {out} would overwrite the input "
-                         f"{inputs[os.path.realpath(out)]}; choose another --output folder")
+  cli.refuse_input_overwrite([p for t in targets.values()
+                              for p in (t, os.path.splitext(t)[0] + ".json")],
+                             [*files, *other_inputs], f"--output={output}")
   return targets
 
 
 def define_flags() -> None:
   """Flags of the CLI (defined only when run as a program, so importing stays side-effect free)."""
   d = flags
-  d.DEFINE_string("workdir", None, "Training run directory (config + checkpoints).")
-  d.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-  d.DEFINE_string("input", None, "An image file or a folder of images.")
-  d.DEFINE_string("output", None, "Output folder for the x4 PNGs and their JSON sidecars.")
-  d.DEFINE_string("caption", None, "Caption for every input (default: the annotator's, else '').")
-  d.DEFINE_string("negative_prompt", None, "Negative prompt (default: the config's).")
+  cli.define_sampling_flags(
+      input_help="An image file or a folder of images.",
+      output_help="Output folder for the x4 PNGs and their JSON sidecars.",
+      seed_help="Noise seed.", map_help="User-supplied {} map (image file), used for every input.")
   d.DEFINE_enum("guidance", None, list(GUIDANCE_MODES), "Guidance mode.")
   d.DEFINE_float("scale", None, "Guidance scale w (0: conditional only).")
-  d.DEFINE_integer("steps", None, "DDIM steps.")
-  d.DEFINE_float("eta", None, "DDIM eta.")
-  d.DEFINE_integer("seed", None, "Noise seed.")
-  d.DEFINE_float("strength", None, "1 = from pure noise; < 1 = from the noised upsampled LR.")
   d.DEFINE_string("temperature", "", "Per-group temperature, e.g. depth=0.5,edge=2.")
   d.DEFINE_list("disable", [], "Groups to switch off: text, depth, seg, edge.")
-  for k in MODALITIES:
-    d.DEFINE_string(k, None, f"User-supplied {k} map (image file), used for every input.")
   d.DEFINE_integer("tile", None, "Latent tile side (default: the trained latent size).")
   d.DEFINE_integer("tile_overlap", None, "Latent pixels shared by neighbouring tiles "
                    "(default: a quarter tile).")
   d.DEFINE_integer("tile_batch", None, "Most tiles x guidance branches per denoiser pass "
                    "(lower = less memory for large outputs; default: all at once).")
   d.DEFINE_integer("map_batch", None, "Most tiles whose maps are VQ-encoded at once.")
-  cli.define_annotator_flags()
   d.DEFINE_enum("text_device", None, list(TEXT_DEVICES), "Where the text encoder runs: cpu "
                 "keeps its weights on the host (default: config.sampling.text_device, else auto).")
-  d.DEFINE_bool("overwrite", False, "Replace existing outputs.")
-  d.DEFINE_integer("max_pixels", None, "Largest input image (pixels, checked from each file's "
-                   "header before decoding; default: the run's config.sampling.max_input_pixels).")
-  d.DEFINE_bool("progress", True, "Show progress bars over images and steps.")
 
 
 def main(argv):
@@ -98,12 +82,7 @@ def main(argv):
       raise app.UsageError(f"--{name} is required")
   # Every check on the inputs happens before the model is built or compiled.
   files = list_inputs(F.input)
-  if F.max_pixels is None:  # the run's limit: its config is read first
-    run_config = ckpt_lib.load_config(F.workdir)
-    limit = image_io.check_limit(run_config.sampling.get(
-        "max_input_pixels", image_io.DEFAULT_MAX_INPUT_PIXELS), "config.sampling.max_input_pixels")
-  else:
-    limit = image_io.check_limit(F.max_pixels, "--max_pixels")
+  limit = cli.input_limit(F.workdir, F.max_pixels)
   sizes = {}
   for f in files:  # read once to check (decoded again when its turn comes; the header first)
     sizes[f] = image_io.read(f, limit).size

@@ -193,3 +193,11 @@ def test_cli_refuses_bad_flags_and_overwrites_in_one_line(run, tmp_path):
   os.symlink(img, out / "img_guidance.png")
   _one_error_line(_cli(*base, "--overwrite"), "would overwrite the input")
   assert (out / "img_guidance.png").read_bytes() == img.read_bytes()
+  # A user map that an output would replace.
+  os.remove(out / "img_guidance.png")
+  depth = out / "img_temperature.png"
+  image_io.write_png(str(depth), _picture())
+  before = depth.read_bytes()
+  _one_error_line(_cli(*base, f"--depth={depth}", "--overwrite"), "would overwrite the input",
+                  str(depth))
+  assert depth.read_bytes() == before

@@ -98,16 +98,12 @@ def grids_to_draw(axes: dict[str, list]) -> tuple[str, ...]:
   return tuple(out)
 
 
-def output_paths(input_path: str, output: str, grids: Sequence[str]) -> dict[str, str]:
-  """``{grid: <output>/<stem>_<grid>.png, ..., "json": <output>/<stem>_controls.json}``; a path
-  that is the input itself is an error (even with --overwrite: an input is never lost)."""
+def output_paths(output: str, grids: Sequence[str], input_path: str) -> dict[str, str]:
+  """``{grid: <output>/<stem>_<grid>.png, ..., "json": <output>/<stem>_controls.json}``, named
+  after the input's stem (the command refuses a path that is an input)."""
   stem = os.path.splitext(os.path.basename(input_path))[0]
   paths = {g: os.path.join(output, f"{stem}_{g}.png") for g in grids}
   paths["json"] = os.path.join(output, f"{stem}_controls.json")
-  for p in paths.values():
-    if os.path.realpath(p) == os.path.realpath(input_path):
-      raise ValueError(f"--output={output}: {p} would overwrite the input {input_path}; choose "
-                       "another --output folder")
   return paths
 
 
