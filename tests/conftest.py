@@ -1,9 +1,24 @@
 """Test set-up: 8 fake CPU devices (set before JAX is imported) and small configs."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _session_cache_dir(pid: int) -> str:
+  return os.path.join(tempfile.gettempdir(), f"mmsr_jax_test_xla_cache_{pid}")
+
+
+# One persistent XLA compilation cache for the test session (the xdist workers of one run share
+# their controller's), inherited by the commands the tests start: the CLI tests compile the same
+# tiny programs in many processes. Removed when the session ends.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _owner = os.getppid() if "PYTEST_XDIST_WORKER" in os.environ else os.getpid()
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _session_cache_dir(_owner)
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import pytest  # noqa: E402
 from mmsr_jax.training import sr_task
@@ -69,3 +84,8 @@ def save_random_run(path: str, config, *, devices, seed: int):
   ckpt.wait()
   ckpt.close()
   return trainer, state
+
+
+def pytest_sessionfinish(session):
+  if "PYTEST_XDIST_WORKER" not in os.environ:  # the controller (or a run without xdist)
+    shutil.rmtree(_session_cache_dir(os.getpid()), ignore_errors=True)

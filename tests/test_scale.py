@@ -42,6 +42,9 @@ def _close(a, b, atol):
 def _worker_env(**extra):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   env.pop("XLA_FLAGS", None)
+  # No shared compilation cache unless a test asks for one: for two processes, a hit in one but
+  # not the other can put them more than gloo's 30 s connection timeout apart.
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
   env.update(extra)
   return env
 
@@ -403,9 +406,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_preemption_sync_point
   one."""
   steps = 8
   args = ["slow_multiprocess", tmp_path / "run", tmp_path / "params.npz"]
-  # No shared compilation cache: a cache hit in one process but not the other can put them more
-  # than gloo's 30 s connection timeout apart at the first collective.
-  env = dict(STEPS=str(steps))
+  env = dict(STEPS=str(steps))  # no shared compilation cache (see _worker_env)
   logs = [tmp_path / f"process_{i}.log" for i in range(2)]
   with Workers() as workers:
     port = _free_port()

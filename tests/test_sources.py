@@ -181,6 +181,7 @@ def test_two_process_sharding(tmp_path):
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=ROOT)
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # two processes: no cache hit in only one of them
   # Per process: batch 4 / 2 processes = 2; 6 records per shard -> 3 batches = one epoch.
   procs = [subprocess.Popen(
       [sys.executable, str(script), f"localhost:{port}", str(i), str(tmp_path / "imgs"), "3"],
