@@ -63,20 +63,29 @@ def config():
   return small_config()
 
 
+def perturbed(params, seed: int, scale: float = 0.02):
+  """``params`` plus Gaussian noise of std ``scale`` on every leaf, each leaf keeping its
+  sharding. The noise comes from NumPy: XLA would compile a threefry program per leaf shape
+  (op by op) or one slow program for the whole tree (under jit)."""
+  import jax
+  import numpy as np
+  rng = np.random.default_rng(seed)
+
+  def one(p):
+    noise = rng.standard_normal(p.shape).astype(p.dtype) * np.asarray(scale, p.dtype)
+    return jax.device_put(np.asarray(p) + noise, p.sharding)
+  return jax.tree.map(one, params)
+
+
 def save_random_run(path: str, config, *, devices, seed: int):
   """A run folder holding a real checkpoint (step 1) of random, perturbed (non-zero) weights.
 
   Returns ``(trainer, state)`` so that callers can build a sampler without restoring again.
   """
-  import jax
-
   from mmsr_jax.runtime import checkpoint as ckpt_lib
   trainer = sr_task.SRTask(config, path, devices=devices)
   state = trainer.init_state()
-  leaves, treedef = jax.tree.flatten(state.params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  params = jax.tree.unflatten(treedef, [
-      p + 0.02 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
+  params = perturbed(state.params, seed)
   state = state.replace(params=params, ema_params=params)
   ckpt_lib.save_config(path, config)
   ckpt = ckpt_lib.Checkpointer(path)

@@ -170,7 +170,7 @@ def test_guidance_modes_match_their_formulas(config, mode):
   model, cond = build.mmsr(config), build.conditioner(config)
   sched = diffusion.Schedule.from_config(config.diffusion)
   tok = ByteTokenizer()
-  params = model.init(jax.random.key(0), *dummy_inputs(config, cond))["params"]
+  params = jax.jit(model.init)(jax.random.key(0), *dummy_inputs(config, cond))["params"]
   # Give the zero-initialised output layer weights, so predictions depend on the conditions.
   params = jax.tree.map(lambda x: x, params)
   proj = params["dit"]["proj_out"]["kernel"]

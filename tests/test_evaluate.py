@@ -379,7 +379,7 @@ def test_evaluate_with_learned_metric_weights(folders, tmp_path):
   from mmsr_jax.evaluation import dists, lpips
   wdir = tmp_path / "w"
   x = jnp.zeros((1, 32, 32, 3))
-  lp = lpips.LPIPS("alex").init(jax.random.key(0), x, x)
+  lp = jax.jit(lpips.LPIPS("alex").init)(jax.random.key(0), x, x)
   params_io.save_params(str(wdir / "lpips_alex.safetensors"), lp)
   res = benchmark.evaluate(str(folders / "pred"), str(folders / "gt"), weights_dir=str(wdir),
                           learned_metrics=("lpips", "dists"), batch_size=3, log=lambda s: None)

@@ -39,7 +39,7 @@ def test_dit_shapes_dtypes_and_zero_init_output():
   model = dit.DiT(out_channels=5, width=32, depth=2, num_heads=4, patch_size=2, pos_base_size=4)
   x = jnp.ones((3, 8, 8, 10))
   ctx = jnp.ones((3, 7, 32))
-  params = model.init(jax.random.key(0), x, jnp.array([0, 10, 999]), ctx)
+  params = jax.jit(model.init)(jax.random.key(0), x, jnp.array([0, 10, 999]), ctx)
   out = model.apply(params, x, jnp.array([0, 10, 999]), ctx)
   assert out.shape == (3, 8, 8, 5) and out.dtype == jnp.float32
   np.testing.assert_array_equal(out, 0.0)  # proj_out is zero-initialised (DiT/PixArt practice)
@@ -65,7 +65,7 @@ def _context_inputs(seed=0, b=2):
 def test_context_shapes_and_params():
   mod = _context_module()
   inputs = _context_inputs()
-  params = mod.init(jax.random.key(0), *inputs)
+  params = jax.jit(mod.init)(jax.random.key(0), *inputs)
   out = mod.apply(params, *inputs)
   assert out.shape == (2, 4, 32) and out.dtype == jnp.float32
   p = params["params"]
@@ -78,7 +78,7 @@ def test_context_shapes_and_params():
 def test_null_block_used_exactly_when_modality_missing():
   mod = _context_module()
   text, mask, ids, present = _context_inputs()
-  params = mod.init(jax.random.key(0), text, mask, ids, present)
+  params = jax.jit(mod.init)(jax.random.key(0), text, mask, ids, present)
   other_ids = (ids + 5) % 16
   # depth absent for example 0: its depth ids no longer matter; example 1 (present) changes.
   present = present.at[0, 0].set(False)
@@ -99,7 +99,7 @@ def test_null_block_used_exactly_when_modality_missing():
 def test_temperature_one_is_identity_exactly():
   mod = _context_module()
   inputs = _context_inputs()
-  params = mod.init(jax.random.key(0), *inputs)
+  params = jax.jit(mod.init)(jax.random.key(0), *inputs)
   ref = mod.apply(params, *inputs)
   ones = mod.apply(params, *inputs, jnp.ones((2, 4)))
   np.testing.assert_array_equal(ref, ones)
@@ -129,7 +129,7 @@ def test_mmsr_shapes_from_config(config):
   model = build.mmsr(config)
   cond = build.conditioner(config)
   inputs = dummy_inputs(config, cond, batch=2)
-  params = model.init(jax.random.key(0), *inputs)
+  params = jax.jit(model.init)(jax.random.key(0), *inputs)
   out = model.apply(params, *inputs)
   assert out.shape == inputs[0].shape == (2, 8, 8, 48)
   ctx = model.apply(params, *inputs[3:], method=MMSR.encode_context)

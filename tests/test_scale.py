@@ -383,6 +383,9 @@ def _assert_params_file_equals(path, ref) -> None:
                                err_msg=jax.tree_util.keystr(p))
 
 
+# The default run covers this path with the SIGTERM test below: two processes over gloo train,
+# save collectively, resume and end with the one-process reference's weights.
+@pytest.mark.slow
 def test_two_processes_over_gloo_equal_one_process(tmp_path):
   port = _free_port()
   with Workers() as workers:
@@ -483,14 +486,14 @@ def test_bench_train_reports_step_time_images_per_s_and_mfu():
   c = small_config()
   c.mesh.data = 1
   c.mesh.fsdp = -1
-  r = bench_train.measure(c, peak_flops=1e12, repeats=2, warmup=1, devices=jax.devices()[:2],
-                          count_xla_flops=True)
+  # (XLA's FLOP count of the step is tested through ``bench train --analyze`` in test_bench.)
+  r = bench_train.measure(c, peak_flops=1e12, repeats=2, warmup=1, devices=jax.devices()[:2])
   assert flops.peak_flops_per_device() is None  # CPU: no MFU unless a peak is given
   assert r["step_time_s"] > 0
   assert r["images_per_s"] == pytest.approx(c.batch_size / r["step_time_s"])
   assert r["mfu"] == pytest.approx(
       flops.mmsr_train_flops_per_step(c) / r["step_time_s"] / (2 * 1e12))
-  assert r["xla_tflops_per_step"] > r["model_tflops_per_step"] > 0
+  assert r["model_tflops_per_step"] > 0
   assert r["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1}
 
 

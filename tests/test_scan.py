@@ -16,13 +16,6 @@ import pytest
 from mmsr_jax.models import context, dit, layers, t5
 
 
-def _random_like(tree, seed):
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(treedef, [0.1 * jax.random.normal(k, x.shape, x.dtype)
-                                      for k, x in zip(keys, leaves)])
-
-
 class _Stack(nn.Module):
   block: type
   args: tuple
@@ -35,6 +28,14 @@ class _Stack(nn.Module):
     scanned = layers.scan_blocks(self.block, depth=self.depth, remat=self.remat,
                                  broadcast=self.broadcast)
     return scanned(*self.args, name="blocks")(x, *extra)[0]
+
+
+def _init(stack, x, extra, seed=2):
+  """Random parameters of ``stack``, every leaf (not only the ones its initialisers make
+  non-zero); from NumPy and the parameter shapes, so nothing is compiled."""
+  shapes = jax.eval_shape(lambda: nn.unbox(stack.init(jax.random.key(0), x, *extra)["params"]))
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype), shapes)
 
 
 def _rel(a, b) -> float:
@@ -71,9 +72,9 @@ CASES = {
 def test_scan_equals_loop_forward_and_gradients(name, remat):
   block, args, make = CASES[name]
   depth = 3
-  x, extra = make(jax.random.split(jax.random.key(1), 3))
+  x, extra = jax.jit(make)(jax.random.split(jax.random.key(1), 3))
   stack = _Stack(block, args, depth, remat, len(extra))
-  params = _random_like(nn.unbox(stack.init(jax.random.key(0), x, *extra)["params"]), 2)
+  params = _init(stack, x, extra)
   stacked = params["blocks"]
   assert all(a.shape[0] == depth for a in jax.tree.leaves(stacked))
 
@@ -94,9 +95,9 @@ def test_scan_equals_loop_forward_and_gradients(name, remat):
 def test_scan_would_catch_a_misordered_stack():
   """The comparison above can fail: reversing the layer order changes the output."""
   block, args, make = CASES["dit"]
-  x, extra = make(jax.random.split(jax.random.key(1), 3))
+  x, extra = jax.jit(make)(jax.random.split(jax.random.key(1), 3))
   stack = _Stack(block, args, 3, "none", len(extra))
-  params = _random_like(nn.unbox(stack.init(jax.random.key(0), x, *extra)["params"]), 2)
+  params = _init(stack, x, extra)
   reversed_layers = jax.tree.map(lambda a: a[::-1], params["blocks"])
   want = stack.apply({"params": params}, x, *extra)
   got = _loop(block, args, reversed_layers, x, extra, 3)
@@ -162,10 +163,10 @@ def test_checkpoint_saved_before_the_layers_were_scanned_restores(tmp_path):
   (the EMA alone)."""
   from mmsr_jax.runtime import checkpoint as ckpt_lib
   from mmsr_jax.system import System
-  from tests.conftest import small_config
+  from tests.conftest import perturbed, small_config
   system = System.from_config(small_config(), jax.devices()[:1])
   state = jax.jit(system.init_fn)(jax.random.key(3))
-  state = state.replace(ema_params=_random_like(state.ema_params, 4))
+  state = state.replace(ema_params=perturbed(state.ema_params, 4, scale=0.1))
   old = jax.device_get(_per_layer(state))
   names = [ckpt_lib.path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(old)]
   assert any(".blocks_1." in n for n in names) and not any(".blocks." in n for n in names)

@@ -98,7 +98,7 @@ def test_straight_through_gradient_reaches_the_encoder():
                               mid_block_attention=False)
   model = vqgan_lib.VQGAN(cfg)
   x = jax.random.uniform(jax.random.key(3), (2, 8, 8, 3), minval=-1, maxval=1)
-  params = model.init(jax.random.key(4), x)["params"]
+  params = jax.jit(model.init)(jax.random.key(4), x)["params"]
 
   def loss(p):
     z = model.apply({"params": p}, x, method=vqgan_lib.VQGAN.encode)

@@ -169,7 +169,7 @@ def test_t5_shapes_and_padding(ffp):
   cfg = dataclasses.replace(T5Config.tiny(), feed_forward_proj=ffp)
   model = T5Encoder(cfg)
   ids, mask = _ids_and_mask(cfg)
-  variables = model.init(jax.random.key(0), ids, mask)
+  variables = jax.jit(model.init)(jax.random.key(0), ids, mask)
   p = variables["params"]
   assert p["shared"]["embedding"].shape == (259, 64)
   # One position-bias table beside the scanned stack of layers (leading layer axis).
@@ -194,7 +194,7 @@ def test_t5_shapes_and_padding(ffp):
 def test_t5_bfloat16_runs():
   cfg = dataclasses.replace(T5Config.tiny(), dtype="bfloat16")
   ids, mask = _ids_and_mask(cfg)
-  variables = T5Encoder(cfg).init(jax.random.key(0), ids, mask)
+  variables = jax.jit(T5Encoder(cfg).init)(jax.random.key(0), ids, mask)
   assert jax.tree.leaves(variables)[0].dtype == jnp.float32
   out = T5Encoder(cfg).apply(variables, ids, mask)
   assert out.dtype == jnp.bfloat16 and bool(jnp.isfinite(out).all())

@@ -161,10 +161,9 @@ def analyze(config, *, devices=None) -> dict:
 
 
 def measure(config, *, peak_flops: float = 0.0, repeats: int | None = None,
-            warmup: int | None = None, devices=None, count_xla_flops: bool = False) -> dict:
-  """Builds the task for ``config`` (on ``devices``, default all) and times its update step;
-  ``count_xla_flops`` also compiles an unrolled copy for XLA's FLOP count (slow for big
-  models)."""
+            warmup: int | None = None, devices=None) -> dict:
+  """Builds the task for ``config`` (on ``devices``, default all) and times its update step
+  (XLA's FLOP count of the step: ``analyze``)."""
   import jax
 
   from mmsr_jax.models import build
@@ -182,13 +181,6 @@ def measure(config, *, peak_flops: float = 0.0, repeats: int | None = None,
   compiled = trainer.train_step.lower(state, trainer.frozen, batch).compile()
   compile_s = time.perf_counter() - t0
   n = trainer.mesh.devices.size
-  xla_flops = None
-  if count_xla_flops:
-    from mmsr_jax.models import layers
-    from mmsr_jax.training.sr_task import jitted_step
-    with layers.unrolled_scans():  # a new jit: the scanned trace is cached
-      unrolled = jitted_step(trainer.system, trainer.null, trainer.frozen_sharding)
-      xla_flops = _flops(unrolled.lower(state, trainer.frozen, batch).compile(), n)
 
   def one_step():
     nonlocal state
@@ -202,10 +194,7 @@ def measure(config, *, peak_flops: float = 0.0, repeats: int | None = None,
       "step_time_s": step_time,
       "images_per_s": config.batch_size / step_time,
       "mfu": model_flops / step_time / (peak * n) if peak else None,
-      "hfu_xla": xla_flops / step_time / (peak * n) if peak and xla_flops else None,
       "model_tflops_per_step": model_flops / 1e12,
-      "xla_tflops_per_step": xla_flops / 1e12 if xla_flops else None,
-      "model_flops_share": model_flops / xla_flops if xla_flops else None,
       "peak_tflops_per_device": peak / 1e12 if peak else None,
       "batch_size": config.batch_size,
       "resolution": config.data.hr_size,
