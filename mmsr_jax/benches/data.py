@@ -26,8 +26,8 @@ _PHOTO_HW = (1356, 2040)  # DIV2K's typical size
 
 def _throughput() -> dict:
   """Per batch: the Grain transform (crop, kernel/parameter sampling, maps, tokens), then the
-  degradation (jitted stages, and on the host its resize matrices and JPEG round trips) and Canny
-  on the LR. Host work = transform + the degradation's host share + Canny (what a TPU/GPU host
+  degradation (jitted stages, and on the host its parameter packing and JPEG round trips) and
+  Canny on the LR. Host work = transform + the degradation's host share + Canny (what a TPU/GPU host
   does); the jitted stages run on the default device (here the CPU too, so the end-to-end number
   is the CPU-only fallback)."""
   import numpy as np
@@ -79,7 +79,7 @@ def _throughput() -> dict:
       "data_images_per_cpu_s": n / total_cpu,  # = images/s per fully used core
       "data_cores_busy": total_cpu / total_wall,
       # What stays on the host when the stages run on an accelerator: transform, the degradation's
-    # host share (resize matrices, JPEG, conversions), Canny.
+      # host share (parameter packing, JPEG, conversions), Canny.
       "data_host_images_per_cpu_s": n / host_cpu,
       "data_host_cpu_ms_per_image": ms(host_cpu),
       "data_transform_cpu_ms_per_image": ms(cpu["transform"]),

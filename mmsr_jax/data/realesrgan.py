@@ -453,7 +453,7 @@ class RealESRGANDegrader:
       raise ValueError("RealESRGANDegrader: no devices given")
     self._shardings: dict[int, jax.sharding.NamedSharding] = {}
     # Process-CPU seconds of the host's share so far (for the data benchmark): all of it
-    # (matrices, JPEG, conversions), and the JPEG round trips alone. Waits for the devices are
+    # (parameter packing and transfers, JPEG, conversions), and the JPEG round trips alone. Waits for the devices are
     # not in either.
     self.host_cpu_seconds = 0.0
     self.jpeg_cpu_seconds = 0.0
