@@ -79,6 +79,7 @@ def task_config():
       "data.map_size": MAP, "data.maps_from": "record", "optimizer.lr": 1e-3,
       "optimizer.warmup_steps": 20, "optimizer.ema_decay": 0.0,
       "diffusion.prediction": "v", "diffusion.rescale_zero_snr": True,
+      "sampling.spacing": "trailing",
       "eval.val_batches": 2})
   return c
 

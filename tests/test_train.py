@@ -3,6 +3,7 @@ input (sharded step equality and the other scale tests: tests/test_scale.py)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -12,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mmsr_jax.config import schema
+from mmsr_jax.config import sr as sr_schema
 from mmsr_jax.runtime import checkpoint, sharding
 from mmsr_jax.system import System
 from tests.conftest import small_config
@@ -256,8 +259,9 @@ def test_condition_dropout_selects_the_null_blocks(config):
   changed = dict(batch, edge=-batch["edge"], depth=np.ones_like(batch["depth"]),
                  present=np.ones_like(batch["present"]))
   losses = {}
+  config.cond_dropout.all = config.cond_dropout.all_modalities = 0.0  # only the per-map drops
   for p in (1.0, 0.0):
-    config.cond_dropout.modality = p
+    config.cond_dropout.modality_total = p
     trainer = sr_task.SRTask(config, "/unused", devices=jax.devices()[:1])
     # Two steps first (the first has lr 0 under warm-up): the zero-initialised output layer
     # ignores every input at init.
@@ -271,3 +275,89 @@ def test_condition_dropout_selects_the_null_blocks(config):
       losses[p, name] = float(metrics["loss"])
   assert losses[1.0, "orig"] == losses[1.0, "changed"]
   assert abs(losses[0.0, "orig"] - losses[0.0, "changed"]) > 1e-7
+
+
+def _empirical_drop_rates(cond_dropout, n=400_000):
+  """Drop rates of ``sr_task.drop_conditions`` over ``n`` examples that have every map."""
+  present, drop_text = jax.device_get(sr_task.drop_conditions(
+      cond_dropout, jax.random.key(3), jnp.ones((n, 3), bool)))
+  return present, drop_text
+
+
+@pytest.mark.parametrize("rates", [
+    dict(),  # the schema's defaults
+    dict(text_total=0.3, modality_total=0.5, all=0.2, all_modalities=0.25)])
+def test_each_condition_is_dropped_at_its_configured_total(config, rates):
+  """Joint drops included, each caption and each map is dropped with ``text_total`` /
+  ``modality_total`` (the independent drops used to add to the joint ones: 0.19 and 0.23 per
+  condition for totals of 0.1); the joint drops still occur at their own rates."""
+  cfg = config.cond_dropout
+  cfg.update(rates)
+  schema.validate(config)
+  n = 400_000
+  present, drop_text = _empirical_drop_rates(cfg, n)
+  dropped = ~present
+
+  def within(measured, p, what):
+    sigma = np.sqrt(p * (1 - p) / n)  # 5 sigma: about 1 false alarm in 1.7 million draws
+    assert abs(measured - p) <= 5 * sigma + 1e-12, (what, measured, p)
+
+  within(drop_text.mean(), cfg.text_total, "text")
+  for m in range(3):
+    within(dropped[:, m].mean(), cfg.modality_total, f"map {m}")
+  # The joint drops: every condition at once at least as often as `all`, every map together
+  # (caption kept or not) at least as often as the joint share of the maps.
+  _, j_map = sr_schema.joint_drop_rates(cfg)
+  assert (drop_text & dropped.all(1)).mean() >= cfg.all - 5 * np.sqrt(cfg.all / n)
+  assert dropped.all(1).mean() >= j_map - 5 * np.sqrt(j_map / n)
+
+
+def test_joint_drops_above_the_total_are_refused(config):
+  """The joint drops alone may not drop a condition more often than its configured total."""
+  config.cond_dropout.update(dict(modality_total=0.1, all=0.05, all_modalities=0.06))
+  with pytest.raises(ValueError, match=r"config\.cond_dropout\.modality_total=0\.1: expected a "
+                     r"total drop rate >= 0\.107.*config\.cond_dropout\.all\).*"
+                     r"config\.cond_dropout\.all_modalities\)"):
+    schema.validate(config)
+  config.cond_dropout.update(dict(modality_total=0.2, text_total=0.04))
+  with pytest.raises(ValueError, match=r"config\.cond_dropout\.text_total=0\.04: expected a total "
+                     r"drop rate >= 0\.05, .*\(config\.cond_dropout\.all\)"):
+    schema.validate(config)
+  config.cond_dropout.text_total = 0.05  # equal to the joint share: independent rate 0
+  schema.validate(config)
+  assert sr_schema.independent_drop_rates(config.cond_dropout)[0] == 0.0
+
+
+def test_runs_saved_with_independent_rates_keep_their_drops():
+  """A config saved when cond_dropout.text / .modality were the independent rates loads as the
+  totals those draws give, so sampling and resuming it see the same drops."""
+  old = {"cond_dropout": {"modality": 0.1, "text": 0.1, "all": 0.1, "all_modalities": 0.05}}
+  cfg = schema.with_defaults(old).cond_dropout
+  assert set(cfg) == {"modality_total", "text_total", "all", "all_modalities"}
+  np.testing.assert_allclose([cfg.text_total, cfg.modality_total], [0.19, 0.2305], atol=1e-12)
+  np.testing.assert_allclose(sr_schema.independent_drop_rates(cfg), [0.1, 0.1], atol=1e-12)
+
+
+def test_zero_snr_needs_trailing_spacing(config, tmp_path):
+  """Zero terminal SNR with leading spacing would start sampling at t = 981, not T - 1: the
+  config check refuses it (train and a saved run's sample), trailing passes."""
+  config.diffusion.prediction = "v"
+  config.diffusion.rescale_zero_snr = True
+  config.sampling.spacing = "leading"
+  message = ("config.sampling.spacing='leading': expected 'trailing' when "
+             "config.diffusion.rescale_zero_snr=True")
+  with pytest.raises(ValueError, match=re.escape(message)):
+    schema.validate(config)
+  r = _run("mmsr_jax.train", f"--workdir={tmp_path}/w", "--config.diffusion.prediction=v",
+           "--config.diffusion.rescale_zero_snr=True", "--config.sampling.spacing=leading")
+  assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+  assert r.stderr.startswith("error: " + message), r.stderr
+  assert not os.path.exists(tmp_path / "w")
+  checkpoint.save_config(str(tmp_path / "run"), config)
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+  r = _run("mmsr_jax.sample", f"--workdir={tmp_path}/run", f"--input={tmp_path}/a.png",
+           f"--output={tmp_path}/out")
+  assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+  assert message in r.stderr, r.stderr
+  config.sampling.spacing = "trailing"
+  schema.validate(config)

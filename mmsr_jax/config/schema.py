@@ -46,6 +46,11 @@ def with_defaults(saved: dict) -> ml_collections.ConfigDict:
       out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
     return out
   task = task_of(saved)
+  saved = dict(saved)
+  if task == sr.TASK and {"text", "modality"} & set(saved.get("cond_dropout", {})):
+    # Saved when cond_dropout.text / .modality were the independent rates: the same draws, as
+    # the totals they give.
+    saved["cond_dropout"] = sr.legacy_drop_totals(saved["cond_dropout"])
   merged = merge(DEFAULTS[task]().to_dict(), saved)
   model = merged.get("model", {})
   if isinstance(model.get("remat"), bool):  # a switch before the remat policies existed

@@ -117,12 +117,15 @@ def sr_config() -> ml_collections.ConfigDict:
   c.diffusion.residual_scale = 1.0
 
   c.cond_dropout = ml_collections.ConfigDict()
-  c.cond_dropout.modality = 0.1  # each spatial modality -> null block, independently
-  c.cond_dropout.text = 0.1  # caption -> empty caption
+  # How often each condition is dropped in all, joint drops included (MMSR: 0.1 per modality).
+  # The independent draws take the rate that makes up the rest (independent_drop_rates).
+  c.cond_dropout.modality_total = 0.1  # each spatial modality -> its null block
+  c.cond_dropout.text_total = 0.1  # caption -> empty caption
   # Joint drops, so that the guidance modes' negative branches are trained (independent drops
-  # give "empty caption and every modality null" with p^4 = 1e-4):
-  c.cond_dropout.all = 0.1  # caption and every modality together (cfg's negative branch)
-  c.cond_dropout.all_modalities = 0.05  # every modality, caption kept (m0cfg's negative branch)
+  # alone give "empty caption and every modality null" with p^4 = 1e-4). They are part of the
+  # totals above, so they may not exceed them.
+  c.cond_dropout.all = 0.05  # caption and every modality together (cfg's negative branch)
+  c.cond_dropout.all_modalities = 0.025  # every modality, caption kept (m0cfg's negative branch)
 
   c.sampling = ml_collections.ConfigDict()
   c.sampling.steps = 50
@@ -193,6 +196,40 @@ def full_size_config(*, width: int, depth: int, num_heads: int, lr: float,
   c.model.context_heads = num_heads
   c.model.init_from = init_from
   return c
+
+
+def joint_drop_rates(cond_dropout) -> tuple[float, float]:
+  """The share of ``(captions, maps)`` the joint drops alone remove: ``all`` for the caption,
+  ``1 - (1 - all)(1 - all_modalities)`` for each map."""
+  a, b = cond_dropout.all, cond_dropout.all_modalities
+  return a, 1.0 - (1.0 - a) * (1.0 - b)
+
+
+def independent_drop_rates(cond_dropout) -> tuple[float, float]:
+  """The ``(text, modality)`` rates of the independent drops that, composed with the joint
+  drops, drop each caption with ``text_total`` and each map with ``modality_total``:
+  ``p = 1 - (1 - q)(1 - j)`` with ``j`` the joint share (:func:`joint_drop_rates`), so
+  ``q = 1 - (1 - p) / (1 - j)``. When the joint drops already remove everything (``j = 1``, so
+  ``p = 1``) the independent rate does not matter and is 0."""
+  def solve(total, joint):
+    if joint >= 1.0:
+      return 0.0
+    return min(1.0, max(0.0, 1.0 - (1.0 - total) / (1.0 - joint)))
+  j_text, j_map = joint_drop_rates(cond_dropout)
+  return (solve(cond_dropout.text_total, j_text), solve(cond_dropout.modality_total, j_map))
+
+
+def legacy_drop_totals(cond_dropout: dict) -> dict:
+  """A saved ``cond_dropout`` dict from before the totals (``text`` and ``modality`` were the
+  independent rates) as totals that keep its independent rates (so the run draws the same drops).
+  Joint rates it lacks take the schema's defaults, as any field added since a run was saved."""
+  out = {**sr_config().cond_dropout.to_dict(), **cond_dropout}
+  cfg = ml_collections.ConfigDict({k: out[k] for k in ("all", "all_modalities")})
+  j_text, j_map = joint_drop_rates(cfg)
+  q_text, q_mod = out.pop("text", 0.0), out.pop("modality", 0.0)
+  out["text_total"] = 1.0 - (1.0 - q_text) * (1.0 - j_text)
+  out["modality_total"] = 1.0 - (1.0 - q_mod) * (1.0 - j_map)
+  return out
 
 
 def latent_size(config) -> int:
@@ -277,14 +314,27 @@ def validate(config) -> None:
     ck.fail("diffusion.rescale_zero_snr", "False unless config.diffusion.prediction='v' (at zero "
             "terminal SNR epsilon says nothing about x0: NaN at t = T-1, min-SNR weight 0/0)")
 
-  ck.number("cond_dropout.modality", 0.0, 1.0)
-  ck.number("cond_dropout.text", 0.0, 1.0)
+  ck.number("cond_dropout.modality_total", 0.0, 1.0)
+  ck.number("cond_dropout.text_total", 0.0, 1.0)
   ck.number("cond_dropout.all", 0.0, 1.0)
   ck.number("cond_dropout.all_modalities", 0.0, 1.0)
+  j_text, j_map = joint_drop_rates(config.cond_dropout)
+  # A small tolerance: 1 - 0.9 * 0.95 is 0.14500000000000002 in floating point.
+  for field, joint, what in (("text_total", j_text, "config.cond_dropout.all"),
+                             ("modality_total", j_map, "1 - (1 - config.cond_dropout.all)"
+                              "(1 - config.cond_dropout.all_modalities)")):
+    if config.cond_dropout[field] < joint - 1e-9:
+      ck.fail(f"cond_dropout.{field}", f"a total drop rate >= {joint:.6g}, the share the joint "
+              f"drops alone remove ({what}); lower the joint rates or raise the total")
 
   ck.integer("sampling.steps", 1, config.diffusion.num_timesteps)
   ck.number("sampling.eta", 0.0, 1.0)
   ck.choice("sampling.spacing", SPACINGS)
+  if config.diffusion.rescale_zero_snr and config.sampling.spacing != "trailing":
+    # Leading spacing starts at t = T - T/steps + 1 (981 of 1000 at 50 steps), so the sampler
+    # never starts from the pure noise the zero-SNR schedule was trained to denoise at T - 1.
+    ck.fail("sampling.spacing", "'trailing' when config.diffusion.rescale_zero_snr=True "
+            "(leading spacing never visits t = T - 1, where zero-SNR sampling must start)")
   ck.choice("sampling.guidance", GUIDANCE_MODES)
   ck.number("sampling.scale", 0.0)
   ck.number("sampling.clip_x0", 0.0)

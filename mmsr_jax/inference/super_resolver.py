@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from mmsr_jax.config import sr as sr_schema
 from mmsr_jax.config.sr import TEXT_DEVICES
 from mmsr_jax.data import images as image_io
 from mmsr_jax.data import sr_examples
@@ -155,6 +156,7 @@ class SuperResolver:
     """The run's EMA weights (only those are read from the checkpoint) on a data-parallel mesh
     of ``devices`` (default: all), with its frozen encoders."""
     config = ckpt_lib.load_config(workdir)
+    sr_schema.validate(config)  # a run config the checks refuse is named before the checkpoints
     setting = check_text_device(config.sampling.get("text_device", "auto")
                                 if text_device is None else text_device)
     ckpt = ckpt_lib.Checkpointer(workdir, create=False)

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 
 from mmsr_jax.config import schema
+from mmsr_jax.config import sr as sr_schema
 from mmsr_jax.data import sr_examples
 from mmsr_jax.diffusion import schedule as diffusion
 from mmsr_jax.models import build
@@ -22,20 +23,23 @@ from mmsr_jax.weights import pixart
 
 
 def drop_conditions(cfg, rng, present):
-  """Condition dropout of a batch (``cfg`` = ``config.cond_dropout``): each modality is nulled
-  with ``modality`` and the caption emptied with ``text``, independently; ``all`` drops the
-  caption and every modality together and ``all_modalities`` every modality (caption kept), so
-  the guidance modes' negative branches are trained. Returns ``(present [B, 3], drop_text [B])``.
+  """Condition dropout of a batch (``cfg`` = ``config.cond_dropout``): ``all`` drops the caption
+  and every modality together and ``all_modalities`` every modality (caption kept), so the
+  guidance modes' negative branches are trained; on top, each modality is nulled and the caption
+  emptied independently, at the rates that make each map's total drop rate ``modality_total``
+  and the caption's ``text_total`` (``mmsr_jax.config.sr.independent_drop_rates``). Returns
+  ``(present [B, 3], drop_text [B])``.
   """
+  q_text, q_mod = sr_schema.independent_drop_rates(cfg)
   r_mod, r_txt, _ = jax.random.split(rng, 3)
   # The joint drops draw from their own stream, so the independent ones stay as they were.
   r_all, r_all_mod = jax.random.split(jax.random.fold_in(rng, 1), 2)
   b = present.shape[0]
-  drop_all = jax.random.bernoulli(r_all, cfg.get("all", 0.0), (b,))
-  drop_mods = drop_all | jax.random.bernoulli(r_all_mod, cfg.get("all_modalities", 0.0), (b,))
+  drop_all = jax.random.bernoulli(r_all, cfg.all, (b,))
+  drop_mods = drop_all | jax.random.bernoulli(r_all_mod, cfg.all_modalities, (b,))
   present = (present & ~drop_mods[:, None]
-             & jax.random.bernoulli(r_mod, 1.0 - cfg.modality, present.shape))
-  return present, jax.random.bernoulli(r_txt, cfg.text, (b,)) | drop_all
+             & jax.random.bernoulli(r_mod, 1.0 - q_mod, present.shape))
+  return present, jax.random.bernoulli(r_txt, q_text, (b,)) | drop_all
 
 
 def make_train_step(config, model: MMSR, conditioner: Conditioner, schedule, tx, lr_fn,
