@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -198,8 +199,9 @@ def test_cli_on_the_reference_models_own_files(tmp_path, kind):
   _close(_our_output(kind, dst, info, x), _torch_output(kind, ref, x))
 
 
-def _tiny_pixart(config):
-  """A PixArt transformer shaped like ``config``'s DiT (learned-sigma outputs)."""
+def _tiny_pixart(config, **kwargs):
+  """A PixArt transformer shaped like ``config``'s DiT (learned-sigma outputs); ``kwargs`` go to
+  ``PixArtTransformer2DModel``."""
   c = 3 * config.autoencoder.factor ** 2  # the pixel autoencoder's latent channels
   torch.manual_seed(0)
   ref = diffusers.PixArtTransformer2DModel(
@@ -208,7 +210,7 @@ def _tiny_pixart(config):
       attention_head_dim=config.model.width // config.model.num_heads,
       num_attention_heads=config.model.num_heads, cross_attention_dim=config.model.width,
       caption_channels=config.text.encoder.d_model, norm_type="ada_norm_single",
-      use_additional_conditions=False).float().eval()
+      use_additional_conditions=False, **kwargs).float().eval()
   with torch.no_grad():
     for p in ref.parameters():
       p.copy_(torch.randn_like(p) * 0.1)
@@ -275,6 +277,53 @@ def test_pixart_init_from_checks_the_architecture(tmp_path):
                              "text.encoder.d_model": 32, "text.encoder.num_heads": 2})
   with pytest.raises(ValueError, match=r"caption_projection_1/kernel.*\(64, 64\).*\(32, 64\)"):
     sr_task.SRTask(bad_text, str(tmp_path / "b"), devices=jax.devices()[:1])
+
+
+def test_pixart_init_from_refuses_another_schedule_or_position_scale(tmp_path):
+  """A start from a converted PixArt is refused, before any weights are read, when the run's
+  noise schedule or position interpolation_scale differs from what the folder records: the
+  default PixArt schedule (no scheduler config), one read from the source pipeline's scheduler
+  config, and interpolation_scale = 2."""
+  config = small_config(**PIXART_SCHEDULE)
+  ref, _ = _tiny_pixart(config)
+  ref.save_pretrained(tmp_path / "plain", safe_serialization=True)
+  plain = str(tmp_path / "plain_converted")
+  convert.convert_to_folder("pixart", str(tmp_path / "plain"), plain)
+  # The tiny config's SD scaled-linear betas against PixArt's linear ones.
+  sd_betas = small_config(**{"model.init_from": plain})
+  assert sd_betas.diffusion.schedule == "scaled_linear"
+  with pytest.raises(ValueError, match=re.escape(
+      f"config.model.init_from={plain!r} was trained with another noise schedule than this "
+      "config's: config.diffusion.schedule='scaled_linear' (trained with 'linear'); "
+      "config.diffusion.beta_start=0.00085 (trained with 0.0001); config.diffusion.beta_end=0.012 "
+      "(trained with 0.02)")):
+    sr_task.SRTask(sd_betas, str(tmp_path / "a"), devices=jax.devices()[:1])
+
+  # A pipeline whose scheduler trained another beta_end: the PixArt default is refused for it.
+  ref.save_pretrained(tmp_path / "pipe" / "transformer", safe_serialization=True)
+  (tmp_path / "pipe" / "scheduler").mkdir()
+  (tmp_path / "pipe" / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+      {"_class_name": "DPMSolverMultistepScheduler", "beta_schedule": "linear",
+       "beta_start": 1e-4, "beta_end": 0.03, "num_train_timesteps": 1000,
+       "prediction_type": "epsilon"}))
+  piped = str(tmp_path / "pipe_converted")
+  convert.convert_to_folder("pixart", str(tmp_path / "pipe" / "transformer"), piped)
+  with pytest.raises(ValueError, match=r"config\.diffusion\.beta_end=0\.02 \(trained with 0\.03\).*"
+                     r"scheduler_config\.json.*--config\.diffusion\.beta_end=0\.03"):
+    sr_task.SRTask(small_config(**{"model.init_from": piped, **PIXART_SCHEDULE}),
+                   str(tmp_path / "b"), devices=jax.devices()[:1])
+
+  # interpolation_scale = 2 (PixArt-Sigma 1024) against the default 1.
+  scaled_ref, _ = _tiny_pixart(config, interpolation_scale=2)
+  scaled_ref.save_pretrained(tmp_path / "scaled", safe_serialization=True)
+  scaled = str(tmp_path / "scaled_converted")
+  info = convert.convert_to_folder("pixart", str(tmp_path / "scaled"), scaled)
+  assert info["config_overrides"]["model.pos_interpolation_scale"] == 2.0
+  with pytest.raises(ValueError, match=re.escape(
+      "was trained with position interpolation_scale=2 but config.model.pos_interpolation_scale=1;"
+      " set --config.model.pos_interpolation_scale=2")):
+    sr_task.SRTask(small_config(**{"model.init_from": scaled, **PIXART_SCHEDULE}),
+                   str(tmp_path / "c"), devices=jax.devices()[:1])
 
 
 def test_refuses_pickles_and_names_mismatched_keys(tmp_path):

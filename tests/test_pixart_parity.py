@@ -22,14 +22,15 @@ HEADS, HEAD_DIM, DEPTH, PATCH, IN_CH = 4, 8, 2, 2, 4
 WIDTH = HEADS * HEAD_DIM
 
 
-def _torch_model(out_channels: int, seed: int = 0):
+def _torch_model(out_channels: int, seed: int = 0, interpolation_scale: float | None = None):
   """A tiny random PixArt transformer (fp32, eval) with non-trivial modulation weights."""
   torch.manual_seed(seed)
   model = diffusers.PixArtTransformer2DModel(
       sample_size=8, patch_size=PATCH, in_channels=IN_CH, out_channels=out_channels,
       num_layers=DEPTH, attention_head_dim=HEAD_DIM, num_attention_heads=HEADS,
       cross_attention_dim=WIDTH, caption_channels=16, norm_type="ada_norm_single",
-      use_additional_conditions=False).float().eval()
+      use_additional_conditions=False,
+      interpolation_scale=interpolation_scale).float().eval()
   # Every tensor random, norms and biases included (the one helper of every parity test); the
   # sin-cos position table is a non-persistent buffer both sides compute, so it is not touched.
   kinds = randomise_(model, seed=seed)
@@ -50,10 +51,12 @@ def _inputs(size: int, seed: int = 1):
   return x, t, text
 
 
-def _ours(dit_vars, cap_vars, out_channels, x, t, text, pos_base_size=None, mask=None):
+def _ours(dit_vars, cap_vars, out_channels, x, t, text, pos_base_size=None, mask=None,
+          pos_interpolation_scale=1.0):
   context = CaptionProjection(WIDTH).apply(cap_vars, jnp.asarray(text))
   dit = DiT(out_channels=out_channels, width=WIDTH, depth=DEPTH, num_heads=HEADS,
-            patch_size=PATCH, pos_base_size=pos_base_size)
+            patch_size=PATCH, pos_base_size=pos_base_size,
+            pos_interpolation_scale=pos_interpolation_scale)
   out = dit.apply(dit_vars, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t), context,
                   None if mask is None else jnp.asarray(mask))
   return np.asarray(out).transpose(0, 3, 1, 2)  # NHWC -> NCHW
@@ -95,6 +98,38 @@ def test_parity_larger_grid_and_text_mask():
   base = 8 // PATCH  # diffusers' base_size = sample_size // patch_size
   ours = _ours(dit_vars, cap_vars, IN_CH, x, t, text, pos_base_size=base, mask=mask.astype(bool))
   _assert_close(ours, _theirs(model, x, t, text, mask=mask))
+
+
+@pytest.mark.parametrize("size", [8, 16])  # the training grid, and twice it (interpolated)
+def test_parity_with_a_non_default_interpolation_scale(size):
+  """PixArt-Sigma 1024 uses interpolation_scale = 2 (``config.model.pos_interpolation_scale``
+  after conversion): our DiT given that scale computes what diffusers' transformer built with it
+  computes, every tensor random; the default scale would not."""
+  scale = 2.0
+  model = _torch_model(IN_CH, seed=4, interpolation_scale=scale)
+  assert model.pos_embed.interpolation_scale == scale
+  dit_vars, cap_vars = pixart_params_from_torch_state_dict(_state_dict(model), depth=DEPTH)
+  x, t, text = _inputs(size, seed=5)
+  base = 8 // PATCH  # diffusers' base_size = sample_size // patch_size
+  theirs = _theirs(model, x, t, text)
+  _assert_close(_ours(dit_vars, cap_vars, IN_CH, x, t, text, pos_base_size=base,
+                      pos_interpolation_scale=scale), theirs)
+  # The comparison can see the scale: the default one gives another output.
+  unscaled = _ours(dit_vars, cap_vars, IN_CH, x, t, text, pos_base_size=base)
+  assert float(np.max(np.abs(unscaled - theirs))) > 1e-2 * max(1.0, float(np.max(np.abs(theirs))))
+
+
+@pytest.mark.parametrize("grid,base,scale", [((6, 10), 4, 2.0), ((16, 16), 8, 0.5)])
+def test_position_table_matches_diffusers(grid, base, scale):
+  """The sin-cos table against diffusers' ``get_2d_sincos_pos_embed`` with a non-default
+  ``interpolation_scale``, a non-square grid included (rows, columns)."""
+  from diffusers.models.embeddings import get_2d_sincos_pos_embed
+  from mmsr_jax.models.layers import sincos_2d
+  theirs = np.asarray(get_2d_sincos_pos_embed(WIDTH, grid, base_size=base,
+                                              interpolation_scale=scale, output_type="pt"))
+  ours = sincos_2d(WIDTH, grid[0], grid[1], base, scale)
+  assert ours.shape == theirs.shape == (grid[0] * grid[1], WIDTH)
+  np.testing.assert_allclose(ours, theirs, atol=1e-6, rtol=0)
 
 
 def test_widened_patch_embed_ignores_extra_channels():
