@@ -4,7 +4,7 @@
 
 Space-to-depth autoencoder, a 4-block width-192 DiT, a random frozen T5, and the VQ tokenizer
 trained by ``configs/vq_tiny.py`` (shipped in ``mmsr_jax/assets``). Residual diffusion with
-fidelity-first sampling; the README's "Tiny demo" section gives the reasons and the result.
+fidelity-first sampling; docs/tiny_demo.md gives the reasons and the measured result.
 """
 
 import os

@@ -4,7 +4,8 @@ trained on the demo photos' maps plus synthetic maps.
   python -m mmsr_jax.train_vq --config=configs/vq_tiny.py --workdir=runs/vq_tiny
 
 ``runs/vq_tiny/vq.safetensors`` is what ``mmsr_jax/assets/vq_tiny.safetensors`` was copied from;
-the README ("VQ tokenizers") has its report and the L1 / L2 sweep behind the settings.
+docs/vq_tokenizers.md has its report ("The shipped tiny tokenizer") and the L1 / L2 sweep
+behind the settings ("Why L2").
 """
 
 from configs import tiny

@@ -1,5 +1,5 @@
 r"""Writes contact sheets of the training degradations of an image, to look at what the model sees:
-``python -m mmsr_jax.degrade --input=photo.png --output=DIR [--preset=realesrgan] [--samples=8]``.
+``python -m mmsr_jax.degrade --input=photo.png --output=DIR [--preset=realesrgan] [--num=8]``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""VQ tokenizer training (mmsr_jax.train_vq, mmsr_jax.vq_losses) and shard tokenization
-(mmsr_jax.tokenize): straight-through gradients, hand-computed VQ terms, EMA codebook update,
-dead-code restart, a short train that raises codebook usage and lowers the reconstruction error,
-exact resume through the shared loop, and tokenize -> decode through ArrayRecord shards."""
+"""VQ tokenizer training (mmsr_jax.train_vq, mmsr_jax.training.vq_losses) and shard tokenization
+(python -m mmsr_jax.precompute, mmsr_jax.training.precompute): straight-through gradients,
+hand-computed VQ terms, EMA codebook update, dead-code restart, a short train that raises
+codebook usage and lowers the reconstruction error, exact resume through the shared loop, and
+tokenize -> decode through ArrayRecord shards."""
 
 import json
 import os

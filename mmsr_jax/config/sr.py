@@ -153,9 +153,10 @@ def sr_config() -> ml_collections.ConfigDict:
 
 def full_size_config(*, width: int, depth: int, num_heads: int, lr: float,
                      init_from: str = "") -> ml_collections.ConfigDict:
-  """The research configuration of MMSR.md at one denoiser size (``configs/dit_*.py``): SD KL-f8
-  VAE, T5 v1.1 XXL, VQGAN f16 tokenizers, a 128-latent MMLC, 512 px crops, bf16, FSDP. Frozen
-  parts are read from the ``weights/`` folders the README's conversion commands write."""
+  """The research configuration (docs/model.md) at one denoiser size (``configs/dit_*.py``): SD
+  KL-f8 VAE, T5 v1.1 XXL, VQGAN f16 tokenizers, a 128-latent MMLC, 512 px crops, bf16, FSDP.
+  Frozen parts are read from the ``weights/`` folders that the conversion commands of
+  docs/training.md ("Pretrained weights") write."""
   c = sr_config()
   c.batch_size = 256
   c.num_train_steps = 200_000

@@ -42,7 +42,7 @@ def vq_config() -> ml_collections.ConfigDict:
       ema_decay=0.99,
       beta=0.25,  # commitment weight
       codebook_weight=1.0,  # codebook="loss"
-      recon_loss="l2",  # l1 learns blank edge maps (README: VQ tokenizers)
+      recon_loss="l2",  # l1 learns blank edge maps (docs/vq_tokenizers.md, "Why L2")
       edge_weight=1.0,  # line pixels of edge maps weigh this many times a background pixel
       perceptual_weight=0.0,  # > 0 needs lpips_params
       lpips_net="vgg",

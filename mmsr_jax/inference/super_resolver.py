@@ -111,8 +111,8 @@ class SuperResolver:
   """A trained MMSR model ready to super-resolve images (restores the newest checkpoint).
 
   The EMA parameters are replicated on a mesh of all devices; the tiles of every sampling step
-  are split over it. ``annotator`` (an :class:`mmsr_jax.annotate.Annotator`, optional) supplies
-  depth / segmentation / caption when a call does not.
+  are split over it. ``annotator`` (an :class:`mmsr_jax.data.annotator.Annotator`, optional)
+  supplies depth / segmentation / caption when a call does not.
 
   ``text_device`` (default ``config.sampling.text_device``, else ``"auto"``): ``"accelerator"``
   runs the text encoder inside the jitted sampler with the other frozen weights; ``"cpu"`` keeps
