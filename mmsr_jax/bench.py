@@ -18,7 +18,7 @@ BENCHES = {
     "data": "data",  # host input pipeline throughput
     "sample": "sample",  # images/s of the sampler
     "train": "train",  # step time, images/s, MFU
-    "evaluate": "evaluate",  # PSNR + SSIM + NIQE on a folder of pairs (RealSR by default)
+    "evaluate": "evaluate",  # PSNR + SSIM + NIQE on two folders of pairs (or synthetic ones)
     "suite": "suite",  # the accelerator check: train MFU, cuDNN attention, sampling, one JSON
 }
 

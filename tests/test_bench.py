@@ -69,3 +69,35 @@ def test_help_shows_the_bench_flags(bench):
   flag = {"train": "--[no]analyze", "sample": "--sample_size", "suite": "--suite_output",
           "data": "--data_"}[bench]
   assert flag in r.stdout, r.stdout[-2000:]
+
+
+def _bench_error(*args):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  r = subprocess.run([sys.executable, "-m", "mmsr_jax.bench", *args], capture_output=True,
+                     text=True, cwd=REPO, env=env, timeout=300)
+  assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+  return r.stderr.strip()
+
+
+def test_evaluate_bench_reads_only_the_folders_it_is_given(tmp_path):
+  """No folder outside the repository is read by default (RealSR sits beside some checkouts):
+  without flags the bench scores synthetic pairs; with them, those folders; one without the
+  other or a missing folder is one error line naming the flag."""
+  from PIL import Image
+  import numpy as np
+  synthetic = _bench("evaluate", "--evaluate_images=2", "--evaluate_batch=2", "--repeats=1")
+  assert synthetic["source"] == "synthetic" and synthetic["images"] == 2
+  rng = np.random.default_rng(0)
+  for sub in ("pred", "gt"):
+    (tmp_path / sub).mkdir()
+    for name in ("a", "b"):
+      Image.fromarray(rng.integers(0, 256, (96, 192, 3), np.uint8)).save(
+          tmp_path / sub / f"{name}.png")
+  pred, gt = str(tmp_path / "pred"), str(tmp_path / "gt")
+  real = _bench("evaluate", f"--evaluate_pred={pred}", f"--evaluate_gt={gt}", "--repeats=1")
+  assert real["source"] == pred and real["images"] == 2 and "mean_psnr" in real
+  assert _bench_error("evaluate", f"--evaluate_pred={pred}") == (
+      "error: --evaluate_gt: required with --evaluate_pred (the bench scores pairs of the two "
+      "folders)")
+  assert _bench_error("evaluate", f"--evaluate_pred={pred}", f"--evaluate_gt={tmp_path}/no") == (
+      f"error: --evaluate_gt={tmp_path}/no: not a directory")

@@ -1,4 +1,6 @@
-"""``bench evaluate``: time of PSNR / SSIM / NIQE on a folder of pairs (RealSR by default)."""
+"""``bench evaluate``: time of PSNR / SSIM / NIQE on a folder of prediction / ground-truth pairs
+given by ``--evaluate_pred`` and ``--evaluate_gt`` (synthetic pairs when neither is given; the
+RealSR example is in docs/evaluation.md, "Timing")."""
 
 from __future__ import annotations
 
@@ -9,15 +11,25 @@ from absl import flags
 
 from mmsr_jax.benches import common
 
-_REALSR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "..", "shared", "data", "realsr")
-
 
 def define_flags() -> None:
-  flags.DEFINE_string("evaluate_pred", None, "folder of predictions (default: RealSR OSEDiff)")
-  flags.DEFINE_string("evaluate_gt", None, "folder of ground truth (default: RealSR test_HR)")
-  flags.DEFINE_integer("evaluate_images", 100, "synthetic pairs when no folder is available")
+  flags.DEFINE_string("evaluate_pred", None, "folder of predictions, paired by file name with "
+                      "--evaluate_gt (neither given: synthetic pairs)")
+  flags.DEFINE_string("evaluate_gt", None, "folder of ground truth for --evaluate_pred")
+  flags.DEFINE_integer("evaluate_images", 100, "synthetic pairs when no folders are given")
   flags.DEFINE_integer("evaluate_batch", 8, "pairs per jitted call")
+
+
+def check_folders(pred_dir: str | None, gt_dir: str | None) -> None:
+  """Both folders or neither, each an existing directory (named by its flag)."""
+  if bool(pred_dir) != bool(gt_dir):
+    given, missing = (("--evaluate_pred", "--evaluate_gt") if pred_dir
+                      else ("--evaluate_gt", "--evaluate_pred"))
+    raise ValueError(f"{missing}: required with {given} (the bench scores pairs of the two "
+                     "folders)")
+  for flag, folder in (("--evaluate_pred", pred_dir), ("--evaluate_gt", gt_dir)):
+    if folder and not os.path.isdir(folder):
+      raise ValueError(f"{flag}={folder}: not a directory")
 
 
 def run() -> dict:
@@ -25,9 +37,7 @@ def run() -> dict:
   from mmsr_jax.evaluation import metrics, niqe
   f = flags.FLAGS
   pred_dir, gt_dir = f.evaluate_pred, f.evaluate_gt
-  if pred_dir is None and os.path.isdir(_REALSR):
-    pred_dir = os.path.join(_REALSR, "results_osediff")
-    gt_dir = os.path.join(_REALSR, "test_HR")
+  check_folders(pred_dir, gt_dir)
   out: dict = {}
   if pred_dir:
     pairs = evaluate.match_pairs(pred_dir, gt_dir)
