@@ -44,7 +44,9 @@ class System:
   def from_config(cls, config, devices=None) -> "System":
     sr_schema.validate(config)
     mesh = sharding.make_mesh(config, devices)
-    model = build.mmsr(config)
+    # The mesh's devices, not this process's backend, say what the program is compiled for
+    # (ahead-of-time compiles for a TPU slice run on a CPU host).
+    model = build.mmsr(config, mesh.devices.flat[0].platform)
     conditioner = build.conditioner(config)
     tx, lr_fn = make_optimizer(config)
     inputs = dummy_inputs(config, conditioner)

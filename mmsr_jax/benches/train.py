@@ -28,33 +28,30 @@ def define_flags() -> None:
 
 
 def synthetic_batch(config, seed: int = 0) -> dict:
-  """A global batch of the shapes the training pipeline produces (precomputed features included
-  where the config reads them from shards), random values."""
+  """A global batch of the shapes the training pipeline produces
+  (``mmsr_jax.training.sr_task.batch_spec``), random values."""
   import ml_dtypes
+
+  from mmsr_jax.training import sr_task
   rng = np.random.default_rng(seed)
-  b, s, m, n = (config.batch_size, config.data.hr_size, config.data.map_size,
-                config.text.max_length)
-  lr = s // config.data.scale
-  img = lambda *shape: rng.uniform(-1, 1, shape).astype(np.float32)  # noqa: E731
-  mask = np.zeros((b, n), np.int32)
-  mask[:, : max(1, n // 2)] = 1
-  batch = {"hr": img(b, s, s, 3), "lr": img(b, lr, lr, 3), "depth": img(b, m, m, 3),
-           "seg": img(b, m, m, 3), "edge": img(b, m, m, 3), "present": np.ones((b, 3), bool),
-           "text_ids": rng.integers(0, 259, (b, n)).astype(np.int32) * mask,
-           "text_mask": mask}
-  grid = m // 2 ** (len(config.vq.arch.block_out_channels) - 1)
-  if config.vq.ids_from == "shards":
-    batch["vq_ids"] = rng.integers(0, config.vq.arch.num_vq_embeddings,
-                                   (b, 3, grid, grid)).astype(np.int32)
-  if config.text.states_from == "shards":
-    batch["text_states"] = rng.standard_normal(
-        (b, n, config.text.encoder.d_model)).astype(ml_dtypes.bfloat16)
-  if config.autoencoder.hr_latents_from == "shards":
-    lat = s // config.autoencoder.factor
-    c = config.autoencoder.arch.latent_channels if config.autoencoder.kind == "vae" else (
-        3 * config.autoencoder.factor ** 2)
-    batch["hr_latent"] = rng.standard_normal((b, lat, lat, c)).astype(ml_dtypes.bfloat16)
-  return batch
+  out = {}
+  for name, (shape, dtype) in sr_task.batch_spec(config).items():
+    if dtype == "bool":
+      out[name] = np.ones(shape, bool)
+    elif name == "text_mask":
+      out[name] = np.zeros(shape, np.int32)
+      out[name][:, : max(1, shape[1] // 2)] = 1
+    elif name == "text_ids":
+      out[name] = rng.integers(0, 259, shape).astype(np.int32)
+    elif name == "vq_ids":
+      out[name] = rng.integers(0, config.vq.arch.num_vq_embeddings, shape).astype(np.int32)
+    elif dtype == "bfloat16":
+      out[name] = rng.standard_normal(shape).astype(ml_dtypes.bfloat16)
+    else:
+      out[name] = rng.uniform(-1, 1, shape).astype(np.float32)
+  if "text_mask" in out:
+    out["text_ids"] = out["text_ids"] * out["text_mask"]
+  return out
 
 
 def _bench_config(config):
@@ -74,32 +71,14 @@ def _flops(compiled, devices: int) -> float:
   return float((cost or {}).get("flops", float("nan"))) * devices
 
 
-def _abstract(tree, shardings):
-  import jax
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      tree, shardings)
-
-
 def _abstract_step(config, devices=None) -> dict:
   """The jitted update step of ``config`` and abstract arguments carrying their shardings."""
-  import jax
-
-  from mmsr_jax.runtime import sharding
   from mmsr_jax.system import System
   from mmsr_jax.training import sr_task
   config = _bench_config(config)
   system = System.from_config(config, devices)
-  frozen = {p: system.conditioner.abstract_params(p) for p in sr_task.frozen_parts(config)}
-  frozen_sh = sharding.frozen_shardings(frozen, system.mesh)
-  null = (np.zeros((config.text.max_length, config.text.encoder.d_model), np.float32),
-          np.zeros((config.text.max_length,), np.int32))
-  batch_sh = sharding.batch_sharding(system.mesh)
-  return {"config": config, "system": system, "null": null, "frozen_sharding": frozen_sh,
-          "step": sr_task.jitted_step(system, null, frozen_sh),
-          "args": (system.abstract_with_shardings(), _abstract(frozen, frozen_sh),
-                   jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                               sharding=batch_sh),
-                                synthetic_batch(config)))}
+  step, args = sr_task.abstract_step(system)
+  return {"config": config, "system": system, "step": step, "args": args}
 
 
 def analyze_memory(config, *, devices=None) -> dict:
@@ -119,7 +98,7 @@ def analyze(config, *, devices=None) -> dict:
   allocated) and reads XLA's counts of the compiled program."""
   import jax
 
-  from mmsr_jax.models import build, layers
+  from mmsr_jax.models import layers
   from mmsr_jax.training import flops as flops_lib
   from mmsr_jax.training import sr_task
   mem = analyze_memory(config, devices=devices)
@@ -135,14 +114,14 @@ def analyze(config, *, devices=None) -> dict:
   # FLOPs are counted on copies traced with the layer stacks unrolled: XLA's cost analysis
   # counts a loop body once, whatever its trip count (a new jit: the scanned trace is cached).
   with layers.unrolled_scans():
-    unrolled = sr_task.jitted_step(system, a["null"], a["frozen_sharding"])
+    unrolled = sr_task.jitted_step(system, jax.tree.map(lambda x: x.sharding, a["args"][1]))
     step_flops = _flops(unrolled.lower(*a["args"]).compile(), n)
     frozen_flops = _flops(jax.jit(frozen_work).lower(*a["args"][1:]).compile(), n)
   b = config.batch_size
   model = flops_lib.mmsr_train_flops_per_step(config)
   return {
       "config": f"DiT {config.model.width} x {config.model.depth}, {config.compute_dtype}, "
-                f"remat {config.model.remat}, attention {build.attention(config)}",
+                f"remat {config.model.remat}, attention {system.model.attention}",
       "batch_size": b, "resolution": config.data.hr_size,
       "features_from_shards": [f for f, v in (("vq_ids", config.vq.ids_from),
                                               ("text_states", config.text.states_from),
@@ -155,7 +134,7 @@ def analyze(config, *, devices=None) -> dict:
       "frozen_flops_share": frozen_flops / step_flops,
       "hlo_instructions": sum(1 for line in compiled.as_text().splitlines() if " = " in line),
       **mem,
-      "attention": build.attention(config),
+      "attention": system.model.attention,
       "mesh": dict(system.mesh.shape),
   }
 
@@ -166,7 +145,6 @@ def measure(config, *, peak_flops: float = 0.0, repeats: int | None = None,
   (XLA's FLOP count of the step: ``analyze``)."""
   import jax
 
-  from mmsr_jax.models import build
   from mmsr_jax.runtime import sharding
   from mmsr_jax.training import flops as flops_lib
   from mmsr_jax.training.sr_task import SRTask
@@ -200,7 +178,7 @@ def measure(config, *, peak_flops: float = 0.0, repeats: int | None = None,
       "resolution": config.data.hr_size,
       "compute_dtype": config.compute_dtype,
       "remat": config.model.remat,
-      "attention": build.attention(config),
+      "attention": trainer.model.attention,
       "params_m": sum(x.size for x in jax.tree.leaves(state.params)) / 1e6,
       "mesh": dict(trainer.mesh.shape),
       "compile_s": compile_s,

@@ -135,6 +135,14 @@ def make_sample_fn(model: MMSR, conditioner: Conditioner, schedule: diffusion.Sc
 
   @jax.jit
   def sample(params, frozen, inputs, rng, scale, eta):
+    if mesh is None:
+      return sample_body(params, frozen, inputs, rng, scale, eta)
+    # The mesh's rules while tracing: the denoiser's activations stay split like its rows, and
+    # a Pallas kernel (flash attention) runs per device in a shard_map.
+    with sharding.activation_rules(mesh):
+      return sample_body(params, frozen, inputs, rng, scale, eta)
+
+  def sample_body(params, frozen, inputs, rng, scale, eta):
     lr = inputs["lr"]
     b, h, w, _ = lr.shape
     out_hw = (h * conditioner.scale, w * conditioner.scale)

@@ -54,8 +54,9 @@ def conditioner(config) -> Conditioner:
       text_len=config.text.max_length, map_size=config.data.map_size)
 
 
-def mmsr(config) -> MMSR:
-  """The trainable model (context connector + DiT)."""
+def mmsr(config, platform: str | None = None) -> MMSR:
+  """The trainable model (context connector + DiT) for devices of ``platform`` (default: this
+  process's backend; the platform decides what ``config.model.attention='auto'`` means)."""
   mc = config.model
   latent = config.data.hr_size // config.autoencoder.factor
   grid = config.data.map_size // vq_arch(config).downsample_factor
@@ -68,9 +69,10 @@ def mmsr(config) -> MMSR:
       token_grid=(grid, grid), context_latents=mc.context_latents,
       context_depth=mc.context_depth, context_heads=mc.context_heads,
       remat={True: "full", False: "none"}.get(mc.remat, mc.remat), dtype=compute_dtype(config),
-      attention=attention(config))
+      attention=attention(config, platform))
 
 
-def attention(config) -> str:
-  """The attention kernel ``config.model.attention`` resolves to on this backend."""
-  return layers.resolve_attention(config.model.get("attention", "xla"), compute_dtype(config))
+def attention(config, platform: str | None = None) -> str:
+  """The attention kernel ``config.model.attention`` resolves to on ``platform``'s devices."""
+  return layers.resolve_attention(config.model.get("attention", "xla"), compute_dtype(config),
+                                  platform)

@@ -96,23 +96,78 @@ ATTENTION = ("auto", "xla", "cudnn", "flash")
 REMAT = ("none", "full", "dots")
 
 
-def resolve_attention(setting: str, dtype, backend: str | None = None) -> str:
-  """The attention kernel a setting means on this backend: ``auto`` picks cuDNN's fused kernel on
-  GPUs in bf16 / fp16 and the Pallas flash kernel on TPUs, else XLA's attention. An explicit
-  kernel the backend cannot run is an error."""
-  backend = backend or jax.default_backend()
+def resolve_attention(setting: str, dtype, platform: str | None = None) -> str:
+  """The attention kernel a setting means on ``platform`` (the platform of the devices the
+  program is compiled for; default: this process's backend): ``auto`` picks cuDNN's fused
+  kernel on GPUs in bf16 / fp16 and the Pallas flash kernel on TPUs, else XLA's attention. An
+  explicit kernel the platform cannot run is an error."""
+  platform = platform or jax.default_backend()
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
   if setting == "auto":
-    if backend == "gpu" and half:
+    if platform == "gpu" and half:
       return "cudnn"
-    return "flash" if backend == "tpu" else "xla"
-  if setting == "cudnn" and (backend != "gpu" or not half):
+    return "flash" if platform == "tpu" else "xla"
+  if setting == "cudnn" and (platform != "gpu" or not half):
     raise ValueError(f"config.model.attention='cudnn' needs a GPU and bfloat16 / float16 "
-                     f"compute (backend {backend!r}, {jnp.dtype(dtype).name})")
-  if setting == "flash" and backend != "tpu":
-    raise ValueError(f"config.model.attention='flash' is the TPU Pallas kernel (backend "
-                     f"{backend!r})")
+                     f"compute (platform {platform!r}, {jnp.dtype(dtype).name})")
+  if setting == "flash" and platform != "tpu":
+    raise ValueError(f"config.model.attention='flash' is the TPU Pallas kernel (platform "
+                     f"{platform!r})")
   return setting
+
+
+def _mesh_axes_dividing(logical: str | None, dim: int, mesh) -> tuple[str, ...] | None:
+  """The mesh axes the active logical rules give ``logical``, if their product divides ``dim``
+  (else None: that dimension stays whole on every device)."""
+  if logical is None:
+    return None
+  axes = nn.logical_to_mesh_axes((logical,))[0]
+  names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  names = tuple(a for a in names if a in mesh.axis_names)
+  if not names or dim % math.prod(mesh.shape[a] for a in names):
+    return None
+  return names
+
+
+FLASH_BLOCK = 128
+
+
+def flash_fits(q_len: int, kv_len: int) -> bool:
+  """Whether the flash kernel tiles these lengths: multiples of its 128-long blocks (its backward
+  pass keeps the softmax statistics in 128-lane blocks, so shorter sequences do not trace)."""
+  return q_len % FLASH_BLOCK == 0 and kv_len % FLASH_BLOCK == 0
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """The TPU Pallas flash kernel on ``[B, T, N, H]`` tensors.
+
+  XLA cannot partition a Mosaic kernel, so under a mesh (a step traced inside
+  ``mmsr_jax.runtime.sharding.activation_rules``) the kernel runs in a ``shard_map``: the batch
+  split as the rules place ``batch`` and the heads as they place ``heads``, each device
+  attending over its own rows and heads (attention mixes neither). Traced outside any mesh
+  (parameter init under ``eval_shape``, one device) it is the plain kernel call.
+  """
+  from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
+  from jax.sharding import PartitionSpec as P
+
+  b = FLASH_BLOCK
+  blocks = tpu_flash.BlockSizes(
+      block_q=b, block_k_major=b, block_k=b, block_b=1, block_q_major_dkv=b, block_k_major_dkv=b,
+      block_k_dkv=b, block_q_dkv=b, block_k_major_dq=b, block_k_dq=b, block_q_dq=b)
+
+  def kernel(q, k, v):
+    out = tpu_flash.flash_attention(*(x.transpose(0, 2, 1, 3) for x in (q, k, v)),
+                                    sm_scale=q.shape[-1] ** -0.5, block_sizes=blocks)
+    return out.transpose(0, 2, 1, 3)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return kernel(q, k, v)
+  batch = _mesh_axes_dividing("batch", q.shape[0], mesh)
+  heads = _mesh_axes_dividing("heads", q.shape[2], mesh)
+  spec = P(batch, None, heads, None)
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                       check_vma=False)(q, k, v)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
@@ -123,15 +178,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
   (``K* = K / delta``) enters this way, so no bias is materialised and the fused kernels still
   apply. ``mask`` (``[B, S]``, True = attend) is broadcast over heads and queries; a masked call
   runs XLA's attention (the masked calls are the MMLC's small cross-attentions to the caption).
-  ``implementation`` is a resolved kernel name (:func:`resolve_attention`).
+  ``implementation`` is a resolved kernel name (:func:`resolve_attention`); the flash kernel
+  takes the sequences it can tile (:func:`flash_fits`), XLA's attention the others.
   """
   if key_scale is not None:
     k = k * key_scale[:, :, None, None].astype(k.dtype)
-  if mask is None and implementation == "flash":
-    from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
-    out = tpu_flash.flash_attention(*(x.transpose(0, 2, 1, 3) for x in (q, k, v)),
-                                    sm_scale=q.shape[-1] ** -0.5)
-    return out.transpose(0, 2, 1, 3)
+  if mask is None and implementation == "flash" and flash_fits(q.shape[1], k.shape[1]):
+    return flash_attention(q, k, v)
   if mask is None and implementation == "cudnn":
     return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
   if mask is not None:

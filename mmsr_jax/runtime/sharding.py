@@ -54,11 +54,17 @@ def make_mesh(config, devices=None) -> Mesh:
   if config.batch_size % split:
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {split} "
                      f"batch shards of the mesh (data={shape[0]} x fsdp={shape[1]})")
-  if devices[0].platform == "tpu" and len(devices) == jax.device_count():
-    # Physical-topology-aware order on TPU slices (neighbouring chips share the inner axes).
+  arr = None
+  if devices[0].platform == "tpu":
+    # Physical-topology-aware order on a whole TPU slice (neighbouring chips share the inner
+    # axes), whether the devices are this process's or a slice described for an ahead-of-time
+    # compile; a subset of a slice has no such order and takes the process-major one.
     from jax.experimental import mesh_utils
-    arr = mesh_utils.create_device_mesh(shape, devices)
-  else:
+    try:
+      arr = mesh_utils.create_device_mesh(shape, devices)
+    except (AssertionError, ValueError, NotImplementedError):
+      arr = None
+  if arr is None:
     # Process-major order: each process's devices hold a contiguous block of the batch, so the
     # per-host input shards concatenate in process order into the global batch.
     arr = np.asarray(sorted(devices, key=lambda d: (d.process_index, d.id))).reshape(shape)

@@ -12,7 +12,6 @@ from mmsr_jax.config import schema
 from mmsr_jax.config import sr as sr_schema
 from mmsr_jax.data import sr_examples
 from mmsr_jax.diffusion import schedule as diffusion
-from mmsr_jax.models import build
 from mmsr_jax.models.conditioner import Conditioner
 from mmsr_jax.models.mmsr import MMSR
 from mmsr_jax.runtime import sharding
@@ -42,11 +41,14 @@ def drop_conditions(cfg, rng, present):
   return present, jax.random.bernoulli(r_txt, q_text, (b,)) | drop_all
 
 
-def make_train_step(config, model: MMSR, conditioner: Conditioner, schedule, tx, lr_fn,
-                    null_text: tuple[np.ndarray, np.ndarray]):
+NULL_TEXT = "null_text"  # the frozen inputs' entry with the empty caption's states and mask
+
+
+def make_train_step(config, model: MMSR, conditioner: Conditioner, schedule, tx, lr_fn):
   """The update step: frozen encoders (or the batch's precomputed features) -> condition
-  dropout -> loss -> AdamW -> EMA. ``null_text`` is the empty caption's text states ``[L, D]``
-  and mask ``[L]``, which a dropped caption gets."""
+  dropout -> loss -> AdamW -> EMA. ``frozen[NULL_TEXT]`` holds the empty caption's text states
+  ``[L, D]`` and mask ``[L]``, which a dropped caption gets (an input, not a constant of the
+  program, so that a program compiled ahead of time is the one training runs)."""
   base_rng = jax.random.key(config.seed)
   min_snr = config.diffusion.min_snr_gamma or None
 
@@ -56,9 +58,10 @@ def make_train_step(config, model: MMSR, conditioner: Conditioner, schedule, tx,
     present, drop_text = drop_conditions(config.cond_dropout, rng, batch["present"])
     cond = dict(conditioner(frozen, batch))
     drop = drop_text[:, None]
-    cond["text_states"] = jnp.where(drop[..., None], null_text[0][None],
+    null_states, null_mask = frozen[NULL_TEXT]["states"], frozen[NULL_TEXT]["mask"]
+    cond["text_states"] = jnp.where(drop[..., None], null_states[None],
                                     cond["text_states"].astype(jnp.float32))
-    cond["text_mask"] = jnp.where(drop, null_text[1][None], cond["text_mask"])
+    cond["text_mask"] = jnp.where(drop, null_mask[None], cond["text_mask"])
     cond = jax.lax.stop_gradient(cond)
     x0 = jax.lax.stop_gradient(conditioner.batch_target(frozen, batch, cond["lr_latent"]))
 
@@ -89,10 +92,10 @@ def frozen_parts(config) -> tuple[str, ...]:
   return ("ae", "vq") if config.text.states_from == "shards" else ("ae", "text", "vq")
 
 
-def jitted_step(system: System, null_text, frozen_sharding):
+def jitted_step(system: System, frozen_sharding):
   """The update step of ``system`` jitted with explicit shardings, the state donated."""
   step_fn = make_train_step(system.config, system.model, system.conditioner, system.schedule,
-                            system.tx, system.lr_fn, null_text)
+                            system.tx, system.lr_fn)
 
   def constrained_step(state, frozen, batch):  # activation constraints on while tracing
     with sharding.activation_rules(system.mesh):
@@ -102,6 +105,45 @@ def jitted_step(system: System, null_text, frozen_sharding):
                                sharding.batch_sharding(system.mesh)),
                  out_shardings=(system.state_sharding, sharding.replicated(system.mesh)),
                  donate_argnums=(0,))
+
+
+def batch_spec(config) -> dict[str, tuple[tuple[int, ...], str]]:
+  """The global batch the training loader yields for ``config``: name -> (shape, dtype),
+  precomputed features included where the config reads them from shards."""
+  b, s, m, n = (config.batch_size, config.data.hr_size, config.data.map_size,
+                config.text.max_length)
+  lr = s // config.data.scale
+  out = {"hr": ((b, s, s, 3), "float32"), "lr": ((b, lr, lr, 3), "float32"),
+         "depth": ((b, m, m, 3), "float32"), "seg": ((b, m, m, 3), "float32"),
+         "edge": ((b, m, m, 3), "float32"), "present": ((b, 3), "bool"),
+         "text_ids": ((b, n), "int32"), "text_mask": ((b, n), "int32")}
+  if config.vq.ids_from == "shards":
+    out["vq_ids"] = ((b, 3, sr_schema.token_grid(config), sr_schema.token_grid(config)), "int32")
+  if config.text.states_from == "shards":
+    out["text_states"] = ((b, n, config.text.encoder.d_model), "bfloat16")
+  if config.autoencoder.hr_latents_from == "shards":
+    lat = s // config.autoencoder.factor
+    c = config.autoencoder.arch.latent_channels if config.autoencoder.kind == "vae" else (
+        3 * config.autoencoder.factor ** 2)
+    out["hr_latent"] = ((b, lat, lat, c), "bfloat16")
+  return out
+
+
+def abstract_step(system: System) -> tuple:
+  """The jitted update step of ``system`` and abstract ``(state, frozen, batch)`` carrying their
+  shardings: what a run compiles, with nothing allocated and no weights read."""
+  config = system.config
+  frozen = {p: system.conditioner.abstract_params(p) for p in frozen_parts(config)}
+  n, d = config.text.max_length, config.text.encoder.d_model
+  frozen[NULL_TEXT] = {"states": jax.ShapeDtypeStruct((n, d), jnp.float32),
+                       "mask": jax.ShapeDtypeStruct((n,), jnp.int32)}
+  frozen_sh = sharding.frozen_shardings(frozen, system.mesh)
+  batch_sh = sharding.batch_sharding(system.mesh)
+  with_sh = lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)  # noqa: E731
+  batch = {k: jax.ShapeDtypeStruct(shape, jnp.dtype(dt), sharding=batch_sh)
+           for k, (shape, dt) in batch_spec(config).items()}
+  return jitted_step(system, frozen_sh), (system.abstract_with_shardings(),
+                                          jax.tree.map(with_sh, frozen, frozen_sh), batch)
 
 
 class SRTask:
@@ -120,7 +162,7 @@ class SRTask:
     # only the report loads it (eval_frozen).
     self.text_from_shards = config.text.states_from == "shards"
     loop.log(f"DiT {config.model.width} x {config.model.depth}: attention "
-             f"{build.attention(config)} (config.model.attention="
+             f"{s.model.attention} (config.model.attention="
              f"{config.model.get('attention')!r}), remat {config.model.remat}, compute "
              f"{config.compute_dtype}; frozen encoders in the step: "
              f"{', '.join(frozen_parts(config))}")
@@ -139,8 +181,13 @@ class SRTask:
           params["context"] = {**state.params["context"], **pretrained["context"]}
         return TrainState(state.step, params, self.tx.init(params), params)
       self._pretrained = jax.jit(graft, out_shardings=self.state_sharding, donate_argnums=(0,))
-    self.null = null_text or self.null_text()
-    self.train_step = jitted_step(s, self.null, self.frozen_sharding)
+    null = null_text or self.null_text()
+    self.null = null
+    null_tree = {"states": np.asarray(null[0], np.float32), "mask": np.asarray(null[1], np.int32)}
+    self.frozen[NULL_TEXT] = sharding.put(
+        null_tree, jax.tree.map(lambda _: sharding.replicated(self.mesh), null_tree))
+    self.frozen_sharding = jax.tree.map(lambda a: a.sharding, self.frozen)
+    self.train_step = jitted_step(s, self.frozen_sharding)
 
   def null_text(self) -> tuple[np.ndarray, np.ndarray]:
     """The empty caption's text states ``[L, D]`` (float32) and mask ``[L]``: written beside the

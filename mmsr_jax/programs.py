@@ -1,0 +1,205 @@
+"""The project's two device programs, the SR train step and the sampler, compiled ahead of time
+for any set of devices (a TPU slice described by libtpu on a CPU host included) from abstract
+inputs: nothing is allocated and no weights are read. Each compile becomes a report: whether it
+fits the chip, per-chip memory, collectives, FLOPs and a roofline projection; ``search_batch``
+finds the largest per-chip batch that fits by compile bisection.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from mmsr_jax.diffusion import sampler
+from mmsr_jax.runtime import compiled as compiled_lib
+from mmsr_jax.runtime import sharding, topology
+from mmsr_jax.system import System
+from mmsr_jax.training import flops as flops_lib
+from mmsr_jax.training import sr_task
+
+PROGRAMS = ("train", "sample")
+
+
+def no_weight_files(config):
+  """A copy of ``config`` that reads no weights and no hub: random frozen encoders, the byte
+  caption tokenizer, no pretrained DiT (shapes, and so the program, are unchanged)."""
+  config = config.copy_and_resolve_references()
+  config.text.params = config.vq.params = config.autoencoder.params = ""
+  config.text.tokenizer = "byte"
+  config.model.init_from = ""
+  return config
+
+
+def train_program(config, devices, per_chip_batch: int | None = None) -> tuple:
+  """(jitted step, abstract args, config) of the update step on ``devices``; the global batch is
+  ``per_chip_batch`` x chips when given, else the config's."""
+  config = no_weight_files(config)
+  if per_chip_batch:
+    config.batch_size = int(per_chip_batch) * len(devices)
+  system = System.from_config(config, devices)
+  step, args = sr_task.abstract_step(system)
+  return step, args, config, system
+
+
+def sample_program(config, devices, *, per_chip_batch: int = 1, size: int = 512,
+                   steps: int = 50, guidance: str = "mcfg", tile_batch: int | None = None,
+                   map_batch: int | None = None) -> tuple:
+  """(jitted sampler, abstract args, config) of ``per_chip_batch`` x chips outputs of ``size``
+  px on a data-parallel mesh of ``devices``: the DDIM loop with both guidance branches and the
+  VAE decode in one program, the caption's text-encoder states an input (the text encoder runs
+  on the host when sampling with T5-XXL). Outputs larger than the trained size are tiled."""
+  config = no_weight_files(config)
+  n = len(devices)
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = n, 1, 1
+  config.batch_size = n
+  s = config.data.scale
+  if size % (s * config.autoencoder.factor):
+    raise ValueError(f"output size {size} is not a multiple of scale x autoencoder factor "
+                     f"({s * config.autoencoder.factor})")
+  system = System.from_config(config, devices)
+  grid = sampler.make_grid(config, (size // s, size // s))
+  fn = sampler.make_sample_fn(
+      system.model, system.conditioner, system.schedule, grid, steps=steps, guidance=guidance,
+      spacing=config.sampling.spacing, clip_x0=config.sampling.clip_x0, strength=1.0,
+      mesh=system.mesh, tile_batch=tile_batch, map_batch=map_batch)
+  repl = sharding.replicated(system.mesh)
+  split = sharding.batch_sharding(system.mesh)
+  spec = lambda shape, dtype, sh=repl: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)  # noqa
+  b = per_chip_batch * n
+  rows = 2 * b if guidance != "none" else b
+  m, l, d = config.data.map_size, config.text.max_length, config.text.encoder.d_model
+  lr_side = size // s
+  inputs = {"lr": spec((b, lr_side, lr_side, 3), jnp.float32, split),
+            "maps": spec((b * grid.num_tiles, 3, m, m, 3), jnp.float32, split),
+            "present": spec((b * grid.num_tiles, 3), jnp.bool_, split),
+            "temperature": spec((b, 4), jnp.float32, split),
+            "states": spec((rows, l, d), jnp.float32, split),
+            "states_mask": spec((rows, l), jnp.int32, split)}
+  params = jax.tree.map(lambda a: spec(a.shape, a.dtype), system.abstract_state.params)
+  frozen = {p: jax.tree.map(lambda a: spec(a.shape, a.dtype),
+                            system.conditioner.abstract_params(p)) for p in ("ae", "vq")}
+  frozen["text"] = {}
+  args = (params, frozen, inputs, jax.random.key(0), jnp.float32(2.0), jnp.float32(0.0))
+  return fn, args, config, system, grid
+
+
+def _advice(program: str, config) -> str:
+  if program == "train":
+    remat = config.model.remat
+    tips = []
+    if remat != "full":
+      tips.append(f"--config.model.remat=full (now {remat!r}: recompute each block in the "
+                  "backward pass)")
+    tips.append("a smaller per-chip batch (--config.batch_size, or --search_batch for the "
+                "largest that fits)")
+    if config.mesh.fsdp != -1 and config.mesh.data != 1:
+      tips.append("FSDP over every chip (--config.mesh.data=1 --config.mesh.fsdp=-1)")
+    return "; or ".join(tips)
+  return ("fewer images per chip, or cap the tiles per denoiser pass "
+          "(--sample_tile_batch / --sample_map_batch) for tiled outputs")
+
+
+def compile_report(program: str, build: Callable[[], tuple], devices, *,
+                   flops_per_chip: Callable[[Any], dict] | None = None) -> tuple[dict, Any]:
+  """Compiles what ``build()`` returns (``(fn, args, config, ...)``) and reports it per chip;
+  a program that does not fit is a result (``fits: false``, the bytes it wanted, what to
+  change), not an exception. Returns ``(report, compiled or None, lowered)``."""
+  built = build()
+  fn, args, config = built[0], built[1], built[2]
+  chip = topology.chip_of(devices)
+  n = len(devices)
+  report: dict[str, Any] = {
+      "program": program, "devices": n, "hosts": topology.num_hosts(devices),
+      "device_kind": devices[0].device_kind,
+      "hbm_bytes": chip.hbm_bytes if chip else None,
+      "attention": built[3].model.attention, "remat": config.model.remat,
+      "mesh": {k: int(v) for k, v in built[3].mesh.shape.items()}}
+  t0 = time.perf_counter()
+  lowered = fn.lower(*args)
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # XLA reports a program over the chip's memory as RESOURCE_EXHAUSTED
+    oom = compiled_lib.out_of_memory(e)
+    if oom is None:
+      raise
+    report.update(fits=False, compile_s=time.perf_counter() - t0, **oom,
+                  advice=_advice(program, config))
+    return report, None, lowered
+  report["compile_s"] = time.perf_counter() - t0
+  mem = compiled_lib.memory(compiled)
+  report.update(mem)
+  limit = chip.hbm_bytes if chip else None
+  report["fits"] = limit is None or mem["peak_bytes"] <= limit
+  if not report["fits"]:
+    report["advice"] = _advice(program, config)
+  text = compiled.as_text()
+  report["hlo_instructions"] = compiled_lib.hlo_instructions(text)
+  report["collectives"] = compiled_lib.collectives(text)
+  if flops_per_chip is not None:
+    counted = flops_per_chip(config)
+    report.update(counted)
+    report.update(compiled_lib.roofline(
+        flops_per_chip=counted["flops_per_chip"],
+        model_flops_per_chip=counted["model_flops_per_chip"], mem=mem, chip=chip))
+  return report, compiled, lowered
+
+
+def train_flops(devices) -> Callable[[Any], dict]:
+  """The train step's FLOPs per chip by the project's own count (``mmsr_jax.training.flops``):
+  the trainable model forward + backward, plus one more forward where ``remat='full'``
+  recomputes it; the frozen VAE encode of the LR is not in it."""
+  def count(config) -> dict:
+    model = flops_lib.mmsr_train_flops_per_step(config) / len(devices)
+    recompute = model / 3 if config.model.remat == "full" else 0.0
+    return {"flops_per_chip": model + recompute, "model_flops_per_chip": model,
+            "flops_counted_by": "mmsr_jax.training.flops (DiT + MMLC matmuls and attention, "
+                                "3 x forward, + 1 x forward under remat 'full'); frozen "
+                                "encoders not counted"}
+  return count
+
+
+def sample_flops(devices, per_chip_batch: int, steps: int, guided: bool) -> Callable:
+  """The sampler's denoiser FLOPs per chip by the project's count (one tile per image)."""
+  def count(config) -> dict:
+    f = flops_lib.mmsr_forward_flops(config)
+    rows = 2 if guided else 1
+    per_image = rows * (steps * f["dit"] + f["context"])
+    total = per_image * per_chip_batch
+    return {"flops_per_chip": total, "model_flops_per_chip": total,
+            "flops_counted_by": "mmsr_jax.training.flops (DiT forward per step and branch, "
+                                "MMLC once); VAE / VQ encoders and the decode not counted"}
+  return count
+
+
+def search_batch(try_batch: Callable[[int], dict], *, start: int = 1,
+                 limit: int = 1024) -> tuple[int, list[dict]]:
+  """The largest per-chip batch ``b`` in ``[start, limit]`` whose report fits, by doubling then
+  bisection (``try_batch(b)`` compiles and reports). 0 when even ``start`` does not fit."""
+  tried: dict[int, dict] = {}
+
+  def fits(b: int) -> bool:
+    if b not in tried:
+      tried[b] = try_batch(b)
+    return bool(tried[b]["fits"])
+
+  if not fits(start):
+    return 0, list(tried.values())
+  lo, hi = start, None
+  while hi is None:
+    nxt = min(lo * 2, limit)
+    if nxt == lo:
+      return lo, [tried[b] for b in sorted(tried)]
+    if fits(nxt):
+      lo = nxt
+    else:
+      hi = nxt
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    if fits(mid):
+      lo = mid
+    else:
+      hi = mid
+  return lo, [tried[b] for b in sorted(tried)]

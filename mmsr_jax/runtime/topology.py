@@ -1,0 +1,102 @@
+"""TPU slices as devices to compile for on any host: a topology name (``v5e:4x4``, ``v4:2x2x1``)
+becomes the slice's devices through libtpu's compile-only client, and each chip generation's
+published figures (HBM, bf16 peak, HBM bandwidth) feed the fit check and the roofline projection.
+
+libtpu is imported only when a TPU topology is asked for; the CPU paths never load it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """One chip generation's published figures (per chip; v4 and v5p as one megacore device)."""
+
+  name: str
+  hbm_bytes: int
+  peak_bf16_flops: float
+  hbm_bytes_per_s: float
+  megacore: bool  # two TensorCores presented as one device (chip_config_name="megacore")
+  cloud_type: str  # the Cloud TPU accelerator-type prefix (TPU_TYPE of launch/tpu_vm.sh)
+  cores_per_chip_in_type: int  # v4-8 counts TensorCores: 4 chips
+
+
+GiB = 2 ** 30
+# Google Cloud's TPU system-architecture pages: HBM per chip, peak bf16 FLOP/s, HBM bandwidth.
+CHIPS = {
+    "v4": Chip("v4", 32 * GiB, 275e12, 1228e9, True, "v4", 2),
+    "v5e": Chip("v5e", 16 * GiB, 197e12, 819e9, False, "v5litepod", 1),
+    "v5": Chip("v5p", 95 * GiB, 459e12, 2765e9, True, "v5p", 2),
+    "v5p": Chip("v5p", 95 * GiB, 459e12, 2765e9, True, "v5p", 2),
+    "v6e": Chip("v6e", 32 * GiB, 918e12, 1640e9, False, "v6e", 1),
+}
+HOST = "host"  # the devices of this process (any backend): compile for what is here
+_NAME = re.compile(r"^(v4|v5e|v5p|v5|v6e):(\d+(?:x\d+){1,2})$")
+
+
+def parse(name: str) -> tuple[Chip, tuple[int, ...]]:
+  """``'v5e:4x4'`` -> (the chip, ``(4, 4)``); an unknown name is a ValueError naming the form."""
+  m = _NAME.match(name or "")
+  if not m:
+    raise ValueError(f"--topology={name!r}: expected GENERATION:AxB[xC] with GENERATION one of "
+                     f"{', '.join(CHIPS)} (e.g. v5e:4x4, v4:2x2x1, v5:2x2x1, v6e:2x2) or "
+                     f"{HOST!r}")
+  dims = tuple(int(d) for d in m.group(2).split("x"))
+  if min(dims) < 1:
+    raise ValueError(f"--topology={name!r}: every dimension must be at least 1")
+  return CHIPS[m.group(1)], dims
+
+
+def cloud_accelerator_type(name: str) -> str:
+  """The Cloud TPU accelerator type of a topology (``v5e:4x4`` -> ``v5litepod-16``)."""
+  chip, dims = parse(name)
+  return f"{chip.cloud_type}-{math.prod(dims) * chip.cores_per_chip_in_type}"
+
+
+def _quiet_libtpu() -> None:
+  # A CPU host has no TPU metadata server: without these libtpu logs warnings about the
+  # accelerator type and worker hostnames at import (harmless for compile-only use).
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("TPU_WORKER_ID", "0")
+
+
+def devices(name: str) -> list:
+  """The devices of slice ``name`` (compile-only on a host without TPUs), or this process's
+  devices for ``'host'``."""
+  import jax
+  if name == HOST:
+    return list(jax.devices())
+  chip, dims = parse(name)
+  _quiet_libtpu()
+  from jax.experimental import topologies
+  kwargs = {"chip_config_name": "megacore"} if chip.megacore else {}
+  if math.prod(dims) < 4:  # smaller than libtpu's default host (2x2x1 chips): one host
+    kwargs["chips_per_host_bounds"] = tuple(min(d, b) for d, b in
+                                            zip(dims + (1,) * (3 - len(dims)), (2, 2, 1)))
+  try:
+    desc = topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs)
+  except Exception as e:  # libtpu missing or a slice it does not know
+    raise ValueError(f"--topology={name!r}: libtpu could not describe this slice ({e}); "
+                     "install requirements-tpu.txt") from e
+  return list(desc.devices)
+
+
+def chip_of(devs) -> Chip | None:
+  """The published figures for ``devs``' chip (None for CPUs, GPUs and unknown kinds)."""
+  kind = devs[0].device_kind.lower()
+  for key, chip in (("v5 lite", CHIPS["v5e"]), ("v5e", CHIPS["v5e"]), ("v6", CHIPS["v6e"]),
+                    ("v5", CHIPS["v5p"]), ("v4", CHIPS["v4"])):
+    if key in kind:
+      return chip
+  return None
+
+
+def num_hosts(devs) -> int:
+  return len({d.process_index for d in devs})
