@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 
 from absl import app, flags, logging
 
 from mmsr_jax.runtime import checkpoint as ckpt_lib
+from mmsr_jax.runtime import workdir as workdir_lib
 
 # Errors that describe bad input, a bad setting or a run that cannot go on (a non-finite loss
 # naming its step, an unreadable checkpoint, a read-only or full disk, a truncated file): printed
@@ -24,19 +24,7 @@ def _fail(msg) -> None:
   sys.exit(2)
 
 
-def check_writable(folder: str, flag: str) -> None:
-  """OSError now, before any long work, when ``folder`` (made later if missing) cannot be
-  written: a read-only or full disk, or a file where a folder should be."""
-  probe = os.path.abspath(folder)
-  while not os.path.exists(probe):
-    probe = os.path.dirname(probe)
-  if not os.path.isdir(probe):
-    raise NotADirectoryError(f"{flag}={folder}: {probe} is a file, not a folder")
-  try:
-    with tempfile.TemporaryFile(dir=probe):
-      pass
-  except OSError as e:
-    raise OSError(f"{flag}={folder}: {probe} cannot be written ({e.strerror or e})") from e
+check_writable = workdir_lib.check_writable
 
 
 def define_sampling_flags(input_help: str, output_help: str, seed_help: str,

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import zlib
 
 import grain
@@ -35,6 +36,11 @@ SET_ASIDE_DIR = "checkpoints_set_aside"  # steps moved out of the way by a resum
 
 class CheckpointError(RuntimeError):
   """A checkpoint exists but cannot be restored (corrupt, or from another model)."""
+
+
+class SaveFailed(CheckpointError):
+  """A checkpoint could not be written (a read-only or full disk, a vanished folder): the run
+  ends on every process, since training on without saving would lose its work."""
 
 
 class CorruptCheckpoint(CheckpointError):
@@ -102,8 +108,10 @@ _SYNC_TIMEOUT_MS = 30 * 60 * 1000
 _sync_ids = itertools.count()
 
 
-def _agree(reason: str | None) -> str | None:
-  """The first process's non-empty reason, the same on every process (None if none has one)."""
+def agree(reason: str | None) -> str | None:
+  """The first process's non-empty reason, the same on every process (None if none has one).
+  Every process must call it the same number of times; a failing process reports instead of
+  leaving the others at a barrier."""
   if jax.process_count() == 1:
     return reason
   client = ocp.multihost.get_jax_distributed_client()
@@ -226,15 +234,21 @@ class Checkpointer:
   files against the manifest and the arrays for NaN / infinity.
   """
 
-  def __init__(self, workdir: str, *, keep: int = 3, create: bool = True):
+  def __init__(self, workdir: str, *, keep: int = 3, create: bool = True, log=None):
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, "checkpoints")
     self.keep = keep
+    self._log = log  # told of every committed step
     self._pending: list[int] = []  # saved, not yet checksummed
-    # Rotation is done here (``_finish``), after the newer step's manifest is written.
+    self._failed = False  # a save failed: nothing more is waited for or written
+    # Rotation is done here (``_finish``), after the newer step's manifest is written. The step
+    # folders are made in the calling thread: made in Orbax's background thread, a failure there
+    # leaves the caller waiting for a signal that never comes.
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=None, create=create),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=None, create=create,
+            async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False)),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": grain.checkpoint.CheckpointHandler()})
 
@@ -248,23 +262,64 @@ class Checkpointer:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state, data_iterator=None, *, force: bool = False) -> bool:
+    """Starts saving ``step`` (committed in the background). Raises :class:`SaveFailed` on
+    every process when any process cannot write it, or could not commit the previous save."""
     self._finish()  # the previous save: committed, checksummed, older steps rotated out
+    # Each process first proves it can create a file where the step goes, and all agree: a
+    # process that cannot must not leave the others inside Orbax's save barriers.
+    try:
+      with tempfile.TemporaryFile(dir=self.directory):
+        pass
+      reason = None
+    except OSError as e:
+      reason = f"{self.directory} cannot be written ({e.strerror or first_line(e)})"
+    self._fail_if(agree(reason and f"process {jax.process_index()}: {reason}"), step)
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    try:
+      saved, reason = self.manager.save(step, args=ocp.args.Composite(**items), force=force), None
+    except Exception as e:  # noqa: BLE001 - reported as one line on every process
+      saved, reason = False, f"process {jax.process_index()}: {first_line(e)}"
+    self._fail_if(agree(reason), step)
     if saved:
       self._pending.append(step)
     return saved
 
+  def _fail_if(self, reason: str | None, step: int | None) -> None:
+    if reason is not None:
+      self._failed = True
+      last = self.latest_committed()
+      raise SaveFailed(f"checkpoint {'' if step is None else f'{step} '}could not be saved to "
+                       f"{self.directory}: {reason}; the last saved checkpoint "
+                       f"({'none' if last is None else last}) is kept")
+
+  def latest_committed(self) -> int | None:
+    """The newest step with a checksum manifest (a save that finished)."""
+    steps = [s for s in self.all_steps() if s not in self._pending and self.has_manifest(s)]
+    return steps[-1] if steps else None
+
+  def has_manifest(self, step: int) -> bool:
+    return bool(glob.glob(os.path.join(self.step_dir(step), MANIFEST_PREFIX + "*.json")))
+
   def _finish(self) -> None:
-    self.manager.wait_until_finished()
-    if not self._pending:
+    if self._failed:
+      return  # the other processes may never commit that save: do not wait for it
+    pending, self._pending = self._pending, []
+    reason = None
+    try:
+      self.manager.wait_until_finished()
+      for step in pending:
+        self.write_manifest(step)
+    except Exception as e:  # noqa: BLE001 - reported as one line on every process
+      reason = f"process {jax.process_index()}: {first_line(e)}"
+    if not pending:  # nothing was in flight (the same on every process)
+      self._fail_if(reason, None)
       return
-    for step in self._pending:
-      self.write_manifest(step)
-    self._pending = []
-    _barrier("mmsr_checkpoint_manifests")
+    self._fail_if(agree(reason), pending[-1])
+    for step in pending:
+      if self._log is not None:
+        self._log(f"saved checkpoint {step} to {self.step_dir(step)}")
     steps = self.all_steps()
     for old in steps[:max(0, len(steps) - self.keep)]:
       self.manager.delete(old)
@@ -288,6 +343,9 @@ class Checkpointer:
     step_dir = self.step_dir(step)
     reason, entries, total = None, {}, None
     manifests = sorted(glob.glob(os.path.join(step_dir, MANIFEST_PREFIX + "*.json")))
+    if not manifests and not _item_files(step_dir):
+      # Not a checkpoint at all: a save interrupted before it wrote anything (or emptied since).
+      reason = "it holds no saved items and no checksum manifest"
     for m in manifests:
       try:
         with open(m) as f:
@@ -314,7 +372,18 @@ class Checkpointer:
           if crc != entries[rel][1]:
             reason = f"{rel} does not match the checksum written with it"
             break
-    return bool(manifests), _agree(reason)
+    return bool(manifests), agree(reason)
+
+  def unchecked_warning(self, step: int) -> str | None:
+    """A warning when ``step`` has no checksum manifest although other steps have one (a save
+    whose manifest was lost; its files cannot be checked), else None."""
+    if self.has_manifest(step):
+      return None
+    others = [s for s in self.all_steps() if s != step and self.has_manifest(s)]
+    if not others:
+      return None  # saved before manifests existed, like the whole run
+    return (f"warning: checkpoint {self.step_dir(step)} has no checksum manifest although "
+            f"step(s) {', '.join(map(str, others))} have one: its files cannot be checked")
 
   def _restore_error(self, step: int, e: Exception, has_manifest: bool, what: str):
     where = self.step_dir(step)
@@ -420,7 +489,8 @@ class Checkpointer:
     try:
       self._finish()
     finally:
-      self.manager.close()
+      if not self._failed:  # closing waits for the failed save's background work
+        self.manager.close()
 
 
 def saved_steps(workdir: str) -> list[int]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import tempfile
 import threading
 import time
 from typing import Any, Protocol
@@ -18,6 +17,7 @@ import numpy as np
 from mmsr_jax.runtime import checkpoint as ckpt_lib
 from mmsr_jax.training import flops as flops_lib
 from mmsr_jax.runtime import sharding
+from mmsr_jax.runtime import workdir as workdir_lib
 
 
 class Task(Protocol):
@@ -40,20 +40,65 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+# What a run writes inside its workdir (folders made when first needed, files appended or
+# replaced): each one that exists already is checked before the task is built.
+RUN_FOLDERS = ("checkpoints", ckpt_lib.SET_ASIDE_DIR, "tensorboard", "progress", "profile",
+               "samples")
+RUN_FILES = ("metrics.jsonl", "config.json", "report.json")
+
+
+def check_writable(workdir: str) -> None:
+  """OSError naming ``--workdir`` and the folder or file, now rather than at the first save,
+  when anything the run will write cannot be written (a read-only or full disk)."""
+  workdir_lib.check_writable(workdir, "--workdir")
+  for name in RUN_FOLDERS:
+    if os.path.isdir(os.path.join(workdir, name)):
+      workdir_lib.check_writable(os.path.join(workdir, name), "--workdir")
+  for name in RUN_FILES:
+    path = os.path.join(workdir, name)
+    if os.path.isfile(path):
+      try:
+        with open(path, "a"):  # appends nothing; fails where a write would
+          pass
+      except OSError as e:
+        raise OSError(f"--workdir={workdir}: {path} cannot be written ({e.strerror or e})") from e
+
+
+def lock_workdir(workdir: str, what: str = "a training run") -> None:
+  """Makes this run the only writer of ``workdir`` (:mod:`mmsr_jax.runtime.workdir`) until
+  :func:`run` ends or the process exits; another process's run is refused with one line naming
+  it. With several processes, process 0 holds the lock for all of them (they share the run's
+  files, each writing its share) and every process gets the same answer."""
+  reason = None
+  if ckpt_lib.is_primary():
+    try:
+      workdir_lib.acquire(workdir, what, log=log)
+    except OSError as e:
+      reason = str(e)
+  reason = ckpt_lib.agree(reason)
+  if reason is not None:
+    raise workdir_lib.WorkdirLocked(reason)
+
+
 def check_workdir(config, workdir: str) -> None:
-  """Before the task is built: the workdir can be written, and a run already in it (one that
-  saved a checkpoint) has the same architecture and seed. Writes nothing but the folder."""
+  """Before the task is built: the run's files and folders can be written, no other process
+  writes the workdir (this process takes its lock), and a run already in it (one that saved a
+  checkpoint) has the same architecture and seed. Writes nothing but the folder and the lock."""
+  check_writable(workdir)
   os.makedirs(workdir, exist_ok=True)
-  with tempfile.TemporaryFile(dir=workdir):  # a read-only or full disk fails here, not hours on
-    pass
-  if not os.path.exists(ckpt_lib.config_path(workdir)):
-    return
-  if not ckpt_lib.saved_steps(workdir):
-    # An earlier start that failed before its first checkpoint: its config binds nothing.
-    log(f"{ckpt_lib.config_path(workdir)} is from a start that saved no checkpoint; it will "
-        "be replaced by this run's config")
-    return
-  ckpt_lib.check_compatible(ckpt_lib.load_config(workdir), config, f"--workdir={workdir}")
+  lock_workdir(workdir)
+  try:
+    if not os.path.exists(ckpt_lib.config_path(workdir)):
+      return
+    if not ckpt_lib.saved_steps(workdir):
+      # An earlier start that failed before its first checkpoint: its config binds nothing.
+      log(f"{ckpt_lib.config_path(workdir)} is from a start that saved no checkpoint; it will "
+          "be replaced by this run's config")
+      return
+    ckpt_lib.check_compatible(ckpt_lib.load_config(workdir), config, f"--workdir={workdir}")
+  except BaseException:
+    workdir_lib.release(workdir)
+    raise
 
 
 def first_non_finite(host_metrics: list[dict], first_step: int) -> int | None:
@@ -117,6 +162,32 @@ class Preemption:
 
 # --- Observability ------------------------------------------------------------------------------
 METRICS_FILE = "metrics.jsonl"
+
+
+def drop_metrics_after(workdir: str, step: int) -> None:
+  """Removes the records past ``step`` from ``workdir/metrics.jsonl`` (a resume from ``step``
+  logs those steps again; kept, each would appear twice). Rewritten whole, then renamed."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      record_step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+      record_step = None  # a line cut short by a kill: dropped with the steps after it
+    if record_step is None or record_step > step:
+      break
+    keep.append(line if line.endswith("\n") else line + "\n")
+  if len(keep) == len(lines):
+    return
+  with open(path + ".tmp", "w") as f:
+    f.writelines(keep)
+  os.replace(path + ".tmp", path)
+  log(f"{path}: dropped {len(lines) - len(keep)} record(s) past step {step}, the step this run "
+      "continues from")
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -225,6 +296,9 @@ def resume(ckpt: ckpt_lib.Checkpointer, task: Task, data_iter,
       raise ValueError(f"--restore_step={restore_step}: no such checkpoint in {ckpt.directory} "
                        f"(steps: {', '.join(map(str, steps)) or 'none'})")
     log(f"resuming from {ckpt.step_dir(restore_step)} (--restore_step)")
+    warning = ckpt.unchecked_warning(restore_step)
+    if warning is not None:
+      log(warning)
     state = ckpt.restore(restore_step, task.abstract_with_shardings(), data_iter)
     for s in steps:
       if s > restore_step:
@@ -234,6 +308,9 @@ def resume(ckpt: ckpt_lib.Checkpointer, task: Task, data_iter,
   corrupt = []
   for step in reversed(steps):
     log(f"resuming from {ckpt.step_dir(step)}")
+    warning = ckpt.unchecked_warning(step)
+    if warning is not None:
+      log(warning)
     try:
       state = ckpt.restore(step, task.abstract_with_shardings(), data_iter)
     except ckpt_lib.CorruptCheckpoint as e:
@@ -260,14 +337,25 @@ def run(task: Task, workdir: str, *, stop_at: int | None = None, write_report: b
   resuming from the newest good checkpoint (or ``restore_step``, see :func:`resume`).
 
   Returns the final state; on preemption, the state of the step it saved and stopped at.
+  The process holds the workdir's lock (:func:`lock_workdir`) until it returns.
   """
+  lock_workdir(workdir)  # held already when check_workdir ran
+  try:
+    return _run(task, workdir, stop_at=stop_at, write_report=write_report,
+                restore_step=restore_step)
+  finally:
+    workdir_lib.release(workdir)
+
+
+def _run(task: Task, workdir: str, *, stop_at: int | None, write_report: bool,
+         restore_step: int | None) -> Any:
   config = task.config
 
   # --- Input.
   data_iter = iter(task.make_loader())
 
   # --- Checkpoint / resume.
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints, log=log)
   try:
     resumed = resume(ckpt, task, data_iter, restore_step)
   except BaseException:
@@ -278,6 +366,8 @@ def run(task: Task, workdir: str, *, stop_at: int | None = None, write_report: b
   else:
     start = 0
     state = task.init_state()
+  if ckpt_lib.is_primary():
+    drop_metrics_after(workdir, start)
   # The run has started: only now does its config replace the folder's (a rejected resume or a
   # failed start leaves the previous one as it was).
   if ckpt_lib.is_primary():
