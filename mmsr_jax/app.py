@@ -205,6 +205,7 @@ def define_flags() -> None:
                   "new temporary folder, printed at start).")
   d.DEFINE_integer("max_pixels", None, "Largest input image (pixels, checked from the file's "
                    "header before decoding; default: the run's config.sampling.max_input_pixels).")
+  cli.define_work_limit_flags()
   d.DEFINE_integer("bucket", DEFAULT_BUCKET, "Pad the LR sides to a multiple of this many "
                    "pixels, so that images of similar size share one compiled sampler (0: pad "
                    "only to the model's multiple).")
@@ -230,10 +231,14 @@ def main(argv):
   if F.output and os.path.exists(F.output) and not os.path.isdir(F.output):
     raise NotADirectoryError(f"--output={F.output} exists and is not a folder")
   check_port_free(F.host, F.port)
-  ckpt_lib.load_config(F.workdir)  # fails early on a folder that is not a run
+  run_config = ckpt_lib.load_config(F.workdir)  # fails early on a folder that is not a run
+  cli.work_limits(run_config, F.max_pixels)  # bad limits fail before the model loads
+  if F.output:
+    cli.lock_if_inside(F.workdir, F.output, "the web demo writing into the run")
   annotator = cli.annotator_from_flags()
   sr = SuperResolver.from_workdir(F.workdir, step=F.step, text_device=F.text_device,
-                                  max_input_pixels=F.max_pixels)
+                                  max_input_pixels=F.max_pixels, max_tiles=F.max_tiles,
+                                  max_aspect_ratio=F.max_aspect_ratio)
   output = F.output or tempfile.mkdtemp(prefix="mmsr_app_")
   session = DemoSession(sr, output, annotator=annotator, max_pixels=F.max_pixels,
                         bucket=F.bucket or None)

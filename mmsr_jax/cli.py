@@ -27,6 +27,14 @@ def _fail(msg) -> None:
 check_writable = workdir_lib.check_writable
 
 
+def lock_if_inside(workdir: str, output: str, what: str) -> None:
+  """Takes ``workdir``'s writer lock (until exit) when ``output`` lies inside it: writing into a
+  run that a trainer is writing is refused, as a second trainer is."""
+  run, out = os.path.realpath(workdir), os.path.realpath(output)
+  if os.path.commonpath([run, out]) == run:
+    workdir_lib.acquire(workdir, what)
+
+
 def define_sampling_flags(input_help: str, output_help: str, seed_help: str,
                           map_help: str) -> None:
   """The flags that ``sample`` and ``controls`` share (the run, input and output, caption,
@@ -49,8 +57,26 @@ def define_sampling_flags(input_help: str, output_help: str, seed_help: str,
   define_annotator_flags()
   d.DEFINE_integer("max_pixels", None, "Largest input image (pixels, checked from each file's "
                    "header before decoding; default: the run's config.sampling.max_input_pixels).")
+  define_work_limit_flags()
   d.DEFINE_bool("overwrite", False, "Replace existing outputs (never an input).")
   d.DEFINE_bool("progress", True, "Show progress bars.")
+
+
+def define_work_limit_flags() -> None:
+  """The limits on an input's work beyond its pixels (sample, controls, app)."""
+  flags.DEFINE_integer("max_tiles", None, "Most sampler tiles per input (default: the run's "
+                       "config.sampling.max_tiles; 0: the tiles of the largest square input).")
+  flags.DEFINE_float("max_aspect_ratio", None, "Largest long side / short side of an input "
+                     "(default: the run's config.sampling.max_aspect_ratio).")
+
+
+def work_limits(run_config, max_pixels: int):
+  """The :class:`~mmsr_jax.inference.super_resolver.WorkLimits` of the run's config with the
+  ``--max_*`` flags applied, to check the inputs before the model loads."""
+  from mmsr_jax.inference.super_resolver import WorkLimits
+  F = flags.FLAGS
+  return WorkLimits(run_config, max_pixels=max_pixels, max_tiles=F.max_tiles,
+                    max_aspect_ratio=F.max_aspect_ratio)
 
 
 def input_limit(workdir: str, max_pixels: int | None) -> int:

@@ -55,11 +55,16 @@ def main(argv):
   # Every check on flags and files happens before the model is built.
   axes = controls.check_controls(F.modes, F.scales, F.temperature_groups, F.temperatures)
   grids = controls.grids_to_draw(axes)
-  if os.path.isdir(F.input) or not os.path.exists(F.input):
-    raise FileNotFoundError(f"--input={F.input}: expected one image file")
+  reason = image_io.missing_file_reason(F.input)
+  if reason is not None:
+    raise FileNotFoundError(f"--input={F.input}: {reason}; expected one image file")
   limit = cli.input_limit(F.workdir, F.max_pixels)
-  ckpt_lib.load_config(F.workdir)  # fails early on a folder that is not a run
+  run_config = ckpt_lib.load_config(F.workdir)  # fails early on a folder that is not a run
   pic = image_io.read(F.input, limit)
+  if pic.frames_note(F.input):
+    print(pic.frames_note(F.input), flush=True)
+  limits = cli.work_limits(run_config, limit)
+  limits.check(pic.size, F.input)  # tiles and aspect ratio, before the model loads
   maps = {k: read_map(F[k].value, k) for k in MODALITIES if F[k].value}
   if os.path.exists(F.output) and not os.path.isdir(F.output):
     raise NotADirectoryError(f"--output={F.output} exists and is not a folder")
@@ -68,10 +73,12 @@ def main(argv):
                                                           if F[k].value)], f"--output={F.output}")
   cli.check_writable(F.output, "--output")
   cli.refuse_existing(paths.values(), F.overwrite)
+  cli.lock_if_inside(F.workdir, F.output, "a sampler writing into the run")
   annotator = cli.annotator_from_flags()
 
   sr = SuperResolver.from_workdir(F.workdir, step=F.step, annotator=annotator,
-                                  max_input_pixels=limit)
+                                  max_input_pixels=limit, max_tiles=limits.max_tiles,
+                                  max_aspect_ratio=limits.max_aspect_ratio)
   settings = dict(guidance=F.guidance, scale=F.scale, steps=F.steps, eta=F.eta, seed=F.seed,
                   strength=F.strength, negative_prompt=F.negative_prompt)
   sr.resolve(**settings)  # bad values fail here, before anything is sampled or written

@@ -26,14 +26,24 @@ IMAGE_SUFFIXES = image_io.SUFFIXES
 
 
 def list_inputs(path: str) -> list[str]:
+  """The image files of ``--input`` (a file, or a folder's files with an image suffix; what a
+  folder holds besides is named in a note, never skipped silently)."""
   if os.path.isdir(path):
-    files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                   if f.lower().endswith(IMAGE_SUFFIXES))
+    names = sorted(os.listdir(path))
+    files = [os.path.join(path, n) for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
     if not files:
       raise FileNotFoundError(f"--input={path}: the folder holds no images {IMAGE_SUFFIXES}")
+    skipped = [n for n in names if not n.lower().endswith(IMAGE_SUFFIXES)]
+    if skipped:
+      shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5
+                                        else "")
+      print(f"note: --input={path}: skipped {len(skipped)} entries without an image suffix "
+            f"{IMAGE_SUFFIXES}: {shown}", flush=True)
     return files
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"--input={path}: no such file or folder")
+  reason = image_io.missing_file_reason(path)
+  if reason is not None:
+    raise FileNotFoundError(f"--input={path}: "
+                            + ("no such file or folder" if reason == "no such file" else reason))
   return [path]
 
 
@@ -85,8 +95,14 @@ def main(argv):
   limit = cli.input_limit(F.workdir, F.max_pixels)
   sizes = {}
   for f in files:  # read once to check (decoded again when its turn comes; the header first)
-    sizes[f] = image_io.read(f, limit).size
-  ckpt_lib.load_config(F.workdir)  # fails early on a folder that is not a run
+    pic = image_io.read(f, limit)
+    sizes[f] = pic.size
+    if pic.frames_note(f):
+      print(pic.frames_note(f), flush=True)
+  run_config = ckpt_lib.load_config(F.workdir)  # fails early on a folder that is not a run
+  limits = cli.work_limits(run_config, limit)
+  for f in files:  # tiles and aspect ratio: the work, which the pixels alone do not bound
+    limits.check(sizes[f], f, tile=F.tile, overlap=F.tile_overlap)
   maps = {k: read_map(F[k].value, k) for k in MODALITIES if F[k].value}
   temperature = parse_temperature(F.temperature)
   for name in F.disable:
@@ -99,10 +115,13 @@ def main(argv):
   cli.check_writable(F.output, "--output")  # before the model is built
   cli.refuse_existing([p for t in targets.values()
                        for p in (t, os.path.splitext(t)[0] + ".json")], F.overwrite)
+  cli.lock_if_inside(F.workdir, F.output, "a sampler writing into the run")
   annotator = cli.annotator_from_flags()
 
   sr = SuperResolver.from_workdir(F.workdir, step=F.step, annotator=annotator,
-                                  text_device=F.text_device, max_input_pixels=limit)
+                                  text_device=F.text_device, max_input_pixels=limit,
+                                  max_tiles=limits.max_tiles,
+                                  max_aspect_ratio=limits.max_aspect_ratio)
   settings = dict(guidance=F.guidance, scale=F.scale, steps=F.steps, eta=F.eta, seed=F.seed,
                   strength=F.strength, negative_prompt=F.negative_prompt,
                   temperature=temperature, enabled=enabled, tile=F.tile,

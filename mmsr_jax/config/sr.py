@@ -145,6 +145,10 @@ def sr_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.steps = 50
+  # The work of an input is its tile count: a thin image needs many tiles for few pixels.
+  # max_tiles 0: the tiles of the largest square input (max_input_pixels) at the trained tile.
+  c.sampling.max_tiles = 0
+  c.sampling.max_aspect_ratio = 16.0
   c.eval.scale = 0.0  # guidance scale of the report's samples (0 = conditional only)
   c.eval.val_batches = 4  # noise draws per held-out example for val_loss
   c.eval.sample_ablation = False  # also sample the held-out crops with each group nulled
@@ -348,6 +352,8 @@ def validate(config) -> None:
   ck.choice("eval.sample_ablation", (True, False))
   ck.integer("eval.steps", 1, config.diffusion.num_timesteps)
   ck.number("eval.scale", 0.0)
+  ck.integer("sampling.max_tiles", 0)
+  ck.number("sampling.max_aspect_ratio", 1.0)
   ck.integer("eval.val_batches", 1)
 
   # The frozen components' architectures (a bad one would fail deep inside a model build).

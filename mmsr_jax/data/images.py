@@ -5,13 +5,16 @@ model plus what is needed to write the result back in the input's kind (alpha, g
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
+import stat
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
 
-SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# Read as one picture; of an animated GIF / WebP / APNG the first frame (Picture.frames says so).
+SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 # Largest image any reader decodes by default (8192 x 8192, 201 MB as uint8 RGB; below Pillow's
 # own decompression-bomb warning at 89.5 MP). Every reader checks the header against a limit
 # before decoding, so a small file claiming a huge size is refused without allocating it.
@@ -33,6 +36,7 @@ class Picture:
     grey: the input had one colour channel (the output is written as grey too).
     bits: 8 or 16, the input's bit depth per channel (the output's too).
     mode: a short description of the source (PIL mode and depth), for the sidecar.
+    frames: frames in the file (an animation); only the first is in ``rgb``.
   """
 
   rgb: np.ndarray
@@ -40,6 +44,14 @@ class Picture:
   grey: bool = False
   bits: int = 8
   mode: str = "RGB"
+  frames: int = 1
+
+  def frames_note(self, name: str) -> str | None:
+    """A note for the user when frames were left out (None when the file has one)."""
+    if self.frames <= 1:
+      return None
+    return (f"note: {name} is an animation of {self.frames} frames; only the first frame is "
+            "used")
 
   @property
   def size(self) -> tuple[int, int]:
@@ -178,21 +190,48 @@ def read(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, field: str = "--max_pi
   (ValueError naming the file and ``field``, the setting that raises the limit). Bit depth and
   grey / colour come from the file's mode, never from its values.
   """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: no such file")
+  check_file(path)
   header_size(path, max_pixels, field)
   try:
     with _open_checked(path) as im:
+      frames = int(getattr(im, "n_frames", 1) or 1)
       if _is_16bit_colour(im):
         pic = _read_16bit_colour(path, im, oriented)
       else:
         im.load()
         pic = _from_pil(ImageOps.exif_transpose(im) if oriented else im)
+      pic.frames = frames
   except Exception as e:  # noqa: BLE001 - PIL / OpenCV raise many types for bad files
     raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
   if min(pic.size) == 0:
     raise ValueError(f"{path}: the image has zero size {pic.size}")
   return pic
+
+
+def missing_file_reason(path: str) -> str | None:
+  """Why ``path`` is not a readable file (a symlink loop, a dangling link, a folder, nothing
+  there), or None when it is a file."""
+  try:
+    st = os.stat(path)
+  except OSError as e:
+    if e.errno == errno.ELOOP:
+      return "a loop of symbolic links (it never reaches a file)"
+    if os.path.islink(path):
+      return f"a symbolic link to {os.readlink(path)}, which does not exist"
+    if e.errno == errno.ENOENT:
+      return "no such file"
+    return e.strerror or str(e)
+  if os.path.isdir(path):
+    return "a folder, not a file"
+  return None if stat.S_ISREG(st.st_mode) else "not a regular file"
+
+
+def check_file(path: str, name: str | None = None) -> None:
+  """FileNotFoundError naming ``name`` (default ``path``) and the reason when ``path`` is not a
+  readable file."""
+  reason = missing_file_reason(path)
+  if reason is not None:
+    raise FileNotFoundError(f"{path if name is None else name}: {reason}")
 
 
 def from_array(image) -> Picture:

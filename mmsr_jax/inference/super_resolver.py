@@ -39,6 +39,76 @@ AUTO_HOST_TEXT_BYTES = 2 ** 30  # "auto": T5 weights above this stay on the host
 
 
 TEXT_CACHE_SIZE = 8  # host text states kept per distinct token row (caption, negative, empty)
+DEFAULT_MAX_ASPECT_RATIO = 16.0  # runs saved before config.sampling.max_aspect_ratio existed
+
+
+def lr_multiple(config) -> int:
+  """LR sides are padded to a multiple of this (autoencoder factor x patch / scale)."""
+  need = config.autoencoder.factor * config.model.patch_size
+  return max(1, math.ceil(need / config.data.scale))
+
+
+def tile_count(config, size: tuple[int, int], *, tile: int | None = None,
+               overlap: int | None = None) -> int:
+  """Latent tiles the sampler runs for an LR image of ``(height, width)`` (from the config
+  alone, so it is known before any model is built)."""
+  m = lr_multiple(config)
+  h, w = size
+  return sampler.make_grid(config, (h + (-h % m), w + (-w % m)), tile=tile,
+                           overlap=overlap).num_tiles
+
+
+class WorkLimits:
+  """What one input may cost, checked before the model loads: its pixels
+  (``config.sampling.max_input_pixels``), its long side over its short side
+  (``max_aspect_ratio``) and its tile count (``max_tiles``; 0: the tiles of the largest square
+  input the pixel limit allows, at the trained tile size). The pixel limit alone does not bound
+  the work: a 3 x 100000 image has few pixels but needs a tile per few of them. Each argument
+  left None takes the run's config value."""
+
+  def __init__(self, config, *, max_pixels: int | None = None, max_tiles: int | None = None,
+               max_aspect_ratio: float | None = None):
+    sc = config.sampling
+    self.config = config
+    self.max_pixels = image_io.check_limit(
+        sc.get("max_input_pixels", image_io.DEFAULT_MAX_INPUT_PIXELS)
+        if max_pixels is None else max_pixels, "max_input_pixels")
+    ratio = sc.get("max_aspect_ratio", DEFAULT_MAX_ASPECT_RATIO) if max_aspect_ratio is None \
+        else max_aspect_ratio
+    if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio >= 1):
+      raise ValueError(f"max_aspect_ratio={ratio}: expected a number >= 1")
+    self.max_aspect_ratio = float(ratio)
+    tiles = sc.get("max_tiles", 0) if max_tiles is None else max_tiles
+    if isinstance(tiles, bool) or int(tiles) != tiles or tiles < 0:
+      raise ValueError(f"max_tiles={tiles}: expected an integer >= 0 (0: the tiles of the "
+                       "largest square input)")
+    side = math.isqrt(self.max_pixels)
+    self.max_tiles = int(tiles) or tile_count(config, (side, side))
+
+  def check(self, size: tuple[int, int], name: str = "input image", *, tile: int | None = None,
+            overlap: int | None = None) -> int:
+    """The tile count of an input of ``(height, width)``; ValueError naming ``name`` and what is
+    allowed when it is over a limit."""
+    h, w = size
+    s = int(self.config.data.scale)
+    if h * w > self.max_pixels:
+      raise ValueError(
+          f"{name}: {w}x{h} = {w * h:,} pixels, more than max_input_pixels={self.max_pixels} "
+          "(config.sampling.max_input_pixels; --max_pixels); its "
+          f"x{s} output would be {w * s}x{h * s}")
+    n = tile_count(self.config, size, tile=tile, overlap=overlap)
+    ratio = max(h, w) / max(1, min(h, w))
+    if ratio > self.max_aspect_ratio:
+      raise ValueError(
+          f"{name}: {w}x{h} has an aspect ratio of {ratio:.3g}:1 ({n:,} tiles for {w * h:,} "
+          f"pixels), more than max_aspect_ratio={self.max_aspect_ratio:g} "
+          "(config.sampling.max_aspect_ratio; --max_aspect_ratio); crop or split it")
+    if n > self.max_tiles:
+      raise ValueError(
+          f"{name}: {w}x{h} needs {n:,} sampler tiles, more than max_tiles={self.max_tiles} "
+          "(config.sampling.max_tiles, 0: the tiles of the largest square input; --max_tiles); "
+          "use a smaller image or a larger --tile")
+    return n
 
 
 def host_device():
@@ -125,13 +195,14 @@ class SuperResolver:
 
   def __init__(self, system: System, params, frozen: dict, *, step: int | None = None,
                workdir: str | None = None, annotator=None, text_device: str | None = None,
-               max_input_pixels: int | None = None):
+               max_input_pixels: int | None = None, max_tiles: int | None = None,
+               max_aspect_ratio: float | None = None):
     self.system, self.config, self.params = system, system.config, params
-    # Inputs larger than this are refused before any work (default: the run's config; runs
-    # saved before the field existed get the library default).
-    self.max_input_pixels = image_io.check_limit(
-        self.config.sampling.get("max_input_pixels", image_io.DEFAULT_MAX_INPUT_PIXELS)
-        if max_input_pixels is None else max_input_pixels, "max_input_pixels")
+    # Inputs over these are refused before any work (default: the run's config; runs saved
+    # before the fields existed get the library defaults).
+    self.limits = WorkLimits(self.config, max_pixels=max_input_pixels, max_tiles=max_tiles,
+                             max_aspect_ratio=max_aspect_ratio)
+    self.max_input_pixels = self.limits.max_pixels
     setting = self.config.sampling.text_device if text_device is None else text_device
     self.text_device = choose_text_device(setting, text_param_bytes(system.conditioner))
     self._text_params = None
@@ -152,7 +223,8 @@ class SuperResolver:
   @classmethod
   def from_workdir(cls, workdir: str, *, step: int | None = None, devices=None,
                    annotator=None, text_device: str | None = None,
-                   max_input_pixels: int | None = None) -> "SuperResolver":
+                   max_input_pixels: int | None = None, max_tiles: int | None = None,
+                   max_aspect_ratio: float | None = None) -> "SuperResolver":
     """The run's EMA weights (only those are read from the checkpoint) on a data-parallel mesh
     of ``devices`` (default: all), with its frozen encoders."""
     config = ckpt_lib.load_config(workdir)
@@ -177,15 +249,15 @@ class SuperResolver:
     where = choose_text_device(setting, text_param_bytes(system.conditioner))
     frozen = system.load_frozen(host_parts=("text",) if where == "cpu" else ())
     return cls(system, ema_params, frozen, step=int(step), workdir=workdir, annotator=annotator,
-               text_device=where, max_input_pixels=max_input_pixels)
+               text_device=where, max_input_pixels=max_input_pixels, max_tiles=max_tiles,
+               max_aspect_ratio=max_aspect_ratio)
 
   # --- Settings.
 
   @property
   def lr_multiple(self) -> int:
     """LR sides are padded to a multiple of this (autoencoder factor x patch / scale)."""
-    need = self.system.conditioner.autoencoder.downsample * self.config.model.patch_size
-    return max(1, math.ceil(need / self.config.data.scale))
+    return lr_multiple(self.config)
 
   @property
   def scale_factor(self) -> int:
@@ -295,15 +367,11 @@ class SuperResolver:
     out["states"], out["states_mask"] = self._text_rows(*text), np.asarray(text[1])
     return out
 
-  def check_input_size(self, size: tuple[int, int], name: str = "input image") -> None:
-    """ValueError when ``(height, width)`` has more than ``max_input_pixels`` pixels."""
-    h, w = size
-    if h * w > self.max_input_pixels:
-      s = self.scale_factor
-      raise ValueError(
-          f"{name}: {w}x{h} = {w * h:,} pixels, more than max_input_pixels="
-          f"{self.max_input_pixels} (config.sampling.max_input_pixels; sample's --max_pixels); "
-          f"its x{s} output would be {w * s}x{h * s}")
+  def check_input_size(self, size: tuple[int, int], name: str = "input image", *,
+                       tile: int | None = None, overlap: int | None = None) -> None:
+    """ValueError when ``(height, width)`` is over a limit of :attr:`limits` (pixels, aspect
+    ratio, tiles with these tile settings)."""
+    self.limits.check(size, name, tile=tile, overlap=overlap)
 
   def num_steps_run(self, steps: int, strength: float) -> int:
     """Denoiser steps a call really runs (about ``strength * steps`` when ``strength < 1``)."""
@@ -346,6 +414,7 @@ class SuperResolver:
     t0 = time.time()
     self.check_input_size(pic.size)
     st = self.resolve(**kwargs)
+    self.check_input_size(pic.size, tile=st["tile"], overlap=st["tile_overlap"])
     maps = dict(maps or {})
     for name in maps:
       if name not in MODALITIES:

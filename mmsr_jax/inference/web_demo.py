@@ -99,7 +99,9 @@ class DemoSession:
     h, w = pic.size
     s = self.sr.scale_factor
     kind = ("grey" if pic.grey else "colour") + (" + alpha" if pic.alpha is not None else "")
-    return f"{w}x{h} ({pic.mode}, {kind}, {pic.bits}-bit) -> {w * s}x{h * s}"
+    frames = (f"; an animation of {pic.frames} frames: only the first is used"
+              if pic.frames > 1 else "")
+    return f"{w}x{h} ({pic.mode}, {kind}, {pic.bits}-bit) -> {w * s}x{h * s}{frames}"
 
   def read_map(self, path: str, kind: str) -> np.ndarray:
     """A user-supplied map (as ``sample --depth/--seg/--edge``), checked from its header."""

@@ -36,19 +36,21 @@ class WorkdirLocked(OSError):
 
 
 # --- Writable folders ---------------------------------------------------------------------------
-def check_writable(folder: str, flag: str) -> None:
-  """OSError naming ``flag`` now, before any long work, when ``folder`` (made later if missing)
-  cannot be written: a read-only or full disk, or a file where a folder should be."""
+def check_writable(folder: str, flag: str, value: str | None = None) -> None:
+  """OSError naming ``flag`` (set to ``value``, default ``folder``) now, before any long work,
+  when ``folder`` (made later if missing) cannot be written: a read-only or full disk, or a file
+  where a folder should be."""
+  shown = f"{flag}={folder if value is None else value}"
   probe = os.path.abspath(folder)
   while not os.path.exists(probe):
     probe = os.path.dirname(probe)
   if not os.path.isdir(probe):
-    raise NotADirectoryError(f"{flag}={folder}: {probe} is a file, not a folder")
+    raise NotADirectoryError(f"{shown}: {probe} is a file, not a folder")
   try:
     with tempfile.TemporaryFile(dir=probe):
       pass
   except OSError as e:
-    raise OSError(f"{flag}={folder}: {probe} cannot be written ({e.strerror or e})") from e
+    raise OSError(f"{shown}: {probe} cannot be written ({e.strerror or e})") from e
 
 
 # --- The lock -----------------------------------------------------------------------------------

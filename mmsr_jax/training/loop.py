@@ -53,7 +53,7 @@ def check_writable(workdir: str) -> None:
   workdir_lib.check_writable(workdir, "--workdir")
   for name in RUN_FOLDERS:
     if os.path.isdir(os.path.join(workdir, name)):
-      workdir_lib.check_writable(os.path.join(workdir, name), "--workdir")
+      workdir_lib.check_writable(os.path.join(workdir, name), "--workdir", workdir)
   for name in RUN_FILES:
     path = os.path.join(workdir, name)
     if os.path.isfile(path):
