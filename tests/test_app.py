@@ -150,6 +150,19 @@ def test_session_refuses_bad_input_before_any_work(run, tmp_path):
     DemoSession(sr, str(tmp_path / "file"))
 
 
+def test_session_refuses_a_thin_upload_by_its_work(run, tmp_path):
+  """Few pixels, many tiles: refused at upload, before the sampler runs or compiles."""
+  _, sr = run
+  session = DemoSession(sr, str(tmp_path / "out"), bucket=BUCKET)
+  thin = _image(tmp_path / "thin.png", 200, 3, 1)  # 600 pixels, ratio 66.7:1
+  with pytest.raises(ValueError, match=r"^thin.png: 3x200 has an aspect ratio of 66.7:1 .*"
+                     r"more than max_aspect_ratio=16 "):
+    session.read_input(thin)
+  with pytest.raises(ValueError, match="aspect ratio"):
+    session.run(thin)
+  assert not os.path.exists(tmp_path / "out") or os.listdir(tmp_path / "out") == []
+
+
 # --- The page in a real browser.
 
 CHROME_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",

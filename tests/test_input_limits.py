@@ -169,3 +169,95 @@ def test_each_command_refuses_a_bomb_in_one_line(tmp_path):
   # A raised limit is used: the header passes, and the truncated pixel data is the error.
   r, _ = _run("mmsr_jax.degrade", f"--input={bomb}", f"--output={out}", "--max_pixels=150000000")
   assert r.returncode == 2 and "not decoded" not in r.stderr and "bomb.png" in r.stderr, r.stderr
+
+
+# --- The work of an input: its tiles, not only its pixels.
+
+
+def _config_only_run(path) -> str:
+  """A run folder holding the tiny config and no checkpoint: a command that gets as far as
+  loading the model says "no checkpoints", so an earlier refusal is before the model loads."""
+  from configs import tiny
+  path.mkdir()
+  (path / "config.json").write_text(json.dumps(tiny.get_config().to_dict()))
+  return str(path)
+
+
+def test_work_limits_bound_tiles_and_aspect_ratio():
+  from configs import tiny
+  from mmsr_jax.inference.super_resolver import WorkLimits, tile_count
+  c = tiny.get_config()
+  limits = WorkLimits(c)
+  # 0: the tiles of the largest square input, which is allowed exactly.
+  assert limits.max_tiles == tile_count(c, (2048, 2048)) == 171 * 171
+  assert limits.check((2048, 2048)) == limits.max_tiles
+  # 300,000 pixels as 3 x 100000 need about four times the tiles of a square of as many pixels.
+  assert tile_count(c, (100000, 3)) == 8333 and tile_count(c, (548, 548)) == 2116
+  with pytest.raises(ValueError, match=r"^thin.png: 3x100000 has an aspect ratio of 33,333.3:1 "
+                     r"\(8,333 tiles for 300,000 pixels\), more than max_aspect_ratio=16 "):
+    limits.check((100000, 3), "thin.png")
+  few = WorkLimits(c, max_tiles=100, max_aspect_ratio=1e6)
+  with pytest.raises(ValueError, match=r"^thin.png: 3x100000 needs 8,333 sampler tiles, more "
+                     r"than max_tiles=100 "):
+    few.check((100000, 3), "thin.png")
+  some = WorkLimits(c, max_tiles=200)
+  assert some.check((160, 160)) == 169
+  with pytest.raises(ValueError, match="needs 1,600 sampler tiles"):  # smaller tiles: more work
+    some.check((160, 160), "a.png", tile=4, overlap=0)
+  for bad in ({"max_tiles": -1}, {"max_aspect_ratio": 0.5}):
+    with pytest.raises(ValueError, match=list(bad)[0]):
+      WorkLimits(c, **bad)
+
+
+def test_sample_and_controls_refuse_a_thin_image_before_the_model_loads(tmp_path):
+  thin = tmp_path / "thin.png"
+  Image.fromarray(np.zeros((100000, 3, 3), np.uint8)).save(thin)  # 300,000 pixels
+  run = _config_only_run(tmp_path / "run")
+  out = tmp_path / "out"
+  for args in (("mmsr_jax.sample", f"--input={thin}"), ("mmsr_jax.controls", f"--input={thin}")):
+    r, seconds = _run(*args, f"--workdir={run}", f"--output={out}")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, (args, r.stderr)
+    assert lines[0].startswith(f"error: {thin}: 3x100000 has an aspect ratio of 33,333.3:1"), lines
+    assert "max_aspect_ratio=16 (config.sampling.max_aspect_ratio; --max_aspect_ratio)" in lines[0]
+    assert not out.exists()
+  r, _ = _run("mmsr_jax.sample", f"--input={thin}", f"--workdir={run}", f"--output={out}",
+              "--max_aspect_ratio=100000", "--max_tiles=5000")
+  assert r.returncode == 2 and "needs 8,333 sampler tiles, more than max_tiles=5000" in r.stderr
+  # Within every limit, the same command gets as far as the model (this run has no weights).
+  r, _ = _run("mmsr_jax.sample", f"--input={thin}", f"--workdir={run}", f"--output={out}",
+              "--max_aspect_ratio=100000")
+  assert r.returncode == 2 and "no checkpoints" in r.stderr, r.stderr
+
+
+def test_symlink_loops_and_animations_are_named(tmp_path):
+  loop_a, loop_b = tmp_path / "a.png", tmp_path / "b.png"
+  os.symlink(loop_b, loop_a)
+  os.symlink(loop_a, loop_b)
+  with pytest.raises(FileNotFoundError, match="a.png: a loop of symbolic links"):
+    images.read(str(loop_a))
+  dangling = tmp_path / "gone.png"
+  os.symlink(tmp_path / "nowhere.png", dangling)
+  with pytest.raises(FileNotFoundError, match=r"gone.png: a symbolic link to .*nowhere.png, "
+                     "which does not exist"):
+    images.read(str(dangling))
+  folder = tmp_path / "inputs"
+  folder.mkdir()
+  frames = [Image.new("RGB", (8, 6), (40 * i, 0, 0)) for i in range(3)]
+  frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:])
+  (folder / "notes.txt").write_text("not an image")
+  pic = images.read(str(folder / "anim.gif"))
+  assert pic.frames == 3 and pic.size == (6, 8)
+  assert np.allclose(pic.rgb[0, 0], 0.0)  # the first frame
+  run = _config_only_run(tmp_path / "run")
+  r, _ = _run("mmsr_jax.sample", f"--input={loop_a}", f"--workdir={run}",
+              f"--output={tmp_path / 'out'}")
+  assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+      f"error: --input={loop_a}: a loop of symbolic links (it never reaches a file)"], r.stderr
+  r, _ = _run("mmsr_jax.sample", f"--input={folder}", f"--workdir={run}",
+              f"--output={tmp_path / 'out'}")
+  assert r.returncode == 2 and "no checkpoints" in r.stderr, r.stderr  # the gif was taken
+  assert (f"note: --input={folder}: skipped 1 entries without an image suffix" in r.stdout
+          and "notes.txt" in r.stdout), r.stdout
+  assert (f"note: {folder / 'anim.gif'} is an animation of 3 frames; only the first frame is "
+          "used") in r.stdout, r.stdout

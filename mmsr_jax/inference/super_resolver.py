@@ -100,7 +100,7 @@ class WorkLimits:
     ratio = max(h, w) / max(1, min(h, w))
     if ratio > self.max_aspect_ratio:
       raise ValueError(
-          f"{name}: {w}x{h} has an aspect ratio of {ratio:.3g}:1 ({n:,} tiles for {w * h:,} "
+          f"{name}: {w}x{h} has an aspect ratio of {ratio:,.1f}:1 ({n:,} tiles for {w * h:,} "
           f"pixels), more than max_aspect_ratio={self.max_aspect_ratio:g} "
           "(config.sampling.max_aspect_ratio; --max_aspect_ratio); crop or split it")
     if n > self.max_tiles:
