@@ -188,7 +188,7 @@ def test_a_save_that_fails_mid_run_ends_it_with_one_line(tmp_path):
     pass
   try:
     r = subprocess.run([sys.executable, "-c", _FREEZE_AT_STEP_2], cwd=REPO, capture_output=True,
-                       text=True, timeout=240, env=dict(_env(), MMSR_TEST_WORKDIR=str(wd)))
+                       text=True, timeout=180, env=dict(_env(), MMSR_TEST_WORKDIR=str(wd)))
   finally:
     subprocess.run(["chattr", "-i", str(wd / "checkpoints")], check=True)
   assert r.returncode == 2, r.stderr[-3000:]
