@@ -377,8 +377,8 @@ class Checkpointer:
   def unchecked_warning(self, step: int) -> str | None:
     """A warning when ``step`` has no checksum manifest although other steps have one (a save
     whose manifest was lost; its files cannot be checked), else None."""
-    if self.has_manifest(step):
-      return None
+    if self.has_manifest(step) or not _item_files(self.step_dir(step)):
+      return None  # checked, or empty (then corrupt, which says more)
     others = [s for s in self.all_steps() if s != step and self.has_manifest(s)]
     if not others:
       return None  # saved before manifests existed, like the whole run
