@@ -37,7 +37,8 @@ def list_inputs(path: str) -> list[str]:
     if skipped:
       shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5
                                         else "")
-      print(f"note: --input={path}: skipped {len(skipped)} entries without an image suffix "
+      entries = "entry" if len(skipped) == 1 else "entries"
+      print(f"note: --input={path}: skipped {len(skipped)} {entries} without an image suffix "
             f"{IMAGE_SUFFIXES}: {shown}", flush=True)
     return files
   reason = image_io.missing_file_reason(path)

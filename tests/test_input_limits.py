@@ -257,7 +257,7 @@ def test_symlink_loops_and_animations_are_named(tmp_path):
   r, _ = _run("mmsr_jax.sample", f"--input={folder}", f"--workdir={run}",
               f"--output={tmp_path / 'out'}")
   assert r.returncode == 2 and "no checkpoints" in r.stderr, r.stderr  # the gif was taken
-  assert (f"note: --input={folder}: skipped 1 entries without an image suffix" in r.stdout
+  assert (f"note: --input={folder}: skipped 1 entry without an image suffix" in r.stdout
           and "notes.txt" in r.stdout), r.stdout
   assert (f"note: {folder / 'anim.gif'} is an animation of 3 frames; only the first frame is "
           "used") in r.stdout, r.stdout
