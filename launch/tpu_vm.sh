@@ -2,7 +2,8 @@
 # Cloud TPU VM life cycle for mmsr-jax: one host (e.g. v4-8, v5litepod-8) or a pod slice
 # (e.g. v4-32, v5p-64: several hosts, every gcloud ssh/scp goes to --worker=all).
 #
-#   launch/tpu_vm.sh create   # create the TPU VM (TPU_SPOT=1 for a spot VM)
+#   launch/tpu_vm.sh create   # check that CONFIG fits TPU_TYPE, then create the TPU VM
+#                             # (TPU_SPOT=1 for a spot VM)
 #   launch/tpu_vm.sh setup    # copy this checkout (git archive of HEAD) to every worker, install
 #   launch/tpu_vm.sh train [--config.field=value ...]   # start/resume training on every worker
 #   launch/tpu_vm.sh logs     # follow the training log of worker 0
@@ -10,10 +11,15 @@
 #
 # Add --dry-run to any of them to print the gcloud commands instead of running them.
 # Settings come from the environment:
-#   TPU_NAME (mmsr), TPU_ZONE (us-central2-b), TPU_TYPE (v4-8), TPU_PROJECT (gcloud's default),
+#   TPU_NAME (mmsr), TPU_ZONE (us-west4-a), TPU_TYPE (v5litepod-16: the slice docs/tpu.md
+#   shows configs/dit_l.py fitting at its global batch of 256), TPU_PROJECT (gcloud's default),
 #   TPU_RUNTIME (from TPU_TYPE: tpu-ubuntu2204-base for v4, v2-alpha-tpuv5-lite for v5e,
 #   v2-alpha-tpuv5 for v5p, v2-alpha-tpuv6e for v6e), TPU_SPOT (0), CONFIG (configs/dit_l.py),
-#   WORKDIR (gs://BUCKET/runs/NAME: checkpoints, TensorBoard, config; required for train).
+#   WORKDIR (gs://BUCKET/runs/NAME: checkpoints, TensorBoard, config; required for train),
+#   AOT_CHECK (1: before creating the VM, compile CONFIG's train step for TPU_TYPE on this
+#   machine with python -m mmsr_jax.aot and refuse a config that does not fit; needs
+#   pip install -r requirements-tpu.txt here, and takes minutes for the research configs).
+# Overrides given to create (--config.field=value) go to that check, as they go to train.
 # Training resumes from the newest checkpoint in WORKDIR, and a preempted (spot) VM saves and
 # exits cleanly on SIGTERM, so after a preemption: create, setup, train again.
 set -euo pipefail
@@ -37,8 +43,8 @@ for arg in "$@"; do
 done
 
 name=${TPU_NAME:-mmsr}
-zone=${TPU_ZONE:-us-central2-b}
-accelerator=${TPU_TYPE:-v4-8}
+zone=${TPU_ZONE:-us-west4-a}
+accelerator=${TPU_TYPE:-v5litepod-16}
 project=${TPU_PROJECT:-$(gcloud config get-value project 2>/dev/null || true)}
 config=${CONFIG:-configs/dit_l.py}
 workdir=${WORKDIR:-}
@@ -79,12 +85,19 @@ run() {
   fi
 }
 
-jax_version() {
-  sed -n 's/^jax==//p' "$(dirname "$0")/../requirements.txt"
-}
-
 case $action in
   create)
+    if [[ ${AOT_CHECK:-1} == 1 ]]; then
+      check=(python3 -m mmsr_jax.aot --config="$config" --topology="$accelerator"
+             --count_flops=model --require_fit "${extra[@]}")
+      if [[ $dry_run == 1 ]]; then
+        run "${check[@]}"
+      elif ! (cd "$(dirname "$0")/.." && "${check[@]}" > /dev/null); then
+        echo "error: not creating $name: $config does not fit $accelerator (the line above" \
+          "says why; AOT_CHECK=0 skips the check)" >&2
+        exit 2
+      fi
+    fi
     args=(gcloud compute tpus tpu-vm create "$name" "${where[@]}"
           --accelerator-type="$accelerator" --version="$runtime")
     [[ ${TPU_SPOT:-0} == 1 ]] && args+=(--spot)
@@ -96,7 +109,7 @@ case $action in
     run gcloud compute tpus tpu-vm scp "$archive" "$name:mmsr-jax.tar.gz" "${where[@]}" \
       --worker=all
     run gcloud compute tpus tpu-vm ssh "$name" "${where[@]}" --worker=all \
-      --command="mkdir -p $remote_dir && tar -xzf mmsr-jax.tar.gz -C $remote_dir && cd $remote_dir && python3 -m pip install -q -r requirements.txt \"jax[tpu]==$(jax_version)\" -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
+      --command="mkdir -p $remote_dir && tar -xzf mmsr-jax.tar.gz -C $remote_dir && cd $remote_dir && python3 -m pip install -q -r requirements-tpu.txt"
     ;;
   train)
     if [[ -z $workdir ]]; then

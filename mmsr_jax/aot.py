@@ -53,6 +53,11 @@ def define_flags() -> None:
                        "(0: all).", lower_bound=0)
   flags.DEFINE_string("save_executable", None, "Write the compiled train step here (and its key "
                       "to PATH.json) for training on this topology to load.")
+  flags.DEFINE_enum("count_flops", "xla", ["xla", "model"], "Train step FLOPs for the roofline: "
+                    "XLA's count of an unrolled copy compiled for this host's CPU (one more "
+                    "compile, minutes for the research configs) or the project's model count.")
+  flags.DEFINE_bool("require_fit", False, "Exit with status 2 and one error line when the "
+                    "program does not fit (launch/tpu_vm.sh create checks with it).")
   flags.DEFINE_bool("overwrite", False, "Replace an existing --json / --save_executable file.")
 
 
@@ -114,7 +119,7 @@ def main(argv) -> None:
     def one(b: int):
       rep, comp, low = programs.compile_report(
           "train", lambda: programs.train_program(config, devices, b), devices,
-          flops_per_chip=programs.train_flops(devices))
+          flops_per_chip=programs.train_flops(devices, xla=_F.count_flops == "xla"))
       rep["per_chip_batch"] = b
       print(f"  per-chip batch {b}: fits {rep['fits']}, peak "
             f"{_gib(rep.get('peak_bytes', rep.get('wanted_bytes')))}, compile "
@@ -140,7 +145,9 @@ def main(argv) -> None:
   report, compiled, lowered = one(default_batch)
   result = {"topology": _F.topology, **report}
   if _F.search_batch:
-    best, tried = programs.search_batch(lambda b: one(b)[0], limit=_F.search_limit)
+    best, tried = programs.search_batch(
+        lambda b: report if b == default_batch else one(b)[0], start=default_batch,
+        limit=_F.search_limit)
     result["largest_per_chip_batch"] = best
     result["search"] = [{k: r.get(k) for k in ("per_chip_batch", "fits", "peak_bytes",
                                                "wanted_bytes", "compile_s")} for r in tried]
@@ -166,6 +173,12 @@ def main(argv) -> None:
   if _F.json:
     with open(_F.json, "w") as f:
       json.dump(result, f, indent=1)
+  if _F.require_fit and not result["fits"]:
+    wanted = result.get("wanted_bytes", result.get("peak_bytes"))
+    raise ValueError(f"{config_flags.get_config_filename(_F['config'])} does not fit "
+                     f"{_F.topology}: {_F.program} wants {_gib(wanted)} per chip of "
+                     f"{_gib(result.get('limit_bytes') or result.get('hbm_bytes'))}; "
+                     f"{result.get('advice', '')}")
 
 
 if __name__ == "__main__":

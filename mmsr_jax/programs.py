@@ -147,12 +147,44 @@ def compile_report(program: str, build: Callable[[], tuple], devices, *,
   return report, compiled, lowered
 
 
-def train_flops(devices) -> Callable[[Any], dict]:
-  """The train step's FLOPs per chip by the project's own count (``mmsr_jax.training.flops``):
-  the trainable model forward + backward, plus one more forward where ``remat='full'``
-  recomputes it; the frozen VAE encode of the LR is not in it."""
+def xla_flops_per_example(config) -> float:
+  """XLA's FLOP count of one example's update step: the step traced with its layer stacks
+  unrolled (a loop body is otherwise counted once), at batch 1, compiled for one CPU device of
+  this host; the same HLO whatever the target, so it stands for the TPU program's work (frozen
+  encoders and any recompute XLA keeps included, attention counted as XLA's)."""
+  from mmsr_jax.models import layers
+  config = no_weight_files(config)
+  config.batch_size = 1
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
+  config.model.attention = "xla"
+  system = System.from_config(config, jax.devices("cpu")[:1])
+  with layers.unrolled_scans():
+    step, args = sr_task.abstract_step(system)
+    cost = step.lower(*args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get("flops", float("nan")))
+
+
+def train_flops(devices, *, xla: bool = True) -> Callable[[Any], dict]:
+  """The train step's FLOPs per chip: XLA's count (:func:`xla_flops_per_example` times the
+  per-chip batch) or, with ``xla=False``, the project's count of the trainable model
+  (``mmsr_jax.training.flops``, plus one forward where ``remat='full'`` recomputes it);
+  ``model_flops_per_chip`` (for MFU) is always the project's count."""
+  per_example: dict[str, float] = {}
+
   def count(config) -> dict:
     model = flops_lib.mmsr_train_flops_per_step(config) / len(devices)
+    per_chip_batch = config.batch_size / len(devices)
+    if xla:
+      probe = config.copy_and_resolve_references()
+      probe.batch_size = 1
+      key = probe.to_json()  # one CPU compile per config, whatever the batch
+      if key not in per_example:
+        per_example[key] = xla_flops_per_example(probe)
+      return {"flops_per_chip": per_example[key] * per_chip_batch,
+              "model_flops_per_chip": model,
+              "flops_counted_by": "XLA's cost analysis of the step with unrolled layer stacks, "
+                                  "compiled for this host at batch 1, times the per-chip batch"}
     recompute = model / 3 if config.model.remat == "full" else 0.0
     return {"flops_per_chip": model + recompute, "model_flops_per_chip": model,
             "flops_counted_by": "mmsr_jax.training.flops (DiT + MMLC matmuls and attention, "
@@ -162,13 +194,13 @@ def train_flops(devices) -> Callable[[Any], dict]:
 
 
 def sample_flops(devices, per_chip_batch: int, steps: int, guided: bool) -> Callable:
-  """The sampler's denoiser FLOPs per chip by the project's count (one tile per image)."""
+  """The sampler's denoiser FLOPs per chip by the project's count (one tile per image; VAE / VQ
+  encoders and the decode not counted), so its projected time is a lower bound."""
   def count(config) -> dict:
     f = flops_lib.mmsr_forward_flops(config)
     rows = 2 if guided else 1
-    per_image = rows * (steps * f["dit"] + f["context"])
-    total = per_image * per_chip_batch
-    return {"flops_per_chip": total, "model_flops_per_chip": total,
+    total = rows * (steps * f["dit"] + f["context"]) * per_chip_batch
+    return {"flops_per_chip": total, "model_flops_per_chip": None,
             "flops_counted_by": "mmsr_jax.training.flops (DiT forward per step and branch, "
                                 "MMLC once); VAE / VQ encoders and the decode not counted"}
   return count
@@ -176,8 +208,11 @@ def sample_flops(devices, per_chip_batch: int, steps: int, guided: bool) -> Call
 
 def search_batch(try_batch: Callable[[int], dict], *, start: int = 1,
                  limit: int = 1024) -> tuple[int, list[dict]]:
-  """The largest per-chip batch ``b`` in ``[start, limit]`` whose report fits, by doubling then
-  bisection (``try_batch(b)`` compiles and reports). 0 when even ``start`` does not fit."""
+  """The largest per-chip batch in ``[1, limit]`` whose report fits, by compiles
+  (``try_batch(b)`` compiles and reports). From ``start`` it doubles (or halves) to a bracket,
+  then narrows it, each next batch predicted from the bytes the bracket's two ends used or
+  wanted (memory grows about linearly with the batch) and kept strictly inside the bracket, so
+  the answer is exact whatever the prediction. 0 when even a batch of 1 does not fit."""
   tried: dict[int, dict] = {}
 
   def fits(b: int) -> bool:
@@ -185,21 +220,40 @@ def search_batch(try_batch: Callable[[int], dict], *, start: int = 1,
       tried[b] = try_batch(b)
     return bool(tried[b]["fits"])
 
-  if not fits(start):
-    return 0, list(tried.values())
-  lo, hi = start, None
-  while hi is None:
-    nxt = min(lo * 2, limit)
-    if nxt == lo:
-      return lo, [tried[b] for b in sorted(tried)]
-    if fits(nxt):
-      lo = nxt
-    else:
-      hi = nxt
+  def used(b: int) -> float | None:
+    r = tried[b]
+    return r.get("peak_bytes") if r["fits"] else r.get("wanted_bytes", r.get("peak_bytes"))
+
+  b = max(1, min(start, limit))
+  if fits(b):
+    lo, hi = b, None
+    while hi is None:
+      if lo == limit:
+        return lo, [tried[k] for k in sorted(tried)]
+      nxt = min(lo * 2, limit)
+      if fits(nxt):
+        lo = nxt
+      else:
+        hi = nxt
+  else:
+    hi, lo = b, None
+    while lo is None:
+      if hi == 1:
+        return 0, [tried[k] for k in sorted(tried)]
+      nxt = hi // 2
+      if fits(nxt):
+        lo = nxt
+      else:
+        hi = nxt
   while hi - lo > 1:
     mid = (lo + hi) // 2
+    u_lo, u_hi = used(lo), used(hi)
+    cap = tried[hi].get("limit_bytes") or tried[hi].get("hbm_bytes")
+    if u_lo is not None and u_hi is not None and cap and u_hi > u_lo:
+      guess = lo + int((cap - u_lo) / ((u_hi - u_lo) / (hi - lo)))
+      mid = min(max(guess, lo + 1), hi - 1)
     if fits(mid):
       lo = mid
     else:
       hi = mid
-  return lo, [tried[b] for b in sorted(tried)]
+  return lo, [tried[k] for k in sorted(tried)]

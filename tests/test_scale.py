@@ -3,6 +3,7 @@ SIGTERM and restart, restore onto another mesh, non-finite and corrupt-checkpoin
 observability outputs, the FLOP count, the benchmark and the launch scripts."""
 
 import glob
+import importlib.util
 import os
 import re
 import shutil
@@ -523,13 +524,16 @@ def test_tpu_vm_dry_runs_print_the_gcloud_commands():
     assert r.returncode == 0, r.stderr
     out[cmd] = r.stdout
   where = "--zone=us-central2-b --project=my-proj"
-  assert out["create"].strip() == (
+  check, create = out["create"].strip().splitlines()
+  assert check == ("python3 -m mmsr_jax.aot --config=configs/dit_l.py --topology=v4-32 "
+                   "--count_flops=model --require_fit")  # the fit check comes first
+  assert create == (
       f"gcloud compute tpus tpu-vm create mmsr-pod {where} --accelerator-type=v4-32 "
       "--version=tpu-ubuntu2204-base")
   assert "gcloud compute tpus tpu-vm scp /tmp/mmsr-jax-" in out["setup"]
   assert f"mmsr-pod:mmsr-jax.tar.gz {where} --worker=all" in out["setup"]
   assert f"gcloud compute tpus tpu-vm ssh mmsr-pod {where} --worker=all --command=" in out["setup"]
-  assert "pip install -q -r requirements.txt \"jax[tpu]==" in out["setup"]
+  assert "pip install -q -r requirements-tpu.txt" in out["setup"]
   assert (f"gcloud compute tpus tpu-vm ssh mmsr-pod {where} --worker=all --command="
           in out["train"])
   assert ("python3 -m mmsr_jax.train --config=configs/dit_l.py "
@@ -543,8 +547,31 @@ def test_tpu_vm_dry_runs_print_the_gcloud_commands():
   assert "--config=configs/dit_xl.py" in r.stdout and "--config.batch_size=512" in r.stdout
   r = _sh("launch/tpu_vm.sh", "create", "--dry-run", env=dict(env, TPU_SPOT="1"))
   assert r.stdout.strip().endswith("--spot")
+  r = _sh("launch/tpu_vm.sh", "create", "--dry-run", env=dict(env, AOT_CHECK="0"))
+  assert r.stdout.startswith("gcloud compute tpus tpu-vm create")
   r = _sh("launch/tpu_vm.sh", "bogus", "--dry-run", env=env)
   assert r.returncode == 2 and "usage" in r.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu not installed (pip install -r requirements-tpu.txt)")
+def test_tpu_vm_create_refuses_a_config_that_does_not_fit(tmp_path):
+  """The real fit check (an ahead-of-time compile for the slice) runs before gcloud; a config
+  that does not fit is one error line and no VM."""
+  calls = tmp_path / "gcloud_calls"
+  fake = tmp_path / "bin"
+  fake.mkdir()
+  (fake / "gcloud").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+  (fake / "gcloud").chmod(0o755)
+  env = {"PATH": f"{fake}{os.pathsep}{os.environ['PATH']}", "TPU_PROJECT": "p",
+         "TPU_TYPE": "v5litepod-4", "CONFIG": "configs/tiny.py", "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": ""}
+  r = subprocess.run(["bash", "launch/tpu_vm.sh", "create", "--config.batch_size=32768"],
+                     cwd=REPO, capture_output=True, text=True, timeout=600,
+                     env=dict(os.environ, **env))
+  assert r.returncode == 2, r.stdout[-1000:] + r.stderr[-2000:]
+  assert "does not fit v5litepod-4" in r.stderr and "Traceback" not in r.stderr
+  assert not calls.exists()  # no VM was created
 
 
 def test_gpu_multinode_dry_run_prints_one_command_per_node():

@@ -101,6 +101,9 @@ def sr_config() -> ml_collections.ConfigDict:
   c.model.context_depth = 2
   c.model.context_heads = 16
   c.model.init_from = ""  # a folder from mmsr_jax.convert --kind=pixart
+  # A train step compiled ahead of time for this slice (python -m mmsr_jax.aot
+  # --save_executable=PATH): loaded instead of compiling when it is the same program.
+  c.compiled_step = ""
   # PixArt's interpolation_scale: positions = index / (grid / base) / scale (the converter sets it)
   c.model.pos_interpolation_scale = 1.0
 
@@ -142,13 +145,13 @@ def sr_config() -> ml_collections.ConfigDict:
   c.sampling.text_device = "auto"
   # Largest input image (pixels, 2048 x 2048): its x4 output has 16 times as many.
   c.sampling.max_input_pixels = DEFAULT_MAX_INPUT_PIXELS
-
-  c.eval = ml_collections.ConfigDict()
-  c.eval.steps = 50
   # The work of an input is its tile count: a thin image needs many tiles for few pixels.
   # max_tiles 0: the tiles of the largest square input (max_input_pixels) at the trained tile.
   c.sampling.max_tiles = 0
   c.sampling.max_aspect_ratio = 16.0
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.steps = 50
   c.eval.scale = 0.0  # guidance scale of the report's samples (0 = conditional only)
   c.eval.val_batches = 4  # noise draws per held-out example for val_loss
   c.eval.sample_ablation = False  # also sample the held-out crops with each group nulled
@@ -306,6 +309,8 @@ def validate(config) -> None:
   ck.integer("model.context_latents", 1)
   ck.number("model.mlp_ratio", 0.0, lo_open=True)
   ck.number("model.pos_interpolation_scale", 0.0, lo_open=True)
+  if not isinstance(config.get("compiled_step", ""), str):
+    ck.fail("compiled_step", "a path written by python -m mmsr_jax.aot --save_executable, or ''")
 
   ck.integer("diffusion.num_timesteps", 2)
   ck.choice("diffusion.schedule", SCHEDULES)
@@ -347,13 +352,13 @@ def validate(config) -> None:
   ck.number("sampling.strength", 0.0, 1.0, lo_open=True)
   ck.choice("sampling.text_device", TEXT_DEVICES)
   ck.integer("sampling.max_input_pixels", 1, pillow_limit())
+  ck.integer("sampling.max_tiles", 0)
+  ck.number("sampling.max_aspect_ratio", 1.0)
   if not isinstance(config.sampling.negative_prompt, str):
     ck.fail("sampling.negative_prompt", "a string")
   ck.choice("eval.sample_ablation", (True, False))
   ck.integer("eval.steps", 1, config.diffusion.num_timesteps)
   ck.number("eval.scale", 0.0)
-  ck.integer("sampling.max_tiles", 0)
-  ck.number("sampling.max_aspect_ratio", 1.0)
   ck.integer("eval.val_batches", 1)
 
   # The frozen components' architectures (a bad one would fail deep inside a model build).

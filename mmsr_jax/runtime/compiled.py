@@ -10,8 +10,12 @@ import re
 import numpy as np
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
-# "Ran out of memory in memory space hbm. Used 16.10G of 15.75G hbm."; sizes as XLA prints them
-_OOM_USED = re.compile(r"Used\s+([\d.]+)([KMGT]?)\s+of\s+([\d.]+)([KMGT]?)\s+hbm", re.I)
+# XLA's TPU messages for a program over the chip's memory, e.g. "the total memory required for
+# HLO temporaries (75.21G) exceeds available HBM (15.75G)" or "Used 16.10G of 15.75G hbm"
+_OOM_FORMS = (
+    re.compile(r"required for [^(]*\(([\d.]+)([KMGT]?)\)\s*exceeds available HBM\s*"
+               r"\(([\d.]+)([KMGT]?)\)", re.I),
+    re.compile(r"Used\s+([\d.]+)([KMGT]?)\s+of\s+([\d.]+)([KMGT]?)\s+hbm", re.I))
 _UNIT = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
 _DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
                 "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8,
@@ -45,7 +49,7 @@ def out_of_memory(error: BaseException) -> dict | None:
   text = str(error)
   if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
     return None
-  m = _OOM_USED.search(text)
+  m = next((m for m in (f.search(text) for f in _OOM_FORMS) if m), None)
   out = {"error": next((line.strip() for line in text.splitlines() if "memory" in line.lower()),
                        text.splitlines()[0] if text else "")[:400]}
   if m:
@@ -129,22 +133,24 @@ def hlo_instructions(hlo_text: str) -> int:
   return sum(1 for line in hlo_text.splitlines() if " = " in line)
 
 
-def roofline(*, flops_per_chip: float, model_flops_per_chip: float, mem: dict, chip) -> dict:
-  """A projection, not a measurement: the step can be no faster than its FLOPs at the chip's
+def roofline(*, flops_per_chip: float, model_flops_per_chip: float | None, mem: dict,
+             chip) -> dict:
+  """A projection, not a measurement: the program can be no faster than its FLOPs at the chip's
   bf16 peak nor than its least HBM traffic (arguments read once, outputs written once,
-  temporaries written and read once) at the chip's bandwidth; MFU follows from that time.
-  Collectives and any overlap loss are not in it."""
+  temporaries written and read once) at the chip's bandwidth. MFU (the trainable model's FLOPs
+  over that time at peak) is then an upper bound; collectives and overlap losses are not in it."""
   if chip is None:
     return {"projection": "none (no published figures for this device)"}
   least_bytes = mem["argument_bytes"] + mem["output_bytes"] + 2 * mem["temp_bytes"]
   compute_s = flops_per_chip / chip.peak_bf16_flops
   memory_s = least_bytes / chip.hbm_bytes_per_s
   step_s = max(compute_s, memory_s)
-  return {"projected_step_s": step_s, "projected_compute_s": compute_s,
-          "projected_hbm_s": memory_s,
-          "projected_bound": "compute" if compute_s >= memory_s else "memory",
-          "projected_mfu": model_flops_per_chip / (step_s * chip.peak_bf16_flops),
-          "peak_bf16_flops_per_chip": chip.peak_bf16_flops,
-          "hbm_bytes_per_s": chip.hbm_bytes_per_s,
-          "projection": "roofline from the chip's published bf16 peak and HBM bandwidth; "
-                        "not measured on a TPU"}
+  out = {"projected_step_s": step_s, "projected_compute_s": compute_s,
+         "projected_hbm_s": memory_s,
+         "projected_bound": "compute" if compute_s >= memory_s else "memory"}
+  if model_flops_per_chip is not None:
+    out["projected_mfu"] = model_flops_per_chip / (step_s * chip.peak_bf16_flops)
+  out.update(peak_bf16_flops_per_chip=chip.peak_bf16_flops, hbm_bytes_per_s=chip.hbm_bytes_per_s,
+             projection="roofline from the chip's published bf16 peak and HBM bandwidth (an "
+                        "upper bound on speed); not measured on a TPU")
+  return out

@@ -20,10 +20,14 @@ import pickle
 from typing import Callable
 
 KEY_SUFFIX = ".json"
-_ALLOWED_MODULES = ("jax.", "jaxlib.", "builtins", "collections", "numpy", "ml_dtypes",
-                    "functools", "copyreg", "enum")
-_BANNED = {("builtins", n) for n in ("eval", "exec", "compile", "open", "__import__",
-                                     "getattr", "setattr", "delattr", "globals", "input")}
+# What a jax executable's pickle may name: classes of jax / jaxlib (shardings, meshes, avals,
+# the unloaded executable), plain builtin and numpy types, and these reconstructor functions.
+_NAMESPACES = ("jax", "jaxlib")
+_RECONSTRUCTORS = {("jax._src.named_sharding", "_unpickle_named_sharding"),
+                   ("numpy._core.multiarray", "_reconstruct"),
+                   ("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "_reconstruct"),
+                   ("numpy.core.multiarray", "scalar"), ("copyreg", "_reconstructor")}
+_PLAIN_MODULES = ("builtins", "numpy", "collections", "ml_dtypes")
 
 
 def program_fingerprint(lowered) -> str:
@@ -68,10 +72,14 @@ class _Unpickler(pickle.Unpickler):
     self.execution_devices = xc.DeviceList(tuple(devices))
 
   def find_class(self, module, name):
-    if (module, name) in _BANNED or not (module in _ALLOWED_MODULES or module.startswith(
-        tuple(m for m in _ALLOWED_MODULES if m.endswith(".")))):
-      raise pickle.UnpicklingError(f"{module}.{name} is not part of a jax executable")
-    return super().find_class(module, name)
+    if (module, name) in _RECONSTRUCTORS:
+      return super().find_class(module, name)
+    ours = module.split(".")[0] in _NAMESPACES
+    if ours or module in _PLAIN_MODULES:
+      obj = super().find_class(module, name)
+      if isinstance(obj, type) and obj is not type:  # a class, never a function to call
+        return obj
+    raise pickle.UnpicklingError(f"{module}.{name} is not part of a jax executable")
 
   def persistent_load(self, pid):
     if pid[0] == "exec":
@@ -99,6 +107,11 @@ def load(path: str, lowered, devices, log: Callable[[str], None]):
   want = {"fingerprint": program_fingerprint(lowered), **_device_key(devices),
           "payload_sha256": hashlib.sha256(payload).hexdigest()}
   diff = [k for k, v in want.items() if key.get(k) != v]
+  if diff == ["fingerprint"]:
+    log(f"compiled step {path}: not used, it is another program (compile it with this run's "
+        "config and the same --config overrides: python -m mmsr_jax.aot ... "
+        "--save_executable); compiling")
+    return None
   if diff:
     shown = ", ".join(f"{k} {str(key.get(k))[:24]!r} != {str(want[k])[:24]!r}" for k in diff)
     log(f"compiled step {path}: not used, it was compiled for another program or machine "
@@ -108,8 +121,10 @@ def load(path: str, lowered, devices, log: Callable[[str], None]):
     import jax
     from jax.experimental import serialize_executable  # noqa: F401  (the classes it needs)
     backend = devices[0].client
+    # every device of the backend, as jax's own loader assumes (device ids in the file refer
+    # to them, whatever the mesh order)
     unloaded, args_info_flat, no_kwargs = _Unpickler(io.BytesIO(payload), backend,
-                                                     devices).load()
+                                                     backend.devices()).load()
     args_info = lowered.in_tree.unflatten(args_info_flat)
     return jax.stages.Compiled(unloaded.load(), [], args_info, lowered.out_tree,
                                no_kwargs=no_kwargs)

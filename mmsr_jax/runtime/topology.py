@@ -39,13 +39,37 @@ HOST = "host"  # the devices of this process (any backend): compile for what is 
 _NAME = re.compile(r"^(v4|v5e|v5p|v5|v6e):(\d+(?:x\d+){1,2})$")
 
 
+_CLOUD = re.compile(r"^(v4|v5litepod|v5p|v6e)-(\d+)$")
+# Slice shapes of the Cloud TPU accelerator types, by chip count (2D: v5e / v6e; 3D: v4 / v5p).
+_SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
+              256: "16x16"}
+_SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
+              256: "4x8x8", 512: "8x8x8"}
+
+
+def from_cloud_type(accelerator_type: str) -> str:
+  """A Cloud TPU accelerator type as a topology name (``v5litepod-16`` -> ``v5e:4x4``,
+  ``v4-8`` -> ``v4:2x2x1``); names that are already topologies pass through."""
+  m = _CLOUD.match(accelerator_type or "")
+  if not m:
+    return accelerator_type
+  gen = {"v4": "v4", "v5litepod": "v5e", "v5p": "v5", "v6e": "v6e"}[m.group(1)]
+  chip = CHIPS[gen]
+  n = int(m.group(2)) // chip.cores_per_chip_in_type
+  shapes = _SHAPES_3D if chip.megacore else _SHAPES_2D
+  if n not in shapes:
+    raise ValueError(f"--topology={accelerator_type!r}: no known slice shape for {n} chips")
+  return f"{gen}:{shapes[n]}"
+
+
 def parse(name: str) -> tuple[Chip, tuple[int, ...]]:
-  """``'v5e:4x4'`` -> (the chip, ``(4, 4)``); an unknown name is a ValueError naming the form."""
-  m = _NAME.match(name or "")
+  """``'v5e:4x4'`` (or its Cloud type ``'v5litepod-16'``) -> (the chip, ``(4, 4)``); an
+  unknown name is a ValueError naming the form."""
+  m = _NAME.match(from_cloud_type(name or ""))
   if not m:
     raise ValueError(f"--topology={name!r}: expected GENERATION:AxB[xC] with GENERATION one of "
-                     f"{', '.join(CHIPS)} (e.g. v5e:4x4, v4:2x2x1, v5:2x2x1, v6e:2x2) or "
-                     f"{HOST!r}")
+                     f"{', '.join(CHIPS)} (e.g. v5e:4x4, v4:2x2x1, v5:2x2x1, v6e:2x2), a Cloud "
+                     f"TPU type (v5litepod-16, v4-8, ...) or {HOST!r}")
   dims = tuple(int(d) for d in m.group(2).split("x"))
   if min(dims) < 1:
     raise ValueError(f"--topology={name!r}: every dimension must be at least 1")
@@ -62,6 +86,8 @@ def _quiet_libtpu() -> None:
   # A CPU host has no TPU metadata server: without these libtpu logs warnings about the
   # accelerator type and worker hostnames at import (harmless for compile-only use).
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  # compile-only use: several processes (a search, the tests) may hold libtpu at once
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_WORKER_ID", "0")
@@ -73,6 +99,7 @@ def devices(name: str) -> list:
   import jax
   if name == HOST:
     return list(jax.devices())
+  name = from_cloud_type(name)
   chip, dims = parse(name)
   _quiet_libtpu()
   from jax.experimental import topologies

@@ -14,7 +14,7 @@ from mmsr_jax.data import sr_examples
 from mmsr_jax.diffusion import schedule as diffusion
 from mmsr_jax.models.conditioner import Conditioner
 from mmsr_jax.models.mmsr import MMSR
-from mmsr_jax.runtime import sharding
+from mmsr_jax.runtime import executable, sharding
 from mmsr_jax.system import System
 from mmsr_jax.training import flops, loop, sr_report
 from mmsr_jax.training.optimizer import TrainState, ema_decay
@@ -188,6 +188,7 @@ class SRTask:
         null_tree, jax.tree.map(lambda _: sharding.replicated(self.mesh), null_tree))
     self.frozen_sharding = jax.tree.map(lambda a: a.sharding, self.frozen)
     self.train_step = jitted_step(s, self.frozen_sharding)
+    self._step = None  # what step() runs, chosen at the first step (see _first_step)
 
   def null_text(self) -> tuple[np.ndarray, np.ndarray]:
     """The empty caption's text states ``[L, D]`` (float32) and mask ``[L]``: written beside the
@@ -209,7 +210,22 @@ class SRTask:
 
   # --- The task interface of the loop.
   def step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
-    return self.train_step(state, self.frozen, batch)
+    if self._step is None:
+      self._step = self._first_step(state, batch)
+    return self._step(state, self.frozen, batch)
+
+  def _first_step(self, state: TrainState, batch):
+    """The step to run: the executable at ``config.compiled_step`` when it was compiled for
+    this very program on these devices, else the jitted step (compiled now by its first call)."""
+    path = self.config.get("compiled_step", "")
+    if not path:
+      return self.train_step
+    lowered = self.train_step.lower(state, self.frozen, batch)
+    loaded = executable.load(path, lowered, list(self.mesh.devices.flat), loop.log)
+    if loaded is None:
+      return lowered.compile()
+    loop.log(f"compiled step {path}: loaded, compile skipped")
+    return loaded
 
   def make_loader(self):
     return sr_examples.make_train_loader(self.config, self.tokenizer)
