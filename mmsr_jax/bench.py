@@ -16,6 +16,7 @@ BENCHES = {
     "dit-forward": "dit_forward",  # our DiT vs diffusers PixArt, same weights and input
     "vae-tiled": "vae_tiled",  # tiled VAE decode at 2048x2048: time and peak memory
     "data": "data",  # host input pipeline throughput
+    "prepare": "prepare",  # annotate / precompute pipelines: Beam workers vs the loop
     "sample": "sample",  # images/s of the sampler
     "train": "train",  # step time, images/s, MFU
     "evaluate": "evaluate",  # PSNR + SSIM + NIQE on two folders of pairs (or synthetic ones)

@@ -128,9 +128,11 @@ def refuse_existing(paths, overwrite: bool) -> None:
                           "--overwrite to replace")
 
 
-def run(main, define_flags=None) -> None:
+def run(main, define_flags=None, pass_unknown: bool = False) -> None:
   """Defines the flags and runs ``main`` under absl, reporting bad flags and inputs as one line
-  (exit status 2)."""
+  (exit status 2). With ``pass_unknown``, arguments that are not this command's flags reach
+  ``main`` in its ``argv`` (after the program name) instead of being an error: the Beam commands
+  pass them on as pipeline options, and check them there."""
   def guarded(argv):
     logging.set_verbosity(logging.WARNING)  # library chatter off; progress goes to stdout
     try:
@@ -141,7 +143,10 @@ def run(main, define_flags=None) -> None:
     if define_flags is not None:
       define_flags()  # config_flags parses --config.* overrides here
     _show_own_flags_in_help()
-    app.run(guarded)
+    if pass_unknown:
+      app.run(guarded, flags_parser=lambda argv: flags.FLAGS(argv, known_only=True))
+    else:
+      app.run(guarded)
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     # Raised while parsing flags, e.g. a --config.field override that names no field or gives a
     # value of the wrong type (ml_collections raises these before anything runs).

@@ -1,4 +1,6 @@
-r"""Precomputes the frozen encoders' outputs into annotated shards, for training without them.
+r"""Precomputes the frozen encoders' outputs into annotated shards, for training without them,
+as an Apache Beam pipeline (``mmsr_jax.data.beam_prepare``): locally on every core by default,
+on a cluster with Beam's runner options (``--runner=DataflowRunner --project=... ...``).
 
   python -m mmsr_jax.precompute --config=configs/dit_l.py --input=ANNOTATED --output=DIR
 
@@ -16,25 +18,26 @@ from ml_collections import config_flags
 from mmsr_jax import cli
 from mmsr_jax.config import schema
 from mmsr_jax.formats.records import CROP_ENCODINGS, list_shards
-from mmsr_jax.training.precompute import FEATURES, STORE_DTYPES, precompute_shards, \
-    tokenizer_config
+from mmsr_jax.training.precompute import FEATURES, STORE_DTYPES, tokenizer_config
 
 
 def main(argv):
-  del argv
+  from mmsr_jax.data import beam_prepare  # pylint: disable=g-import-not-at-top
+  beam_args = beam_prepare.check_beam_args(argv[1:])
   f = flags.FLAGS
   for name in ("input", "output"):
     if not getattr(f, name):
       raise app.UsageError(f"--{name} is required")
-  list_shards(f.input, "--input")  # the cheap checks first
+  if beam_prepare.is_local(f.input):
+    list_shards(f.input, "--input")  # the cheap checks first
   config = f.config
   schema.validate(config)
   if f.vq:
     config = tokenizer_config(config, f.vq)
-  precompute_shards(config, f.input, f.output, features=f.features, batch_size=f.batch_size,
-                    crop_size=None if f.crop_size < 0 else f.crop_size, crops=f.crops,
-                    dtype=f.dtype, overwrite=f.overwrite, worker_index=f.worker_index,
-                    num_workers=f.num_workers, crop_encoding=f.crop_encoding)
+  beam_prepare.precompute(config, beam_prepare.PrecomputeOptions(
+      f.input, f.output, features=tuple(f.features), batch_size=f.batch_size,
+      crop_size=None if f.crop_size < 0 else f.crop_size, crops=f.crops, dtype=f.dtype,
+      crop_encoding=f.crop_encoding, overwrite=f.overwrite), beam_args)
 
 
 def define_flags() -> None:
@@ -56,11 +59,9 @@ def define_flags() -> None:
   flags.DEFINE_enum("crop_encoding", "png", list(CROP_ENCODINGS), "How --features=crops stores "
                     "each crop: png (lossless) or jpeg (quality 95, faster to decode; the HR "
                     "latents are then those of the JPEG crop).")
-  flags.DEFINE_bool("overwrite", False, "Replace output shards that exist.")
-  flags.DEFINE_integer("worker_index", 0, "This run's share of the shards (with --num_workers).")
-  flags.DEFINE_integer("num_workers", 1, "Independent runs splitting the shards (e.g. one per "
-                       "TPU VM host, --worker_index=$HOST): worker i takes shards i, i+n, ...")
+  flags.DEFINE_bool("overwrite", False, "Redo every shard (default: a rerun with the same "
+                    "settings and encoders writes only the missing shards).")
 
 
 if __name__ == "__main__":
-  cli.run(main, define_flags)
+  cli.run(main, define_flags, pass_unknown=True)

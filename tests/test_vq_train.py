@@ -579,22 +579,23 @@ def test_cli_errors_are_one_clear_line(tmp_path):
       "error: config.vq_train.source='nope': expected one of ('demo', 'synthetic', 'shards')")
 
 
-def test_tokenize_split_between_workers_writes_what_one_run_writes(crop_bank_shards, tmp_path):
-  """Two workers (--worker_index 1 then 0 of 2) write the shards one run writes, with the same
-  whole-map ids and crop banks (the banks are keyed by the record's global index)."""
+def test_tokenize_on_two_beam_workers_writes_what_one_run_writes(crop_bank_shards, tmp_path):
+  """The Beam pipeline on two local workers writes the shards one single-process run writes,
+  with the same whole-map ids and crop banks (the banks are keyed by the record's global
+  index, whichever worker takes the shard)."""
+  pytest.importorskip("apache_beam")
   from array_record.python.array_record_module import ArrayRecordReader
+  from mmsr_jax.data import beam_prepare
 
   b = crop_bank_shards
   out = str(tmp_path / "split")
-  written = []
-  for worker in (1, 0):
-    written += precompute.precompute_shards(
-        precompute.tokenizer_config(small_config(), b["vq"]), b["ann"], out, features=("vq",),
-        batch_size=16, crop_size=32, crops=4, worker_index=worker, num_workers=2,
-        log=lambda _: None)
-  assert sorted(os.path.basename(w) for w in written) == sorted(os.listdir(b["ann"]))
-  assert sorted(f for f in os.listdir(out) if f.endswith(".json")) == [
-      "precompute-00000-of-00002.json", "precompute-00001-of-00002.json"]
+  summary = beam_prepare.precompute(
+      precompute.tokenizer_config(small_config(), b["vq"]),
+      beam_prepare.PrecomputeOptions(b["ann"], out, features=("vq",), batch_size=16,
+                                     crop_size=32, crops=4),
+      ["--direct_num_workers=2"], log=lambda _: None)
+  assert sorted(summary["shards"]) == sorted(os.listdir(b["ann"]))
+  assert summary["summary"]["workers"] == 2
 
   def records(path):
     r = ArrayRecordReader(path)
@@ -610,5 +611,3 @@ def test_tokenize_split_between_workers_writes_what_one_run_writes(crop_bank_sha
       for k in ("boxes", "ids", "present"):
         np.testing.assert_array_equal(bank_x[k], bank_y[k])
       np.testing.assert_array_equal(read_ids(x)[0], read_ids(y)[0])
-  with pytest.raises(ValueError, match="--worker_index=2 --num_workers=2"):
-    precompute.precompute_shards(small_config(), b["ann"], out, worker_index=2, num_workers=2)

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -162,6 +163,7 @@ class Annotator:
     self.caption_kind = caption_kind
     self.max_new_tokens = int(max_new_tokens)
     self.model_ids = {"depth": depth, "seg": seg, "caption": caption}
+    self.seconds: dict[str, float] = {}  # time spent per model, summed over calls
     self._depth = self._seg = self._cap = None
     if depth:
       self._depth = (tr.AutoImageProcessor.from_pretrained(depth),
@@ -199,17 +201,24 @@ class Annotator:
     image), ``'seg'`` (int32 HxW class labels) and ``'caption'`` (str).
     """
     images = [self._check(i, x) for i, x in enumerate(images)]
+    t = time.perf_counter()
     out = [{"edge": canny(x)} for x in images]
-    if self._depth is not None:
-      for o, d in zip(out, self._run_depth(images)):
-        o["depth"] = d
-    if self._seg is not None:
-      for o, s in zip(out, self._run_seg(images)):
-        o["seg"] = s
-    if self._cap is not None:
-      for o, c in zip(out, self._run_caption(images)):
-        o["caption"] = c
+    t = self._clock("edge", t)
+    for name, model, run in (("depth", self._depth, self._run_depth),
+                             ("seg", self._seg, self._run_seg),
+                             ("caption", self._cap, self._run_caption)):
+      if model is not None:
+        for o, v in zip(out, run(images)):
+          o[name] = v
+        t = self._clock(name, t)
     return out
+
+  def _clock(self, name: str, start: float) -> float:
+    """Adds the seconds since ``start`` to ``self.seconds[name]`` (the pipelines report the
+    time per model); returns now."""
+    now = time.perf_counter()
+    self.seconds[name] = self.seconds.get(name, 0.0) + now - start
+    return now
 
   @staticmethod
   def _check(i: int, x: np.ndarray) -> np.ndarray:
@@ -357,39 +366,123 @@ def _check_headers(source, spec: str) -> None:
     print(f"{len(bad)} of {len(source.files)} images will be skipped, e.g. {bad[0]}")
 
 
+def check_options(opts: AnnotateOptions) -> int:
+  """The cheap checks of ``opts`` (before any model loads); returns the pixel limit."""
+  if not opts.input or not opts.output:
+    raise ValueError("--input and --output are required")
+  realesrgan.get_preset(opts.preset)  # validate before anything long
+  if opts.shard_size < 1 or opts.batch_size < 1:
+    raise ValueError("--shard_size and --batch_size must be >= 1")
+  if opts.caption_kind not in CAPTION_KINDS:
+    raise ValueError(f"caption_kind={opts.caption_kind!r}: expected one of {CAPTION_KINDS}")
+  return images.check_limit(opts.max_pixels, "--max_pixels")
+
+
+def settings_of(opts: AnnotateOptions) -> dict[str, Any]:
+  """What the manifest records of a run's settings (a rerun must match them)."""
+  return {"input": opts.input, "depth": opts.depth, "seg": opts.seg,
+          "caption": opts.caption, "caption_kind": opts.caption_kind,
+          "from_hr": opts.from_hr, "preset": opts.preset, "scale": opts.scale,
+          "seed": opts.seed}
+
+
+def check_manifest(mpath: str, manifest: dict[str, Any], old: dict[str, Any] | None) -> None:
+  """FileExistsError when an output folder holds a manifest of other inputs or settings."""
+  if old is not None and old != manifest:
+    raise FileExistsError(
+        f"{mpath} was written for other inputs or settings ({old['settings']}, "
+        f"{old['num_images']} images); use a new --output folder")
+
+
+def annotator_of(opts: AnnotateOptions) -> "Annotator":
+  return Annotator(depth=opts.depth or None, seg=opts.seg or None, caption=opts.caption or None,
+                   caption_kind=opts.caption_kind, device=opts.device)
+
+
+def annotate_indices(annotator: "Annotator", source, indices: Sequence[int],
+                     opts: AnnotateOptions, max_pixels: int, on_batch=None
+                     ) -> tuple[list[bytes], list[dict[str, Any]]]:
+  """The records of the images ``indices`` of ``source`` (in that order, annotated in batches of
+  ``opts.batch_size``) and the rejected ones, ``{'path', 'index', 'reason'}`` each: an image
+  that cannot be read, is too large or smaller than the scale, or on which a model fails (a
+  failing batch is annotated image by image to find it). ``on_batch(n)`` after each batch."""
+  out: list[bytes] = []
+  rejected: list[dict[str, Any]] = []
+
+  def reject(i, name, reason):
+    logging.warning("skipping %s: %s", name, reason)
+    rejected.append({"path": name, "index": int(i), "reason": str(reason)})
+
+  for b in range(0, len(indices), opts.batch_size):
+    batch = []
+    for i in indices[b:b + opts.batch_size]:
+      name = source.files[i] if hasattr(source, "files") else f"{opts.input}[{i}]"
+      try:
+        rec = source[i]
+        hr = rec["image"]
+        if hr.shape[0] * hr.shape[1] > max_pixels:  # TFDS decodes before we can look
+          raise images.BadImage(f"{hr.shape[0]}x{hr.shape[1]} is more than "
+                                f"--max_pixels={max_pixels}")
+        cond = hr if opts.from_hr else _lr_version(hr, i, opts.preset, opts.scale, opts.seed)
+      except Exception as e:  # pylint: disable=broad-except
+        # One bad file (unreadable, too large, too small) is rejected, never the whole run.
+        reject(i, name, e)
+        continue
+      batch.append((i, name, rec, cond))
+    try:
+      outs = annotator.annotate_batch([c for *_, c in batch]) if batch else []
+    except Exception:  # pylint: disable=broad-except
+      outs = []
+      for i, name, _, cond in list(batch):
+        try:
+          outs.append(annotator.annotate_one(cond))
+        except Exception as e:  # pylint: disable=broad-except
+          reject(i, name, f"annotator failed: {e}")
+          outs.append(None)
+    for (i, _, rec, cond), maps in zip(batch, outs):
+      if maps is None:
+        continue
+      meta = {"name": rec["name"], "index": i, "image_size": list(rec["image"].shape[:2]),
+              "maps_from": "hr" if opts.from_hr else "lr",
+              "maps_size": list(cond.shape[:2]), "models": annotator.model_ids,
+              "caption_kind": opts.caption_kind, "preset": opts.preset}
+      if "caption" not in maps and rec.get("caption"):
+        maps["caption"] = rec["caption"]  # the source's own caption when no model is given
+      out.append(encode_record(rec["image"], maps, meta))
+    if on_batch is not None:
+      on_batch(len(indices[b:b + opts.batch_size]))
+  return out, rejected
+
+
+def write_shard(path: str, recs: Sequence[bytes]) -> None:
+  """Writes ``recs`` as the ArrayRecord shard ``path`` (a local file)."""
+  from array_record.python import array_record_module as arm  # pylint: disable=g-import-not-at-top
+  # Uncompressed: the entries are PNG already; compression saves < 1 % and costs 4x the read CPU.
+  writer = arm.ArrayRecordWriter(path, "group_size:1,uncompressed")
+  for r in recs:
+    writer.write(r)
+  writer.close()
+
+
 def run_annotation(opts: AnnotateOptions) -> dict[str, int]:
-  """Annotates ``opts.input`` into ArrayRecord shards under ``opts.output`` (resumable).
+  """Annotates ``opts.input`` into ArrayRecord shards under ``opts.output`` in this process
+  (resumable), shard after shard. ``mmsr_jax.data.beam_prepare.annotate`` runs the same work as
+  an Apache Beam pipeline (what the command runs); this loop is its reference.
 
   Returns ``{'images', 'shards', 'already_done', 'written', 'skipped'}``.
   """
   F = opts  # noqa: N806
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  from array_record.python import array_record_module as arm  # pylint: disable=g-import-not-at-top
-  if not F.input or not F.output:
-    raise ValueError("--input and --output are required")
-  realesrgan.get_preset(F.preset)  # validate before anything long
-  if F.shard_size < 1 or F.batch_size < 1:
-    raise ValueError("--shard_size and --batch_size must be >= 1")
-  if F.caption_kind not in CAPTION_KINDS:
-    raise ValueError(f"caption_kind={F.caption_kind!r}: expected one of {CAPTION_KINDS}")
-  max_pixels = images.check_limit(F.max_pixels, "--max_pixels")
+  max_pixels = check_options(F)
   source = _Input(F.input).open(F.tfds_data_dir, max_pixels)
   if isinstance(source, sources.FolderSource):
     _check_headers(source, F.input)
-  settings = {"input": F.input, "depth": F.depth, "seg": F.seg,
-              "caption": F.caption, "caption_kind": F.caption_kind,
-              "from_hr": F.from_hr, "preset": F.preset, "scale": F.scale,
-              "seed": F.seed}
-  manifest = _manifest(len(source), F.shard_size, settings)
+  manifest = _manifest(len(source), F.shard_size, settings_of(F))
   os.makedirs(F.output, exist_ok=True)
   mpath = os.path.join(F.output, MANIFEST)
   if os.path.exists(mpath):
     with open(mpath) as f:
-      old = json.load(f)
-    if old != manifest:
-      raise FileExistsError(
-          f"{mpath} was written for other inputs or settings ({old['settings']}, "
-          f"{old['num_images']} images); use a new --output folder")
+      check_manifest(mpath, manifest, json.load(f))
   else:
     with open(mpath, "w") as f:
       json.dump(manifest, f, indent=2, sort_keys=True)
@@ -401,48 +494,17 @@ def run_annotation(opts: AnnotateOptions) -> dict[str, int]:
             "written": 0, "skipped": 0}
   if not todo:
     return result
-  annotator = Annotator(depth=F.depth or None, seg=F.seg or None,
-                        caption=F.caption or None, caption_kind=F.caption_kind,
-                        device=F.device)
+  annotator = annotator_of(F)
   size = manifest["shard_size"]
   bar = tqdm(total=sum(min(size, len(source) - s * size) for s in todo), unit="img")
   skipped = 0
   for s in todo:
     final = os.path.join(F.output, SHARD_PATTERN.format(s, num))
-    tmp = final + ".tmp"
-    # Uncompressed: the entries are PNG already; compression saves < 1 % and costs 4x the read CPU.
-    writer = arm.ArrayRecordWriter(tmp, "group_size:1,uncompressed")
     indices = list(range(s * size, min(len(source), (s + 1) * size)))
-    for b in range(0, len(indices), F.batch_size):
-      batch = []
-      for i in indices[b:b + F.batch_size]:
-        try:
-          rec = source[i]
-        except sources.BadImage as e:
-          name = source.files[i] if hasattr(source, "files") else f"{F.input}[{i}]"
-          logging.warning("skipping %s: %s", name, e)
-          skipped += 1
-          continue
-        hr = rec["image"]
-        if hr.shape[0] * hr.shape[1] > max_pixels:  # TFDS decodes before we can look
-          logging.warning("skipping %s: %dx%d is more than --max_pixels=%d", rec["name"],
-                          hr.shape[0], hr.shape[1], max_pixels)
-          skipped += 1
-          continue
-        cond = hr if F.from_hr else _lr_version(hr, i, F.preset, F.scale, F.seed)
-        batch.append((i, rec, cond))
-      outs = annotator.annotate_batch([c for _, _, c in batch]) if batch else []
-      for (i, rec, cond), maps in zip(batch, outs):
-        meta = {"name": rec["name"], "index": i, "image_size": list(rec["image"].shape[:2]),
-                "maps_from": "hr" if F.from_hr else "lr",
-                "maps_size": list(cond.shape[:2]), "models": annotator.model_ids,
-                "caption_kind": F.caption_kind, "preset": F.preset}
-        if "caption" not in maps and rec.get("caption"):
-          maps["caption"] = rec["caption"]  # the source's own caption when no model is given
-        writer.write(encode_record(rec["image"], maps, meta))
-      bar.update(len(indices[b:b + F.batch_size]))
-    writer.close()
-    os.replace(tmp, final)
+    recs, rejected = annotate_indices(annotator, source, indices, F, max_pixels, bar.update)
+    skipped += len(rejected)
+    write_shard(final + ".tmp", recs)
+    os.replace(final + ".tmp", final)
   bar.close()
   print(f"wrote {len(todo)} shards to {F.output} ({skipped} unreadable or too large images skipped)")
   return dict(result, written=len(todo), skipped=skipped)

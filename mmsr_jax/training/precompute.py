@@ -6,7 +6,7 @@ mean, scaled as the diffusion sees it) of the HR crop; and the T5 states of its 
 real tokens only); and the bank boxes' HR crops (and depth / seg crops) re-encoded on their own,
 so the trainer decodes one crop instead of the whole photo (format in ``formats/records.py``).
 The features carry the fingerprint of the encoder that wrote them. Shards are written to a
-temporary name and renamed when complete; independent workers may split them."""
+temporary name and renamed when complete."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import shutil
+import time
 from typing import Any, Iterable
 
 import jax
@@ -40,6 +41,7 @@ from mmsr_jax.weights import params_io
 from mmsr_jax.weights.fingerprint import encoder_fingerprint, weights_fingerprint
 
 FEATURES = ("vq", "text", "latents", "crops")
+SUMMARY_FILE = "precompute.json"  # beside the shards: settings, fingerprints, counts
 STORE_DTYPES = ("bfloat16", "float32")
 
 
@@ -236,16 +238,50 @@ def record_hr_crops(decoded: dict[str, Any], boxes: np.ndarray, crop_size: int) 
   return out
 
 
+def _prepare(config, rec: bytes, key: int, tok, features, bank_on: bool, crop_size: int,
+             crops: int, crop_encoding: str, captions) -> dict[str, Any]:
+  """The host-side work of one record: decoded maps, crop bank, crop images, caption ids."""
+  decoded = decode_record(rec)  # once: the PNG decodes are the main host cost
+  item: dict[str, Any] = {"record": rec, "maps": {}, "crop_maps": {}}
+  if "vq" in features:
+    item["maps"] = record_maps_full(decoded, tok.map_size)
+  if bank_on:
+    item["boxes"], item["crop_maps"] = record_crop_maps(
+        decoded, crop_size, crops, key, int(config.data.map_size))
+  if "crops" in features:
+    # The latents are those of the crops as stored (the same pixels for 'png').
+    item["crops"], item["crops_meta"], images = record_crop_images(
+        decoded, item["boxes"], crop_size, crop_encoding)
+    if "latents" in features:
+      item["hr_crops"] = hr_crops_of(images)
+  elif "latents" in features:
+    item["hr_crops"] = record_hr_crops(decoded, item["boxes"], crop_size)
+  if "text" in features:
+    item["text"] = captions.encode(decoded["caption"] or "", int(config.text.max_length))
+  return item
+
+
 def precompute_records(config, encoders: Encoders, records: Iterable[bytes], *,
                        features=FEATURES, batch_size: int = 64, crop_size: int = 0,
                        crops: int = 16, first_index: int = 0,
-                       dtype: str = "bfloat16", crop_encoding: str = "png") -> Iterable[bytes]:
+                       dtype: str = "bfloat16", crop_encoding: str = "png",
+                       on_reject=None, seconds: dict[str, float] | None = None
+                       ) -> Iterable[bytes]:
   """Yields the records with the ``features`` added (encoders run in batches).
 
   With ``crop_size > 0`` each record gets its crop bank of ``crops`` boxes; the record at
   position j is keyed ``first_index + j`` for ``sr_examples.crop_bank_boxes``. Feature 'crops'
-  stores the boxes' crops encoded as ``crop_encoding``.
+  stores the boxes' crops encoded as ``crop_encoding``. A record that cannot be decoded or cut
+  raises, or with ``on_reject`` is passed over after ``on_reject(j, reason)``. ``seconds``
+  accumulates the time per stage ('host', 'vq', 'latents', 'text').
   """
+  seconds = {} if seconds is None else seconds
+
+  def clock(name, start):
+    now = time.perf_counter()
+    seconds[name] = seconds.get(name, 0.0) + now - start
+    return now
+
   tok = encoders.vq
   bank_on = bool(crop_size) and ("vq" in features or "latents" in features
                                  or "crops" in features)
@@ -275,6 +311,7 @@ def precompute_records(config, encoders: Encoders, records: Iterable[bytes], *,
   per_flush = max(1, batch_size // (2 * crops)) if bank_on else batch_size
 
   def flush():
+    t = time.perf_counter()
     ids_of: list[dict[str, np.ndarray]] = [{} for _ in pending]
     banks: list[dict[str, np.ndarray] | None] = [None] * len(pending)
     if "vq" in features:
@@ -297,6 +334,8 @@ def precompute_records(config, encoders: Encoders, records: Iterable[bytes], *,
           ids = encoders.padded(lambda _, x: tok.encode(k, x), None, flat, batch_size)  # noqa: B023
           for (i, _), row_ids in zip(rows, ids.reshape(len(rows), crops, 2, g, g)):
             banks[i]["ids"][:, :, MODALITIES.index(k)] = row_ids
+    if "vq" in features:
+      t = clock("vq", t)
     feats: list[dict[str, np.ndarray]] = [{} for _ in pending]
     if "latents" in features:
       crops_all = np.concatenate([p["hr_crops"].reshape((-1,) + p["hr_crops"].shape[2:])
@@ -306,12 +345,14 @@ def precompute_records(config, encoders: Encoders, records: Iterable[bytes], *,
       lat = lat.reshape(len(pending), crops, 2, *lat.shape[1:])
       for i in range(len(pending)):
         feats[i][HR_LATENTS_KEY] = _stored(lat[i], dtype)
+      t = clock("latents", t)
     if "text" in features:
       ids = np.stack([p["text"][0] for p in pending])
       mask = np.stack([p["text"][1] for p in pending])
       states = np.asarray(encoders.text(encoders.params["text"], ids, mask))
       for i, m in enumerate(mask):
         feats[i][TEXT_STATES_KEY] = _stored(states[i, :int(m.sum())], dtype)
+      clock("text", t)
     out = []
     for i, p in enumerate(pending):
       rec = p["record"]
@@ -330,23 +371,17 @@ def precompute_records(config, encoders: Encoders, records: Iterable[bytes], *,
     return out
 
   for j, rec in enumerate(records):
-    decoded = decode_record(rec)  # once: the PNG decodes are the main host cost
-    item: dict[str, Any] = {"record": rec, "maps": {}, "crop_maps": {}}
-    if "vq" in features:
-      item["maps"] = record_maps_full(decoded, tok.map_size)
-    if bank_on:
-      item["boxes"], item["crop_maps"] = record_crop_maps(
-          decoded, crop_size, crops, first_index + j, int(config.data.map_size))
-    if "crops" in features:
-      # The latents are those of the crops as stored (the same pixels for 'png').
-      item["crops"], item["crops_meta"], images = record_crop_images(
-          decoded, item["boxes"], crop_size, crop_encoding)
-      if "latents" in features:
-        item["hr_crops"] = hr_crops_of(images)
-    elif "latents" in features:
-      item["hr_crops"] = record_hr_crops(decoded, item["boxes"], crop_size)
-    if "text" in features:
-      item["text"] = captions.encode(decoded["caption"] or "", int(config.text.max_length))
+    t = time.perf_counter()
+    try:
+      item = _prepare(config, rec, first_index + j, tok, features, bank_on, crop_size, crops,
+                      crop_encoding, captions)
+    except Exception as e:  # pylint: disable=broad-except
+      if on_reject is None:
+        raise
+      on_reject(j, f"{type(e).__name__}: {e}")
+      continue
+    finally:
+      clock("host", t)
     pending.append(item)
     if len(pending) >= per_flush:
       yield from flush()
@@ -367,21 +402,10 @@ def write_null_text(config, encoders: Encoders, path: str, dtype: str) -> None:
   os.replace(tmp, path)
 
 
-def precompute_shards(config, input_pattern: str, output_dir: str, *, features=FEATURES,
-                      batch_size: int = 64, crop_size: int | None = None, crops: int = 16,
-                      dtype: str = "bfloat16", overwrite: bool = False, worker_index: int = 0,
-                      num_workers: int = 1, crop_encoding: str = "png",
-                      log=print) -> list[str]:
-  """Precomputes ``features`` of the shards of ``input_pattern`` into ``output_dir``; returns
-  the written paths.
-
-  ``crop_size`` (default: the config's ``data.hr_size``; 0: whole-map ids only) adds each
-  record's crop bank of ``crops`` boxes (records are keyed by their index over the sorted
-  shards, the index ``sources.ArrayRecordSource`` gives them). ``num_workers > 1`` splits the
-  work between that many independent runs (hosts of a TPU VM, or processes): worker
-  ``worker_index`` takes shards ``worker_index, worker_index + num_workers, ...`` and writes
-  exactly the records a single run would (the record keys are global)."""
-  files = list_shards(input_pattern, "--input")
+def check_options(config, features, batch_size: int, crop_size: int | None, crops: int,
+                  dtype: str, crop_encoding: str) -> tuple[tuple[str, ...], int, tuple[str, ...]]:
+  """The checks of the pass's settings; returns the features, the crop size (``None``: the
+  config's ``data.hr_size``) and the encoder parts to load."""
   crop_size = int(config.data.hr_size) if crop_size is None else int(crop_size)
   features = tuple(features)
   unknown = [f for f in features if f not in FEATURES]
@@ -400,62 +424,99 @@ def precompute_shards(config, input_pattern: str, output_dir: str, *, features=F
     raise ValueError(f"--crop_encoding={crop_encoding!r}: expected one of {CROP_ENCODINGS}")
   if "crops" in features and not crop_size:
     raise ValueError("--features=crops stores the crop bank's crops: give --crop_size > 0")
-  if num_workers < 1 or not 0 <= worker_index < num_workers:
-    raise ValueError(f"--worker_index={worker_index} --num_workers={num_workers}: expected "
-                     "num_workers >= 1 and 0 <= worker_index < num_workers")
-  # Global index of each shard's first record (the crop bank's keys), then this worker's share.
+  parts = tuple(p for p, f in (("vq", "vq"), ("text", "text"), ("ae", "latents"))
+                if f in features)
+  return features, crop_size, parts
+
+
+def record_counts(files: list[str]) -> list[int]:
   counts = []
   for f in files:
     reader = ArrayRecordReader(f)
     counts.append(reader.num_records())
     reader.close()
-  firsts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
-  mine = list(range(worker_index, len(files), num_workers))
+  return counts
+
+
+def first_indices(counts: list[int]) -> list[int]:
+  """Global index of each shard's first record (the crop bank's keys)."""
+  return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+
+
+def read_shard(path: str) -> list[bytes]:
+  reader = ArrayRecordReader(path)
+  recs = [reader.read([i])[0] for i in range(reader.num_records())]
+  reader.close()
+  return recs
+
+
+def write_shard(path: str, recs: Iterable[bytes]) -> int:
+  """Writes ``recs`` as the local ArrayRecord file ``path``; returns how many."""
+  # Uncompressed: the entries are PNG / JPEG / arrays that barely compress, and reading a
+  # compressed record costs the trainer's host several times its memory copy.
+  writer = ArrayRecordWriter(path, "group_size:1,uncompressed")
+  count = 0
+  for rec in recs:
+    writer.write(rec)
+    count += 1
+  writer.close()
+  return count
+
+
+def settings_of(config, features, crop_size: int, crops: int, dtype: str, crop_encoding: str,
+                parts) -> dict[str, Any]:
+  """What ``precompute.json`` records of a pass: its settings and encoder fingerprints."""
+  vq_meta = None
+  if "vq" in parts:
+    vq_meta = VQTokenizer.from_encoders(build.conditioner(config), None, config).meta
+  return {"features": list(features), "crop_size": crop_size,
+          "crops": crops if crop_size else 0, "dtype": dtype,
+          "crop_encoding": crop_encoding if "crops" in features else None,
+          "fingerprints": {p: encoder_fingerprint(config, p) for p in parts}, "vq": vq_meta}
+
+
+def precompute_shards(config, input_pattern: str, output_dir: str, *, features=FEATURES,
+                      batch_size: int = 64, crop_size: int | None = None, crops: int = 16,
+                      dtype: str = "bfloat16", overwrite: bool = False,
+                      crop_encoding: str = "png", log=print) -> list[str]:
+  """Precomputes ``features`` of the shards of ``input_pattern`` into ``output_dir`` in this
+  process, shard after shard; returns the written paths. ``mmsr_jax.data.beam_prepare.precompute``
+  runs the same work as an Apache Beam pipeline (what the command runs); this loop is its
+  reference.
+
+  ``crop_size`` (default: the config's ``data.hr_size``; 0: whole-map ids only) adds each
+  record's crop bank of ``crops`` boxes (records are keyed by their index over the sorted
+  shards, the index ``sources.ArrayRecordSource`` gives them)."""
+  files = list_shards(input_pattern, "--input")
+  features, crop_size, parts = check_options(config, features, batch_size, crop_size, crops,
+                                             dtype, crop_encoding)
+  firsts = first_indices(record_counts(files))
   in_dir = os.path.dirname(files[0])
-  files, firsts = [files[i] for i in mine], [firsts[i] for i in mine]
   outs = [os.path.join(output_dir, os.path.basename(f)) for f in files]
   for src, dst in zip(files, outs):
     if os.path.abspath(src) == os.path.abspath(dst):
       raise ValueError(f"--output={output_dir!r} is the input folder: choose another folder")
     if os.path.exists(dst) and not overwrite:
       raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
-  parts = tuple(p for p, f in (("vq", "vq"), ("text", "text"), ("ae", "latents"))
-                if f in features)
   encoders = Encoders(config, parts)  # after the cheap checks, before any work
   os.makedirs(output_dir, exist_ok=True)
-  if "text" in features and worker_index == 0:
+  if "text" in features:
     write_null_text(config, encoders, os.path.join(output_dir, NULL_TEXT_FILE), dtype)
   for src, dst, first_index in zip(files, outs, firsts):
-    reader = ArrayRecordReader(src)
-    n = reader.num_records()
-    records = (reader.read([i])[0] for i in range(n))
     tmp = dst + ".tmp"
-    # Uncompressed: the entries are PNG / JPEG / arrays that barely compress, and reading a
-    # compressed record costs the trainer's host several times its memory copy.
-    writer = ArrayRecordWriter(tmp, "group_size:1,uncompressed")
-    count = 0
-    for rec in precompute_records(config, encoders, records, features=features,
-                                  batch_size=batch_size, crop_size=crop_size, crops=crops,
-                                  first_index=first_index, dtype=dtype,
-                                  crop_encoding=crop_encoding):
-      writer.write(rec)
-      count += 1
-    writer.close()
-    reader.close()
+    count = write_shard(tmp, precompute_records(
+        config, encoders, read_shard(src), features=features, batch_size=batch_size,
+        crop_size=crop_size, crops=crops, first_index=first_index, dtype=dtype,
+        crop_encoding=crop_encoding))
     os.replace(tmp, dst)
     log(f"{dst}: {count} records precomputed ({', '.join(features)})")
   manifest = os.path.join(in_dir, MANIFEST)
-  if worker_index == 0 and os.path.isfile(manifest):
+  if os.path.isfile(manifest):
     dst_manifest = os.path.join(output_dir, MANIFEST)
     if not os.path.exists(dst_manifest) or overwrite:
       shutil.copyfile(manifest, dst_manifest)
-  summary = ("precompute.json" if num_workers == 1
-             else f"precompute-{worker_index:05d}-of-{num_workers:05d}.json")
-  with open(os.path.join(output_dir, summary), "w") as f:
-    json.dump({"features": list(features), "crop_size": crop_size,
-               "crops": crops if crop_size else 0, "dtype": dtype,
-               "crop_encoding": crop_encoding if "crops" in features else None,
-               "fingerprints": {p: encoder_fingerprint(config, p) for p in parts},
-               "vq": encoders.vq.meta if encoders.vq is not None else None,
-               "shards": [os.path.basename(o) for o in outs]}, f, indent=2)
+  summary = dict(settings_of(config, features, crop_size, crops, dtype, crop_encoding, parts),
+                 shards=[os.path.basename(o) for o in outs])
+  with open(os.path.join(output_dir, SUMMARY_FILE), "w") as f:
+    json.dump(summary, f, indent=2)
   return outs
