@@ -223,3 +223,16 @@ def test_dataflow_launch_dry_run_prints_a_valid_command():
                      cwd=REPO, env={"PATH": os.environ["PATH"]}, capture_output=True, text=True,
                      timeout=60)
   assert r.returncode == 2 and "DATAFLOW_PROJECT" in r.stderr
+
+
+def test_without_a_runner_flag_the_local_runner_uses_every_core():
+  opts = beam_prepare.pipeline_options([])
+  assert beam_prepare.local_workers(opts) == (os.cpu_count() or 1)
+  assert opts.get_all_options()["runner"] == "DirectRunner"
+  one = beam_prepare.pipeline_options(["--direct_num_workers=1"])
+  assert beam_prepare.local_workers(one) == 1
+  assert one.get_all_options()["direct_running_mode"] == "in_memory"  # no worker process
+  two = beam_prepare.pipeline_options(["--direct_num_workers=2"])
+  assert two.get_all_options()["direct_running_mode"] == "multi_processing"
+  flink = beam_prepare.pipeline_options(["--runner=FlinkRunner", "--flink_master=h:8081"])
+  assert beam_prepare.local_workers(flink) is None

@@ -51,6 +51,7 @@ from mmsr_jax.formats.records import MANIFEST, NULL_TEXT_FILE, SHARD_PATTERN, SH
 METRICS_NAMESPACE = "mmsr"
 REJECTED_DIR = "rejected"
 ANNOTATE_SUMMARY = "annotate.json"
+LOCAL_RUNNERS = ("DirectRunner", "direct")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,10 +172,12 @@ def pipeline_options(beam_args: Sequence[str]):
     args.append("--runner=DirectRunner")
   opts = PipelineOptions(args)
   all_opts = opts.get_all_options()
-  if all_opts["runner"] in ("DirectRunner", "direct") or "runner" not in given:
-    workers = all_opts.get("direct_num_workers") or os.cpu_count() or 1
-    if "direct_num_workers" not in given:
-      args.append(f"--direct_num_workers={workers}")
+  if all_opts["runner"] in LOCAL_RUNNERS:
+    # Beam's own default is one worker; this command's is every core (0 means that too).
+    workers = int(all_opts["direct_num_workers"]) if "direct_num_workers" in given else 0
+    workers = workers or os.cpu_count() or 1
+    args = [a for a in args if not a.startswith("--direct_num_workers")]
+    args.append(f"--direct_num_workers={workers}")
     if "default_sdk_harness_log_level" not in given:
       args.append("--default_sdk_harness_log_level=WARNING")  # worker start / stop chatter
     if "direct_running_mode" not in given:
@@ -187,7 +190,7 @@ def pipeline_options(beam_args: Sequence[str]):
 def local_workers(opts) -> int | None:
   """The worker processes of the local runner (None for a cluster runner)."""
   o = opts.get_all_options()
-  if o["runner"] not in ("DirectRunner", "direct"):
+  if o["runner"] not in LOCAL_RUNNERS:
     return None
   return int(o.get("direct_num_workers") or os.cpu_count() or 1)
 
