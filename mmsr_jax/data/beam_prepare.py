@@ -241,8 +241,10 @@ class _Progress:
   """Prints a progress line while the local runner works, from the shards that have appeared
   in the (local) output folder: Beam's local runner reports its metrics only at the end."""
 
-  def __init__(self, finals: list[str], images_of: list[int], every: float = 10.0, log=print):
+  def __init__(self, finals: list[str], images_of: list[int], every: float = 10.0, log=print,
+               unit: str = "images"):
     self.finals, self.images_of, self.every, self.log = finals, images_of, every, log
+    self.unit = unit
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._run, daemon=True)
     self.start = time.perf_counter()
@@ -265,7 +267,7 @@ class _Progress:
         shown = len(done)
         rate = sum(done) / max(time.perf_counter() - self.start, 1e-9)
         self.log(f"progress: {len(done)}/{len(self.finals)} shards, {sum(done)} of "
-                 f"{sum(self.images_of)} images, {rate:.2f} images/s")
+                 f"{sum(self.images_of)} {self.unit}, {rate:.2f} {self.unit}/s")
 
 
 def _write_shard_outputs(final: str, recs: list[bytes], rejected: list[dict[str, Any]],
@@ -594,7 +596,8 @@ def precompute(config, opts: PrecomputeOptions, beam_args: Sequence[str] = (), l
          | "Spread" >> beam.Reshuffle()
          | "Precompute" >> beam.ParDo(PrecomputeShards(
              json.dumps(config.to_dict()), opts, features, crop_size, parts, threads)))
-    with _Progress([finals[i] for i in todo], [counts[i] for i in todo], progress_every, log):
+    with _Progress([finals[i] for i in todo], [counts[i] for i in todo], progress_every, log,
+                   "records"):
       result = pipeline.run()
       result.wait_until_finish()
     metrics = query_metrics(result)
