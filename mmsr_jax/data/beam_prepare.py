@@ -455,7 +455,8 @@ class PrecomputeOptions:
 
 
 class PrecomputeShards(beam.DoFn):
-  """(input shard, first record index) -> the precomputed shard."""
+  """(input shard, its first record's index, whether to write the empty caption's states) ->
+  the precomputed shard."""
 
   def __init__(self, config_json, opts, features, crop_size, parts, threads):
     super().__init__()
@@ -484,7 +485,11 @@ class PrecomputeShards(beam.DoFn):
         crop_encoding=o.crop_encoding, on_reject=on_reject, seconds=self.seconds))
 
   def process(self, element):
-    src, first_index = element
+    src, first_index, null_text = element
+    if null_text:
+      local = staging_path(join(self.opts.output, NULL_TEXT_FILE), self.workdir)
+      self.pre.write_null_text(self.config, self.encoders, local, self.opts.dtype)
+      publish(local, join(self.opts.output, NULL_TEXT_FILE))
     local = fetch(src, self.workdir)
     try:
       recs = self.pre.read_shard(local)
@@ -578,21 +583,16 @@ def precompute(config, opts: PrecomputeOptions, beam_args: Sequence[str] = (), l
     remove_stale_attempts(opts.output)
     makedirs(join(opts.output, REJECTED_DIR))
     firsts = pre.first_indices(counts)
-    if "text" in features and (opts.overwrite or not exists(join(opts.output, NULL_TEXT_FILE))):
-      encoders = pre.Encoders(config, ("text",))
-      with tempfile.TemporaryDirectory() as tmpdir:
-        local = os.path.join(tmpdir, NULL_TEXT_FILE)
-        pre.write_null_text(config, encoders, local, opts.dtype)
-        if is_local(opts.output):
-          shutil.move(local, join(opts.output, NULL_TEXT_FILE))
-        else:
-          publish(local, join(opts.output, NULL_TEXT_FILE))
-      del encoders
+    # The empty caption's states come from the worker that takes the first shard: the driver
+    # never loads an encoder (T5-XXL alone is tens of GB).
+    null_text = "text" in features and (opts.overwrite or not exists(join(opts.output,
+                                                                         NULL_TEXT_FILE)))
     threads = max(1, (os.cpu_count() or 1) // workers) if workers else None
     _quiet_beam()
     pipeline = beam.Pipeline(options=options)
     _ = (pipeline
-         | "Shards" >> beam.Create([(files[i], firsts[i]) for i in todo])
+         | "Shards" >> beam.Create([(files[i], firsts[i], null_text and i == todo[0])
+                                    for i in todo])
          | "Spread" >> beam.Reshuffle()
          | "Precompute" >> beam.ParDo(PrecomputeShards(
              json.dumps(config.to_dict()), opts, features, crop_size, parts, threads)))
