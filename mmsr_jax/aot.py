@@ -56,6 +56,8 @@ def define_flags() -> None:
   flags.DEFINE_enum("count_flops", "xla", ["xla", "model"], "Train step FLOPs for the roofline: "
                     "XLA's count of an unrolled copy compiled for this host's CPU (one more "
                     "compile, minutes for the research configs) or the project's model count.")
+  flags.DEFINE_string("hlo", None, "Also write the optimized HLO text of the (first) compiled "
+                      "program here, to read its collectives and fusions.")
   flags.DEFINE_bool("require_fit", False, "Exit with status 2 and one error line when the "
                     "program does not fit (launch/tpu_vm.sh create checks with it).")
   flags.DEFINE_bool("overwrite", False, "Replace an existing --json / --save_executable file.")
@@ -94,7 +96,7 @@ def main(argv) -> None:
     raise ValueError("--topology is required, e.g. --topology=v5e:4x4 (or 'host')")
   if _F.topology != topology.HOST:
     topology.parse(_F.topology)  # a bad name is one line before anything is built
-  outputs = [p for p in (_F.json, _F.save_executable) if p]
+  outputs = [p for p in (_F.json, _F.save_executable, _F.hlo) if p]
   if _F.save_executable:
     outputs.append(_F.save_executable + executable.KEY_SUFFIX)
     if _F.program != "train":
@@ -102,7 +104,7 @@ def main(argv) -> None:
   cli.refuse_existing(outputs, _F.overwrite)
   for p in outputs:
     cli.check_writable(os.path.dirname(os.path.abspath(p)), "--json" if p == _F.json
-                       else "--save_executable")
+                       else "--hlo" if p == _F.hlo else "--save_executable")
   config = _F.config
   sr_schema.validate(config)
   devices = topology.devices(_F.topology)
@@ -143,6 +145,9 @@ def main(argv) -> None:
       return rep, comp, low
 
   report, compiled, lowered = one(default_batch)
+  if _F.hlo and compiled is not None:
+    with open(_F.hlo, "w") as f:
+      f.write(compiled.as_text())
   result = {"topology": _F.topology, **report}
   if _F.search_batch:
     best, tried = programs.search_batch(

@@ -11,6 +11,7 @@ import time
 import numpy as np
 from absl import flags
 
+from mmsr_jax import programs
 from mmsr_jax.benches import common
 
 _PEAK = None
@@ -54,16 +55,6 @@ def synthetic_batch(config, seed: int = 0) -> dict:
   return out
 
 
-def _bench_config(config):
-  """No weight files, no hub: random frozen encoders and the byte caption tokenizer (the timing
-  and the FLOPs do not depend on the values)."""
-  config = config.copy_and_resolve_references()
-  config.text.params = config.vq.params = config.autoencoder.params = ""
-  config.text.tokenizer = "byte"
-  config.model.init_from = ""
-  return config
-
-
 def _flops(compiled, devices: int) -> float:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -73,11 +64,9 @@ def _flops(compiled, devices: int) -> float:
 
 def _abstract_step(config, devices=None) -> dict:
   """The jitted update step of ``config`` and abstract arguments carrying their shardings."""
-  from mmsr_jax.system import System
-  from mmsr_jax.training import sr_task
-  config = _bench_config(config)
-  system = System.from_config(config, devices)
-  step, args = sr_task.abstract_step(system)
+  import jax
+  step, args, config, system = programs.train_program(
+      config, jax.devices() if devices is None else list(devices))
   return {"config": config, "system": system, "step": step, "args": args}
 
 
@@ -148,7 +137,7 @@ def measure(config, *, peak_flops: float = 0.0, repeats: int | None = None,
   from mmsr_jax.runtime import sharding
   from mmsr_jax.training import flops as flops_lib
   from mmsr_jax.training.sr_task import SRTask
-  config = _bench_config(config)
+  config = programs.no_weight_files(config)
   null = (np.zeros((config.text.max_length, config.text.encoder.d_model), np.float32),
           np.zeros((config.text.max_length,), np.int32))
   trainer = SRTask(config, "/unused", devices=devices, null_text=null)

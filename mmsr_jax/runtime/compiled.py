@@ -24,7 +24,7 @@ _ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+(" + "|".join(COLLECTIVES)
                     + r")(-start)?\(")
 _WHILE = re.compile(r"\bwhile\(.*?condition=%?([\w.\-]+),\s*body=%?([\w.\-]+)")
-_S32_CONST = re.compile(r"s32\[\]\S*\s+constant\((\d+)\)")
+_BOUND_CONST = re.compile(r"[su]32\[\]\S*\s+constant\((\d+)\)")
 _CALLED = re.compile(r"(?:to_apply|calls|body|condition|true_computation|false_computation)"
                      r"=%?([\w.\-]+)|(?:branch_computations|called_computations|calls)=\{([^}]*)\}")
 
@@ -59,8 +59,10 @@ def out_of_memory(error: BaseException) -> dict | None:
 
 
 def _shape_bytes(text: str) -> list[float]:
-  return [float(np.prod([int(d) for d in dims.split(",") if d] or [1])) * _DTYPE_BYTES[dt]
-          for dt, dims in _ARRAY.findall(text)]
+  """Bytes of each array in an HLO type, leaving out rank-0 arrays (an async collective's
+  context words, e.g. the two ``u32[]`` of a ``collective-permute-start``)."""
+  return [float(np.prod([int(d) for d in dims.split(",")])) * _DTYPE_BYTES[dt]
+          for dt, dims in _ARRAY.findall(text) if dims]
 
 
 def _computations(lines: list[str]) -> dict[str, list[str]]:
@@ -79,15 +81,16 @@ def _computations(lines: list[str]) -> dict[str, list[str]]:
 
 def _multipliers(comps: dict[str, list[str]]) -> dict[str, int]:
   """How many times each computation runs per call of the entry: a while loop's body runs its
-  trip count, read from the s32 bound its condition compares the counter with (the scanned
-  layer stacks count from 0 to their depth); nested loops multiply."""
+  trip count, read from the integer bound its condition compares the counter with (the scanned
+  layer stacks count from 0 to their depth, XLA's windowed collective matmuls from 0 to the
+  number of shards); nested loops multiply."""
   trips, calls = {}, {}
   for name, body in comps.items():
     calls[name] = []
     for line in body:
       w = _WHILE.search(line)
       if w:
-        bounds = [int(c) for c in _S32_CONST.findall("\n".join(comps.get(w.group(1), [])))]
+        bounds = [int(c) for c in _BOUND_CONST.findall("\n".join(comps.get(w.group(1), [])))]
         trips[w.group(2)] = max(bounds) if bounds else 1
       for one, many in _CALLED.findall(line):
         calls[name].extend(c.strip().lstrip("%") for c in (one or many).split(",") if c.strip())
