@@ -195,6 +195,30 @@ def local_workers(opts) -> int | None:
   return int(o.get("direct_num_workers") or os.cpu_count() or 1)
 
 
+class _WorkerThreads:
+  """While the local runner starts its worker processes: when they are as many as the cores,
+  XLA in each runs on one thread (by default every process would use every core, and the
+  processes would contend for them). Torch's threads are set in ``DoFn.setup``."""
+
+  def __init__(self, workers: int | None):
+    self.one = bool(workers) and workers > 1 and workers >= (os.cpu_count() or 1)
+    self.old = None
+
+  def __enter__(self):
+    if self.one:
+      self.old = os.environ.get("XLA_FLAGS")
+      os.environ["XLA_FLAGS"] = ((self.old or "") + " --xla_cpu_multi_thread_eigen=false "
+                                 "intra_op_parallelism_threads=1").strip()
+    return self
+
+  def __exit__(self, *exc):
+    if self.one:
+      if self.old is None:
+        os.environ.pop("XLA_FLAGS", None)
+      else:
+        os.environ["XLA_FLAGS"] = self.old
+
+
 def _quiet_beam() -> None:
   # Beam logs every worker start and bundle at INFO; the progress line says what matters.
   py_logging.getLogger("apache_beam").setLevel(py_logging.ERROR)
@@ -418,7 +442,8 @@ def annotate(opts: ann_lib.AnnotateOptions, beam_args: Sequence[str] = (), log=p
          | "Spread" >> beam.Reshuffle()  # one shard per worker at a time, not all on the first
          | "Annotate" >> beam.ParDo(AnnotateShards(opts, num, n, max_pixels, threads)))
     with _Progress([join(opts.output, names[s]) for s in todo],
-                   [min(size, n - s * size) for s in todo], progress_every, log):
+                   [min(size, n - s * size) for s in todo], progress_every, log), \
+        _WorkerThreads(workers):
       result = pipeline.run()
       result.wait_until_finish()
     metrics = query_metrics(result)
@@ -597,7 +622,7 @@ def precompute(config, opts: PrecomputeOptions, beam_args: Sequence[str] = (), l
          | "Precompute" >> beam.ParDo(PrecomputeShards(
              json.dumps(config.to_dict()), opts, features, crop_size, parts, threads)))
     with _Progress([finals[i] for i in todo], [counts[i] for i in todo], progress_every, log,
-                   "records"):
+                   "records"), _WorkerThreads(workers):
       result = pipeline.run()
       result.wait_until_finish()
     metrics = query_metrics(result)
