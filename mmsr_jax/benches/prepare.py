@@ -95,8 +95,11 @@ def run() -> dict:
     for run_ in ("loop", "beam_1", "beam_2"):
       t1, t2 = seconds[f"{what}_{run_}_1"], seconds[f"{what}_{run_}_2"]
       out[f"{what}_{run_}_images_per_s"] = 2 * n / t2  # end to end, 2n images
-      out[f"{what}_{run_}_marginal_images_per_s"] = n / max(t2 - t1, 1e-9)
-      out[f"{what}_{run_}_start_s"] = max(0.0, t1 - (t2 - t1))  # the fixed part, about
+      out[f"{what}_{run_}_seconds_n_2n"] = f"{t1:.1f}, {t2:.1f}"
+      # None when n more images took no measurable time: the start hid them (raise n).
+      out[f"{what}_{run_}_marginal_images_per_s"] = n / (t2 - t1) if t2 > t1 else None
+    if None in [out[f"{what}_{r}_marginal_images_per_s"] for r in ("loop", "beam_1", "beam_2")]:
+      continue
     marginal = lambda r: out[f"{what}_{r}_marginal_images_per_s"]  # noqa: E731,B023
     out[f"{what}_speedup_2_vs_1_worker"] = marginal("beam_2") / marginal("beam_1")
     out[f"{what}_beam_1_vs_loop_time"] = marginal("loop") / marginal("beam_1")
