@@ -61,35 +61,24 @@ def save(path: str, compiled, lowered, devices, *, description: dict | None = No
   return key
 
 
-class _Unpickler(pickle.Unpickler):
-  """jax's executable unpickler, admitting only the modules an executable is made of."""
+def _unpickler(file, backend):
+  """jax's executable unpickler (devices and the executable itself come through its persistent
+  ids) admitting only the classes an executable is made of."""
+  from jax.experimental import serialize_executable
 
-  def __init__(self, file, backend, devices):
-    super().__init__(file)
-    self.backend = backend
-    self.devices_by_id = {d.id: d for d in devices}
-    from jax._src.lib import xla_client as xc
-    self.execution_devices = xc.DeviceList(tuple(devices))
+  class Restricted(serialize_executable._JaxPjrtUnpickler):
+    def find_class(self, module, name):
+      if (module, name) in _RECONSTRUCTORS:
+        return super().find_class(module, name)
+      if module.split(".")[0] in _NAMESPACES or module in _PLAIN_MODULES:
+        obj = super().find_class(module, name)
+        if isinstance(obj, type) and obj is not type:  # a class, never a function to call
+          return obj
+      raise pickle.UnpicklingError(f"{module}.{name} is not part of a jax executable")
 
-  def find_class(self, module, name):
-    if (module, name) in _RECONSTRUCTORS:
-      return super().find_class(module, name)
-    ours = module.split(".")[0] in _NAMESPACES
-    if ours or module in _PLAIN_MODULES:
-      obj = super().find_class(module, name)
-      if isinstance(obj, type) and obj is not type:  # a class, never a function to call
-        return obj
-    raise pickle.UnpicklingError(f"{module}.{name} is not part of a jax executable")
-
-  def persistent_load(self, pid):
-    if pid[0] == "exec":
-      return self.backend.deserialize_executable(pid[1],
-                                                 executable_devices=self.execution_devices)
-    if pid[0] == "device":
-      return self.devices_by_id[pid[1]]
-    if pid[0] == "client":
-      return self.backend
-    raise pickle.UnpicklingError(f"unknown persistent id {pid[0]!r}")
+  # every device of the backend, as jax's own loader assumes (device ids in the file refer to
+  # them, whatever the mesh order)
+  return Restricted(file, backend, backend.devices())
 
 
 def load(path: str, lowered, devices, log: Callable[[str], None]):
@@ -119,12 +108,8 @@ def load(path: str, lowered, devices, log: Callable[[str], None]):
     return None
   try:
     import jax
-    from jax.experimental import serialize_executable  # noqa: F401  (the classes it needs)
-    backend = devices[0].client
-    # every device of the backend, as jax's own loader assumes (device ids in the file refer
-    # to them, whatever the mesh order)
-    unloaded, args_info_flat, no_kwargs = _Unpickler(io.BytesIO(payload), backend,
-                                                     backend.devices()).load()
+    unloaded, args_info_flat, no_kwargs = _unpickler(io.BytesIO(payload),
+                                                     devices[0].client).load()
     args_info = lowered.in_tree.unflatten(args_info_flat)
     return jax.stages.Compiled(unloaded.load(), [], args_info, lowered.out_tree,
                                no_kwargs=no_kwargs)
