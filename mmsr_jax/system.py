@@ -19,7 +19,7 @@ from mmsr_jax.models import build
 from mmsr_jax.models.conditioner import Conditioner
 from mmsr_jax.models.mmsr import MMSR
 from mmsr_jax.runtime import sharding
-from mmsr_jax.training.optimizer import TrainState, make_optimizer
+from mmsr_jax.runtime.optimizer import TrainState, make_optimizer
 from mmsr_jax.weights import params_io
 from mmsr_jax.weights.fingerprint import FROZEN_FIELDS, frozen_path
 

@@ -22,7 +22,7 @@ from tests.conftest import save_random_run, small_config
 from mmsr_jax.data import sr_examples
 from mmsr_jax.diffusion import tiles
 from mmsr_jax.diffusion import sampler
-from mmsr_jax.training.optimizer import TrainState
+from mmsr_jax.runtime.optimizer import TrainState
 from mmsr_jax.inference.super_resolver import SuperResolver
 from mmsr_jax.inference.super_resolver import parse_temperature
 from mmsr_jax.inference.super_resolver import read_map

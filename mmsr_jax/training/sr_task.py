@@ -17,7 +17,7 @@ from mmsr_jax.models.mmsr import MMSR
 from mmsr_jax.runtime import executable, sharding
 from mmsr_jax.system import System
 from mmsr_jax.training import flops, loop, sr_report
-from mmsr_jax.training.optimizer import TrainState, ema_decay
+from mmsr_jax.runtime.optimizer import TrainState, ema_decay
 from mmsr_jax.weights import pixart
 
 

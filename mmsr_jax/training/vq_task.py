@@ -21,7 +21,7 @@ from mmsr_jax.models import vqgan as vqgan_lib
 from mmsr_jax.runtime import sharding
 from mmsr_jax.training import loop, vq_report
 from mmsr_jax.training import vq_losses as L
-from mmsr_jax.training.optimizer import make_optimizer
+from mmsr_jax.runtime.optimizer import make_optimizer
 from mmsr_jax.weights import params_io
 
 
