@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from mmsr_jax.config import sr as sr_schema
 from mmsr_jax.data.captions import make_tokenizer
 from mmsr_jax.diffusion.schedule import Schedule
+from mmsr_jax.formats.fingerprint import FROZEN_FIELDS, frozen_path
 from mmsr_jax.formats.records import MODALITIES
 from mmsr_jax.models import build
 from mmsr_jax.models.conditioner import Conditioner
@@ -21,7 +22,6 @@ from mmsr_jax.models.mmsr import MMSR
 from mmsr_jax.runtime import sharding
 from mmsr_jax.runtime.optimizer import TrainState, make_optimizer
 from mmsr_jax.weights import params_io
-from mmsr_jax.weights.fingerprint import FROZEN_FIELDS, frozen_path
 
 @dataclasses.dataclass
 class System:

@@ -24,7 +24,7 @@ from mmsr_jax.data.modalities import (MODALITIES, canny_edges, operator_maps, re
 from mmsr_jax.formats.records import (HR_LATENTS_KEY, NULL_TEXT_FILE, TEXT_STATES_KEY,
                                       decode_crop, list_shards, read_crop_bank, read_crops,
                                       read_features)
-from mmsr_jax.weights.fingerprint import encoder_fingerprint
+from mmsr_jax.formats.fingerprint import encoder_fingerprint
 
 EVAL_SEED = 1234
 DEFAULT_EVAL_SIZE = 128

@@ -38,7 +38,7 @@ from mmsr_jax.runtime import checkpoint as ckpt_lib
 from mmsr_jax.system import frozen_params
 from mmsr_jax.training.vq_report import EXPORT_FILE
 from mmsr_jax.weights import params_io
-from mmsr_jax.weights.fingerprint import encoder_fingerprint, weights_fingerprint
+from mmsr_jax.formats.fingerprint import encoder_fingerprint, weights_fingerprint
 
 FEATURES = ("vq", "text", "latents", "crops")
 SUMMARY_FILE = "precompute.json"  # beside the shards: settings, fingerprints, counts

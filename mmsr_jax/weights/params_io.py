@@ -15,9 +15,8 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import save_file
 
-from mmsr_jax.weights import layout
-
-PARAMS_FILE = "params.safetensors"  # inside a folder written by ``python -m mmsr_jax.convert``
+from mmsr_jax.formats import param_layout as layout
+from mmsr_jax.formats.param_layout import PARAMS_FILE, params_file  # noqa: F401 (this module's API)
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 
 
@@ -80,11 +79,6 @@ def check_safetensors_path(path: str, field: str) -> None:
         "safetensors.torch.save_file), then run python -m mmsr_jax.convert on the result.")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{field}={path!r}: no such file")
-
-
-def params_file(path: str) -> str:
-  """A config's weights path: a converted folder (-> its params.safetensors) or the file."""
-  return os.path.join(path, PARAMS_FILE) if os.path.isdir(path) else path
 
 
 def load_params(path: str, abstract_tree, *, field: str = "params"):

@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmsr_jax.formats import param_layout as layout
 from mmsr_jax.models import layers
-from mmsr_jax.weights import layout, torch_import
+from mmsr_jax.weights import torch_import
 from mmsr_jax.models.dit import DiT
 
 # Flax sub-module name -> diffusers sub-module name, inside one transformer block.

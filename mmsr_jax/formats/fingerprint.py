@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 
-from mmsr_jax.weights import params_io
+from mmsr_jax.formats.param_layout import params_file
 
 # Frozen part -> the config field holding its weights ("" = a deterministic random init).
 FROZEN_FIELDS = {"ae": "autoencoder.params", "text": "text.params", "vq": "vq.params"}
@@ -58,7 +58,7 @@ def encoder_fingerprint(config, part: str) -> str:
   its weights file's, or for a random initialisation one of the architecture and seed."""
   path = frozen_path(config, part)
   if path:
-    return weights_fingerprint(params_io.params_file(path))
+    return weights_fingerprint(params_file(path))
   spec = json.dumps({"part": part, "seed": int(config.seed), "arch": _section(config, part)},
                     sort_keys=True, default=str)
   return "random:" + hashlib.sha256(spec.encode()).hexdigest()

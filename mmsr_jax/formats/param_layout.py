@@ -1,13 +1,22 @@
-"""Weights saved before the layers were scanned: per-layer keys (``blocks_<i>/...``, T5's
-``block_<i>/...``) in the stacked layout of ``nn.scan`` (``blocks/...`` with a leading layer
-axis), so older converted folders and runs still load."""
+"""How parameter files sit on disk: the file inside a converted folder, and weights saved before
+the layers were scanned: per-layer keys (``blocks_<i>/...``, T5's ``block_<i>/...``) in the
+stacked layout of ``nn.scan`` (``blocks/...`` with a leading layer axis), so older converted
+folders and runs still load."""
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
 import numpy as np
+
+PARAMS_FILE = "params.safetensors"  # inside a folder written by ``python -m mmsr_jax.convert``
+
+
+def params_file(path: str) -> str:
+  """A config's weights path: a converted folder (-> its params.safetensors) or the file."""
+  return os.path.join(path, PARAMS_FILE) if os.path.isdir(path) else path
 
 _PER_LAYER = re.compile(r"(^|/)(blocks|block)_(\d+)(?=/)")
 # transformers (and our earlier T5) keep the shared position-bias table in the first layer.
