@@ -167,3 +167,37 @@ def test_diffusion_target_round_trips(config, residual):
     up = autoencoder.upsample_bicubic(lr, 32, 32)
     np.testing.assert_allclose(cond.diffusion_target(frozen, up, lr_lat), 0.0, atol=1e-6)
     np.testing.assert_allclose(x0, 4.0 * (cond.encode_image(frozen, hr) - lr_lat), atol=1e-6)
+
+
+def test_encode_passes_give_the_same_conditions_one_pass_at_a_time(config):
+  """``config.encode_passes`` splits the frozen encoders' work over the batch into sequential
+  passes (to bound a TPU chip's peak): the conditions and the target must not change, and the
+  encoders must really run inside the loop."""
+  config.autoencoder.kind = "vae"
+  config.autoencoder.factor = 2
+  config.autoencoder.arch = dict(in_channels=3, out_channels=3, block_out_channels=(8, 8),
+                                 layers_per_block=1, latent_channels=4, norm_num_groups=4)
+  k = jax.random.split(jax.random.key(3), 5)
+  b, m = 6, config.data.map_size
+  batch = {"lr": jax.random.uniform(k[0], (b, 8, 8, 3), minval=-1, maxval=1),
+           "hr": jax.random.uniform(k[1], (b, 32, 32, 3), minval=-1, maxval=1),
+           "text_ids": jnp.ones((b, 16), jnp.int32), "text_mask": jnp.ones((b, 16), jnp.int32)}
+  for i, name in enumerate(MODALITIES):
+    batch[name] = jax.random.uniform(k[2 + i], (b, m, m, 3), minval=-1, maxval=1)
+  results = {}
+  for passes in (1, 3, 4):  # 4 does not divide 6: gcd(6, 4) = 2 passes
+    config.encode_passes = passes
+    cond = build.conditioner(config)
+    frozen = frozen_params(config, cond)
+    out = jax.jit(cond.__call__)(frozen, batch)
+    out["target"] = jax.jit(cond.batch_target)(frozen, batch, out["lr_latent"])
+    results[passes] = out
+    jaxpr = str(jax.make_jaxpr(cond.__call__)(frozen, batch))
+    scans = jaxpr.count(f"length={passes if passes == 3 else 2}")
+    if passes == 1:
+      baseline = {3: jaxpr.count("length=3"), 4: jaxpr.count("length=2")}
+    else:  # one loop per encoder run in passes: the VAE and the VQ
+      assert scans == baseline[passes] + 2, jaxpr
+  for passes in (3, 4):
+    for key in ("lr_latent", "ids", "target", "text_states"):
+      np.testing.assert_allclose(results[passes][key], results[1][key], atol=1e-5, err_msg=key)

@@ -11,15 +11,13 @@ import ml_collections
 
 from mmsr_jax.config import common
 from mmsr_jax.config.vq import vq_arch, vq_downsample
-from mmsr_jax.data.images import DEFAULT_MAX_INPUT_PIXELS, DEFAULT_MAX_PIXELS, pillow_limit
-from mmsr_jax.data.realesrgan import PRESETS
-from mmsr_jax.diffusion.guidance import GUIDANCE_MODES
-from mmsr_jax.diffusion.schedule import PREDICTIONS, SCHEDULES, SPACINGS
-from mmsr_jax.models.layers import ATTENTION, REMAT
+from mmsr_jax.config.choices import (ATTENTION, DEFAULT_MAX_INPUT_PIXELS, DEFAULT_MAX_PIXELS,
+                                     DEGRADATION_PRESETS, GUIDANCE_MODES, PREDICTIONS, REMAT,
+                                     SCHEDULES, SPACINGS, pillow_limit)
 
 TASK = "sr"
 SOURCES = ("demo", "folder", "tfds", "arrayrecord")
-DEGRADATIONS = ("simple",) + tuple(PRESETS)
+DEGRADATIONS = ("simple",) + DEGRADATION_PRESETS
 AUTOENCODERS = ("pixel", "vae")
 IDS_FROM = ("encoder", "shards")
 # Where the training / held-out modality maps come from: "record" (the record's depth / seg, Canny
@@ -104,6 +102,10 @@ def sr_config() -> ml_collections.ConfigDict:
   # A train step compiled ahead of time for this slice (python -m mmsr_jax.aot
   # --save_executable=PATH): loaded instead of compiling when it is the same program.
   c.compiled_step = ""
+  # The train step runs its frozen encoders (VAE, VQ) over the batch in this many sequential
+  # passes: the same result, with their activations held for one pass at a time (the VAE encode
+  # at the HR size is most of the step's peak memory on a TPU chip: docs/tpu.md).
+  c.encode_passes = 1
   # PixArt's interpolation_scale: positions = index / (grid / base) / scale (the converter sets it)
   c.model.pos_interpolation_scale = 1.0
 
@@ -309,6 +311,7 @@ def validate(config) -> None:
   ck.integer("model.context_latents", 1)
   ck.number("model.mlp_ratio", 0.0, lo_open=True)
   ck.number("model.pos_interpolation_scale", 0.0, lo_open=True)
+  ck.integer("encode_passes", 1)
   if not isinstance(config.get("compiled_step", ""), str):
     ck.fail("compiled_step", "a path written by python -m mmsr_jax.aot --save_executable, or ''")
 

@@ -13,15 +13,11 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+from mmsr_jax.config.choices import (  # noqa: F401 (this module's API: the readers' limits)
+    DEFAULT_MAX_INPUT_PIXELS, DEFAULT_MAX_PIXELS, pillow_limit)
+
 # Read as one picture; of an animated GIF / WebP / APNG the first frame (Picture.frames says so).
 SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-# Largest image any reader decodes by default (8192 x 8192, 201 MB as uint8 RGB; below Pillow's
-# own decompression-bomb warning at 89.5 MP). Every reader checks the header against a limit
-# before decoding, so a small file claiming a huge size is refused without allocating it.
-DEFAULT_MAX_PIXELS = 8192 * 8192
-# Largest input of the super-resolver by default (2048 x 2048): its x4 output is 16 times larger,
-# i.e. DEFAULT_MAX_PIXELS, and its tiles times the sampling steps set the run time.
-DEFAULT_MAX_INPUT_PIXELS = 2048 * 2048
 _ORIENTATION_TAG = 0x0112
 _GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
@@ -134,11 +130,6 @@ def _palette_is_grey(im: Image.Image) -> bool:
 
 class BadImage(ValueError):
   """An image that cannot be used (unreadable, truncated, too small or too large)."""
-
-
-def pillow_limit() -> int:
-  """Pixels above which Pillow refuses to open a file at all (twice ``Image.MAX_IMAGE_PIXELS``)."""
-  return 2 * int(Image.MAX_IMAGE_PIXELS or 0) or 2 ** 62
 
 
 def check_limit(max_pixels: int, field: str) -> int:

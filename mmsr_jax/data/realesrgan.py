@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.special
 
+from mmsr_jax.config.choices import DEGRADATION_PRESETS
+
 KERNEL_SIZE = 21  # every kernel is zero-padded to this size
 # Blur implementation: "auto" = FFT on CPU, depthwise convolution on accelerators; "fft"/"conv"
 # force one (read at trace time).
@@ -73,6 +75,7 @@ SEESR = DegradationConfig(
                        poisson_scale_range=(0.05, 1.0), jpeg_range=(60.0, 100.0)),
 )
 PRESETS: dict[str, DegradationConfig] = {"realesrgan": REALESRGAN, "seesr": SEESR}
+assert tuple(PRESETS) == DEGRADATION_PRESETS, "name the presets in config/choices.py too"
 
 
 def get_preset(name: str) -> DegradationConfig:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-GUIDANCE_MODES = ("cfg", "m0cfg", "mcfg")
+from mmsr_jax.config.choices import GUIDANCE_MODES
 
 
 def check(guidance: str, *, allow_none: bool = True) -> str:

@@ -14,11 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmsr_jax.config.choices import PREDICTIONS, SCHEDULES, SPACINGS  # noqa: F401 (this module's API)
 from mmsr_jax.diffusion import guidance
-
-SCHEDULES = ("scaled_linear", "linear", "cosine")
-PREDICTIONS = ("epsilon", "v")
-SPACINGS = ("leading", "trailing")
 
 def make_betas(schedule: str, num_timesteps: int, beta_start: float = 0.00085,
                beta_end: float = 0.012) -> np.ndarray:

@@ -51,7 +51,8 @@ def conditioner(config) -> Conditioner:
       vq=vqgan_lib.VQGAN(vq_arch(config, dt)), scale=config.data.scale,
       residual=config.diffusion.residual, residual_scale=config.diffusion.residual_scale,
       vq_per_modality=bool(config.vq.per_modality), ids_from=config.vq.ids_from,
-      text_len=config.text.max_length, map_size=config.data.map_size)
+      text_len=config.text.max_length, map_size=config.data.map_size,
+      encode_passes=int(config.get("encode_passes", 1)))
 
 
 def mmsr(config, platform: str | None = None) -> MMSR:

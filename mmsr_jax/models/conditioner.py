@@ -4,6 +4,7 @@ the trainable model: LR latent, text states, modality token ids and the diffusio
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,9 @@ class Conditioner:
   ids_from: str = "encoder"
   text_len: int = 77  # caption tokens
   map_size: int = 256  # side of the rendered modality maps
+  # Sequential passes the frozen encoders take over a batch: their activations (the VAE's at the
+  # HR size) then live for 1/passes of the batch at a time, which bounds the per-chip batch.
+  encode_passes: int = 1
 
   @property
   def vq_downsample(self) -> int:
@@ -63,6 +67,19 @@ class Conditioner:
 
   def text_states(self, params, ids, mask):
     return self.text_encoder.apply({"params": params["text"]}, ids, mask)
+
+  def _in_passes(self, fn, x):
+    """``fn`` over the batch ``x`` in sequential passes (a ``lax.map``; as many as the greatest
+    common divisor of the batch and :attr:`encode_passes`), with the same result. Pass ``j``
+    takes images ``j, j + passes, ...``, so each pass spreads over every device of a
+    batch-sharded array rather than over a block of them."""
+    b = x.shape[0]
+    n = math.gcd(b, max(1, self.encode_passes))
+    if n == 1:
+      return fn(x)
+    xs = jnp.moveaxis(x.reshape(b // n, n, *x.shape[1:]), 1, 0)
+    ys = jax.lax.map(fn, xs)
+    return jnp.moveaxis(ys, 0, 1).reshape(b, *ys.shape[2:])
 
   def modality_ids(self, params, maps):
     """``maps [B, 3, M, M, 3]`` in [-1, 1] -> VQ ids ``[B, 3, M/f, M/f]``."""
@@ -107,7 +124,8 @@ class Conditioner:
     shards' crop banks), else by encoding its ``hr`` crop."""
     if "hr_latent" in batch:
       return self.target_of_latent(batch["hr_latent"], lr_latent)
-    return self.diffusion_target(params, batch["hr"], lr_latent)
+    z_hr = self._in_passes(lambda hr: self.encode_image(params, hr), batch["hr"])
+    return self.target_of_latent(z_hr, lr_latent)
 
   def sample_latent(self, x0, lr_latent):
     """Inverse of :meth:`diffusion_target`: a sampled ``x0`` -> the autoencoder latent."""
@@ -130,7 +148,7 @@ class Conditioner:
       if "edge" not in batch:
         raise ValueError("config.vq.ids_from='shards': the batch has 'vq_ids' but no 'edge' maps "
                          "(edge ids are encoded every step)")
-      edge = self.modality_ids_of(params, "edge", batch["edge"])
+      edge = self._in_passes(lambda m: self.modality_ids_of(params, "edge", m), batch["edge"])
       ids = jnp.concatenate([batch["vq_ids"][:, :2].astype(jnp.int32), edge[:, None]], axis=1)
     elif self.ids_from == "shards" and not all(
         k in batch for k in MODALITIES):
@@ -139,9 +157,9 @@ class Conditioner:
                        "depth / seg / edge maps to encode; use ids_from='encoder'")
     else:
       maps = jnp.stack([batch[k] for k in MODALITIES], axis=1)
-      ids = self.modality_ids(params, maps)
+      ids = self._in_passes(lambda m: self.modality_ids(params, m), maps)
     return dict(
-        lr_latent=self.lr_latent(params, batch["lr"], out_hw),
+        lr_latent=self._in_passes(lambda lr: self.lr_latent(params, lr, out_hw), batch["lr"]),
         text_states=(batch["text_states"] if "text_states" in batch else
                      self.text_states(params, batch["text_ids"], batch["text_mask"])),
         text_mask=batch["text_mask"],

@@ -69,7 +69,7 @@ class DiT(nn.Module):
   mlp_ratio: float = 4.0
   pos_base_size: int | None = None  # training grid (tokens per side); None = integer positions
   pos_interpolation_scale: float = 1.0
-  remat: str = "none"  # layers.REMAT
+  remat: str = "none"  # one of config.choices.REMAT
   dtype: layers.Dtype = jnp.float32
   attention: str = "xla"  # a resolved kernel (layers.resolve_attention)
 

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmsr_jax.config.choices import REMAT
+
 Dtype = Any
 
 default_kernel_init = nn.initializers.xavier_uniform()
@@ -90,10 +92,6 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int, base_size: int | None = None,
   gy, gx = np.meshgrid(positions(grid_h), positions(grid_w), indexing="ij")
   emb = np.concatenate([sincos_1d(dim // 2, gx), sincos_1d(dim // 2, gy)], axis=1)
   return emb.astype(np.float32)
-
-
-ATTENTION = ("auto", "xla", "cudnn", "flash")
-REMAT = ("none", "full", "dots")
 
 
 def resolve_attention(setting: str, dtype, platform: str | None = None) -> str:
