@@ -13,8 +13,8 @@ from absl import flags
 
 from mmsr_jax import cli
 from mmsr_jax.data import images as image_io
-from mmsr_jax.evaluation.benchmark import (LEARNED, _check_writable, _json_safe, evaluate,
-                                           markdown_table, run_benchmark, write_csv)
+from mmsr_jax.inference.quality import (LEARNED, _check_writable, _json_safe, evaluate,
+                                        markdown_table, run_and_score, write_csv)
 from mmsr_jax.weights.metric_nets import DEFAULT_DIR
 
 
@@ -64,7 +64,7 @@ def main(argv) -> None:
     csv_path = f.csv or os.path.join(f.output, "metrics.csv")
     md_path = f.markdown or os.path.join(f.output, "metrics.md")
     _check_writable([json_path, csv_path, md_path], f.overwrite)
-    result = run_benchmark(f.benchmark, f.workdir, f.output, overwrite=f.overwrite, **kwargs)
+    result = run_and_score(f.benchmark, f.workdir, f.output, overwrite=f.overwrite, **kwargs)
   else:
     if not f.pred or not f.gt:
       raise ValueError("give --pred=DIR and --gt=DIR (or --benchmark=DIR --workdir=RUN "

@@ -25,7 +25,7 @@ from mmsr_jax.evaluation import metrics, niqe
 from mmsr_jax.weights import params_io
 from tests.conftest import small_config
 from mmsr_jax.training import sr_task
-from mmsr_jax.evaluation import benchmark
+from mmsr_jax.inference import quality
 from mmsr_jax.weights import metric_nets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -345,8 +345,8 @@ def folders(tmp_path_factory):
 
 def test_evaluate_api_scores_and_structure(folders, tmp_path):
   logs = []
-  res = benchmark.evaluate(str(folders / "pred"), str(folders / "gt"), str(folders / "lr"),
-                          weights_dir=str(tmp_path / "none"), batch_size=2, log=logs.append)
+  res = quality.evaluate(str(folders / "pred"), str(folders / "gt"), str(folders / "lr"),
+                        weights_dir=str(tmp_path / "none"), batch_size=2, log=logs.append)
   assert [r["name"] for r in res["per_image"]] == ["a", "b", "c"]
   assert res["metrics"] == ["psnr", "ssim", "niqe"]
   assert set(res["skipped"]) == {"lpips", "lpips_vgg", "dists", "fid"}
@@ -367,9 +367,9 @@ def test_evaluate_api_scores_and_structure(folders, tmp_path):
   bic = res["baselines"]["bicubic"]
   gt_b = np.asarray(Image.open(folders / "gt" / "b.png"))
   lr_b = np.asarray(Image.open(folders / "lr" / "b.png"))
-  up = benchmark.bicubic(lr_b, gt_b.shape[:2])
+  up = quality.bicubic(lr_b, gt_b.shape[:2])
   assert abs(bic["per_image"][1]["psnr"] - metrics.psnr_y_np(up, gt_b)) < 1e-4
-  table = benchmark.markdown_table(res)
+  table = quality.markdown_table(res)
   assert table.splitlines()[0] == "| method | PSNR↑ | SSIM↑ | NIQE↓ |"
   assert table.splitlines()[2].startswith(f"| ours | {res['mean']['psnr']:.4f} |")
   assert table.splitlines()[3].startswith("| bicubic |")
@@ -381,8 +381,8 @@ def test_evaluate_with_learned_metric_weights(folders, tmp_path):
   x = jnp.zeros((1, 32, 32, 3))
   lp = jax.jit(lpips.LPIPS("alex").init)(jax.random.key(0), x, x)
   params_io.save_params(str(wdir / "lpips_alex.safetensors"), lp)
-  res = benchmark.evaluate(str(folders / "pred"), str(folders / "gt"), weights_dir=str(wdir),
-                          learned_metrics=("lpips", "dists"), batch_size=3, log=lambda s: None)
+  res = quality.evaluate(str(folders / "pred"), str(folders / "gt"), weights_dir=str(wdir),
+                        learned_metrics=("lpips", "dists"), batch_size=3, log=lambda s: None)
   assert res["metrics"] == ["psnr", "ssim", "lpips", "niqe"]
   assert list(res["skipped"]) == ["dists"]
   pred = np.asarray(Image.open(folders / "pred" / "c.png"))[None]
@@ -433,10 +433,10 @@ def test_cli_outputs_and_errors(folders, tmp_path):
   os.remove(bad / "extra.png")
   _write(str(bad / "b.png"), np.zeros((100, 192, 3), np.uint8))
   with pytest.raises(ValueError, match=r"b.png: size 100x192 but its ground truth .* 96x192"):
-    benchmark.match_pairs(str(bad), str(folders / "gt"))
+    quality.match_pairs(str(bad), str(folders / "gt"))
   os.remove(bad / "a.png")
   with pytest.raises(FileNotFoundError, match=r"a.png: no prediction named a.\*"):
-    benchmark.match_pairs(str(bad), str(folders / "gt"))
+    quality.match_pairs(str(bad), str(folders / "gt"))
 
 
 def test_bit_depth_comes_from_the_file_not_its_values(tmp_path):
@@ -449,10 +449,10 @@ def test_bit_depth_comes_from_the_file_not_its_values(tmp_path):
   _write(str(tmp_path / "pred" / "a.png"), pred8)
   with Image.open(tmp_path / "gt" / "a.png") as im:
     assert im.mode == "I;16"
-  np.testing.assert_array_equal(benchmark.read_rgb(str(tmp_path / "gt" / "a.png")),
+  np.testing.assert_array_equal(quality.read_rgb(str(tmp_path / "gt" / "a.png")),
                                 np.repeat(pred8[..., None], 3, -1))
-  res = benchmark.evaluate(str(tmp_path / "pred"), str(tmp_path / "gt"), learned_metrics=(),
-                          log=lambda s: None)
+  res = quality.evaluate(str(tmp_path / "pred"), str(tmp_path / "gt"), learned_metrics=(),
+                        log=lambda s: None)
   assert res["per_image"][0]["psnr"] == math.inf and res["warnings"] == []
 
 
@@ -504,8 +504,8 @@ def test_benchmark_mode_end_to_end(tmp_path):
     _write(str(bench / "test_LR" / f"img{i}.png"),
            cv2.resize(gt, (16, 12), interpolation=cv2.INTER_AREA))
   out = tmp_path / "out"
-  res = benchmark.run_benchmark(str(bench), workdir, str(out), log=lambda s: None,
-                               weights_dir=str(tmp_path / "none"))
+  res = quality.run_and_score(str(bench), workdir, str(out), log=lambda s: None,
+                             weights_dir=str(tmp_path / "none"))
   assert sorted(os.listdir(out)) == ["img0.png", "img1.png"]
   for r in res["per_image"]:
     sr = np.asarray(Image.open(out / f"{r['name']}.png"))
@@ -516,9 +516,9 @@ def test_benchmark_mode_end_to_end(tmp_path):
   assert set(res["baselines"]) == {"bicubic"} and res["benchmark"]["sr_seconds"] > 0
   # Outputs exist now: a second run refuses before loading the model.
   with pytest.raises(FileExistsError, match="img0.png exists"):
-    benchmark.run_benchmark(str(bench), workdir, str(out), log=lambda s: None)
+    quality.run_and_score(str(bench), workdir, str(out), log=lambda s: None)
   with pytest.raises(NotADirectoryError, match="test_LR"):
-    benchmark.run_benchmark(str(tmp_path), workdir, str(tmp_path / "o2"))
+    quality.run_and_score(str(tmp_path), workdir, str(tmp_path / "o2"))
 
 
 # ------------------------------------------------------------------------------------------ FID
@@ -664,7 +664,7 @@ def test_fid_inception_parity_and_evaluate(tmp_path):
   sd = {k: v.numpy() for k, v in net.state_dict().items()}
   wdir = tmp_path / "w"
   params_io.save_params(str(wdir / "fid_inception_v3.safetensors"), metric_nets.inception_from_torch(sd))
-  feats = benchmark.load_learned(str(wdir), ("fid",), log=print)["fid"]
+  feats = quality.load_learned(str(wdir), ("fid",), log=print)["fid"]
   got = np.asarray(feats(jnp.asarray(imgs)))
   assert got.shape == (3, 2048)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
@@ -672,8 +672,8 @@ def test_fid_inception_parity_and_evaluate(tmp_path):
   for i in range(3):
     _write(str(tmp_path / "pred" / f"{i}.png"), imgs[i])
     _write(str(tmp_path / "gt" / f"{i}.png"), gts[i])
-  res = benchmark.evaluate(str(tmp_path / "pred"), str(tmp_path / "gt"), weights_dir=str(wdir),
-                          learned_metrics=("fid",), log=lambda s: None)
+  res = quality.evaluate(str(tmp_path / "pred"), str(tmp_path / "gt"), weights_dir=str(wdir),
+                        learned_metrics=("fid",), log=lambda s: None)
   assert res["metrics"] == ["psnr", "ssim", "niqe", "fid"]
   want_fid = inception.fid_from_features(got, np.asarray(feats(jnp.asarray(gts))))
   assert want_fid > 0 and abs(res["mean"]["fid"] - want_fid) < 1e-6 * want_fid

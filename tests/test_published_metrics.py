@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from mmsr_jax.evaluation import benchmark
+from mmsr_jax.inference import quality
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = {"psnr": 5e-4, "ssim": 1e-5, "niqe": 0.08}
@@ -72,8 +72,8 @@ def test_matches_pyiqa_on_photos_the_test_makes(tmp_path):
     os.makedirs(tmp_path / "pred", exist_ok=True)
     Image.fromarray(gt).save(tmp_path / "gt" / f"{name}.png")
     Image.fromarray(box3(gt)).save(tmp_path / "pred" / f"{name}.png")
-  result = benchmark.evaluate(str(tmp_path / "pred"), str(tmp_path / "gt"), learned_metrics=(),
-                              log=lambda s: None)
+  result = quality.evaluate(str(tmp_path / "pred"), str(tmp_path / "gt"), learned_metrics=(),
+                            log=lambda s: None)
   _check(result, PYIQA_SKIMAGE)
 
 
@@ -99,7 +99,7 @@ def _linked(tmp_path, root: str, names) -> tuple[str, str]:
 def test_matches_osediffs_published_realsr_values(tmp_path):
   root = _realsr_dir()
   pred, gt = _linked(tmp_path, root, OSEDIFF_REALSR)
-  _check(benchmark.evaluate(pred, gt, learned_metrics=(), log=lambda s: None), OSEDIFF_REALSR)
+  _check(quality.evaluate(pred, gt, learned_metrics=(), log=lambda s: None), OSEDIFF_REALSR)
 
 
 @pytest.mark.slow
@@ -110,9 +110,9 @@ def test_matches_every_published_realsr_value_and_the_means():
   published = {m[0]: tuple(map(float, m[1:])) for m in re.findall(
       r"results_osediff/(\S+)\.png \| PSNR: ([\d.]+); SSIM: ([\d.]+);.*?NIQE: ([\d.]+)", text)}
   assert len(published) == 100 and all(published[k] == v for k, v in OSEDIFF_REALSR.items())
-  result = benchmark.evaluate(os.path.join(root, "results_osediff"),
-                              os.path.join(root, "test_HR"), learned_metrics=(),
-                              log=lambda s: None)
+  result = quality.evaluate(os.path.join(root, "results_osediff"),
+                            os.path.join(root, "test_HR"), learned_metrics=(),
+                            log=lambda s: None)
   _check(result, published)
   for key, want, places in zip(("psnr", "ssim", "niqe"), OSEDIFF_REALSR_MEAN, (4, 4, 3)):
     assert round(result["mean"][key], places) == round(want, places), (key, result["mean"])

@@ -33,16 +33,16 @@ def check_folders(pred_dir: str | None, gt_dir: str | None) -> None:
 
 
 def run() -> dict:
-  from mmsr_jax.evaluation import benchmark as evaluate
+  from mmsr_jax.inference import quality
   from mmsr_jax.evaluation import metrics, niqe
   f = flags.FLAGS
   pred_dir, gt_dir = f.evaluate_pred, f.evaluate_gt
   check_folders(pred_dir, gt_dir)
   out: dict = {}
   if pred_dir:
-    pairs = evaluate.match_pairs(pred_dir, gt_dir)
-    pred = np.stack([evaluate.read_rgb(p["pred"]) for p in pairs])
-    gt = np.stack([evaluate.read_rgb(p["gt"]) for p in pairs])
+    pairs = quality.match_pairs(pred_dir, gt_dir)
+    pred = np.stack([quality.read_rgb(p["pred"]) for p in pairs])
+    gt = np.stack([quality.read_rgb(p["gt"]) for p in pairs])
     out["source"] = pred_dir
   else:
     rng = np.random.default_rng(0)
@@ -62,8 +62,8 @@ def run() -> dict:
   if pred_dir:
     import time
     t0 = time.perf_counter()
-    res = evaluate.evaluate(pred_dir, gt_dir, batch_size=b, learned_metrics=(),
-                            log=lambda s: None)
+    res = quality.evaluate(pred_dir, gt_dir, batch_size=b, learned_metrics=(),
+                           log=lambda s: None)
     out["end_to_end_s"] = time.perf_counter() - t0
     out.update({f"mean_{k}": v for k, v in res["mean"].items()})
   out["host_peak_rss_mb"] = common.host_peak_rss() / 2**20

@@ -1,7 +1,9 @@
-"""Scores super-resolved images the way the diffusion-SR papers do: pairs matched by file name,
-PSNR / SSIM on MATLAB's Y channel, NIQE (pyiqa conventions), and LPIPS / DISTS / FID where their
-weights exist; a papers-style Markdown table, JSON and per-image CSV. Benchmark mode first runs a
-trained model on a ``test_LR`` folder."""
+"""Quality evaluation (``python -m mmsr_jax.evaluate``): scores super-resolved images the way the
+diffusion-SR papers do: pairs matched by file name, PSNR / SSIM on MATLAB's Y channel, NIQE (pyiqa
+conventions), and LPIPS / DISTS / FID where their weights exist; a papers-style Markdown table,
+JSON and per-image CSV. :func:`run_and_score` first runs a trained model on a test set's
+``test_LR`` folder. It stands beside the super-resolver it drives; the metrics themselves are in
+``mmsr_jax/evaluation/``."""
 
 from __future__ import annotations
 
@@ -326,7 +328,7 @@ def _check_writable(paths: list[str | None], overwrite: bool) -> None:
       raise FileExistsError(f"{p} exists; pass --overwrite to replace it")
 
 
-def run_benchmark(benchmark: str, workdir: str, output: str, *, overwrite: bool = False,
+def run_and_score(benchmark: str, workdir: str, output: str, *, overwrite: bool = False,
                   log: Callable[[str], None] = print, **eval_kwargs) -> dict:
   """Super-resolves ``benchmark/test_LR`` with the run in ``workdir`` into ``output``, then
   scores the results against ``benchmark/test_HR`` (with the bicubic baseline)."""
