@@ -1,6 +1,6 @@
 r"""Precomputes the frozen encoders' outputs into annotated shards, for training without them,
-as an Apache Beam pipeline (``mmsr_jax.data.beam_prepare``): locally on every core by default,
-on a cluster with Beam's runner options (``--runner=DataflowRunner --project=... ...``).
+as an Apache Beam pipeline (``mmsr_jax.training.encoder_pass_beam``): locally on every core by
+default, on a cluster with Beam's runner options (``--runner=DataflowRunner --project=...``).
 
   python -m mmsr_jax.precompute --config=configs/dit_l.py --input=ANNOTATED --output=DIR
 
@@ -23,6 +23,7 @@ from mmsr_jax.training.precompute import FEATURES, STORE_DTYPES, tokenizer_confi
 
 def main(argv):
   from mmsr_jax.data import beam_prepare  # pylint: disable=g-import-not-at-top
+  from mmsr_jax.training import encoder_pass_beam  # pylint: disable=g-import-not-at-top
   beam_args = beam_prepare.check_beam_args(argv[1:])
   f = flags.FLAGS
   for name in ("input", "output"):
@@ -34,7 +35,7 @@ def main(argv):
   schema.validate(config)
   if f.vq:
     config = tokenizer_config(config, f.vq)
-  beam_prepare.precompute(config, beam_prepare.PrecomputeOptions(
+  encoder_pass_beam.precompute(config, encoder_pass_beam.PrecomputeOptions(
       f.input, f.output, features=tuple(f.features), batch_size=f.batch_size,
       crop_size=None if f.crop_size < 0 else f.crop_size, crops=f.crops, dtype=f.dtype,
       crop_encoding=f.crop_encoding, overwrite=f.overwrite), beam_args)

@@ -23,6 +23,7 @@ pytest.importorskip("apache_beam")
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter  # noqa: E402
 
 from mmsr_jax.data import annotator, beam_prepare  # noqa: E402
+from mmsr_jax.training import encoder_pass_beam  # noqa: E402
 from mmsr_jax.formats.records import list_shards  # noqa: E402
 from mmsr_jax.training import precompute  # noqa: E402
 from tests.test_annotate import _build_models, _images  # noqa: E402
@@ -145,9 +146,9 @@ def pre(tmp_path_factory):
   cfg = _config(str(root / "ann"))
   precompute.precompute_shards(cfg, str(root / "ann"), str(root / "loop"), crops=4,
                                dtype="float32", log=lambda _: None)
-  opts = beam_prepare.PrecomputeOptions(str(root / "ann"), str(root / "beam"), crops=4,
-                                        dtype="float32")
-  summary = beam_prepare.precompute(cfg, opts, TWO_WORKERS, log=lambda _: None)
+  opts = encoder_pass_beam.PrecomputeOptions(str(root / "ann"), str(root / "beam"), crops=4,
+                                             dtype="float32")
+  summary = encoder_pass_beam.precompute(cfg, opts, TWO_WORKERS, log=lambda _: None)
   return {"root": root, "cfg": cfg, "opts": opts, "summary": summary}
 
 
@@ -166,9 +167,9 @@ def test_precompute_pipeline_writes_the_loops_records(pre):
   # A rerun with a stale encoder is refused; the same settings find nothing to do.
   stale = _config(str(root / "ann"), seed=1)
   with pytest.raises(FileExistsError, match="other inputs, settings or encoders"):
-    beam_prepare.precompute(stale, pre["opts"], log=lambda _: None)
-  again = beam_prepare.precompute(pre["cfg"], pre["opts"], ["--direct_num_workers=1"],
-                                  log=lambda _: None)
+    encoder_pass_beam.precompute(stale, pre["opts"], log=lambda _: None)
+  again = encoder_pass_beam.precompute(pre["cfg"], pre["opts"], ["--direct_num_workers=1"],
+                                       log=lambda _: None)
   assert again["summary"]["written"] == 0
 
 
@@ -189,10 +190,10 @@ def test_a_bad_record_is_rejected_and_the_rest_written(pre, tmp_path):
   for rec in (good[0], b"not an npz archive", good[2]):
     w.write(rec)
   w.close()
-  opts = beam_prepare.PrecomputeOptions(str(src), str(tmp_path / "out"), crops=4,
-                                        dtype="float32", features=("vq",))
-  summary = beam_prepare.precompute(pre["cfg"], opts, ["--direct_num_workers=1"],
-                                    log=lambda _: None)["summary"]
+  opts = encoder_pass_beam.PrecomputeOptions(str(src), str(tmp_path / "out"), crops=4,
+                                             dtype="float32", features=("vq",))
+  summary = encoder_pass_beam.precompute(pre["cfg"], opts, ["--direct_num_workers=1"],
+                                         log=lambda _: None)["summary"]
   assert summary["rejected"] == 1 and summary["rejected_examples"][0]["index"] == 1
   (shard,) = list_shards(str(tmp_path / "out"), "out")
   assert len(_records(shard)) == 2

@@ -585,14 +585,14 @@ def test_tokenize_on_two_beam_workers_writes_what_one_run_writes(crop_bank_shard
   index, whichever worker takes the shard)."""
   pytest.importorskip("apache_beam")
   from array_record.python.array_record_module import ArrayRecordReader
-  from mmsr_jax.data import beam_prepare
+  from mmsr_jax.training import encoder_pass_beam
 
   b = crop_bank_shards
   out = str(tmp_path / "split")
-  summary = beam_prepare.precompute(
+  summary = encoder_pass_beam.precompute(
       precompute.tokenizer_config(small_config(), b["vq"]),
-      beam_prepare.PrecomputeOptions(b["ann"], out, features=("vq",), batch_size=16,
-                                     crop_size=32, crops=4),
+      encoder_pass_beam.PrecomputeOptions(b["ann"], out, features=("vq",), batch_size=16,
+                                          crop_size=32, crops=4),
       ["--direct_num_workers=2"], log=lambda _: None)
   assert sorted(summary["shards"]) == sorted(os.listdir(b["ann"]))
   assert summary["summary"]["workers"] == 2

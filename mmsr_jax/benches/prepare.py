@@ -45,7 +45,7 @@ def run() -> dict:
   from configs import tiny
   from mmsr_jax.data import annotator, beam_prepare
   from mmsr_jax.data.tiny_annotators import build_tiny_annotators
-  from mmsr_jax.training import precompute
+  from mmsr_jax.training import encoder_pass_beam, precompute
   n, hw = _IMAGES.value, [int(x) for x in _HW.value]
   quiet = lambda _: None  # noqa: E731
   out: dict = {"images": n, "shard_size": _SHARD.value, "image_hw": "x".join(map(str, hw)),
@@ -88,7 +88,7 @@ def run() -> dict:
           config, d, os.path.join(root, f"pre_loop_{k}"), log=quiet))
       for w in (1, 2):
         seconds[f"precompute_beam_{w}_{k}"] = _timed(lambda w=w, k=k, d=ann_dir:
-            beam_prepare.precompute(config, beam_prepare.PrecomputeOptions(
+            encoder_pass_beam.precompute(config, encoder_pass_beam.PrecomputeOptions(
                 d, os.path.join(root, f"pre_{w}_{k}")), [f"--direct_num_workers={w}"],
                 log=quiet))
   for what in ("annotate", "precompute"):

@@ -1,5 +1,7 @@
-"""Data preparation as Apache Beam pipelines: ``annotate`` (images -> annotated shards) and
-``precompute`` (annotated shards -> shards with the frozen encoders' outputs).
+"""Data preparation as Apache Beam pipelines: ``annotate`` (images -> annotated shards) here, and
+the shared machinery of ``precompute`` (annotated shards -> shards with the frozen encoders'
+outputs), whose pipeline is in ``mmsr_jax/training/encoder_pass_beam.py`` (it runs the encoders
+the system builds, a floor above the data).
 
 The same pipeline runs on one machine (Beam's local runner, one worker process per core: the
 default) and on a cluster (``--runner=DataflowRunner`` / ``FlinkRunner`` / ``SparkRunner`` and
@@ -22,7 +24,6 @@ worker's local disk before reading, and outputs are written locally and then cop
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging as py_logging
 import os
@@ -46,7 +47,7 @@ finally:
 
 from mmsr_jax.data import annotator as ann_lib
 from mmsr_jax.data import images, sources
-from mmsr_jax.formats.records import MANIFEST, NULL_TEXT_FILE, SHARD_PATTERN, SHARD_SUFFIX
+from mmsr_jax.formats.records import MANIFEST, SHARD_PATTERN, SHARD_SUFFIX
 
 METRICS_NAMESPACE = "mmsr"
 REJECTED_DIR = "rejected"
@@ -195,7 +196,7 @@ def local_workers(opts) -> int | None:
   return int(o.get("direct_num_workers") or os.cpu_count() or 1)
 
 
-class _WorkerThreads:
+class WorkerThreads:
   """While the local runner starts its worker processes: when they are as many as the cores,
   XLA in each runs on one thread (by default every process would use every core, and the
   processes would contend for them). Torch's threads are set in ``DoFn.setup``."""
@@ -219,7 +220,7 @@ class _WorkerThreads:
         os.environ["XLA_FLAGS"] = self.old
 
 
-def _quiet_beam() -> None:
+def quiet_beam() -> None:
   # Beam logs every worker start and bundle at INFO; the progress line says what matters.
   py_logging.getLogger("apache_beam").setLevel(py_logging.ERROR)
 
@@ -227,16 +228,16 @@ def _quiet_beam() -> None:
 # ---------------------------------------------------------------------------------------------
 # Metrics.
 
-def _counter(name: str):
+def counter(name: str):
   return Metrics.counter(METRICS_NAMESPACE, name)
 
 
-def _report_seconds(seconds: dict[str, float], last: dict[str, float]) -> None:
+def report_seconds(seconds: dict[str, float], last: dict[str, float]) -> None:
   """Adds the per-model seconds spent since ``last`` to the ``ms_<model>`` counters."""
   for k, v in seconds.items():
     ms = int(round((v - last.get(k, 0.0)) * 1000))
     if ms:
-      _counter(f"ms_{k}").inc(ms)
+      counter(f"ms_{k}").inc(ms)
     last[k] = v
 
 
@@ -261,7 +262,7 @@ def metrics_lines(metrics: dict[str, int], images_label: str = "images") -> list
   return lines
 
 
-class _Progress:
+class Progress:
   """Prints a progress line while the local runner works, from the shards that have appeared
   in the (local) output folder: Beam's local runner reports its metrics only at the end."""
 
@@ -294,7 +295,7 @@ class _Progress:
                  f"{sum(self.images_of)} {self.unit}, {rate:.2f} {self.unit}/s")
 
 
-def _write_shard_outputs(final: str, recs: list[bytes], rejected: list[dict[str, Any]],
+def write_shard_outputs(final: str, recs: list[bytes], rejected: list[dict[str, Any]],
                          output: str, workdir: str, write) -> None:
   """The shard's rejected list, then the shard itself, each atomically."""
   rej = join(output, REJECTED_DIR, os.path.basename(final)[:-len(SHARD_SUFFIX)] + ".jsonl")
@@ -316,7 +317,7 @@ def count_rejected(output: str, names: Sequence[str]) -> tuple[int, list[dict[st
   return total, first
 
 
-def _set_threads(threads: int | None) -> None:
+def set_threads(threads: int | None) -> None:
   """Splits the cores between the local runner's workers (torch would take them all in each)."""
   if threads:
     try:
@@ -362,7 +363,7 @@ class AnnotateShards(beam.DoFn):
     self.max_pixels, self.threads = max_pixels, threads
 
   def setup(self):
-    _set_threads(self.threads)
+    set_threads(self.threads)
     self.annotator = ann_lib.annotator_of(self.opts)  # once per worker
     self.tfds = None
     if self.opts.input.startswith("tfds:"):
@@ -382,12 +383,12 @@ class AnnotateShards(beam.DoFn):
     recs, rejected = ann_lib.annotate_indices(self.annotator, source, indices, o,
                                               self.max_pixels)
     final = join(o.output, SHARD_PATTERN.format(shard, self.num_shards))
-    _write_shard_outputs(final, recs, rejected, o.output, self.workdir, ann_lib.write_shard)
-    _counter("images_read").inc(len(indices))
-    _counter("images_written").inc(len(recs))
-    _counter("images_rejected").inc(len(rejected))
-    _counter("shards_written").inc()
-    _report_seconds(self.annotator.seconds, self.last)
+    write_shard_outputs(final, recs, rejected, o.output, self.workdir, ann_lib.write_shard)
+    counter("images_read").inc(len(indices))
+    counter("images_written").inc(len(recs))
+    counter("images_rejected").inc(len(rejected))
+    counter("shards_written").inc()
+    report_seconds(self.annotator.seconds, self.last)
     yield shard
 
 
@@ -434,16 +435,16 @@ def annotate(opts: ann_lib.AnnotateOptions, beam_args: Sequence[str] = (), log=p
     remove_stale_attempts(opts.output)
     makedirs(join(opts.output, REJECTED_DIR))
     threads = max(1, (os.cpu_count() or 1) // workers) if workers else None
-    _quiet_beam()
+    quiet_beam()
     size = opts.shard_size
     pipeline = beam.Pipeline(options=options)
     _ = (pipeline
          | "Shards" >> beam.Create([(s, _shard_files(files, s, size)) for s in todo])
          | "Spread" >> beam.Reshuffle()  # one shard per worker at a time, not all on the first
          | "Annotate" >> beam.ParDo(AnnotateShards(opts, num, n, max_pixels, threads)))
-    with _Progress([join(opts.output, names[s]) for s in todo],
+    with Progress([join(opts.output, names[s]) for s in todo],
                    [min(size, n - s * size) for s in todo], progress_every, log), \
-        _WorkerThreads(workers):
+        WorkerThreads(workers):
       result = pipeline.run()
       result.wait_until_finish()
     metrics = query_metrics(result)
@@ -458,188 +459,5 @@ def annotate(opts: ann_lib.AnnotateOptions, beam_args: Sequence[str] = (), log=p
     for line in metrics_lines(metrics):
       log(line)
   log(f"wrote {len(todo)} shards to {opts.output} ({rejected} images rejected in all, listed "
-      f"under {join(opts.output, REJECTED_DIR)})")
-  return summary
-
-
-# ---------------------------------------------------------------------------------------------
-# precompute
-
-@dataclasses.dataclass(frozen=True)
-class PrecomputeOptions:
-  """What ``precompute`` does; the CLI flags carry the same names."""
-  input: str
-  output: str
-  features: tuple[str, ...] = ("vq", "text", "latents", "crops")
-  batch_size: int = 64
-  crop_size: int | None = None
-  crops: int = 16
-  dtype: str = "bfloat16"
-  crop_encoding: str = "png"
-  overwrite: bool = False
-
-
-class PrecomputeShards(beam.DoFn):
-  """(input shard, its first record's index, whether to write the empty caption's states) ->
-  the precomputed shard."""
-
-  def __init__(self, config_json, opts, features, crop_size, parts, threads):
-    super().__init__()
-    self.config_json, self.opts, self.features = config_json, opts, features
-    self.crop_size, self.parts, self.threads = crop_size, parts, threads
-
-  def setup(self):
-    import ml_collections  # pylint: disable=g-import-not-at-top
-    from mmsr_jax.training import precompute as pre  # pylint: disable=g-import-not-at-top
-    _set_threads(self.threads)
-    self.pre = pre
-    self.config = ml_collections.ConfigDict(json.loads(self.config_json))
-    self.encoders = pre.Encoders(self.config, self.parts)  # once per worker
-    self.workdir = tempfile.mkdtemp(prefix="mmsr_precompute_")
-    self.seconds: dict[str, float] = {}
-    self.last: dict[str, float] = {}
-
-  def teardown(self):
-    shutil.rmtree(getattr(self, "workdir", ""), ignore_errors=True)
-
-  def _run(self, recs, first_index, on_reject):
-    o = self.opts
-    return list(self.pre.precompute_records(
-        self.config, self.encoders, recs, features=self.features, batch_size=o.batch_size,
-        crop_size=self.crop_size, crops=o.crops, first_index=first_index, dtype=o.dtype,
-        crop_encoding=o.crop_encoding, on_reject=on_reject, seconds=self.seconds))
-
-  def process(self, element):
-    src, first_index, null_text = element
-    if null_text:
-      local = staging_path(join(self.opts.output, NULL_TEXT_FILE), self.workdir)
-      self.pre.write_null_text(self.config, self.encoders, local, self.opts.dtype)
-      publish(local, join(self.opts.output, NULL_TEXT_FILE))
-    local = fetch(src, self.workdir)
-    try:
-      recs = self.pre.read_shard(local)
-    finally:
-      if local != src:
-        os.remove(local)
-    rejected: list[dict[str, Any]] = []
-    reject = lambda j, why: rejected.append(  # noqa: E731
-        {"path": src, "index": int(j), "reason": why})
-    try:
-      out = self._run(recs, first_index, reject)
-    except Exception:  # pylint: disable=broad-except
-      # An encoder failed on a batch: one record at a time, to keep all but the bad ones.
-      rejected.clear()
-      out = []
-      for j, rec in enumerate(recs):
-        try:
-          out += self._run([rec], first_index + j, lambda _, why, j=j: reject(j, why))
-        except Exception as e:  # pylint: disable=broad-except
-          reject(j, f"encoder failed: {type(e).__name__}: {e}")
-    final = join(self.opts.output, os.path.basename(src))
-    _write_shard_outputs(final, out, rejected, self.opts.output, self.workdir,
-                         self.pre.write_shard)
-    _counter("images_read").inc(len(recs))
-    _counter("images_written").inc(len(out))
-    _counter("images_rejected").inc(len(rejected))
-    _counter("shards_written").inc()
-    _report_seconds(self.seconds, self.last)
-    yield final
-
-
-def _input_shards(pattern: str, workdir: str) -> tuple[list[str], list[int]]:
-  """The input shards (sorted) and their record counts."""
-  from mmsr_jax.formats.records import list_shards  # pylint: disable=g-import-not-at-top
-  from mmsr_jax.training import precompute as pre  # pylint: disable=g-import-not-at-top
-  if is_local(pattern):
-    files = list_shards(pattern, "--input")
-    return files, pre.record_counts(files)
-  glob = pattern if any(c in pattern for c in "*?[") else join(pattern, "*" + SHARD_SUFFIX)
-  files = [f for f in list_files(glob) if f.endswith(SHARD_SUFFIX)]
-  if not files:
-    raise FileNotFoundError(f"--input={pattern!r}: no {SHARD_SUFFIX} shards found")
-  counts = []
-  for f in files:  # reads each shard's footer through a local copy
-    local = fetch(f, workdir)
-    counts += pre.record_counts([local])
-    os.remove(local)
-  return files, counts
-
-
-def precompute(config, opts: PrecomputeOptions, beam_args: Sequence[str] = (), log=print,
-               progress_every: float = 10.0) -> dict[str, Any]:
-  """Precomputes the frozen encoders' outputs of the shards ``opts.input`` into ``opts.output``
-  as a Beam pipeline (resumable; see the module docstring). Returns the summary, which is also
-  ``precompute.json`` beside the shards: settings and encoder fingerprints (a rerun with others
-  is refused), counts and metrics."""
-  from mmsr_jax.training import precompute as pre  # pylint: disable=g-import-not-at-top
-  features, crop_size, parts = pre.check_options(
-      config, opts.features, opts.batch_size, opts.crop_size, opts.crops, opts.dtype,
-      opts.crop_encoding)
-  options = pipeline_options(beam_args)
-  with tempfile.TemporaryDirectory() as tmpdir:
-    files, counts = _input_shards(opts.input, tmpdir)
-  in_dir = os.path.dirname(files[0])
-  finals = [join(opts.output, os.path.basename(f)) for f in files]
-  for src, dst in zip(files, finals):
-    if is_local(src) and is_local(dst) and os.path.abspath(src) == os.path.abspath(dst):
-      raise ValueError(f"--output={opts.output!r} is the input folder: choose another folder")
-  settings = dict(pre.settings_of(config, features, crop_size, opts.crops, opts.dtype,
-                                  opts.crop_encoding, parts),
-                  inputs={os.path.basename(f): c for f, c in zip(files, counts)})
-  spath = join(opts.output, pre.SUMMARY_FILE)
-  old = read_text(spath)
-  if old is not None and not opts.overwrite:
-    old_settings = {k: v for k, v in json.loads(old).items() if k in settings}
-    if old_settings != json.loads(json.dumps(settings)):
-      diff = sorted(k for k in settings if old_settings.get(k) != json.loads(json.dumps(
-          settings[k])))
-      raise FileExistsError(
-          f"{spath} was written for other inputs, settings or encoders (differing: "
-          f"{', '.join(diff)}); use a new --output folder or --overwrite")
-  makedirs(opts.output)
-  if opts.overwrite or old is None:
-    write_text(spath, json.dumps(settings, indent=2))  # binds reruns before any shard exists
-  todo = [i for i, f in enumerate(finals) if opts.overwrite or not exists(f)]
-  log(f"{sum(counts)} records, {len(files)} shards, {len(files) - len(todo)} already done")
-  metrics: dict[str, int] = {}
-  workers = local_workers(options)
-  start = time.perf_counter()
-  if todo:
-    remove_stale_attempts(opts.output)
-    makedirs(join(opts.output, REJECTED_DIR))
-    firsts = pre.first_indices(counts)
-    # The empty caption's states come from the worker that takes the first shard: the driver
-    # never loads an encoder (T5-XXL alone is tens of GB).
-    null_text = "text" in features and (opts.overwrite or not exists(join(opts.output,
-                                                                         NULL_TEXT_FILE)))
-    threads = max(1, (os.cpu_count() or 1) // workers) if workers else None
-    _quiet_beam()
-    pipeline = beam.Pipeline(options=options)
-    _ = (pipeline
-         | "Shards" >> beam.Create([(files[i], firsts[i], null_text and i == todo[0])
-                                    for i in todo])
-         | "Spread" >> beam.Reshuffle()
-         | "Precompute" >> beam.ParDo(PrecomputeShards(
-             json.dumps(config.to_dict()), opts, features, crop_size, parts, threads)))
-    with _Progress([finals[i] for i in todo], [counts[i] for i in todo], progress_every, log,
-                   "records"), _WorkerThreads(workers):
-      result = pipeline.run()
-      result.wait_until_finish()
-    metrics = query_metrics(result)
-  manifest = read_text(join(in_dir, MANIFEST))
-  if manifest is not None and (opts.overwrite or not exists(join(opts.output, MANIFEST))):
-    write_text(join(opts.output, MANIFEST), manifest)
-  rejected, examples = count_rejected(opts.output, [os.path.basename(f) for f in finals])
-  summary = dict(settings, shards=[os.path.basename(f) for f in finals],
-                 summary={"records": sum(counts), "already_done": len(files) - len(todo),
-                          "written": len(todo), "rejected": rejected,
-                          "rejected_examples": examples, "metrics": metrics,
-                          "seconds": round(time.perf_counter() - start, 3), "workers": workers,
-                          "runner": options.get_all_options()["runner"]})
-  write_text(spath, json.dumps(summary, indent=2))
-  if todo:
-    for line in metrics_lines(metrics, "records"):
-      log(line)
-  log(f"wrote {len(todo)} shards to {opts.output} ({rejected} records rejected in all, listed "
       f"under {join(opts.output, REJECTED_DIR)})")
   return summary
