@@ -2,10 +2,10 @@
 
   python -m mmsr_jax.train --config=configs/dit_b.py --workdir=gs://BUCKET/runs/dit_b
 
-The shared research settings are ``mmsr_jax.config.sr.full_size_config``.
+The shared research settings are ``mmsr_jax.schema.sr.full_size_config``.
 """
 
-from mmsr_jax.config.sr import full_size_config
+from mmsr_jax.schema.sr import full_size_config
 
 
 def get_config():

@@ -4,12 +4,12 @@
       --dst=weights/pixart_xl_2_512
   python -m mmsr_jax.train --config=configs/dit_xl.py --workdir=gs://BUCKET/runs/dit_xl
 
-The shared research settings are ``mmsr_jax.config.sr.full_size_config``. The noise schedule is
+The shared research settings are ``mmsr_jax.schema.sr.full_size_config``. The noise schedule is
 the one PixArt-alpha was trained with (linear betas 1e-4 -> 0.02, epsilon), which the converter
 records in the converted folder; the trainer refuses a config whose betas differ from it.
 """
 
-from mmsr_jax.config.sr import full_size_config
+from mmsr_jax.schema.sr import full_size_config
 
 
 def get_config():

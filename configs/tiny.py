@@ -10,7 +10,7 @@ fidelity-first sampling; docs/tiny_demo.md gives the reasons and the measured re
 import os
 
 import mmsr_jax
-from mmsr_jax.config.sr import sr_config
+from mmsr_jax.schema.sr import sr_config
 
 VQ_TINY = os.path.join(os.path.dirname(mmsr_jax.__file__), "assets", "vq_tiny.safetensors")
 

@@ -8,7 +8,7 @@ L2 reconstruction, EMA codebook with dead-code restart, a hinge patch discrimina
 the continuous baseline trains beside it. Untrained so far (README: Status).
 """
 
-from mmsr_jax.config.vq import vq_config
+from mmsr_jax.schema.vq import vq_config
 
 
 def get_config():

@@ -9,7 +9,7 @@ behind the settings ("Why L2").
 """
 
 from configs import tiny
-from mmsr_jax.config.vq import vq_config
+from mmsr_jax.schema.vq import vq_config
 
 
 def get_config():

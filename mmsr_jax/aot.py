@@ -90,7 +90,7 @@ def _print(report: dict, indent: str = "") -> None:
 def main(argv) -> None:
   del argv
   from mmsr_jax import programs
-  from mmsr_jax.config import sr as sr_schema
+  from mmsr_jax.schema import sr as sr_schema
   from mmsr_jax.runtime import executable, topology
   if not _F.topology:
     raise ValueError("--topology is required, e.g. --topology=v5e:4x4 (or 'host')")

@@ -16,7 +16,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mmsr_jax import cli
-from mmsr_jax.config import schema
+from mmsr_jax.schema import tasks
 from mmsr_jax.formats.records import CROP_ENCODINGS, list_shards
 from mmsr_jax.training.precompute import FEATURES, STORE_DTYPES, tokenizer_config
 
@@ -32,7 +32,7 @@ def main(argv):
   if beam_prepare.is_local(f.input):
     list_shards(f.input, "--input")  # the cheap checks first
   config = f.config
-  schema.validate(config)
+  tasks.validate(config)
   if f.vq:
     config = tokenizer_config(config, f.vq)
   encoder_pass_beam.precompute(config, encoder_pass_beam.PrecomputeOptions(

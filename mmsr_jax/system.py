@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmsr_jax.config import sr as sr_schema
+from mmsr_jax.schema import sr as sr_schema
 from mmsr_jax.data.captions import make_tokenizer
 from mmsr_jax.diffusion.schedule import Schedule
 from mmsr_jax.formats.fingerprint import FROZEN_FIELDS, frozen_path

@@ -17,7 +17,7 @@ pytest.importorskip("torch")
 
 from mmsr_jax.data import sources  # noqa: E402
 from mmsr_jax.data.captions import make_tokenizer  # noqa: E402
-from mmsr_jax.config.sr import sr_config
+from mmsr_jax.schema.sr import sr_config
 from mmsr_jax.formats import records
 from tests.conftest import apply_overrides
 from mmsr_jax.formats.records import list_shards

@@ -10,8 +10,8 @@ import orbax.checkpoint as ocp
 import pytest
 from skimage.metrics import structural_similarity
 
-from mmsr_jax.config import schema
-from mmsr_jax.config.sr import sr_config
+from mmsr_jax.schema import tasks
+from mmsr_jax.schema.sr import sr_config
 from mmsr_jax.evaluation import metrics
 from mmsr_jax.data import demo
 from mmsr_jax.data.simple_degradation import bicubic_upsample, simple_degrade
@@ -204,7 +204,7 @@ def test_loader_checkpoint_restore(tok, tmp_path):
 
 def test_config_errors(tok, monkeypatch):
   with pytest.raises(ValueError, match=r"config\.data\.source='nope'.*demo"):
-    schema.validate(_config(**{"data.source": "nope"}))
+    tasks.validate(_config(**{"data.source": "nope"}))
   monkeypatch.setattr(sources.jax, "process_count", lambda: 3)
   with pytest.raises(ValueError, match=r"config\.batch_size=2"):
     sr_examples.make_train_loader(_config(), tok)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from mmsr_jax.config.sr import sr_config, validate
+from mmsr_jax.schema.sr import sr_config, validate
 from mmsr_jax.data import images, sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,7 +16,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "mmsr_jax")
-SCHEMA = "mmsr_jax.config"  # the config schema: what a config file may import
+SCHEMA = "mmsr_jax.schema"  # the config schema: what a config file may import
 
 # Folder (or top-level module) of the package -> its floor; a module may import only from its own
 # floor or below. Commands (``python -m mmsr_jax.<name>``, the benches) stand on the top floor.

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mmsr_jax.models import autoencoder, context, dit, layers
-from mmsr_jax.config import sr as sr_schema
+from mmsr_jax.schema import sr as sr_schema
 from mmsr_jax.models import build
 from mmsr_jax.system import dummy_inputs, frozen_params
 from mmsr_jax.models.mmsr import MMSR

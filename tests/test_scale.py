@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmsr_jax.config import schema
+from mmsr_jax.schema import tasks
 from mmsr_jax.runtime import checkpoint as ckpt_lib
 from mmsr_jax.runtime import distributed, sharding
 from mmsr_jax.training import flops, loop
@@ -59,7 +59,7 @@ def test_mesh_shape_from_config():
   assert sharding.mesh_shape(c, 8) == (1, 4, 2)
   c.mesh.data, c.mesh.fsdp = -1, -1
   with pytest.raises(ValueError, match="only one axis may be -1"):
-    schema.validate(c)
+    tasks.validate(c)
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 1
   with pytest.raises(ValueError, match="needs 4 devices but 8"):
     sharding.mesh_shape(c, 8)

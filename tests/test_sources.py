@@ -17,8 +17,8 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from mmsr_jax.config import schema
-from mmsr_jax.config.sr import sr_config
+from mmsr_jax.schema import tasks
+from mmsr_jax.schema.sr import sr_config
 from mmsr_jax.data import sources
 from mmsr_jax.data.captions import make_tokenizer
 from tests.conftest import apply_overrides
@@ -130,9 +130,9 @@ def test_too_many_bad_files_stop(tmp_path, tok):
     for _ in range(6):
       next(it)
   with pytest.raises(ValueError, match=r"max_bad_fraction=2"):
-    schema.validate(_config(tmp_path, **{"data.max_bad_fraction": 2.0}))
+    tasks.validate(_config(tmp_path, **{"data.max_bad_fraction": 2.0}))
   with pytest.raises(ValueError, match=r"config\.data\.path='': expected a path"):
-    schema.validate(_config(""))
+    tasks.validate(_config(""))
 
 
 def test_tfds_source_through_data_source(tok):
@@ -248,7 +248,7 @@ def test_eval_examples_from_folder_with_realesrgan(tmp_path, tok):
       np.testing.assert_array_equal(a[k], b[k])
   assert not np.array_equal(ex[0]["lr"][..., 1], ex[1]["lr"][..., 1])  # per-name seeds
   with pytest.raises(ValueError, match="config.data.degradation='x'"):
-    schema.validate(_config(tmp_path, **{"data.degradation": "x"}))
+    tasks.validate(_config(tmp_path, **{"data.degradation": "x"}))
 
 
 def test_degradation_split_over_the_local_devices_equals_one_device(monkeypatch):

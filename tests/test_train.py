@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmsr_jax.config import schema
-from mmsr_jax.config import sr as sr_schema
+from mmsr_jax.schema import tasks
+from mmsr_jax.schema import sr as sr_schema
 from mmsr_jax.runtime import checkpoint, sharding
 from mmsr_jax.system import System
 from tests.conftest import small_config
@@ -293,7 +293,7 @@ def test_each_condition_is_dropped_at_its_configured_total(config, rates):
   condition for totals of 0.1); the joint drops still occur at their own rates."""
   cfg = config.cond_dropout
   cfg.update(rates)
-  schema.validate(config)
+  tasks.validate(config)
   n = 400_000
   present, drop_text = _empirical_drop_rates(cfg, n)
   dropped = ~present
@@ -318,13 +318,13 @@ def test_joint_drops_above_the_total_are_refused(config):
   with pytest.raises(ValueError, match=r"config\.cond_dropout\.modality_total=0\.1: expected a "
                      r"total drop rate >= 0\.107.*config\.cond_dropout\.all\).*"
                      r"config\.cond_dropout\.all_modalities\)"):
-    schema.validate(config)
+    tasks.validate(config)
   config.cond_dropout.update(dict(modality_total=0.2, text_total=0.04))
   with pytest.raises(ValueError, match=r"config\.cond_dropout\.text_total=0\.04: expected a total "
                      r"drop rate >= 0\.05, .*\(config\.cond_dropout\.all\)"):
-    schema.validate(config)
+    tasks.validate(config)
   config.cond_dropout.text_total = 0.05  # equal to the joint share: independent rate 0
-  schema.validate(config)
+  tasks.validate(config)
   assert sr_schema.independent_drop_rates(config.cond_dropout)[0] == 0.0
 
 
@@ -332,7 +332,7 @@ def test_runs_saved_with_independent_rates_keep_their_drops():
   """A config saved when cond_dropout.text / .modality were the independent rates loads as the
   totals those draws give, so sampling and resuming it see the same drops."""
   old = {"cond_dropout": {"modality": 0.1, "text": 0.1, "all": 0.1, "all_modalities": 0.05}}
-  cfg = schema.with_defaults(old).cond_dropout
+  cfg = tasks.with_defaults(old).cond_dropout
   assert set(cfg) == {"modality_total", "text_total", "all", "all_modalities"}
   np.testing.assert_allclose([cfg.text_total, cfg.modality_total], [0.19, 0.2305], atol=1e-12)
   np.testing.assert_allclose(sr_schema.independent_drop_rates(cfg), [0.1, 0.1], atol=1e-12)
@@ -347,7 +347,7 @@ def test_zero_snr_needs_trailing_spacing(config, tmp_path):
   message = ("config.sampling.spacing='leading': expected 'trailing' when "
              "config.diffusion.rescale_zero_snr=True")
   with pytest.raises(ValueError, match=re.escape(message)):
-    schema.validate(config)
+    tasks.validate(config)
   r = _run("mmsr_jax.train", f"--workdir={tmp_path}/w", "--config.diffusion.prediction=v",
            "--config.diffusion.rescale_zero_snr=True", "--config.sampling.spacing=leading")
   assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -360,4 +360,4 @@ def test_zero_snr_needs_trailing_spacing(config, tmp_path):
   assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
   assert message in r.stderr, r.stderr
   config.sampling.spacing = "trailing"
-  schema.validate(config)
+  tasks.validate(config)

@@ -24,7 +24,7 @@ def _image(shape, seed: int = 0) -> np.ndarray:
 
 def _vae_cfg(params: str = "") -> ml_collections.ConfigDict:
   """``config.autoencoder`` for the tiny VAE, with a non-trivial scale and shift."""
-  from mmsr_jax.config import sr
+  from mmsr_jax.schema import sr
   tiny = VAEConfig.tiny()
   c = sr.sr_config().autoencoder
   c.update(dict(kind="vae", factor=tiny.downsample_factor, scaling_factor=0.5, shift_factor=0.1,
@@ -277,7 +277,7 @@ def test_make_autoencoder_vae_round_trip(tmp_path, tiny_vae):
 
 
 def test_config_checks_the_autoencoder_factor():
-  from mmsr_jax.config import sr
+  from mmsr_jax.schema import sr
   config = sr.sr_config()
   config.autoencoder = _vae_cfg()
   sr.validate(config)

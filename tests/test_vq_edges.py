@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mmsr_jax.training import vq_losses as L
-from mmsr_jax.config import vq as vq_schema
+from mmsr_jax.schema import vq as vq_schema
 
 
 def _edge_map(lines):

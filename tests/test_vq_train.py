@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmsr_jax.config import schema
+from mmsr_jax.schema import tasks
 from tests.conftest import small_config
 from mmsr_jax.training import vq_losses as L
 from mmsr_jax.models import vqgan as vqgan_lib
@@ -447,7 +447,7 @@ def test_conditioner_reads_precomputed_ids(tmp_path):
   np.testing.assert_array_equal(got[:, :2], made_up[:, :2])
   cfg.vq.ids_from = "cache"
   with pytest.raises(ValueError, match="config.vq.ids_from"):
-    schema.validate(cfg)
+    tasks.validate(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -543,7 +543,7 @@ def test_ids_from_shards_errors(crop_bank_shards):
     return sr_examples.make_train_loader(_shards_config(crop_bank_shards["tok"], **overrides), tok)
 
   with pytest.raises(ValueError, match="unless config.data.source='arrayrecord'"):
-    schema.validate(_shards_config(crop_bank_shards["tok"], **{"data.source": "demo"}))
+    tasks.validate(_shards_config(crop_bank_shards["tok"], **{"data.source": "demo"}))
   with pytest.raises(ValueError, match="record 0 has no crop bank"):
     make(**{"data.path": crop_bank_shards["ann"]})
   with pytest.raises(ValueError, match=r"32px crops != config.data.hr_size=48.*--crop_size=48"):

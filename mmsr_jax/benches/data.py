@@ -112,7 +112,7 @@ def _decode() -> dict:
   import cv2
   import numpy as np
   from array_record.python.array_record_module import ArrayRecordWriter
-  from mmsr_jax.config.sr import sr_config
+  from mmsr_jax.schema.sr import sr_config
   from mmsr_jax.data import sources, sr_examples
   from mmsr_jax.data.captions import make_tokenizer
   from mmsr_jax.formats.records import SHARD_PATTERN, encode_record

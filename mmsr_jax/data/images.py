@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-from mmsr_jax.config.choices import (  # noqa: F401 (this module's API: the readers' limits)
+from mmsr_jax.schema.choices import (  # noqa: F401 (this module's API: the readers' limits)
     DEFAULT_MAX_INPUT_PIXELS, DEFAULT_MAX_PIXELS, pillow_limit)
 
 # Read as one picture; of an animated GIF / WebP / APNG the first frame (Picture.frames says so).

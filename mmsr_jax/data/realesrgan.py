@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.special
 
-from mmsr_jax.config.choices import DEGRADATION_PRESETS
+from mmsr_jax.schema.choices import DEGRADATION_PRESETS
 
 KERNEL_SIZE = 21  # every kernel is zero-padded to this size
 # Blur implementation: "auto" = FFT on CPU, depthwise convolution on accelerators; "fft"/"conv"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from mmsr_jax.config.choices import GUIDANCE_MODES
+from mmsr_jax.schema.choices import GUIDANCE_MODES
 
 
 def check(guidance: str, *, allow_none: bool = True) -> str:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmsr_jax.config.choices import PREDICTIONS, SCHEDULES, SPACINGS  # noqa: F401 (this module's API)
+from mmsr_jax.schema.choices import PREDICTIONS, SCHEDULES, SPACINGS  # noqa: F401 (this module's API)
 from mmsr_jax.diffusion import guidance
 
 def make_betas(schedule: str, num_timesteps: int, beta_start: float = 0.00085,

@@ -15,8 +15,8 @@ import jax
 import numpy as np
 from PIL import Image
 
-from mmsr_jax.config import sr as sr_schema
-from mmsr_jax.config.sr import TEXT_DEVICES
+from mmsr_jax.schema import sr as sr_schema
+from mmsr_jax.schema.sr import TEXT_DEVICES
 from mmsr_jax.data import images as image_io
 from mmsr_jax.data import sr_examples
 from mmsr_jax.diffusion import guidance as guidance_lib

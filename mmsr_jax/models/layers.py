@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmsr_jax.config.choices import REMAT
+from mmsr_jax.schema.choices import REMAT
 
 Dtype = Any
 

@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization, traverse_util
 
-from mmsr_jax.config import schema
+from mmsr_jax.schema import tasks
 from mmsr_jax.formats import param_layout as layout
 
 # Written beside Orbax's item folders once a step is committed: checkpoints/N/MANIFEST_PREFIX<k>.json
@@ -518,7 +518,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"{path} not found: --workdir must be a directory written by "
                             "python -m mmsr_jax.train")
   with open(path) as f:
-    return schema.with_defaults(json.load(f))
+    return tasks.with_defaults(json.load(f))
 
 
 def _get(cfg, dotted: str):
@@ -536,7 +536,7 @@ def _normalise(value):
 def check_compatible(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
                      where: str) -> None:
   """Raises if a field a resume may not change (architecture, seed) differs (names the first)."""
-  for field in schema.resume_fields(config):
+  for field in tasks.resume_fields(config):
     a, b = _normalise(_get(saved, field)), _normalise(_get(config, field))
     if a != b:
       if isinstance(a, dict) and isinstance(b, dict):

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mmsr_jax.config import schema
-from mmsr_jax.config import sr as sr_schema
+from mmsr_jax.schema import tasks
+from mmsr_jax.schema import sr as sr_schema
 from mmsr_jax.data import sr_examples
 from mmsr_jax.diffusion import schedule as diffusion
 from mmsr_jax.models.conditioner import Conditioner
@@ -26,7 +26,7 @@ def drop_conditions(cfg, rng, present):
   and every modality together and ``all_modalities`` every modality (caption kept), so the
   guidance modes' negative branches are trained; on top, each modality is nulled and the caption
   emptied independently, at the rates that make each map's total drop rate ``modality_total``
-  and the caption's ``text_total`` (``mmsr_jax.config.sr.independent_drop_rates``). Returns
+  and the caption's ``text_total`` (``mmsr_jax.schema.sr.independent_drop_rates``). Returns
   ``(present [B, 3], drop_text [B])``.
   """
   q_text, q_mod = sr_schema.independent_drop_rates(cfg)
@@ -264,7 +264,7 @@ class SRTask:
 def train(config, workdir: str, *, devices=None, stop_at: int | None = None,
           write_report: bool = True, restore_step: int | None = None) -> TrainState:
   """Trains to ``config.num_train_steps`` (or stops after ``stop_at``, saving a checkpoint)."""
-  schema.validate(config)
+  tasks.validate(config)
   loop.check_workdir(config, workdir)
   return loop.run(SRTask(config, workdir, devices), workdir, stop_at=stop_at,
                   write_report=write_report, restore_step=restore_step)

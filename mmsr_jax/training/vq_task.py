@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mmsr_jax.config import vq as vq_schema
+from mmsr_jax.schema import vq as vq_schema
 from mmsr_jax.data import vq_examples
 from mmsr_jax.evaluation import lpips as lpips_lib
 from mmsr_jax.formats.records import MODALITIES, list_shards

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from mmsr_jax.config import sr, vq
+from mmsr_jax.schema import sr, vq
 
 TASKS = {sr.TASK: sr, vq.TASK: vq}
 DEFAULTS = {sr.TASK: sr.sr_config, vq.TASK: vq.vq_config}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from mmsr_jax.config import common
+from mmsr_jax.schema import common
 
 TASK = "vq"
 SOURCES = ("demo", "synthetic", "shards")
