@@ -18,7 +18,7 @@ from ml_collections import config_flags
 from mmsr_jax import cli
 from mmsr_jax.schema import tasks
 from mmsr_jax.formats.records import CROP_ENCODINGS, list_shards
-from mmsr_jax.training.precompute import FEATURES, STORE_DTYPES, tokenizer_config
+from mmsr_jax.training.precompute import FEATURES, STORE_DTYPES, with_vq_run
 
 
 def main(argv):
@@ -34,7 +34,7 @@ def main(argv):
   config = f.config
   tasks.validate(config)
   if f.vq:
-    config = tokenizer_config(config, f.vq)
+    config = with_vq_run(config, f.vq)
   encoder_pass_beam.precompute(config, encoder_pass_beam.PrecomputeOptions(
       f.input, f.output, features=tuple(f.features), batch_size=f.batch_size,
       crop_size=None if f.crop_size < 0 else f.crop_size, crops=f.crops, dtype=f.dtype,

@@ -364,7 +364,7 @@ def test_tokenize_then_decode_round_trips_through_shards(tmp_path):
 
   records = _write_annotated_shards(str(tmp_path / "ann"))
   vq_dir = _vq_workdir(str(tmp_path / "vq"))
-  cfg = precompute.tokenizer_config(small_config(), vq_dir)
+  cfg = precompute.with_vq_run(small_config(), vq_dir)
   outs = precompute.precompute_shards(cfg, str(tmp_path / "ann"), str(tmp_path / "tok"),
                                       features=("vq",), crop_size=0, batch_size=4,
                                       log=lambda _: None)
@@ -375,7 +375,7 @@ def test_tokenize_then_decode_round_trips_through_shards(tmp_path):
     out_records += [r.read([i])[0] for i in range(r.num_records())]
     r.close()
   assert len(out_records) == len(records)
-  tok = precompute.load_tokenizer(vq_dir)
+  vq = precompute.load_vq(vq_dir)
   psnrs = {"depth": [], "seg": [], "edge": []}
   blank_psnrs = []
   for src, out in zip(records, out_records):
@@ -385,13 +385,13 @@ def test_tokenize_then_decode_round_trips_through_shards(tmp_path):
     ids, present, meta = read_ids(out, grid=8)
     assert meta["grid"] == 8 and meta["codebook_size"] == 64
     np.testing.assert_array_equal(present, [True, a["seg"] is not None, True])
-    maps = precompute.record_maps_full(a, tok.map_size)
+    maps = precompute.record_maps_full(a, vq.map_size)
     for k, i in (("depth", 0), ("seg", 1), ("edge", 2)):
       if not present[i]:
         assert k not in maps and np.all(ids[i] == 0)
         continue
-      np.testing.assert_array_equal(ids[i], tok.encode(k, maps[k][None])[0])
-      rec = tok.decode(k, ids[i][None])
+      np.testing.assert_array_equal(ids[i], vq.encode(k, maps[k][None])[0])
+      rec = vq.decode(k, ids[i][None])
       psnrs[k].append(float(L.psnr(jnp.asarray(maps[k][None]), jnp.asarray(rec))[0]))
       if k == "edge":
         blank_psnrs.append(float(L.psnr(jnp.asarray(maps[k][None]), -jnp.ones_like(rec))[0]))
@@ -459,11 +459,11 @@ def crop_bank_shards(tmp_path_factory):
   cfg = small_config()
   _write_annotated_shards(str(root / "ann"))
   vq_dir = _vq_workdir(str(root / "vq"), map_size=cfg.data.map_size)
-  precompute.precompute_shards(precompute.tokenizer_config(cfg, vq_dir), str(root / "ann"),
+  precompute.precompute_shards(precompute.with_vq_run(cfg, vq_dir), str(root / "ann"),
                                str(root / "tok"), features=("vq",), batch_size=16, crops=4,
                                log=lambda _: None)
   return {"ann": str(root / "ann"), "tok": str(root / "tok"), "vq": vq_dir,
-          "tokenizer": precompute.load_tokenizer(vq_dir)}
+          "vq_codec": precompute.load_vq(vq_dir)}
 
 
 def _shards_config(path, **overrides):
@@ -490,14 +490,14 @@ def test_crop_bank_boxes():
 
 def test_shard_ids_equal_the_encoder_ids_of_the_training_crops(crop_bank_shards):
   from mmsr_jax.data import sources
-  tok = crop_bank_shards["tokenizer"]
+  vq = crop_bank_shards["vq_codec"]
   cfg = _shards_config(crop_bank_shards["tok"])
   batch = next(iter(sr_examples.make_train_loader(cfg, make_tokenizer("byte"))))
   ids, present = batch["vq_ids"], batch["present"]
   assert ids.shape == (8, 3, 4, 4) and ids.dtype == np.int32
   assert present[:, 0].all() and not present[:, 1].all() and present[:, 1].any()
   for i, k in ((0, "depth"), (1, "seg")):  # the stored ids are those of the batch's own maps
-    np.testing.assert_array_equal(ids[present[:, i], i], tok.encode(k, batch[k][present[:, i]]))
+    np.testing.assert_array_equal(ids[present[:, i], i], vq.encode(k, batch[k][present[:, i]]))
     assert (ids[~present[:, i], i] == 0).all()
   assert (ids[:, 2] == 0).all()  # edges are not precomputed
   assert len({ids[j, 0].tobytes() for j in range(8)}) > 1
@@ -519,7 +519,7 @@ def test_shard_ids_equal_the_encoder_ids_of_the_training_crops(crop_bank_shards)
     assert any(k.startswith("deg_") for k in ex) and "lr" not in ex
     for i, k in ((0, "depth"), (1, "seg")):
       if ex["present"][i]:
-        np.testing.assert_array_equal(ex["vq_ids"][i], tok.encode(k, ex[k][None])[0])
+        np.testing.assert_array_equal(ex["vq_ids"][i], vq.encode(k, ex[k][None])[0])
 
 
 def test_trainer_step_with_ids_from_shards(crop_bank_shards):
@@ -590,7 +590,7 @@ def test_tokenize_on_two_beam_workers_writes_what_one_run_writes(crop_bank_shard
   b = crop_bank_shards
   out = str(tmp_path / "split")
   summary = encoder_pass_beam.precompute(
-      precompute.tokenizer_config(small_config(), b["vq"]),
+      precompute.with_vq_run(small_config(), b["vq"]),
       encoder_pass_beam.PrecomputeOptions(b["ann"], out, features=("vq",), batch_size=16,
                                           crop_size=32, crops=4),
       ["--direct_num_workers=2"], log=lambda _: None)

@@ -46,8 +46,8 @@ STORE_DTYPES = ("bfloat16", "float32")
 
 
 @dataclasses.dataclass(frozen=True)
-class VQTokenizer:
-  """A trained VQ tokenizer (one, or one per modality) with jitted encode / decode."""
+class VQCodec:
+  """A VQ model of the modality maps (one, or one per modality) with jitted encode / decode."""
 
   model: vqgan_lib.VQGAN
   params: Any  # plain VQGAN tree, or stacked over MODALITIES when per_modality
@@ -56,8 +56,8 @@ class VQTokenizer:
   meta: dict
 
   @classmethod
-  def from_encoders(cls, conditioner, params, config) -> "VQTokenizer":
-    """The tokenizer of ``config.vq`` (``params`` as the frozen encoders load them)."""
+  def from_encoders(cls, conditioner, params, config) -> "VQCodec":
+    """The VQ model of ``config.vq`` (``params`` as the frozen encoders load them)."""
     m = int(config.data.map_size)
     arch = conditioner.vq.config
     meta = {"tokenizer_sha256": encoder_fingerprint(config, "vq"), "map_size": m,
@@ -94,8 +94,8 @@ def _decode(model: vqgan_lib.VQGAN, params, ids):
   return model.apply({"params": params}, ids, method=vqgan_lib.VQGAN.decode_ids)
 
 
-def load_tokenizer(vq_dir: str) -> VQTokenizer:
-  """Loads the tokenizer a ``train_vq`` workdir exported (``config.json`` + ``vq.safetensors``)."""
+def load_vq(vq_dir: str) -> VQCodec:
+  """Loads the VQ model a ``train_vq`` workdir exported (``config.json`` + ``vq.safetensors``)."""
   if not os.path.isdir(vq_dir):
     raise NotADirectoryError(f"--vq={vq_dir!r}: not a directory (expected a train_vq workdir)")
   config = ckpt_lib.load_config(vq_dir)
@@ -116,7 +116,7 @@ def load_tokenizer(vq_dir: str) -> VQTokenizer:
   meta = {"tokenizer_sha256": weights_fingerprint(path), "map_size": m,
           "grid": m // arch.downsample_factor, "codebook_size": arch.num_vq_embeddings,
           "per_modality": per_modality, "modalities": list(MODALITIES)}
-  return VQTokenizer(model, params, per_modality, m, meta)
+  return VQCodec(model, params, per_modality, m, meta)
 
 
 def record_maps_full(decoded: dict[str, Any], map_size: int) -> dict[str, np.ndarray]:
@@ -153,7 +153,7 @@ def _stored(x: np.ndarray, dtype: str) -> np.ndarray:
   return np.asarray(x, np.float32)
 
 
-def tokenizer_config(config, vq_dir: str) -> ml_collections.ConfigDict:
+def with_vq_run(config, vq_dir: str) -> ml_collections.ConfigDict:
   """``config`` with the VQ tokenizer of a ``python -m mmsr_jax.train_vq`` run: its exported
   weights, architecture, map size and per-modality setting."""
   vq = ckpt_lib.load_config(vq_dir)
@@ -181,7 +181,7 @@ class Encoders:
     cond = self.conditioner
     self.text = jax.jit(lambda p, ids, mask: cond.text_states({"text": p}, ids, mask))
     self.latent = jax.jit(lambda p, x: cond.encode_image({"ae": p}, x))
-    self.vq = VQTokenizer.from_encoders(cond, self.params.get("vq"), config) if "vq" in parts \
+    self.vq = VQCodec.from_encoders(cond, self.params.get("vq"), config) if "vq" in parts \
         else None
 
   def padded(self, fn, params, x: np.ndarray, batch_size: int) -> np.ndarray:
@@ -238,13 +238,13 @@ def record_hr_crops(decoded: dict[str, Any], boxes: np.ndarray, crop_size: int) 
   return out
 
 
-def _prepare(config, rec: bytes, key: int, tok, features, bank_on: bool, crop_size: int,
+def _prepare(config, rec: bytes, key: int, vq, features, bank_on: bool, crop_size: int,
              crops: int, crop_encoding: str, captions) -> dict[str, Any]:
   """The host-side work of one record: decoded maps, crop bank, crop images, caption ids."""
   decoded = decode_record(rec)  # once: the PNG decodes are the main host cost
   item: dict[str, Any] = {"record": rec, "maps": {}, "crop_maps": {}}
   if "vq" in features:
-    item["maps"] = record_maps_full(decoded, tok.map_size)
+    item["maps"] = record_maps_full(decoded, vq.map_size)
   if bank_on:
     item["boxes"], item["crop_maps"] = record_crop_maps(
         decoded, crop_size, crops, key, int(config.data.map_size))
@@ -282,12 +282,12 @@ def precompute_records(config, encoders: Encoders, records: Iterable[bytes], *,
     seconds[name] = seconds.get(name, 0.0) + now - start
     return now
 
-  tok = encoders.vq
+  vq = encoders.vq
   bank_on = bool(crop_size) and ("vq" in features or "latents" in features
                                  or "crops" in features)
-  vq_meta = dict(tok.meta, crop_size=int(crop_size) if bank_on else 0,
-                 crops=int(crops) if bank_on else 0) if tok is not None else None
-  g = tok.grid if tok is not None else 1
+  vq_meta = dict(vq.meta, crop_size=int(crop_size) if bank_on else 0,
+                 crops=int(crops) if bank_on else 0) if vq is not None else None
+  g = vq.grid if vq is not None else 1
   captions = make_tokenizer(config.text.tokenizer) if "text" in features else None
   fmeta = {}
   if "text" in features:
@@ -318,7 +318,7 @@ def precompute_records(config, encoders: Encoders, records: Iterable[bytes], *,
       for k in MODALITIES:
         rows = [(i, p["maps"][k]) for i, p in enumerate(pending) if k in p["maps"]]
         if rows:
-          ids = tok.encode(k, np.stack([m for _, m in rows]))
+          ids = vq.encode(k, np.stack([m for _, m in rows]))
           for (i, _), row_ids in zip(rows, ids):
             ids_of[i][k] = row_ids
     if bank_on:
@@ -331,7 +331,7 @@ def precompute_records(config, encoders: Encoders, records: Iterable[bytes], *,
         rows = [(i, p["crop_maps"][k]) for i, p in enumerate(pending) if k in p["crop_maps"]]
         if rows:
           flat = np.concatenate([m.reshape((-1,) + m.shape[2:]) for _, m in rows])
-          ids = encoders.padded(lambda _, x: tok.encode(k, x), None, flat, batch_size)  # noqa: B023
+          ids = encoders.padded(lambda _, x: vq.encode(k, x), None, flat, batch_size)  # noqa: B023
           for (i, _), row_ids in zip(rows, ids.reshape(len(rows), crops, 2, g, g)):
             banks[i]["ids"][:, :, MODALITIES.index(k)] = row_ids
     if "vq" in features:
@@ -373,7 +373,7 @@ def precompute_records(config, encoders: Encoders, records: Iterable[bytes], *,
   for j, rec in enumerate(records):
     t = time.perf_counter()
     try:
-      item = _prepare(config, rec, first_index + j, tok, features, bank_on, crop_size, crops,
+      item = _prepare(config, rec, first_index + j, vq, features, bank_on, crop_size, crops,
                       crop_encoding, captions)
     except Exception as e:  # pylint: disable=broad-except
       if on_reject is None:
@@ -468,7 +468,7 @@ def settings_of(config, features, crop_size: int, crops: int, dtype: str, crop_e
   """What ``precompute.json`` records of a pass: its settings and encoder fingerprints."""
   vq_meta = None
   if "vq" in parts:
-    vq_meta = VQTokenizer.from_encoders(build.conditioner(config), None, config).meta
+    vq_meta = VQCodec.from_encoders(build.conditioner(config), None, config).meta
   return {"features": list(features), "crop_size": crop_size,
           "crops": crops if crop_size else 0, "dtype": dtype,
           "crop_encoding": crop_encoding if "crops" in features else None,
