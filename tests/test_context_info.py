@@ -99,7 +99,7 @@ def held_out_errors(tmp_path_factory):
     state, metrics = trainer.step(state, sharding.global_batch(batch, trainer.mesh))
   assert np.isfinite(float(metrics["loss"]))
   held = [example(random_signs(np.random.default_rng(100_000 + i)), tok) for i in range(32)]
-  t_max = trainer.schedule.num_timesteps - 1
+  t_max = trainer.system.schedule.num_timesteps - 1
   errors = sr_report.val_losses(config, trainer, state.params, held, t=t_max, x0_error=True)
   return errors, config.diffusion.residual_scale
 

@@ -251,7 +251,7 @@ def test_pixart_cli_then_train_start_keeps_text_to_image_function(tmp_path):
       {"params": {k: params["context"][k] for k in ("caption_projection_1",
                                                     "caption_projection_2")}}, text)
   with jax.default_matmul_precision("highest"):
-    ours = trainer.model.apply({"params": params}, jnp.asarray(z), jnp.asarray(t),
+    ours = trainer.system.model.apply({"params": params}, jnp.asarray(z), jnp.asarray(t),
                                jnp.asarray(lr_latent), ctx, method=MMSR.denoise)
   with torch.no_grad():
     theirs = ref(torch.from_numpy(z).permute(0, 3, 1, 2), encoder_hidden_states=torch.from_numpy(

@@ -188,7 +188,7 @@ def _wait_share() -> dict:
   workdir = tempfile.mkdtemp(prefix="bench_data_")
   trainer = SRTask(cfg, workdir)
   state = trainer.init_state()
-  it = iter(sr_examples.make_train_loader(cfg, trainer.tokenizer))
+  it = iter(sr_examples.make_train_loader(cfg, trainer.system.tokenizer))
   # Warm-up: compile the step (and the degradation).
   state, metrics = trainer.train_step(state, trainer.frozen, sharding.global_batch(next(it),
                                                                                   trainer.mesh))

@@ -53,10 +53,10 @@ def val_losses(config, trainer, params, examples, *, settings=VAL_SETTINGS, t: i
   the mean squared error of the ``x0`` the prediction implies instead of the loss; at a high-noise
   ``t`` it measures what the conditions alone say about the target.
   """
-  inputs = {name: sampler.make_inputs(examples, trainer.tokenizer, config,
+  inputs = {name: sampler.make_inputs(examples, trainer.system.tokenizer, config,
                                       enabled=setting_switches(name)) for name in settings}
   hr = jnp.asarray(np.stack([e["hr"] for e in examples]))
-  model, cond, schedule = trainer.model, trainer.conditioner, trainer.schedule
+  model, cond, schedule = trainer.system.model, trainer.system.conditioner, trainer.system.schedule
   first = next(iter(inputs.values()))
   maps = {m: first["maps"][:, i] for i, m in enumerate(MODALITIES)}
   t_fixed = None if t is None else jnp.full((hr.shape[0],), int(t), jnp.int32)
@@ -94,13 +94,14 @@ def super_resolve(config, trainer, params, examples, *, steps: int, scale: float
   p = config.model.patch_size
   latent = max(lr_hw) * config.data.scale // config.autoencoder.factor
   grid = sampler.make_grid(config, lr_hw, tile=-(-latent // p) * p, overlap=0)
-  sample = sampler.make_sample_fn(trainer.model, trainer.conditioner, trainer.schedule, grid,
+  s = trainer.system
+  sample = sampler.make_sample_fn(s.model, s.conditioner, s.schedule, grid,
                                   steps=steps, guidance=guidance if scale else "none",
                                   spacing=config.sampling.spacing, clip_x0=config.sampling.clip_x0,
                                   strength=strength)
   out = {}
   for name in settings:
-    inputs = sampler.make_inputs(examples, trainer.tokenizer, config,
+    inputs = sampler.make_inputs(examples, trainer.system.tokenizer, config,
                                  enabled=setting_switches(name))
     out[name] = to_uint8(sample(params, trainer.eval_frozen(), inputs, jax.random.key(seed), scale,
                                 config.sampling.eta))
@@ -140,9 +141,9 @@ def plot_losses(records: list[dict], path: str) -> None:
 def write_report(config, workdir: str, trainer, state) -> dict:
   from PIL import Image
   records = loop.read_metrics(workdir)
-  examples = sr_examples.make_eval_examples(config, trainer.tokenizer, "val")
+  examples = sr_examples.make_eval_examples(config, trainer.system.tokenizer, "val")
   ema = state.ema_params
-  t_max = trainer.schedule.num_timesteps - 1
+  t_max = trainer.system.schedule.num_timesteps - 1
   report = {
       "step": int(jax.device_get(state.step)),
       "first_train_loss": records[0]["loss"] if records else None,

@@ -155,9 +155,6 @@ class SRTask:
     self.config, self.workdir = config, workdir
     s = System.from_config(config, devices) if system is None else system
     self.system = s
-    self.mesh, self.model, self.conditioner = s.mesh, s.model, s.conditioner
-    self.schedule, self.tokenizer, self.tx, self.lr_fn = s.schedule, s.tokenizer, s.tx, s.lr_fn
-    self.state_sharding, self.abstract_state = s.state_sharding, s.abstract_state
     # Precomputed caption states: the text encoder stays off the accelerators (T5-XXL is 19 GB);
     # only the report loads it (eval_frozen).
     self.text_from_shards = config.text.states_from == "shards"
@@ -168,19 +165,19 @@ class SRTask:
              f"{', '.join(frozen_parts(config))}")
     self.frozen = s.load_frozen(frozen_parts(config))
     self.frozen_sharding = jax.tree.map(lambda a: a.sharding, self.frozen)
-    self._init = jax.jit(s.init_fn, out_shardings=self.state_sharding)
+    self._init = jax.jit(s.init_fn, out_shardings=s.state_sharding)
     if config.model.init_from:  # read (and checked) before anything long starts
       for warning in pixart.check_converted(config.model.init_from, config):
         loop.log(f"WARNING: {warning}")
       self._pixart = pixart.pixart_for_mmsr(
-          config.model.init_from, self.abstract_state.params, num_heads=config.model.num_heads)
+          config.model.init_from, s.abstract_state.params, num_heads=config.model.num_heads)
 
       def graft(state, pretrained):
         params = {**state.params, "dit": pretrained["dit"]}
         if "context" in pretrained:
           params["context"] = {**state.params["context"], **pretrained["context"]}
-        return TrainState(state.step, params, self.tx.init(params), params)
-      self._pretrained = jax.jit(graft, out_shardings=self.state_sharding, donate_argnums=(0,))
+        return TrainState(state.step, params, s.tx.init(params), params)
+      self._pretrained = jax.jit(graft, out_shardings=s.state_sharding, donate_argnums=(0,))
     null = null_text or self.null_text()
     self.null = null
     null_tree = {"states": np.asarray(null[0], np.float32), "mask": np.asarray(null[1], np.int32)}
@@ -190,13 +187,17 @@ class SRTask:
     self.train_step = jitted_step(s, self.frozen_sharding)
     self._step = None  # what step() runs, chosen at the first step (see _first_step)
 
+  @property
+  def mesh(self):  # the task interface of the loop
+    return self.system.mesh
+
   def null_text(self) -> tuple[np.ndarray, np.ndarray]:
     """The empty caption's text states ``[L, D]`` (float32) and mask ``[L]``: written beside the
     shards by the precompute pass, or computed here by the text encoder."""
     if self.text_from_shards:
       return sr_examples.read_null_text(self.config)
-    ids, mask = self.tokenizer.encode("", self.config.text.max_length)
-    states = jax.jit(self.conditioner.text_states)(self.frozen, ids[None], mask[None])[0]
+    ids, mask = self.system.tokenizer.encode("", self.config.text.max_length)
+    states = jax.jit(self.system.conditioner.text_states)(self.frozen, ids[None], mask[None])[0]
     return np.asarray(states, np.float32), np.asarray(mask)
 
   def eval_frozen(self) -> dict:
@@ -228,7 +229,7 @@ class SRTask:
     return loaded
 
   def make_loader(self):
-    return sr_examples.make_train_loader(self.config, self.tokenizer)
+    return sr_examples.make_train_loader(self.config, self.system.tokenizer)
 
   def write_report(self, workdir: str, state: TrainState) -> dict:
     return sr_report.write_report(self.config, workdir, self, state)
@@ -248,7 +249,8 @@ class SRTask:
   def sample_grid(self, state: TrainState) -> dict:
     """``LR | bicubic | SR (EMA weights) | HR`` of each held-out crop, for TensorBoard."""
     if not hasattr(self, "_eval_examples"):
-      self._eval_examples = sr_examples.make_eval_examples(self.config, self.tokenizer, "val")
+      self._eval_examples = sr_examples.make_eval_examples(
+          self.config, self.system.tokenizer, "val")
     c = self.config
     sr = sr_report.super_resolve(c, self, state.ema_params, self._eval_examples,
                                  steps=c.eval.steps, scale=c.eval.scale,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -219,30 +218,6 @@ def pooled_psnr(x: Array, x_rec: Array) -> Array:
 
 
 # ------------------------------------------------------------------------------- discriminator
-class PatchDiscriminator(nn.Module):
-  """PatchGAN discriminator (Isola et al. 2017; the one taming-transformers' VQGAN uses).
-
-  Strided 4x4 convolutions with LeakyReLU(0.2); normalisation is GroupNorm (batch statistics
-  would couple the examples of a data-parallel batch). Output: one logit per patch.
-  """
-
-  width: int = 64
-  num_layers: int = 3
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    h = nn.Conv(self.width, (4, 4), strides=2, padding=1)(x)
-    h = nn.leaky_relu(h, 0.2)
-    ch = self.width
-    for i in range(1, self.num_layers + 1):
-      ch = self.width * min(2 ** i, 8)
-      stride = 2 if i < self.num_layers else 1
-      h = nn.Conv(ch, (4, 4), strides=stride, padding=1, use_bias=False)(h)
-      h = nn.GroupNorm(num_groups=min(32, ch // 4))(h)
-      h = nn.leaky_relu(h, 0.2)
-    return nn.Conv(1, (4, 4), strides=1, padding=1)(h)
-
-
 def hinge_d_loss(logits_real: Array, logits_fake: Array) -> Array:
   """Discriminator hinge loss: mean relu(1 - D(x)) + mean relu(1 + D(G(x))), halved."""
   return 0.5 * (jnp.mean(jax.nn.relu(1.0 - logits_real)) +

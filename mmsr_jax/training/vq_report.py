@@ -61,18 +61,18 @@ def write_report(task, workdir: str, state) -> dict:
   config = task.config
   params = jax.device_get(state["params"])
   held = task.heldout
-  k = task.arch.num_vq_embeddings
-  recon, cont, const, counts_all = {}, {}, {}, np.zeros((task.groups, k))
+  k = task.system.arch.num_vq_embeddings
+  recon, cont, const, counts_all = {}, {}, {}, np.zeros((task.system.groups, k))
   edge_scores = {}
   rows = []
   n_png = int(config.vq_train.png_examples)
   for mi, name in enumerate(MODALITIES):
     if name not in held:
       continue
-    g = mi if task.groups > 1 else 0
+    g = mi if task.system.groups > 1 else 0
     x = held[name]["maps"]
     p = group_params(params["vq"], g)
-    x_rec, ids = _batched(lambda b: reconstruct(task.model, p, b), x)
+    x_rec, ids = _batched(lambda b: reconstruct(task.system.model, p, b), x)
     recon[name] = _pooled_psnr(x, x_rec)
     # The best constant map (the held-out maps' mean colour): the floor a tokenizer must beat.
     const[name] = _pooled_psnr(x, np.broadcast_to(x.mean(axis=(0, 1, 2)), x.shape))
@@ -82,7 +82,7 @@ def write_report(task, workdir: str, state) -> dict:
       edge_scores["vq"] = _edge_scores(x, x_rec)
     if "cont" in params:
       pc = group_params(params["cont"], g)
-      x_c = _batched(lambda b: reconstruct_continuous(task.model, pc, b), x)
+      x_c = _batched(lambda b: reconstruct_continuous(task.system.model, pc, b), x)
       cont[name] = _pooled_psnr(x, x_c)
       if name == "edge":
         edge_scores["continuous"] = _edge_scores(x, x_c)
@@ -100,8 +100,8 @@ def write_report(task, workdir: str, state) -> dict:
       "codebook_usage": float(np.mean(usage)),
       "perplexity": float(np.mean(perp)),
       "codebook_size": k,
-      "token_grid": config.data.map_size // task.arch.downsample_factor,
-      "per_modality_tokenizers": bool(task.groups > 1),
+      "token_grid": config.data.map_size // task.system.arch.downsample_factor,
+      "per_modality_tokenizers": bool(task.system.groups > 1),
       "heldout": {n: {"origin": h["origin"], "num_maps": int(len(h["maps"]))}
                   for n, h in held.items()},
       "codebook_usage_train": float(np.mean(train_usage >= config.vq_train.restart_threshold)),
@@ -111,7 +111,7 @@ def write_report(task, workdir: str, state) -> dict:
       "edge_f1_convention": ("maps thresholded at 0.5, line pixels matched exactly, counts "
                              "pooled over the held-out edge maps"),
   }
-  if task.groups > 1:
+  if task.system.groups > 1:
     report["codebook_usage_per_modality"] = dict(zip(MODALITIES, usage))
     report["perplexity_per_modality"] = dict(zip(MODALITIES, perp))
   if metrics:

@@ -12,22 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mmsr_jax.schema import vq as vq_schema
 from mmsr_jax.data import vq_examples
-from mmsr_jax.evaluation import lpips as lpips_lib
 from mmsr_jax.formats.records import MODALITIES, list_shards
-from mmsr_jax.models import build
 from mmsr_jax.models import vqgan as vqgan_lib
 from mmsr_jax.runtime import sharding
+from mmsr_jax.schema import vq as vq_schema
 from mmsr_jax.training import loop, vq_report
 from mmsr_jax.training import vq_losses as L
-from mmsr_jax.runtime.optimizer import make_optimizer
-from mmsr_jax.weights import params_io
-
-
-def num_groups(config) -> int:
-  """1 tokenizer for all modalities, or one per modality."""
-  return len(MODALITIES) if config.vq.per_modality else 1
+from mmsr_jax.vq_system import VQSystem, codebook_of
 
 
 def group_batch(maps: jax.Array, present: jax.Array, groups: int):
@@ -42,87 +34,32 @@ def group_batch(maps: jax.Array, present: jax.Array, groups: int):
           jnp.swapaxes(is_edge, 0, 1))
 
 
-def _codebook(params) -> jax.Array:
-  return params["quantize"]["embedding"]["embedding"]
-
-
-def _with_codebook(params, codebook):
+def _withcodebook_of(params, codebook):
   q = dict(params["quantize"], embedding=dict(params["quantize"]["embedding"],
                                               embedding=codebook))
   return dict(params, quantize=q)
 
 
 class VQTask:
-  """The tokenizer task of ``mmsr_jax.training.loop``: mesh, model, sharded state, jitted step, report."""
+  """The tokenizer task of ``mmsr_jax.training.loop``: the jitted step and the report, around the
+  :class:`~mmsr_jax.vq_system.VQSystem` it builds."""
 
   def __init__(self, config, workdir: str, devices=None):
     vq_schema.validate(config)
     if config.vq_train.source == "shards":  # fails early when there are none
       list_shards(config.vq_train.shards, "config.vq_train.shards")
     self.config, self.workdir = config, workdir
-    vt = config.vq_train
-    self.mesh = sharding.make_mesh(config, devices)
-    self.arch = build.vq_arch(config, config.compute_dtype)
-    self.model = vqgan_lib.VQGAN(self.arch)
-    self.groups = num_groups(config)
-    self.tx, self.lr_fn = make_optimizer(config)
-    self.disc = (L.PatchDiscriminator(vt.disc_width, vt.disc_layers) if vt.adv_weight > 0
-                 else None)
-    self.tx_d = optax.adam(vt.disc_lr, b1=0.5, b2=0.9) if self.disc else None
-    if self.disc is not None:
-      m = config.data.map_size
-      out = jax.eval_shape(lambda: self.disc.init_with_output(
-          jax.random.key(0), jnp.zeros((1, m, m, 3)))[0])
-      if min(out.shape[1:3]) < 1:
-        raise ValueError(f"config.vq_train.disc_layers={vt.disc_layers} is too deep for "
-                         f"{m}x{m} maps (no patch logits left); use fewer layers")
-    self.lpips = self._load_lpips() if vt.perceptual_weight > 0 else None
-    repl = sharding.replicated(self.mesh)
-    abstract = jax.eval_shape(self._init_fn, jax.random.key(0))
-    self.state_sharding = jax.tree.map(lambda _: repl, abstract)
-    self.abstract_state = abstract
-    self._init = jax.jit(self._init_fn, out_shardings=self.state_sharding)
+    self.system = s = VQSystem.from_config(config, devices)
+    self._init = jax.jit(s.init_fn, out_shardings=s.state_sharding)
     self.train_step = jax.jit(
-        self._step_fn, in_shardings=(self.state_sharding, sharding.batch_sharding(self.mesh)),
-        out_shardings=(self.state_sharding, repl), donate_argnums=(0,))
+        self._step_fn, in_shardings=(s.state_sharding, sharding.batch_sharding(s.mesh)),
+        out_shardings=(s.state_sharding, sharding.replicated(s.mesh)), donate_argnums=(0,))
 
   # --- Pieces.
-  def _load_lpips(self):
-    vt = self.config.vq_train
-    abstract = lpips_lib.abstract_params(vt.lpips_net)
-    params = params_io.load_params(vt.lpips_params, abstract["params"],
-                                   field="config.vq_train.lpips_params")
-    return lpips_lib.LPIPS(vt.lpips_net), {"params": params}
-
-  def _init_group(self, rng):
-    m = self.config.data.map_size
-    return self.model.init(rng, jnp.zeros((1, m, m, 3)))["params"]
-
-  def _init_fn(self, rng):
-    vt, g = self.config.vq_train, self.groups
-    k = self.arch.num_vq_embeddings
-    r_vq, r_cont, r_d = jax.random.split(rng, 3)
-    params = {"vq": jax.vmap(self._init_group)(jax.random.split(r_vq, g))}
-    if vt.continuous_baseline:
-      params["cont"] = jax.vmap(self._init_group)(jax.random.split(r_cont, g))
-    cb = _codebook(params["vq"])
-    codes = {"usage": jnp.full((g, k), vt.restart_threshold, jnp.float32)}
-    if vt.codebook == "ema":
-      codes["cluster_size"] = jnp.ones((g, k), jnp.float32)
-      codes["embed_sum"] = cb.astype(jnp.float32)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params,
-             "opt_state": {n: self.tx.init(p) for n, p in params.items()}, "codes": codes}
-    if self.disc is not None:
-      m = self.config.data.map_size
-      d_params = self.disc.init(r_d, jnp.zeros((1, m, m, 3)))["params"]
-      state["disc"] = d_params
-      state["disc_opt"] = self.tx_d.init(d_params)
-    return state
-
   def _perceptual(self, x, x_rec, w):
-    if self.lpips is None:
+    if self.system.lpips is None:
       return jnp.zeros((), jnp.float32)
-    net, params = self.lpips
+    net, params = self.system.lpips
     d = net.apply(params, jnp.clip(x_rec, -1, 1), x)
     return jnp.sum(d * w) / jnp.maximum(jnp.sum(w), 1.0)
 
@@ -135,9 +72,9 @@ class VQTask:
   def _vq_forward(self, params, x, w, is_edge, disc_params, adv_on):
     """One group: loss and diagnostics of the quantised autoencoder."""
     vt = self.config.vq_train
-    z = self.model.apply({"params": params}, x, method=vqgan_lib.VQGAN.encode)
-    z_st, ids, terms = L.quantize(z, _codebook(params), w)
-    x_rec = self.model.apply({"params": params}, z_st, method=vqgan_lib.VQGAN.decode)
+    z = self.system.model.apply({"params": params}, x, method=vqgan_lib.VQGAN.encode)
+    z_st, ids, terms = L.quantize(z, codebook_of(params), w)
+    x_rec = self.system.model.apply({"params": params}, z_st, method=vqgan_lib.VQGAN.decode)
     x_rec = x_rec.astype(jnp.float32)
     rec = L.reconstruction(x, x_rec, vt.recon_loss, w, self._pixel_weights(x, is_edge))
     loss = rec + vt.beta * terms["commitment"]
@@ -146,8 +83,8 @@ class VQTask:
     perc = self._perceptual(x, x_rec, w)
     loss = loss + vt.perceptual_weight * perc
     adv = jnp.zeros((), jnp.float32)
-    if self.disc is not None:
-      adv = L.generator_adv_loss(self.disc.apply({"params": disc_params}, x_rec))
+    if self.system.disc is not None:
+      adv = L.generator_adv_loss(self.system.disc.apply({"params": disc_params}, x_rec))
       loss = loss + adv_on * vt.adv_weight * adv
     aux = {"recon_loss": rec, "commitment_loss": terms["commitment"],
            "codebook_loss": terms["codebook"], "perceptual_loss": perc, "adv_loss": adv,
@@ -157,17 +94,17 @@ class VQTask:
   def _cont_forward(self, params, x, w, is_edge):
     """One group: the same autoencoder without quantisation (same loss)."""
     vt = self.config.vq_train
-    z = self.model.apply({"params": params}, x, method=vqgan_lib.VQGAN.encode)
-    x_rec = self.model.apply({"params": params}, z, method=vqgan_lib.VQGAN.decode)
+    z = self.system.model.apply({"params": params}, x, method=vqgan_lib.VQGAN.encode)
+    x_rec = self.system.model.apply({"params": params}, z, method=vqgan_lib.VQGAN.decode)
     x_rec = x_rec.astype(jnp.float32)
     return (L.reconstruction(x, x_rec, vt.recon_loss, w, self._pixel_weights(x, is_edge))
             + vt.perceptual_weight * self._perceptual(x, x_rec, w))
 
   def _step_fn(self, state, batch):
-    config, vt = self.config, self.config.vq_train
+    config, vt, tx = self.config, self.config.vq_train, self.system.tx
     step = state["step"]
     rng = jax.random.fold_in(jax.random.key(config.seed), step)
-    x, w, is_edge = group_batch(batch["maps"], batch["present"], self.groups)
+    x, w, is_edge = group_batch(batch["maps"], batch["present"], self.system.groups)
     adv_on = (step >= vt.disc_start).astype(jnp.float32)
     disc_params = state.get("disc")
 
@@ -177,15 +114,15 @@ class VQTask:
       return jnp.mean(losses), aux
 
     (loss, aux), grads = jax.value_and_grad(vq_loss, has_aux=True)(state["params"]["vq"])
-    updates, opt_vq = self.tx.update(grads, state["opt_state"]["vq"], state["params"]["vq"])
+    updates, opt_vq = tx.update(grads, state["opt_state"]["vq"], state["params"]["vq"])
     params_vq = optax.apply_updates(state["params"]["vq"], updates)
 
     # --- Codebook maintenance, per group: usage EMA, EMA codebook, dead-code restart.
-    k = self.arch.num_vq_embeddings
+    k = self.system.arch.num_vq_embeddings
     counts = jax.vmap(lambda i, ww: L.code_counts(i, k, ww))(aux["ids"], w)
     codes = dict(state["codes"])
     codes["usage"] = vt.usage_decay * codes["usage"] + (1 - vt.usage_decay) * counts
-    codebook = _codebook(params_vq)
+    codebook = codebook_of(params_vq)
     if vt.codebook == "ema":
       cs, es, codebook = jax.vmap(
           lambda c, e, z, i, ww: L.ema_codebook_update(c, e, z, i, ww, vt.ema_decay))(
@@ -198,14 +135,14 @@ class VQTask:
     new_cb, new_usage, dead = jax.vmap(
         lambda cb, u, z, ww, r: L.restart_dead_codes(cb, u, z, ww, r, vt.restart_threshold,
                                                      vt.restart_noise))(
-            codebook, codes["usage"], aux["z"], w, jax.random.split(rng, self.groups))
+            codebook, codes["usage"], aux["z"], w, jax.random.split(rng, self.system.groups))
     dead = dead & restart_on
     codebook = jnp.where(dead[..., None], new_cb, codebook)
     codes["usage"] = jnp.where(dead, new_usage, codes["usage"])
     if vt.codebook == "ema":
       codes["cluster_size"] = jnp.where(dead, 1.0, codes["cluster_size"])
       codes["embed_sum"] = jnp.where(dead[..., None], codebook, codes["embed_sum"])
-    params_vq = _with_codebook(params_vq, codebook.astype(_codebook(params_vq).dtype))
+    params_vq = _withcodebook_of(params_vq, codebook.astype(codebook_of(params_vq).dtype))
 
     new_state = dict(state, step=step + 1, codes=codes,
                      params=dict(state["params"], vq=params_vq),
@@ -218,7 +155,7 @@ class VQTask:
                "codebook_usage": used,
                "perplexity": jnp.mean(jax.vmap(L.perplexity)(counts)),
                "restarted": jnp.sum(dead).astype(jnp.float32),
-               "lr": self.lr_fn(step)}
+               "lr": self.system.lr_fn(step)}
     if vt.perceptual_weight > 0:
       metrics["perceptual_loss"] = jnp.mean(aux["perceptual_loss"])
 
@@ -227,21 +164,21 @@ class VQTask:
       def cont_loss(params):
         return jnp.mean(jax.vmap(self._cont_forward)(params, x, w, is_edge))
       c_loss, c_grads = jax.value_and_grad(cont_loss)(state["params"]["cont"])
-      c_upd, opt_c = self.tx.update(c_grads, state["opt_state"]["cont"], state["params"]["cont"])
+      c_upd, opt_c = tx.update(c_grads, state["opt_state"]["cont"], state["params"]["cont"])
       new_state["params"]["cont"] = optax.apply_updates(state["params"]["cont"], c_upd)
       new_state["opt_state"]["cont"] = opt_c
       metrics["cont_loss"] = c_loss
 
     # --- Patch discriminator (hinge), on all groups' maps at once.
-    if self.disc is not None:
+    if self.system.disc is not None:
       real = x.reshape(-1, *x.shape[2:])
       fake = jax.lax.stop_gradient(aux["x_rec"]).reshape(-1, *x.shape[2:])
       def d_loss_fn(dp):
-        lr_ = self.disc.apply({"params": dp}, real)
-        lf = self.disc.apply({"params": dp}, fake)
+        lr_ = self.system.disc.apply({"params": dp}, real)
+        lf = self.system.disc.apply({"params": dp}, fake)
         return L.hinge_d_loss(lr_, lf)
       d_loss, d_grads = jax.value_and_grad(d_loss_fn)(state["disc"])
-      d_upd, d_opt = self.tx_d.update(d_grads, state["disc_opt"], state["disc"])
+      d_upd, d_opt = self.system.tx_d.update(d_grads, state["disc_opt"], state["disc"])
       new_state["disc"] = optax.apply_updates(state["disc"], d_upd)
       new_state["disc_opt"] = d_opt
       metrics["disc_loss"] = d_loss
@@ -249,12 +186,15 @@ class VQTask:
     return new_state, metrics
 
   # --- The task interface of the loop.
+  @property
+  def mesh(self):
+    return self.system.mesh
+
   def init_state(self):
     return self._init(jax.random.key(self.config.seed))
 
   def abstract_with_shardings(self):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        self.abstract_state, self.state_sharding)
+    return self.system.abstract_with_shardings()
 
   def step(self, state, batch):
     return self.train_step(state, batch)
@@ -278,11 +218,12 @@ class VQTask:
     for mi, name in enumerate(MODALITIES):
       if name in self.heldout:
         x = self.heldout[name]["maps"][:n]
-        g = mi if self.groups > 1 else 0
-        row = [x, np.asarray(vq_report.reconstruct(self.model, vq_report.group_params(params["vq"], g), x)[0])]
+        g = mi if self.system.groups > 1 else 0
+        row = [x, np.asarray(vq_report.reconstruct(
+            self.system.model, vq_report.group_params(params["vq"], g), x)[0])]
         if "cont" in params:
           row.append(np.asarray(vq_report.reconstruct_continuous(
-              self.model, vq_report.group_params(params["cont"], g), x)))
+              self.system.model, vq_report.group_params(params["cont"], g), x)))
         rows.append(row)
     return {"reconstructions": vq_report.grid(rows)}
 
