@@ -7,7 +7,7 @@ scales and one over per-group attention temperatures, every cell with the same s
 
 Writes ``<stem>_guidance.png``, ``<stem>_temperature.png`` and ``<stem>_controls.json`` (every
 cell's settings and its box in the picture). The work is done by
-:mod:`mmsr_jax.inference.controls`.
+:mod:`mmsr_jax.inference.control_grid`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from mmsr_jax import cli
 from mmsr_jax.data import images as image_io
 from mmsr_jax.diffusion.guidance import GUIDANCE_MODES
 from mmsr_jax.formats.records import MODALITIES
-from mmsr_jax.inference import controls
+from mmsr_jax.inference import control_grid
 from mmsr_jax.inference.super_resolver import SuperResolver, read_map
 from mmsr_jax.runtime import checkpoint as ckpt_lib
 
@@ -33,13 +33,13 @@ def define_flags() -> None:
       input_help="One image file.", output_help="Output folder for the grid PNGs and their JSON.",
       seed_help="Noise seed, the same for every cell.",
       map_help="User-supplied {} map (image file).")
-  d.DEFINE_list("modes", list(controls.DEFAULT_MODES), "Rows of the guidance grid "
+  d.DEFINE_list("modes", list(control_grid.DEFAULT_MODES), "Rows of the guidance grid "
                 f"({', '.join(GUIDANCE_MODES)}); empty: no guidance grid.")
-  d.DEFINE_list("scales", [f"{s:g}" for s in controls.DEFAULT_SCALES],
+  d.DEFINE_list("scales", [f"{s:g}" for s in control_grid.DEFAULT_SCALES],
                 "Columns of the guidance grid: guidance scales w >= 0.")
-  d.DEFINE_list("temperature_groups", list(controls.DEFAULT_GROUPS), "Rows of the temperature "
+  d.DEFINE_list("temperature_groups", list(control_grid.DEFAULT_GROUPS), "Rows of the temperature "
                 "grid (text, depth, seg, edge); empty: no temperature grid.")
-  d.DEFINE_list("temperatures", [f"{t:g}" for t in controls.DEFAULT_TEMPERATURES],
+  d.DEFINE_list("temperatures", [f"{t:g}" for t in control_grid.DEFAULT_TEMPERATURES],
                 "Columns of the temperature grid: temperatures > 0 (1: unchanged).")
   d.DEFINE_enum("guidance", None, list(GUIDANCE_MODES), "Guidance mode of the temperature grid "
                 "(default: the config's).")
@@ -53,8 +53,8 @@ def main(argv):
     if not F[name].value:
       raise app.UsageError(f"--{name} is required")
   # Every check on flags and files happens before the model is built.
-  axes = controls.check_controls(F.modes, F.scales, F.temperature_groups, F.temperatures)
-  grids = controls.grids_to_draw(axes)
+  axes = control_grid.check_controls(F.modes, F.scales, F.temperature_groups, F.temperatures)
+  grids = control_grid.grids_to_draw(axes)
   reason = image_io.missing_file_reason(F.input)
   if reason is not None:
     raise FileNotFoundError(f"--input={F.input}: {reason}; expected one image file")
@@ -68,7 +68,7 @@ def main(argv):
   maps = {k: read_map(F[k].value, k) for k in MODALITIES if F[k].value}
   if os.path.exists(F.output) and not os.path.isdir(F.output):
     raise NotADirectoryError(f"--output={F.output} exists and is not a folder")
-  paths = controls.output_paths(F.output, grids, F.input)
+  paths = control_grid.output_paths(F.output, grids, F.input)
   cli.refuse_input_overwrite(paths.values(), [F.input, *(F[k].value for k in MODALITIES
                                                           if F[k].value)], f"--output={F.output}")
   cli.check_writable(F.output, "--output")
@@ -87,8 +87,8 @@ def main(argv):
                 if g in grids)
   from tqdm import tqdm
   bar = tqdm(total=n_cells, desc="cells", unit="cell", disable=not F.progress)
-  figures = controls.controls_figures(sr, pic, axes, caption=F.caption, maps=maps,
-                                      progress=lambda: bar.update(1), **settings)
+  figures = control_grid.controls_figures(sr, pic, axes, caption=F.caption, maps=maps,
+                                          progress=lambda: bar.update(1), **settings)
   bar.close()
   os.makedirs(F.output, exist_ok=True)
   for name, fig in figures.items():

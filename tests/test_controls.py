@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from mmsr_jax.data import images as image_io
-from mmsr_jax.inference import controls
+from mmsr_jax.inference import control_grid
 from mmsr_jax.inference.super_resolver import SuperResolver
 from tests.conftest import save_random_run, small_config
 
@@ -52,11 +52,11 @@ def figures(run):
 
   jax.monitoring.register_event_duration_secs_listener(listen)
   try:
-    axes = controls.check_controls(MODES, SCALES, GROUPS, TEMPERATURES)
+    axes = control_grid.check_controls(MODES, SCALES, GROUPS, TEMPERATURES)
     depth = np.linspace(0, 1, 36 * 28, dtype=np.float32).reshape(36, 28)
-    figs = controls.controls_figures(sr, _picture(), axes, caption="a cat",
-                                     maps={"depth": depth}, steps=STEPS, seed=5,
-                                     guidance="mcfg", scale=2.0)
+    figs = control_grid.controls_figures(sr, _picture(), axes, caption="a cat",
+                                         maps={"depth": depth}, steps=STEPS, seed=5,
+                                         guidance="mcfg", scale=2.0)
   finally:
     jax.monitoring.unregister_event_duration_listener(listen)
   return figs, len(lowered)
@@ -155,8 +155,9 @@ def test_bad_axes_are_refused():
                      (([], [], ["depth"], [1, 1.0]), "--temperatures"),
                      (([], [1], ["depth"], []), "nothing to draw")):
     with pytest.raises(ValueError, match=flag):
-      controls.check_controls(*args)
-  assert controls.grids_to_draw(controls.check_controls([], [], ["edge"], [2])) == ("temperature",)
+      control_grid.check_controls(*args)
+  axes = control_grid.check_controls([], [], ["edge"], [2])
+  assert control_grid.grids_to_draw(axes) == ("temperature",)
 
 
 def _cli(*args):
