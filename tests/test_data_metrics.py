@@ -18,7 +18,7 @@ from mmsr_jax.data.simple_degradation import bicubic_upsample, simple_degrade
 from mmsr_jax.data.modalities import MODALITIES, SEG_PALETTE, canny_edges, render_map
 from mmsr_jax.data.captions import make_tokenizer
 from tests.conftest import apply_overrides
-from mmsr_jax.data import sr_examples
+from mmsr_jax.data import sr_eval_examples, sr_examples
 from mmsr_jax.data import sources
 
 HR, SCALE, MAP, TEXT_LEN = 64, 4, 64, 32
@@ -212,8 +212,8 @@ def test_config_errors(tok, monkeypatch):
 
 def test_eval_examples(tok):
   cfg = _config(**{"data.eval_size": 130})  # clamped down to a multiple of 4
-  val = sr_examples.make_eval_examples(cfg, tok)
-  again = sr_examples.make_eval_examples(cfg, tok)
+  val = sr_eval_examples.make_eval_examples(cfg, tok)
+  again = sr_eval_examples.make_eval_examples(cfg, tok)
   assert [e["name"] for e in val] == ["chelsea", "coffee"]
   for e, f in zip(val, again):
     assert e["hr"].shape == (128, 128, 3) and e["lr"].shape == (32, 32, 3)
@@ -221,7 +221,8 @@ def test_eval_examples(tok):
     assert e["caption"] == demo.CAPTIONS[e["name"]]
     for k in EXPECTED:
       np.testing.assert_array_equal(e[k], f[k])
-  train = sr_examples.make_eval_examples(_config(**{"data.eval_size": 1000}), tok, split="train")
+  train = sr_eval_examples.make_eval_examples(_config(**{"data.eval_size": 1000}), tok,
+                                               split="train")
   assert len(train) == 6
   for e in train:
     side = e["hr"].shape[0]

@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 
 from mmsr_jax.data import images as image_io
 from tests.conftest import save_random_run, small_config
-from mmsr_jax.data import sr_examples
+from mmsr_jax.data import conditioning
 from mmsr_jax.diffusion import tiles
 from mmsr_jax.diffusion import sampler
 from mmsr_jax.runtime.optimizer import TrainState
@@ -188,7 +188,7 @@ def test_sampler_split_over_devices_equals_one_device(sr, guidance, scale):
   round-off of the batch padded to 8 devices; measured 6e-8)."""
   lr = np.random.default_rng(2).random((8, 6, 3)).astype(np.float32)
   t = sr.system
-  ex = sr_examples.conditioning_example(lr, {}, "a cat", map_size=sr.config.data.map_size,
+  ex = conditioning.conditioning_example(lr, {}, "a cat", map_size=sr.config.data.map_size,
                                         text_len=sr.config.text.max_length,
                                         tokenizer=t.tokenizer)
   kw = dict(steps=3, guidance=guidance, spacing=sr.config.sampling.spacing,

@@ -22,7 +22,7 @@ from mmsr_jax.schema.sr import sr_config
 from mmsr_jax.data import sources
 from mmsr_jax.data.captions import make_tokenizer
 from tests.conftest import apply_overrides
-from mmsr_jax.data import sr_examples
+from mmsr_jax.data import degrading_loader, sr_eval_examples, sr_examples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIDE, HR = 40, 32
@@ -208,7 +208,7 @@ def test_realesrgan_loader_resume(tmp_path, tok, prefetch):
   cfg = _config(tmp_path / "imgs", **{"data.degradation": "realesrgan",
                                        "data.prefetch": prefetch})
   loader = sr_examples.make_train_loader(cfg, tok)
-  assert isinstance(loader, sr_examples.DegradedLoader)
+  assert isinstance(loader, degrading_loader.DegradedLoader)
   it = iter(loader)
   first = next(it)
   assert first["lr"].shape == (2, HR // 4, HR // 4, 3)
@@ -239,8 +239,8 @@ def test_eval_examples_from_folder_with_realesrgan(tmp_path, tok):
   _write_images(tmp_path / "val", 2)
   cfg = _config(tmp_path / "imgs", **{"data.degradation": "seesr",
                                        "data.eval_path": str(tmp_path / "val")})
-  ex = sr_examples.make_eval_examples(cfg, tok)
-  again = sr_examples.make_eval_examples(cfg, tok)
+  ex = sr_eval_examples.make_eval_examples(cfg, tok)
+  again = sr_eval_examples.make_eval_examples(cfg, tok)
   assert [e["name"] for e in ex] == ["0000/0000.jpg", "0000/0001.png"]
   for a, b in zip(ex, again):
     assert a["hr"].shape == (32, 32, 3) and a["lr"].shape == (8, 8, 3)

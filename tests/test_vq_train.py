@@ -25,7 +25,7 @@ from mmsr_jax.training import vq_report
 from mmsr_jax.data import vq_examples
 from mmsr_jax.data import synthetic
 from mmsr_jax.training import precompute
-from mmsr_jax.data import sr_examples
+from mmsr_jax.data import crops, sr_examples
 from mmsr_jax.models import build
 from mmsr_jax.data.captions import make_tokenizer
 from mmsr_jax.system import frozen_params
@@ -474,18 +474,18 @@ def _shards_config(path, **overrides):
 
 
 def test_crop_bank_boxes():
-  boxes = sr_examples.crop_bank_boxes(48, 60, 32, 16, key=3)
+  boxes = crops.crop_bank_boxes(48, 60, 32, 16, key=3)
   assert boxes.shape == (16, 2) and boxes.dtype == np.int32
   np.testing.assert_array_equal(boxes[0], [8, 14])  # the centre crop first
   assert len({tuple(b) for b in boxes}) == 16  # 17 x 29 positions: all distinct
   assert boxes[:, 0].max() <= 16 and boxes[:, 1].max() <= 28 and boxes.min() >= 0
-  np.testing.assert_array_equal(boxes, sr_examples.crop_bank_boxes(48, 60, 32, 16, key=3))
-  assert not np.array_equal(boxes, sr_examples.crop_bank_boxes(48, 60, 32, 16, key=4))
-  few = sr_examples.crop_bank_boxes(33, 32, 32, 5, key=0)  # 2 positions: both, then repeated
+  np.testing.assert_array_equal(boxes, crops.crop_bank_boxes(48, 60, 32, 16, key=3))
+  assert not np.array_equal(boxes, crops.crop_bank_boxes(48, 60, 32, 16, key=4))
+  few = crops.crop_bank_boxes(33, 32, 32, 5, key=0)  # 2 positions: both, then repeated
   np.testing.assert_array_equal(few[:2], [[0, 0], [1, 0]])
   assert {tuple(b) for b in few} == {(0, 0), (1, 0)}
   with pytest.raises(ValueError, match="does not fit"):
-    sr_examples.crop_bank_boxes(31, 40, 32, 4, key=0)
+    crops.crop_bank_boxes(31, 40, 32, 4, key=0)
 
 
 def test_shard_ids_equal_the_encoder_ids_of_the_training_crops(crop_bank_shards):

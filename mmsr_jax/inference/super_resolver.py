@@ -18,7 +18,7 @@ from PIL import Image
 from mmsr_jax.schema import sr as sr_schema
 from mmsr_jax.schema.sr import TEXT_DEVICES
 from mmsr_jax.data import images as image_io
-from mmsr_jax.data import sr_examples
+from mmsr_jax.data.conditioning import conditioning_example
 from mmsr_jax.diffusion import guidance as guidance_lib
 from mmsr_jax.diffusion import sampler
 from mmsr_jax.diffusion import schedule as diffusion
@@ -456,7 +456,7 @@ class SuperResolver:
     for r, c in grid.origins:
       ly, lx, lh, lw = r * f // s, c * f // s, th * f // s, tw * f // s
       tile_maps = {k: v[r * f:(r + th) * f, c * f:(c + tw) * f] for k, v in full_maps.items()}
-      examples.append(sr_examples.conditioning_example(
+      examples.append(conditioning_example(
           lr[ly:ly + lh, lx:lx + lw], tile_maps, caption, map_size=self.config.data.map_size,
           text_len=self.config.text.max_length, tokenizer=self.system.tokenizer,
           derive=derive))

@@ -25,7 +25,8 @@ import ml_dtypes
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
-from mmsr_jax.data import sources, sr_examples
+from mmsr_jax.data import sources
+from mmsr_jax.data.crops import crop_bank_boxes, resize_min_side
 from mmsr_jax.data.captions import make_tokenizer
 from mmsr_jax.data.modalities import MODALITIES, canny, render_crop_maps, render_map
 from mmsr_jax.formats.records import (CROP_ENCODINGS, HR_LATENTS_KEY, MANIFEST, NULL_TEXT_FILE,
@@ -133,9 +134,9 @@ def record_crop_maps(decoded: dict[str, Any], crop_size: int, crops: int, key: i
   crops (``{modality: float32 [N, 2 (flip), M, M, 3]}`` for the maps the record has), made
   exactly as the training pipeline makes them; ``key`` is the record's index."""
   rec = sources.on_image_grid(decoded, f"record {key}")
-  rec = sr_examples.resize_min_side(rec, crop_size)
+  rec = resize_min_side(rec, crop_size)
   h, w = rec["image"].shape[:2]
-  boxes = sr_examples.crop_bank_boxes(h, w, crop_size, crops, key)
+  boxes = crop_bank_boxes(h, w, crop_size, crops, key)
   maps: dict[str, np.ndarray] = {}
   for b, (top, left) in enumerate(boxes):
     for flip in (0, 1):
@@ -202,7 +203,7 @@ def record_crop_images(decoded: dict[str, Any], boxes: np.ndarray, crop_size: in
   """The crop images of a record's bank boxes (``formats.records.add_crops``): per kind the
   encoded crops, their meta, and the image crops as they decode (uint8 ``[N, S, S, 3]``; equal to
   the cut for 'png'), which the HR latents are then computed from."""
-  rec = sr_examples.resize_min_side(sources.on_image_grid(decoded, "record"), crop_size)
+  rec = resize_min_side(sources.on_image_grid(decoded, "record"), crop_size)
   crops: dict[str, list[bytes]] = {"image": []}
   for kind in ("depth", "seg"):
     if rec.get(kind) is not None:
@@ -229,7 +230,7 @@ def hr_crops_of(images: np.ndarray) -> np.ndarray:
 def record_hr_crops(decoded: dict[str, Any], boxes: np.ndarray, crop_size: int) -> np.ndarray:
   """The HR crops of a record's bank boxes as the trainer sees them, float32 ``[N, 2 (flip),
   S, S, 3]`` in [-1, 1]."""
-  rec = sr_examples.resize_min_side(sources.on_image_grid(decoded, "record"), crop_size)
+  rec = resize_min_side(sources.on_image_grid(decoded, "record"), crop_size)
   out = np.zeros((len(boxes), 2, crop_size, crop_size, 3), np.float32)
   for b, (top, left) in enumerate(boxes):
     crop = rec["image"][top:top + crop_size, left:left + crop_size].astype(np.float32)
@@ -270,7 +271,7 @@ def precompute_records(config, encoders: Encoders, records: Iterable[bytes], *,
   """Yields the records with the ``features`` added (encoders run in batches).
 
   With ``crop_size > 0`` each record gets its crop bank of ``crops`` boxes; the record at
-  position j is keyed ``first_index + j`` for ``sr_examples.crop_bank_boxes``. Feature 'crops'
+  position j is keyed ``first_index + j`` for ``crops.crop_bank_boxes``. Feature 'crops'
   stores the boxes' crops encoded as ``crop_encoding``. A record that cannot be decoded or cut
   raises, or with ``on_reject`` is passed over after ``on_reject(j, reason)``. ``seconds``
   accumulates the time per stage ('host', 'vq', 'latents', 'text').

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmsr_jax.data import sr_examples
+from mmsr_jax.data import sr_eval_examples
 from mmsr_jax.data.simple_degradation import bicubic_upsample
 from mmsr_jax.diffusion import sampler
 from mmsr_jax.diffusion import schedule as diffusion
@@ -141,7 +141,7 @@ def plot_losses(records: list[dict], path: str) -> None:
 def write_report(config, workdir: str, trainer, state) -> dict:
   from PIL import Image
   records = loop.read_metrics(workdir)
-  examples = sr_examples.make_eval_examples(config, trainer.system.tokenizer, "val")
+  examples = sr_eval_examples.make_eval_examples(config, trainer.system.tokenizer, "val")
   ema = state.ema_params
   t_max = trainer.system.schedule.num_timesteps - 1
   report = {

@@ -10,7 +10,7 @@ import optax
 
 from mmsr_jax.schema import tasks
 from mmsr_jax.schema import sr as sr_schema
-from mmsr_jax.data import sr_examples
+from mmsr_jax.data import precomputed, sr_eval_examples, sr_examples
 from mmsr_jax.diffusion import schedule as diffusion
 from mmsr_jax.models.conditioner import Conditioner
 from mmsr_jax.models.mmsr import MMSR
@@ -195,7 +195,7 @@ class SRTask:
     """The empty caption's text states ``[L, D]`` (float32) and mask ``[L]``: written beside the
     shards by the precompute pass, or computed here by the text encoder."""
     if self.text_from_shards:
-      return sr_examples.read_null_text(self.config)
+      return precomputed.read_null_text(self.config)
     ids, mask = self.system.tokenizer.encode("", self.config.text.max_length)
     states = jax.jit(self.system.conditioner.text_states)(self.frozen, ids[None], mask[None])[0]
     return np.asarray(states, np.float32), np.asarray(mask)
@@ -249,7 +249,7 @@ class SRTask:
   def sample_grid(self, state: TrainState) -> dict:
     """``LR | bicubic | SR (EMA weights) | HR`` of each held-out crop, for TensorBoard."""
     if not hasattr(self, "_eval_examples"):
-      self._eval_examples = sr_examples.make_eval_examples(
+      self._eval_examples = sr_eval_examples.make_eval_examples(
           self.config, self.system.tokenizer, "val")
     c = self.config
     sr = sr_report.super_resolve(c, self, state.ema_params, self._eval_examples,
