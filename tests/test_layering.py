@@ -165,8 +165,8 @@ def test_every_import_points_down(graph):
 def test_an_upward_import_is_seen(graph):
   modules, edges = graph
   edges = {**edges, "mmsr_jax.formats.records": {"mmsr_jax.system"}}
-  assert _upward(modules, edges) == [
-      "mmsr_jax.formats.records (floor 1) -> mmsr_jax.system (floor 4)"]
+  assert "mmsr_jax.formats.records (floor 1) -> mmsr_jax.system (floor 4)" in _upward(modules,
+                                                                                    edges)
 
 
 def _config_modules() -> list[str]:
