@@ -1,9 +1,9 @@
 """The package's layering, read from its import graph (imports inside functions included): every
 module stands on a floor (``FLOORS``, folder by folder) and imports only from its own floor or
-lower ones, so there is no cycle; no library module imports a command; the record format depends
-on nothing else in the package, the models only on the formats and the schema; and a config file imports nothing
-heavier than the config schema (no JAX, Flax, OpenCV or PyTorch). docs/internals.md explains the
-order."""
+lower ones, so there is no cycle; no library module imports a command; the formats depend on
+nothing else in the package, the models only on the formats and the schema; and a config file
+imports nothing heavier than the config schema (no JAX, Flax, OpenCV or PyTorch).
+docs/internals.md explains the order."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ SCHEMA = "mmsr_jax.schema"  # the config schema: what a config file may import
 # Folder (or top-level module) of the package -> its floor; a module may import only from its own
 # floor or below. Commands (``python -m mmsr_jax.<name>``, the benches) stand on the top floor.
 FLOORS = {
-    # 1. What is written down: the on-disk formats and the config schema (pure Python and NumPy;
-    #    the schema holds the choice lists every other floor checks against).
+    # 1. What is written down: the on-disk formats and the config schema (pure Python; it holds
+    #    the option lists that the floors above implement).
     "mmsr_jax.formats": 1, SCHEMA: 1,
     # 2. Parts that know nothing of each other: input data, Flax modules, device runtime (mesh,
     #    sharding, checkpoints, the train state and optimizer), the metrics.
@@ -165,8 +165,8 @@ def test_every_import_points_down(graph):
 def test_an_upward_import_is_seen(graph):
   modules, edges = graph
   edges = {**edges, "mmsr_jax.formats.records": {"mmsr_jax.system"}}
-  assert "mmsr_jax.formats.records (floor 1) -> mmsr_jax.system (floor 4)" in _upward(modules,
-                                                                                    edges)
+  arrow = "mmsr_jax.formats.records (floor 1) -> mmsr_jax.system (floor 4)"
+  assert arrow in _upward(modules, edges)
 
 
 def _config_modules() -> list[str]:
