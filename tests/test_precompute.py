@@ -19,7 +19,7 @@ from mmsr_jax.formats.records import (HR_LATENTS_KEY, NULL_TEXT_FILE, TEXT_STATE
                                       list_shards, read_features)
 from mmsr_jax.models.vae import VAEConfig
 from mmsr_jax.runtime import sharding
-from mmsr_jax.training import precompute, sr_task
+from mmsr_jax.training import encoder_pass, sr_task
 from tests.conftest import small_config
 from tests.test_vq_train import _write_annotated_shards
 
@@ -47,8 +47,8 @@ def shards(tmp_path_factory):
   root = tmp_path_factory.mktemp("pre")
   _write_annotated_shards(str(root / "ann"))
   cfg = _config(str(root / "ann"))
-  precompute.precompute_shards(cfg, str(root / "ann"), str(root / "pre"), crops=4,
-                               dtype="float32", log=lambda _: None)
+  encoder_pass.precompute_shards(cfg, str(root / "ann"), str(root / "pre"), crops=4,
+                                 dtype="float32", log=lambda _: None)
   return {"ann": str(root / "ann"), "pre": str(root / "pre")}
 
 

@@ -1,5 +1,5 @@
 """VQ tokenizer training (mmsr_jax.train_vq, mmsr_jax.training.vq_losses) and shard tokenization
-(python -m mmsr_jax.precompute, mmsr_jax.training.precompute): straight-through gradients,
+(python -m mmsr_jax.precompute, mmsr_jax.training.encoder_pass): straight-through gradients,
 hand-computed VQ terms, EMA codebook update, dead-code restart, a short train that raises
 codebook usage and lowers the reconstruction error, exact resume through the shared loop, and
 tokenize -> decode through ArrayRecord shards."""
@@ -19,12 +19,12 @@ from mmsr_jax.schema import tasks
 from tests.conftest import small_config
 from mmsr_jax.training import vq_losses as L
 from mmsr_jax.models import vqgan as vqgan_lib
+from mmsr_jax.training import encoder_pass
 from mmsr_jax.training import sr_task
 from mmsr_jax.training import vq_task
 from mmsr_jax.training import vq_report
 from mmsr_jax.data import vq_examples
 from mmsr_jax.data import synthetic
-from mmsr_jax.training import precompute
 from mmsr_jax.data import crops, sr_examples
 from mmsr_jax.models import build
 from mmsr_jax.data.captions import make_tokenizer
@@ -364,9 +364,9 @@ def test_tokenize_then_decode_round_trips_through_shards(tmp_path):
 
   records = _write_annotated_shards(str(tmp_path / "ann"))
   vq_dir = _vq_workdir(str(tmp_path / "vq"))
-  cfg = precompute.with_vq_run(small_config(), vq_dir)
-  outs = precompute.precompute_shards(cfg, str(tmp_path / "ann"), str(tmp_path / "tok"),
-                                      features=("vq",), crop_size=0, batch_size=4,
+  cfg = encoder_pass.with_vq_run(small_config(), vq_dir)
+  outs = encoder_pass.precompute_shards(cfg, str(tmp_path / "ann"), str(tmp_path / "tok"),
+                                        features=("vq",), crop_size=0, batch_size=4,
                                       log=lambda _: None)
   assert [os.path.basename(o) for o in outs] == sorted(os.listdir(tmp_path / "ann"))
   out_records = []
@@ -375,7 +375,7 @@ def test_tokenize_then_decode_round_trips_through_shards(tmp_path):
     out_records += [r.read([i])[0] for i in range(r.num_records())]
     r.close()
   assert len(out_records) == len(records)
-  vq = precompute.load_vq(vq_dir)
+  vq = encoder_pass.load_vq(vq_dir)
   psnrs = {"depth": [], "seg": [], "edge": []}
   blank_psnrs = []
   for src, out in zip(records, out_records):
@@ -385,7 +385,7 @@ def test_tokenize_then_decode_round_trips_through_shards(tmp_path):
     ids, present, meta = read_ids(out, grid=8)
     assert meta["grid"] == 8 and meta["codebook_size"] == 64
     np.testing.assert_array_equal(present, [True, a["seg"] is not None, True])
-    maps = precompute.record_maps_full(a, vq.map_size)
+    maps = encoder_pass.record_maps_full(a, vq.map_size)
     for k, i in (("depth", 0), ("seg", 1), ("edge", 2)):
       if not present[i]:
         assert k not in maps and np.all(ids[i] == 0)
@@ -404,7 +404,7 @@ def test_tokenize_then_decode_round_trips_through_shards(tmp_path):
   assert np.mean(psnrs["edge"]) > np.mean(blank_psnrs) + 2.5, (psnrs, blank_psnrs)
   # Existing outputs are never replaced silently.
   with pytest.raises(FileExistsError, match="--overwrite"):
-    precompute.precompute_shards(cfg, str(tmp_path / "ann"), str(tmp_path / "tok"))
+    encoder_pass.precompute_shards(cfg, str(tmp_path / "ann"), str(tmp_path / "tok"))
   with pytest.raises(ValueError, match="no token ids"):
     read_ids(records[0])
 
@@ -459,11 +459,11 @@ def crop_bank_shards(tmp_path_factory):
   cfg = small_config()
   _write_annotated_shards(str(root / "ann"))
   vq_dir = _vq_workdir(str(root / "vq"), map_size=cfg.data.map_size)
-  precompute.precompute_shards(precompute.with_vq_run(cfg, vq_dir), str(root / "ann"),
-                               str(root / "tok"), features=("vq",), batch_size=16, crops=4,
+  encoder_pass.precompute_shards(encoder_pass.with_vq_run(cfg, vq_dir), str(root / "ann"),
+                                 str(root / "tok"), features=("vq",), batch_size=16, crops=4,
                                log=lambda _: None)
   return {"ann": str(root / "ann"), "tok": str(root / "tok"), "vq": vq_dir,
-          "vq_codec": precompute.load_vq(vq_dir)}
+          "vq_codec": encoder_pass.load_vq(vq_dir)}
 
 
 def _shards_config(path, **overrides):
@@ -590,7 +590,7 @@ def test_tokenize_on_two_beam_workers_writes_what_one_run_writes(crop_bank_shard
   b = crop_bank_shards
   out = str(tmp_path / "split")
   summary = encoder_pass_beam.precompute(
-      precompute.with_vq_run(small_config(), b["vq"]),
+      encoder_pass.with_vq_run(small_config(), b["vq"]),
       encoder_pass_beam.PrecomputeOptions(b["ann"], out, features=("vq",), batch_size=16,
                                           crop_size=32, crops=4),
       ["--direct_num_workers=2"], log=lambda _: None)

@@ -116,7 +116,7 @@ def _decode() -> dict:
   from mmsr_jax.data import sources, sr_examples
   from mmsr_jax.data.captions import make_tokenizer
   from mmsr_jax.formats.records import SHARD_PATTERN, encode_record
-  from mmsr_jax.training.precompute import precompute_shards
+  from mmsr_jax.training.encoder_pass import precompute_shards
   root = tempfile.mkdtemp(prefix="bench_decode_")
   photos = _photos(_PHOTOS.value)
   os.makedirs(os.path.join(root, "folder"))

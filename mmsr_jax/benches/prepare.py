@@ -45,7 +45,7 @@ def run() -> dict:
   from configs import tiny
   from mmsr_jax.data import annotator, beam_prepare
   from mmsr_jax.data.tiny_annotators import build_tiny_annotators
-  from mmsr_jax.training import encoder_pass_beam, precompute
+  from mmsr_jax.training import encoder_pass, encoder_pass_beam
   n, hw = _IMAGES.value, [int(x) for x in _HW.value]
   quiet = lambda _: None  # noqa: E731
   out: dict = {"images": n, "shard_size": _SHARD.value, "image_hw": "x".join(map(str, hw)),
@@ -67,8 +67,8 @@ def run() -> dict:
           depth=models["depth"], seg=models["seg"], caption=models["caption"],
           shard_size=_SHARD.value, batch_size=_SHARD.value)
       annotator.run_annotation(warm)
-      precompute.precompute_shards(config, warm.output, os.path.join(root, "warm_pre"),
-                                   log=quiet)
+      encoder_pass.precompute_shards(config, warm.output, os.path.join(root, "warm_pre"),
+                                     log=quiet)
 
     def ann(k, name):
       return annotator.AnnotateOptions(
@@ -84,8 +84,9 @@ def run() -> dict:
         seconds[f"annotate_beam_{w}_{k}"] = _timed(lambda w=w, k=k: beam_prepare.annotate(
             ann(k, f"ann_{w}"), [f"--direct_num_workers={w}"], log=quiet))
       ann_dir = os.path.join(root, f"ann_loop_{k}")
-      seconds[f"precompute_loop_{k}"] = _timed(lambda d=ann_dir, k=k: precompute.precompute_shards(
-          config, d, os.path.join(root, f"pre_loop_{k}"), log=quiet))
+      seconds[f"precompute_loop_{k}"] = _timed(
+          lambda d=ann_dir, k=k: encoder_pass.precompute_shards(
+              config, d, os.path.join(root, f"pre_loop_{k}"), log=quiet))
       for w in (1, 2):
         seconds[f"precompute_beam_{w}_{k}"] = _timed(lambda w=w, k=k, d=ann_dir:
             encoder_pass_beam.precompute(config, encoder_pass_beam.PrecomputeOptions(

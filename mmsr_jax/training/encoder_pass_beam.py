@@ -2,7 +2,7 @@
 -> shards with the frozen encoders' outputs, one output shard per input shard of the same name,
 the encoders built once per worker. The runner, paths, rejected lists, metrics and resumability
 are those of ``mmsr_jax/data/beam_prepare.py``; what runs per record is
-``mmsr_jax/training/precompute.py``.
+``mmsr_jax/training/encoder_pass.py``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import ml_collections
 from mmsr_jax.data import beam_prepare as bp
 from mmsr_jax.data.beam_prepare import beam
 from mmsr_jax.formats.records import MANIFEST, NULL_TEXT_FILE, SHARD_SUFFIX, list_shards
-from mmsr_jax.training import precompute as pre
+from mmsr_jax.training import encoder_pass as pre
 
 @dataclasses.dataclass(frozen=True)
 class PrecomputeOptions:
