@@ -16,8 +16,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mmsr_jax import cli
-from mmsr_jax.schema import tasks
 from mmsr_jax.formats.records import CROP_ENCODINGS, list_shards
+from mmsr_jax.schema import tasks
 from mmsr_jax.training.encoder_pass import FEATURES, STORE_DTYPES, with_vq_run
 
 

@@ -11,7 +11,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmsr_jax.schema import sr as sr_schema
 from mmsr_jax.data.captions import make_tokenizer
 from mmsr_jax.diffusion.schedule import Schedule
 from mmsr_jax.formats.fingerprint import FROZEN_FIELDS, frozen_path
@@ -21,6 +20,7 @@ from mmsr_jax.models.conditioner import Conditioner
 from mmsr_jax.models.mmsr import MMSR
 from mmsr_jax.runtime import sharding
 from mmsr_jax.runtime.optimizer import TrainState, make_optimizer
+from mmsr_jax.schema import sr as sr_schema
 from mmsr_jax.weights import params_io
 
 @dataclasses.dataclass

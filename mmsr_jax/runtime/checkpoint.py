@@ -25,8 +25,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization, traverse_util
 
-from mmsr_jax.schema import tasks
 from mmsr_jax.formats import param_layout as layout
+from mmsr_jax.schema import tasks
 
 # Written beside Orbax's item folders once a step is committed: checkpoints/N/MANIFEST_PREFIX<k>.json
 # holds (size, CRC-32) of the share of the step's files that process k read back.

@@ -10,10 +10,10 @@ from __future__ import annotations
 import ml_collections
 
 from mmsr_jax.schema import common
-from mmsr_jax.schema.vq import vq_arch, vq_downsample
 from mmsr_jax.schema.choices import (ATTENTION, DEFAULT_MAX_INPUT_PIXELS, DEFAULT_MAX_PIXELS,
                                      DEGRADATION_PRESETS, GUIDANCE_MODES, PREDICTIONS, REMAT,
                                      SCHEDULES, SPACINGS, pillow_limit)
+from mmsr_jax.schema.vq import vq_arch, vq_downsample
 
 TASK = "sr"
 SOURCES = ("demo", "folder", "tfds", "arrayrecord")

@@ -26,9 +26,10 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 from mmsr_jax.data import sources
-from mmsr_jax.data.crops import crop_bank_boxes, resize_min_side
 from mmsr_jax.data.captions import make_tokenizer
+from mmsr_jax.data.crops import crop_bank_boxes, resize_min_side
 from mmsr_jax.data.modalities import MODALITIES, canny, render_crop_maps, render_map
+from mmsr_jax.formats.fingerprint import encoder_fingerprint, weights_fingerprint
 from mmsr_jax.formats.records import (CROP_ENCODINGS, HR_LATENTS_KEY, MANIFEST, NULL_TEXT_FILE,
                                       TEXT_STATES_KEY, add_crops, add_features, add_ids,
                                       decode_crop_image, decode_record, encode_crop_image,
@@ -39,7 +40,6 @@ from mmsr_jax.runtime import checkpoint as ckpt_lib
 from mmsr_jax.system import frozen_params
 from mmsr_jax.training.vq_report import EXPORT_FILE
 from mmsr_jax.weights import params_io
-from mmsr_jax.formats.fingerprint import encoder_fingerprint, weights_fingerprint
 
 FEATURES = ("vq", "text", "latents", "crops")
 SUMMARY_FILE = "precompute.json"  # beside the shards: settings, fingerprints, counts

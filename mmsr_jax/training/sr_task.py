@@ -8,16 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mmsr_jax.schema import tasks
-from mmsr_jax.schema import sr as sr_schema
 from mmsr_jax.data import precomputed, sr_eval_examples, sr_examples
 from mmsr_jax.diffusion import schedule as diffusion
 from mmsr_jax.models.conditioner import Conditioner
 from mmsr_jax.models.mmsr import MMSR
 from mmsr_jax.runtime import executable, sharding
+from mmsr_jax.runtime.optimizer import TrainState, ema_decay
+from mmsr_jax.schema import sr as sr_schema
+from mmsr_jax.schema import tasks
 from mmsr_jax.system import System
 from mmsr_jax.training import flops, loop, sr_report
-from mmsr_jax.runtime.optimizer import TrainState, ema_decay
 from mmsr_jax.weights import pixart
 
 
