@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmsr_jax.diffusion import guidance
-from mmsr_jax.schema.choices import PREDICTIONS, SCHEDULES, SPACINGS  # noqa: F401 (this module's API)
+from mmsr_jax.schema.choices import PREDICTIONS, SCHEDULES, SPACINGS  # noqa: F401 (its API)
 
 def make_betas(schedule: str, num_timesteps: int, beta_start: float = 0.00085,
                beta_end: float = 0.012) -> np.ndarray:
