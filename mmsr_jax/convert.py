@@ -12,7 +12,7 @@ import os
 from absl import flags
 
 from mmsr_jax import cli
-from mmsr_jax.weights.convert import (CONFIG_FILE, KINDS, PARAMS_FILE, _override_flags,
+from mmsr_jax.weights.converter import (CONFIG_FILE, KINDS, PARAMS_FILE, _override_flags,
                                       convert_to_folder)
 
 

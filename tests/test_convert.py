@@ -18,7 +18,7 @@ from mmsr_jax.weights.pixart import CaptionProjection
 from tests.conftest import small_config
 from mmsr_jax.training import sr_task
 from mmsr_jax.weights import importers
-from mmsr_jax.weights import convert
+from mmsr_jax.weights import converter
 from mmsr_jax.models.mmsr import MMSR
 
 torch = pytest.importorskip("torch", reason="converter tests build PyTorch references")
@@ -58,7 +58,7 @@ def test_vae_pipeline_folder_bf16_weights(tmp_path):
   (tmp_path / "pipe" / "model_index.json").write_text("{}")
   ref.save_pretrained(tmp_path / "pipe" / "vae", safe_serialization=True)
   dst = str(tmp_path / "out")
-  info = convert.convert_to_folder("vae", str(tmp_path / "pipe"), dst)
+  info = converter.convert_to_folder("vae", str(tmp_path / "pipe"), dst)
   assert info["config_overrides"]["autoencoder.scaling_factor"] == 0.13025
   params = params_io.load_params(dst, importers.vae_param_shapes(cfg)["params"])
   want = ref.decoder.conv_out.weight.float().detach().numpy().transpose(2, 3, 1, 0)
@@ -82,7 +82,7 @@ def test_t5_folder_with_tokenizer_files(tmp_path):
   ref.save_pretrained(tmp_path / "t5", safe_serialization=True)
   (tmp_path / "t5" / "tokenizer_config.json").write_text('{"model_max_length": 77}')
   dst = str(tmp_path / "out")
-  info = convert.convert_to_folder("t5", str(tmp_path / "t5"), dst)
+  info = converter.convert_to_folder("t5", str(tmp_path / "t5"), dst)
   assert info["tokenizer_files"] == ["tokenizer_config.json"]
   assert os.path.isfile(os.path.join(dst, "tokenizer_config.json"))
   arch = t5_lib.T5Config(**info["config_overrides"]["text.encoder"])
@@ -111,7 +111,7 @@ def test_vqgan_single_file_with_config_ids_identical(tmp_path):
   ref.save_pretrained(tmp_path / "vq", safe_serialization=True)
   src = str(tmp_path / "vq" / "diffusion_pytorch_model.safetensors")  # a file: config beside it
   dst = str(tmp_path / "out")
-  info = convert.convert_to_folder("vqgan", src, dst)
+  info = converter.convert_to_folder("vqgan", src, dst)
   arch = vqgan_lib.VQGANConfig(**info["config_overrides"]["vq.arch"])
   assert arch == cfg
   params = params_io.load_params(dst, importers.vqgan_param_shapes(cfg)["params"])
@@ -269,7 +269,7 @@ def test_pixart_init_from_checks_the_architecture(tmp_path):
   ref, _ = _tiny_pixart(config)
   ref.save_pretrained(tmp_path / "pixart", safe_serialization=True)
   dst = str(tmp_path / "converted")
-  convert.convert_to_folder("pixart", str(tmp_path / "pixart"), dst)
+  converter.convert_to_folder("pixart", str(tmp_path / "pixart"), dst)
   bad_heads = small_config(**{"model.init_from": dst, "model.num_heads": 2, **PIXART_SCHEDULE})
   with pytest.raises(ValueError, match="4 attention heads but config.model.num_heads=2"):
     sr_task.SRTask(bad_heads, str(tmp_path / "a"), devices=jax.devices()[:1])
@@ -288,7 +288,7 @@ def test_pixart_init_from_refuses_another_schedule_or_position_scale(tmp_path):
   ref, _ = _tiny_pixart(config)
   ref.save_pretrained(tmp_path / "plain", safe_serialization=True)
   plain = str(tmp_path / "plain_converted")
-  convert.convert_to_folder("pixart", str(tmp_path / "plain"), plain)
+  converter.convert_to_folder("pixart", str(tmp_path / "plain"), plain)
   # The tiny config's SD scaled-linear betas against PixArt's linear ones.
   sd_betas = small_config(**{"model.init_from": plain})
   assert sd_betas.diffusion.schedule == "scaled_linear"
@@ -307,7 +307,7 @@ def test_pixart_init_from_refuses_another_schedule_or_position_scale(tmp_path):
        "beta_start": 1e-4, "beta_end": 0.03, "num_train_timesteps": 1000,
        "prediction_type": "epsilon"}))
   piped = str(tmp_path / "pipe_converted")
-  convert.convert_to_folder("pixart", str(tmp_path / "pipe" / "transformer"), piped)
+  converter.convert_to_folder("pixart", str(tmp_path / "pipe" / "transformer"), piped)
   with pytest.raises(ValueError, match=r"config\.diffusion\.beta_end=0\.02 \(trained with 0\.03\).*"
                      r"scheduler_config\.json.*--config\.diffusion\.beta_end=0\.03"):
     sr_task.SRTask(small_config(**{"model.init_from": piped, **PIXART_SCHEDULE}),
@@ -317,7 +317,7 @@ def test_pixart_init_from_refuses_another_schedule_or_position_scale(tmp_path):
   scaled_ref, _ = _tiny_pixart(config, interpolation_scale=2)
   scaled_ref.save_pretrained(tmp_path / "scaled", safe_serialization=True)
   scaled = str(tmp_path / "scaled_converted")
-  info = convert.convert_to_folder("pixart", str(tmp_path / "scaled"), scaled)
+  info = converter.convert_to_folder("pixart", str(tmp_path / "scaled"), scaled)
   assert info["config_overrides"]["model.pos_interpolation_scale"] == 2.0
   with pytest.raises(ValueError, match=re.escape(
       "was trained with position interpolation_scale=2 but config.model.pos_interpolation_scale=1;"
@@ -332,7 +332,7 @@ def test_refuses_pickles_and_names_mismatched_keys(tmp_path):
   (tmp_path / "pt" / "pytorch_model.bin").write_bytes(b"not even read")
   for src in (str(tmp_path / "pt"), str(tmp_path / "model.ckpt")):
     with pytest.raises(ValueError, match="never loaded.*weights_only=True"):
-      convert.convert_to_folder("vae", src, str(tmp_path / "out"))
+      converter.convert_to_folder("vae", src, str(tmp_path / "out"))
   ref, cfg = _tiny_vae()
   ref.save_pretrained(tmp_path / "vae", safe_serialization=True)
   cfg_path = tmp_path / "vae" / "config.json"
@@ -340,7 +340,7 @@ def test_refuses_pickles_and_names_mismatched_keys(tmp_path):
   bad["latent_channels"] = 8  # the weights have 4
   cfg_path.write_text(json.dumps(bad))
   with pytest.raises(ValueError, match=r"'decoder\.conv_in\.weight'.*\(32, 4, 3, 3\).*expects"):
-    convert.convert_to_folder("vae", str(tmp_path / "vae"), str(tmp_path / "out"))
+    converter.convert_to_folder("vae", str(tmp_path / "vae"), str(tmp_path / "out"))
   assert not os.path.exists(tmp_path / "out" / "params.safetensors")
 
 
@@ -360,18 +360,18 @@ def test_convert_writes_only_into_a_new_or_empty_folder(tmp_path):
   (other / "notes.txt").write_text("mine")
   for dst, what in ((run, "a training run"), (other, "files: notes.txt")):
     with pytest.raises(FileExistsError, match=rf"--dst={dst} is not empty \(it holds {what}\)"):
-      convert.convert_to_folder("vae", src, str(dst))
+      converter.convert_to_folder("vae", src, str(dst))
   assert (run / "config.json").read_bytes() == before
   assert sorted(os.listdir(run)) == ["checkpoints", "config.json"]
   assert os.listdir(other) == ["notes.txt"]
   empty = tmp_path / "empty"
   empty.mkdir()
-  convert.convert_to_folder("vae", src, str(empty))
+  converter.convert_to_folder("vae", src, str(empty))
   with pytest.raises(FileExistsError, match=r"an earlier conversion \(vae of "):
-    convert.convert_to_folder("vae", src, str(empty))
+    converter.convert_to_folder("vae", src, str(empty))
 
 
 def test_hub_id_offline_is_one_clear_error(tmp_path, monkeypatch):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   with pytest.raises(ValueError, match="not a local path, and downloading it from the hub failed"):
-    convert.convert_to_folder("t5", "nobody/no-such-model", str(tmp_path / "out"))
+    converter.convert_to_folder("t5", "nobody/no-such-model", str(tmp_path / "out"))
