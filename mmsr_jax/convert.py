@@ -13,7 +13,7 @@ from absl import flags
 
 from mmsr_jax import cli
 from mmsr_jax.weights.converter import (CONFIG_FILE, KINDS, PARAMS_FILE, _override_flags,
-                                      convert_to_folder)
+                                        convert_to_folder)
 
 
 def main(argv) -> None:
