@@ -42,7 +42,8 @@ def group_params(params, g: int):
 def export_params(task_or_groups, params_vq, path: str) -> None:
   """Writes the tokenizer for ``config.vq.params``: the plain VQGAN tree (one tokenizer) or the
   tree stacked over (depth, seg, edge) (one per modality)."""
-  groups = task_or_groups if isinstance(task_or_groups, int) else task_or_groups.groups
+  groups = (task_or_groups if isinstance(task_or_groups, int)
+            else task_or_groups.system.groups)
   tree = group_params(params_vq, 0) if groups == 1 else params_vq
   tmp = path + ".tmp"
   if os.path.exists(tmp):
