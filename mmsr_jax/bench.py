@@ -1,6 +1,12 @@
 r"""Benchmarks: ``python -m mmsr_jax.bench NAME [--json] [--config=...] [flags]``; each lives in
-``mmsr_jax/benches/<name>.py`` (``define_flags()``, ``run() -> dict``). Compare ratios from one run;
-absolute times only mean something on an accelerator.
+``mmsr_jax/benches/<name>.py``. Compare ratios from one run; absolute times only mean something on
+an accelerator.
+
+A benchmark module defines its own flags in ``define_flags()`` (called only for the benchmark named
+on the command line, so importing a module defines nothing; flag names are global, hence
+``--sample_steps``), reads them from ``flags.FLAGS`` in ``run() -> dict``, and returns the result
+as flat key-value pairs. The flags every benchmark shares (``--config``, ``--json``, ``--repeats``,
+``--warmup``) are defined once in ``benches/common.py``.
 """
 
 from __future__ import annotations

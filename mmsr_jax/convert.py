@@ -12,8 +12,8 @@ import os
 from absl import flags
 
 from mmsr_jax import cli
-from mmsr_jax.weights.converter import (CONFIG_FILE, KINDS, PARAMS_FILE, _override_flags,
-                                        convert_to_folder)
+from mmsr_jax.weights.converter import (CONFIG_FILE, KINDS, PARAMS_FILE, convert_to_folder,
+                                        override_flags)
 
 
 def main(argv) -> None:
@@ -29,7 +29,7 @@ def main(argv) -> None:
     print(f"trained with {sched['schedule']} betas {sched['beta_start']:g} -> "
           f"{sched['beta_end']:g} over {sched['num_timesteps']} steps, {sched['prediction']} "
           f"prediction ({sched['source']}); train with the same schedule")
-  print("use it with:\n  " + " \\\n  ".join(_override_flags(f.kind, f.dst, info)))
+  print("use it with:\n  " + " \\\n  ".join(override_flags(f.kind, f.dst, info)))
 
 
 def define_flags() -> None:

@@ -6,15 +6,14 @@ r"""Scores super-resolved images against ground truth, as the diffusion-SR paper
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import flags
 
 from mmsr_jax import cli
 from mmsr_jax.data import images as image_io
-from mmsr_jax.inference.quality import (LEARNED, _check_writable, _json_safe, evaluate,
-                                        markdown_table, run_and_score, write_csv)
+from mmsr_jax.inference.quality import (LEARNED, evaluate, markdown_table, refuse_existing,
+                                        run_and_score, write_results)
 from mmsr_jax.weights.metric_nets import DEFAULT_DIR
 
 
@@ -63,26 +62,19 @@ def main(argv) -> None:
     json_path = f.json or os.path.join(f.output, "metrics.json")
     csv_path = f.csv or os.path.join(f.output, "metrics.csv")
     md_path = f.markdown or os.path.join(f.output, "metrics.md")
-    _check_writable([json_path, csv_path, md_path], f.overwrite)
+    refuse_existing([json_path, csv_path, md_path], f.overwrite)
     result = run_and_score(f.benchmark, f.workdir, f.output, overwrite=f.overwrite, **kwargs)
   else:
     if not f.pred or not f.gt:
       raise ValueError("give --pred=DIR and --gt=DIR (or --benchmark=DIR --workdir=RUN "
                        "--output=DIR)")
     json_path, csv_path, md_path = f.json, f.csv, f.markdown
-    _check_writable([json_path, csv_path, md_path], f.overwrite)
+    refuse_existing([json_path, csv_path, md_path], f.overwrite)
     result = evaluate(f.pred, f.gt, f.lr, **kwargs)
   table = markdown_table(result, f.name)
   print(table)
   print(f"{result['num_images']} images scored in {result['seconds']:.2f} s")
-  if json_path:
-    with open(json_path, "w") as fh:
-      json.dump(_json_safe(result), fh, indent=1, allow_nan=False)
-  if csv_path:
-    write_csv(csv_path, result, f.name)
-  if md_path:
-    with open(md_path, "w") as fh:
-      fh.write(table + "\n")
+  write_results(result, f.name, table, json_path=json_path, csv_path=csv_path, md_path=md_path)
 
 
 if __name__ == "__main__":

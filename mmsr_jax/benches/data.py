@@ -13,14 +13,18 @@ from absl import flags
 
 from mmsr_jax.benches import common
 
-_BATCH = flags.DEFINE_integer("data_batch", 8, "Images per degradation batch (throughput).")
-_SIZE = flags.DEFINE_integer("data_crop", 512, "HR crop side (throughput).")
-_PRESET = flags.DEFINE_string("data_preset", "realesrgan", "Degradation preset (throughput).")
-_STEPS = flags.DEFINE_integer("data_steps", 20, "Timed train steps (data-wait share).")
-_DEGR = flags.DEFINE_string("data_degradation", "realesrgan",
-                            "config.data.degradation for the data-wait measurement.")
-_PHOTOS = flags.DEFINE_integer("data_photos", 6, "Full-size (2040x1356) photos made for the "
-                               "decode measurement (folder vs crop images).")
+
+def define_flags() -> None:
+  flags.DEFINE_integer("data_batch", 8, "Images per degradation batch (throughput).")
+  flags.DEFINE_integer("data_crop", 512, "HR crop side (throughput).")
+  flags.DEFINE_string("data_preset", "realesrgan", "Degradation preset (throughput).")
+  flags.DEFINE_integer("data_steps", 20, "Timed train steps (data-wait share).")
+  flags.DEFINE_string("data_degradation", "realesrgan",
+                      "config.data.degradation for the data-wait measurement.")
+  flags.DEFINE_integer("data_photos", 6, "Full-size (2040x1356) photos made for the "
+                       "decode measurement (folder vs crop images).")
+
+
 _PHOTO_HW = (1356, 2040)  # DIV2K's typical size
 
 
@@ -34,11 +38,12 @@ def _throughput() -> dict:
   from mmsr_jax.data import realesrgan, sources, sr_examples
   from mmsr_jax.data.captions import make_tokenizer
   from mmsr_jax.data.modalities import canny_edges
+  F = flags.FLAGS
   tok = make_tokenizer("byte")
   src = sources.DemoSource("train")
-  t = sr_examples.MakeTrainingExample(_SIZE.value, 4, 256, 77, tok, degradation=_PRESET.value)
-  deg = realesrgan.RealESRGANDegrader(_PRESET.value, 4)
-  b = _BATCH.value
+  t = sr_examples.MakeTrainingExample(F.data_crop, 4, 256, 77, tok, degradation=F.data_preset)
+  deg = realesrgan.RealESRGANDegrader(F.data_preset, 4)
+  b = F.data_batch
   counter = [0]
   wall = {"transform": 0.0, "degrade": 0.0, "canny": 0.0}
   cpu = dict(wall)
@@ -87,7 +92,7 @@ def _throughput() -> dict:
       "data_jpeg_cpu_ms_per_image": ms(deg.jpeg_cpu_seconds),
       "data_canny_cpu_ms_per_image": ms(cpu["canny"]),
       "data_jax_stages_cpu_ms_per_image": ms(cpu["degrade"] - deg.host_cpu_seconds),
-      "data_crop": _SIZE.value, "data_preset": _PRESET.value, "data_batch": b}
+      "data_crop": F.data_crop, "data_preset": F.data_preset, "data_batch": b}
 
 
 def _photos(n: int) -> list:
@@ -117,8 +122,9 @@ def _decode() -> dict:
   from mmsr_jax.data.captions import make_tokenizer
   from mmsr_jax.formats.records import SHARD_PATTERN, encode_record
   from mmsr_jax.training.encoder_pass import precompute_shards
+  F = flags.FLAGS
   root = tempfile.mkdtemp(prefix="bench_decode_")
-  photos = _photos(_PHOTOS.value)
+  photos = _photos(F.data_photos)
   os.makedirs(os.path.join(root, "folder"))
   os.makedirs(os.path.join(root, "ann"))
   writer = ArrayRecordWriter(os.path.join(root, "ann", SHARD_PATTERN.format(0, 1)),
@@ -127,7 +133,7 @@ def _decode() -> dict:
     cv2.imwrite(os.path.join(root, "folder", f"{i:04d}.png"), img[..., ::-1])
     writer.write(encode_record(img, {"caption": f"photo {i}"}, {"name": f"{i:04d}"}))
   writer.close()
-  size, crops = _SIZE.value, 16
+  size, crops = F.data_crop, 16
   cfg = sr_config()
   cfg.data.hr_size, cfg.data.map_size = size, 256
   for enc in ("png", "jpeg"):
@@ -145,7 +151,7 @@ def _decode() -> dict:
     out[f"data_record_mb_{name}"] = os.path.getsize(shard) / len(photos) / 1e6
   reps = max(2, common.REPEATS.value)
   for name, (src, ids_from) in kinds.items():
-    make = sr_examples.MakeTrainingExample(size, 4, 256, 77, tok, degradation=_PRESET.value,
+    make = sr_examples.MakeTrainingExample(size, 4, 256, 77, tok, degradation=F.data_preset,
                                            ids_from=ids_from)
     read = build = 0.0
     n = 0
@@ -178,12 +184,14 @@ def _wait_share() -> dict:
   from mmsr_jax.runtime import sharding
   from mmsr_jax.data import sr_examples
   from mmsr_jax.training.sr_task import SRTask
+  F = flags.FLAGS
   cfg = common.CONFIG.value
   if cfg is None:
     from configs import tiny
     cfg = tiny.get_config()
-  cfg.data.degradation = _DEGR.value
-  if _DEGR.value != "simple":  # operator maps from the LR exist only for the simple degradation
+  cfg.data.degradation = F.data_degradation
+  # operator maps from the LR exist only for the simple degradation
+  if F.data_degradation != "simple":
     cfg.data.maps_from = "record"
   workdir = tempfile.mkdtemp(prefix="bench_data_")
   trainer = SRTask(cfg, workdir)
@@ -194,7 +202,7 @@ def _wait_share() -> dict:
                                                                                   trainer.mesh))
   jax.block_until_ready(metrics)
   wait = total = 0.0
-  for _ in range(_STEPS.value):
+  for _ in range(F.data_steps):
     t0 = time.perf_counter()
     batch = next(it)
     t1 = time.perf_counter()
@@ -204,8 +212,8 @@ def _wait_share() -> dict:
     t2 = time.perf_counter()
     wait += t1 - t0
     total += t2 - t0
-  return {"wait_share": wait / total, "step_s": total / _STEPS.value,
-          "wait_s_per_step": wait / _STEPS.value, "wait_degradation": _DEGR.value,
+  return {"wait_share": wait / total, "step_s": total / F.data_steps,
+          "wait_s_per_step": wait / F.data_steps, "wait_degradation": F.data_degradation,
           "wait_batch": int(cfg.batch_size), "wait_hr_size": int(cfg.data.hr_size)}
 
 

@@ -16,13 +16,15 @@ from mmsr_jax.benches import common
 # name -> (depth, width, heads): PixArt-XL-2 and the smaller DiT sizes of configs/dit_{b,l}.py.
 SIZES = {"xl": (28, 1152, 16), "l": (24, 1024, 16), "b": (12, 768, 12), "tiny": (2, 128, 4)}
 
-_SIZE = flags.DEFINE_enum("dit_size", "xl", list(SIZES), "DiT size.")
-_LATENT = flags.DEFINE_integer("dit_latent", 64, "Latent side (64 = 512px images with the f8 VAE).")
-_BATCH = flags.DEFINE_integer("dit_batch", 2, "Batch (2 = one image with classifier-free guidance).")
-_TEXT = flags.DEFINE_integer("dit_text_len", 120, "Caption tokens (PixArt uses 120).")
-_CAPTION = flags.DEFINE_integer("dit_caption_channels", 4096, "Text-state width (T5-XXL: 4096).")
-_DTYPE = flags.DEFINE_enum("dit_dtype", "float32", ["float32", "bfloat16"],
-                           "Compute dtype of both models.")
+
+def define_flags() -> None:
+  flags.DEFINE_enum("dit_size", "xl", list(SIZES), "DiT size.")
+  flags.DEFINE_integer("dit_latent", 64, "Latent side (64 = 512px images with the f8 VAE).")
+  flags.DEFINE_integer("dit_batch", 2, "Batch (2 = one image with classifier-free guidance).")
+  flags.DEFINE_integer("dit_text_len", 120, "Caption tokens (PixArt uses 120).")
+  flags.DEFINE_integer("dit_caption_channels", 4096, "Text-state width (T5-XXL: 4096).")
+  flags.DEFINE_enum("dit_dtype", "float32", ["float32", "bfloat16"],
+                    "Compute dtype of both models.")
 
 
 def run() -> dict:
@@ -31,9 +33,10 @@ def run() -> dict:
 
   from mmsr_jax.models.dit import DiT
   from mmsr_jax.weights.pixart import CaptionProjection, pixart_params_from_torch_state_dict
+  F = flags.FLAGS
 
-  depth, width, heads = SIZES[_SIZE.value]
-  lat, b, n_txt, cap = _LATENT.value, _BATCH.value, _TEXT.value, _CAPTION.value
+  depth, width, heads = SIZES[F.dit_size]
+  lat, b, n_txt, cap = F.dit_latent, F.dit_batch, F.dit_text_len, F.dit_caption_channels
   torch.manual_seed(0)
   ref = PixArtTransformer2DModel(
       sample_size=lat, patch_size=2, in_channels=4, out_channels=8, num_layers=depth,
@@ -55,7 +58,7 @@ def run() -> dict:
   # --- Reference.
   use_cuda = torch.cuda.is_available()
   dev = torch.device("cuda" if use_cuda else "cpu")
-  tdtype = torch.bfloat16 if _DTYPE.value == "bfloat16" else torch.float32
+  tdtype = torch.bfloat16 if F.dit_dtype == "bfloat16" else torch.float32
   if not use_cuda:
     torch.set_num_threads(os.cpu_count() or 1)
   ref = ref.to(dev) if tdtype == torch.float32 else ref.to(dev, tdtype)
@@ -74,7 +77,7 @@ def run() -> dict:
   del ref
 
   # --- Ours (NHWC).
-  dtype = jnp.dtype(_DTYPE.value)
+  dtype = jnp.dtype(F.dit_dtype)
   dit = DiT(out_channels=8, width=width, depth=depth, num_heads=heads, patch_size=2,
             pos_base_size=lat // 2, dtype=dtype)
   proj = CaptionProjection(width, dtype=dtype)
@@ -89,8 +92,8 @@ def run() -> dict:
   got = np.asarray(forward(dv, cv, xj, tj, textj)).transpose(0, 3, 1, 2)
 
   return {
-      "model": f"PixArt DiT {_SIZE.value}: depth {depth}, width {width}, {heads} heads",
-      "tokens": (lat // 2) ** 2, "batch": b, "dtype": _DTYPE.value,
+      "model": f"PixArt DiT {F.dit_size}: depth {depth}, width {width}, {heads} heads",
+      "tokens": (lat // 2) ** 2, "batch": b, "dtype": F.dit_dtype,
       "ours_s": ours_s, "reference_s": ref_s, "ratio": ours_s / ref_s,
       "reference_device": str(dev), "max_abs_diff": float(np.max(np.abs(got - want))),
       "output_scale": float(np.max(np.abs(want))),

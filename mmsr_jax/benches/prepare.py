@@ -17,11 +17,13 @@ import time
 
 from absl import flags
 
-_IMAGES = flags.DEFINE_integer("prepare_images", 24, "Random photos made for the benchmark.")
-_SHARD = flags.DEFINE_integer("prepare_shard_size", 4, "Images per shard.")
-_HW = flags.DEFINE_list("prepare_hw", ["192", "256"], "Height and width of the photos.")
-_WARM = flags.DEFINE_bool("prepare_warm", True, "Fill a JAX compilation cache first (see the "
-                          "module docstring).")
+
+def define_flags() -> None:
+  flags.DEFINE_integer("prepare_images", 24, "Random photos made for the benchmark.")
+  flags.DEFINE_integer("prepare_shard_size", 4, "Images per shard.")
+  flags.DEFINE_list("prepare_hw", ["192", "256"], "Height and width of the photos.")
+  flags.DEFINE_bool("prepare_warm", True, "Fill a JAX compilation cache first (see the "
+                    "module docstring).")
 
 
 def _photos(folder: str, n: int, hw) -> None:
@@ -46,10 +48,11 @@ def run() -> dict:
   from mmsr_jax.data import annotator, beam_prepare
   from mmsr_jax.data.tiny_annotators import build_tiny_annotators
   from mmsr_jax.training import encoder_pass, encoder_pass_beam
-  n, hw = _IMAGES.value, [int(x) for x in _HW.value]
+  F = flags.FLAGS
+  n, hw = F.prepare_images, [int(x) for x in F.prepare_hw]
   quiet = lambda _: None  # noqa: E731
-  out: dict = {"images": n, "shard_size": _SHARD.value, "image_hw": "x".join(map(str, hw)),
-               "cpu_count": os.cpu_count(), "warm_compilation_cache": _WARM.value}
+  out: dict = {"images": n, "shard_size": F.prepare_shard_size, "image_hw": "x".join(map(str, hw)),
+               "cpu_count": os.cpu_count(), "warm_compilation_cache": F.prepare_warm}
   with tempfile.TemporaryDirectory() as root:
     models = build_tiny_annotators(os.path.join(root, "models"))
     # The same photos, once and twice over: the difference of the two times is the time of n
@@ -57,15 +60,15 @@ def run() -> dict:
     _photos(os.path.join(root, "photos_1"), n, hw)
     _photos(os.path.join(root, "photos_2"), 2 * n, hw)
     config = tiny.get_config()
-    if _WARM.value:
+    if F.prepare_warm:
       import jax
       cache = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(root, "jax_cache"))
       jax.config.update("jax_compilation_cache_dir", cache)  # the workers read the variable
-      _photos(os.path.join(root, "warm"), _SHARD.value, hw)
+      _photos(os.path.join(root, "warm"), F.prepare_shard_size, hw)
       warm = annotator.AnnotateOptions(
           input=os.path.join(root, "warm"), output=os.path.join(root, "warm_ann"),
           depth=models["depth"], seg=models["seg"], caption=models["caption"],
-          shard_size=_SHARD.value, batch_size=_SHARD.value)
+          shard_size=F.prepare_shard_size, batch_size=F.prepare_shard_size)
       annotator.run_annotation(warm)
       encoder_pass.precompute_shards(config, warm.output, os.path.join(root, "warm_pre"),
                                      log=quiet)
@@ -74,7 +77,7 @@ def run() -> dict:
       return annotator.AnnotateOptions(
           input=os.path.join(root, f"photos_{k}"), output=os.path.join(root, f"{name}_{k}"),
           depth=models["depth"], seg=models["seg"], caption=models["caption"],
-          shard_size=_SHARD.value, batch_size=_SHARD.value)
+          shard_size=F.prepare_shard_size, batch_size=F.prepare_shard_size)
 
     seconds = {}
     for k in (1, 2):

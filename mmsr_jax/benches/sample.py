@@ -18,25 +18,27 @@ from mmsr_jax.models import build
 from mmsr_jax.runtime import sharding
 from mmsr_jax.system import System
 
-_SIZE = flags.DEFINE_integer("sample_size", 512, "Output side in pixels for images/s.")
-_BATCH = flags.DEFINE_integer("sample_batch", 0, "Images per call; 0 = as large as fits "
-                              "(accelerators) or 1 (CPU).")
-_STEPS = flags.DEFINE_integer("sample_steps", 50, "DDIM steps.")
-_GUIDANCE = flags.DEFINE_enum("sample_guidance", "mcfg", ["cfg", "m0cfg", "mcfg", "none"],
-                              "Guidance mode ('none': conditional branch only).")
-_LARGE = flags.DEFINE_integer("sample_large", 2048, "Output side for the tiled memory figure "
-                              "(0: skip).")
-_LARGE_EXECUTE = flags.DEFINE_bool("sample_large_execute", None, "Run the large output too "
-                                   "(default: on GPU/TPU).")
-_TIME = flags.DEFINE_bool("sample_time", True, "Run and time the sampler; false: compile only "
-                          "and report XLA's memory analysis (e.g. the full model on a CPU).")
-_LARGE_TILE_BATCH = flags.DEFINE_integer(
-    "sample_large_tile_batch", 16, "Large output: most tiles x branches per denoiser pass "
-    "(0: all at once).")
-_LARGE_MAP_BATCH = flags.DEFINE_integer(
-    "sample_large_map_batch", 4, "Large output: most tiles whose maps are VQ-encoded at once "
-    "(0: all).")
-_MAX_BATCH = flags.DEFINE_integer("sample_max_batch", 256, "Upper bound of the batch search.")
+
+def define_flags() -> None:
+  flags.DEFINE_integer("sample_size", 512, "Output side in pixels for images/s.")
+  flags.DEFINE_integer("sample_batch", 0, "Images per call; 0 = as large as fits "
+                       "(accelerators) or 1 (CPU).")
+  flags.DEFINE_integer("sample_steps", 50, "DDIM steps.")
+  flags.DEFINE_enum("sample_guidance", "mcfg", ["cfg", "m0cfg", "mcfg", "none"],
+                    "Guidance mode ('none': conditional branch only).")
+  flags.DEFINE_integer("sample_large", 2048, "Output side for the tiled memory figure "
+                       "(0: skip).")
+  flags.DEFINE_bool("sample_large_execute", None, "Run the large output too "
+                    "(default: on GPU/TPU).")
+  flags.DEFINE_bool("sample_time", True, "Run and time the sampler; false: compile only "
+                    "and report XLA's memory analysis (e.g. the full model on a CPU).")
+  flags.DEFINE_integer(
+      "sample_large_tile_batch", 16, "Large output: most tiles x branches per denoiser pass "
+      "(0: all at once).")
+  flags.DEFINE_integer(
+      "sample_large_map_batch", 4, "Large output: most tiles whose maps are VQ-encoded at once "
+      "(0: all).")
+  flags.DEFINE_integer("sample_max_batch", 256, "Upper bound of the batch search.")
 
 
 def _bytes(compiled) -> int:
@@ -197,11 +199,13 @@ def measure(config, *, size: int = 512, steps: int = 50, guidance: str = "mcfg",
 
 
 def run() -> dict:
+  F = flags.FLAGS
   config = common.CONFIG.value
   if config is None:
     raise ValueError("bench sample needs --config (e.g. --config=configs/dit_l.py)")
-  return measure(config, size=_SIZE.value, steps=_STEPS.value, guidance=_GUIDANCE.value,
-                 batch=_BATCH.value, large=_LARGE.value,
-                 large_tile_batch=_LARGE_TILE_BATCH.value, large_map_batch=_LARGE_MAP_BATCH.value,
-                 large_execute=_LARGE_EXECUTE.value, timed=_TIME.value,
-                 max_batch=_MAX_BATCH.value)
+  return measure(config, size=F.sample_size, steps=F.sample_steps, guidance=F.sample_guidance,
+                 batch=F.sample_batch, large=F.sample_large,
+                 large_tile_batch=F.sample_large_tile_batch,
+                 large_map_batch=F.sample_large_map_batch,
+                 large_execute=F.sample_large_execute, timed=F.sample_time,
+                 max_batch=F.sample_max_batch)

@@ -21,15 +21,17 @@ from absl import flags
 
 from mmsr_jax.benches import common
 
-_OUTPUT = flags.DEFINE_string("suite_output", "device_check.json", "Where the JSON goes.")
-_PARTS = flags.DEFINE_list("suite_parts", ["train", "attention", "sample"],
-                           "Parts to run, in order.")
-_PROBE = flags.DEFINE_integer("suite_probe_batch", 8, "Per-device batch of the train step "
-                              "compiled for the memory analysis that sizes the timed batch.")
-_SAMPLE_SIZE = flags.DEFINE_integer("suite_sample_size", 512, "Output side for images/s.")
-_SAMPLE_STEPS = flags.DEFINE_integer("suite_sample_steps", 50, "DDIM steps.")
-_LARGE = flags.DEFINE_integer("suite_large", 2048, "Output side of the memory figure.")
-_TRAIN_STEPS = flags.DEFINE_integer("suite_train_repeats", 3, "Timed train steps.")
+
+def define_flags() -> None:
+  flags.DEFINE_string("suite_output", "device_check.json", "Where the JSON goes.")
+  flags.DEFINE_list("suite_parts", ["train", "attention", "sample"],
+                    "Parts to run, in order.")
+  flags.DEFINE_integer("suite_probe_batch", 8, "Per-device batch of the train step "
+                       "compiled for the memory analysis that sizes the timed batch.")
+  flags.DEFINE_integer("suite_sample_size", 512, "Output side for images/s.")
+  flags.DEFINE_integer("suite_sample_steps", 50, "DDIM steps.")
+  flags.DEFINE_integer("suite_large", 2048, "Output side of the memory figure.")
+  flags.DEFINE_integer("suite_train_repeats", 3, "Timed train steps.")
 
 
 def _largest_batch(config, devices: int, probe: int) -> tuple[int, dict]:
@@ -55,11 +57,12 @@ def _train(config) -> dict:
   import jax
 
   from mmsr_jax.benches import train as bench_train
+  F = flags.FLAGS
   n = len(jax.devices())
-  per_device, probe = _largest_batch(config, n, _PROBE.value)
+  per_device, probe = _largest_batch(config, n, F.suite_probe_batch)
   c = config.copy_and_resolve_references()
   c.batch_size = per_device * n
-  out = bench_train.measure(c, repeats=_TRAIN_STEPS.value, warmup=1)
+  out = bench_train.measure(c, repeats=F.suite_train_repeats, warmup=1)
   out["probe"] = probe
   return out
 
@@ -93,15 +96,17 @@ def _attention(config) -> dict:
 
 def _sample(config) -> dict:
   from mmsr_jax.benches import sample as bench_sample
-  return bench_sample.measure(config.copy_and_resolve_references(), size=_SAMPLE_SIZE.value,
-                              steps=_SAMPLE_STEPS.value, guidance="mcfg", batch=0,
-                              large=_LARGE.value, large_execute=True, repeats=2)
+  F = flags.FLAGS
+  return bench_sample.measure(config.copy_and_resolve_references(), size=F.suite_sample_size,
+                              steps=F.suite_sample_steps, guidance="mcfg", batch=0,
+                              large=F.suite_large, large_execute=True, repeats=2)
 
 
 PARTS = {"train": _train, "attention": _attention, "sample": _sample}
 
 
 def run() -> dict:
+  F = flags.FLAGS
   config = common.CONFIG.value
   if config is None:
     from configs import dit_l
@@ -110,7 +115,7 @@ def run() -> dict:
             "config": f"DiT {config.model.width} x {config.model.depth}, "
                       f"{config.compute_dtype}, remat {config.model.remat}"}
   t_start = time.perf_counter()
-  for name in _PARTS.value:
+  for name in F.suite_parts:
     if name not in PARTS:
       raise ValueError(f"--suite_parts: unknown part {name!r}; expected {sorted(PARTS)}")
     t0 = time.perf_counter()
@@ -121,9 +126,9 @@ def run() -> dict:
                       "traceback": traceback.format_exc(limit=5)}
     result[name + "_wall_s"] = time.perf_counter() - t0
     result["wall_s"] = time.perf_counter() - t_start
-    tmp = _OUTPUT.value + ".tmp"
+    tmp = F.suite_output + ".tmp"
     with open(tmp, "w") as f:
       json.dump(result, f, indent=1, default=str)
-    os.replace(tmp, _OUTPUT.value)
-  return {"output": _OUTPUT.value, "wall_s": result["wall_s"],
+    os.replace(tmp, F.suite_output)
+  return {"output": F.suite_output, "wall_s": result["wall_s"],
           **{k: v for k, v in result.items() if k in PARTS and "error" in v}}

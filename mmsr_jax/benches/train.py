@@ -14,16 +14,12 @@ from absl import flags
 from mmsr_jax import programs
 from mmsr_jax.benches import common
 
-_PEAK = None
-_ANALYZE = None
-
 
 def define_flags() -> None:
-  global _PEAK, _ANALYZE
-  _PEAK = flags.DEFINE_float(
+  flags.DEFINE_float(
       "peak_flops", 0.0, "Peak FLOP/s per device for MFU when the device is not in "
       "mmsr_jax.training.flops.PEAK_FLOPS (e.g. CPU); 0 = the table (MFU null when unknown).")
-  _ANALYZE = flags.DEFINE_bool(
+  flags.DEFINE_bool(
       "analyze", False, "Compile the step for abstract inputs (nothing allocated, no weights) "
       "and report XLA's FLOP and instruction counts instead of timing it.")
 
@@ -179,6 +175,6 @@ def measure(config, *, peak_flops: float = 0.0, repeats: int | None = None,
 def run() -> dict:
   if common.CONFIG.value is None:
     raise ValueError("--config is required, e.g. --config=configs/dit_l.py")
-  if _ANALYZE is not None and _ANALYZE.value:
+  if flags.FLAGS.analyze:
     return analyze(common.CONFIG.value)
-  return measure(common.CONFIG.value, peak_flops=_PEAK.value if _PEAK is not None else 0.0)
+  return measure(common.CONFIG.value, peak_flops=flags.FLAGS.peak_flops)

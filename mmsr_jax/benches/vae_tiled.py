@@ -11,12 +11,14 @@ from absl import flags
 
 from mmsr_jax.benches import common
 
-_SIZE = flags.DEFINE_integer("vae_size", 2048, "Output side in pixels.")
-_TILE = flags.DEFINE_integer("vae_tile", 64, "Tile side in latent pixels (64 = 512px tiles).")
-_OVERLAP = flags.DEFINE_integer("vae_overlap", 16, "Latent pixels shared by neighbouring tiles.")
-_ARCH = flags.DEFINE_enum("vae_arch", "sd", ["sd", "tiny"], "SD KL-f8 VAE or a tiny one.")
-_EXECUTE = flags.DEFINE_bool("vae_execute", None, "Run the tiled decode (default: on GPU/TPU).")
-_DTYPE = flags.DEFINE_enum("vae_dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+
+def define_flags() -> None:
+  flags.DEFINE_integer("vae_size", 2048, "Output side in pixels.")
+  flags.DEFINE_integer("vae_tile", 64, "Tile side in latent pixels (64 = 512px tiles).")
+  flags.DEFINE_integer("vae_overlap", 16, "Latent pixels shared by neighbouring tiles.")
+  flags.DEFINE_enum("vae_arch", "sd", ["sd", "tiny"], "SD KL-f8 VAE or a tiny one.")
+  flags.DEFINE_bool("vae_execute", None, "Run the tiled decode (default: on GPU/TPU).")
+  flags.DEFINE_enum("vae_dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 
 
 def _xla_peak(fn, *args) -> int:
@@ -28,17 +30,18 @@ def run() -> dict:
   from mmsr_jax.diffusion import tiles
   from mmsr_jax.models import autoencoder as ae_lib
   from mmsr_jax.models import vae as vae_lib
+  F = flags.FLAGS
 
-  arch = vae_lib.VAEConfig(dtype=_DTYPE.value) if _ARCH.value == "sd" else \
+  arch = vae_lib.VAEConfig(dtype=F.vae_dtype) if F.vae_arch == "sd" else \
       vae_lib.VAEConfig.tiny()
   ae = ae_lib.KLAutoencoder(arch)
   f = ae.downsample
-  if _SIZE.value % f:
-    raise ValueError(f"--vae_size={_SIZE.value} is not a multiple of the VAE factor {f}")
-  lat = _SIZE.value // f
+  if F.vae_size % f:
+    raise ValueError(f"--vae_size={F.vae_size} is not a multiple of the VAE factor {f}")
+  lat = F.vae_size // f
   params = ae.init_params(jax.random.key(0))
-  tile = min(_TILE.value, lat)
-  overlap = min(_OVERLAP.value, tile - 1)
+  tile = min(F.vae_tile, lat)
+  overlap = min(F.vae_overlap, tile - 1)
 
   def decode_tiled(params, z):
     return tiles.vae_tiled(lambda t: ae.decode(params, t), z, unit_in=1, unit_out=f,
@@ -46,13 +49,13 @@ def run() -> dict:
 
   z_spec = jax.ShapeDtypeStruct((1, lat, lat, arch.latent_channels), jnp.float32)
   result = {
-      "vae": f"{_ARCH.value} (block_out_channels {list(arch.block_out_channels)})",
-      "output": f"{_SIZE.value}x{_SIZE.value}", "tile_latent": tile, "overlap_latent": overlap,
-      "dtype": _DTYPE.value,
+      "vae": f"{F.vae_arch} (block_out_channels {list(arch.block_out_channels)})",
+      "output": f"{F.vae_size}x{F.vae_size}", "tile_latent": tile, "overlap_latent": overlap,
+      "dtype": F.vae_dtype,
       "tiled_peak_bytes_xla": _xla_peak(decode_tiled, params, z_spec),
       "untiled_peak_bytes_xla": _xla_peak(ae.decode, params, z_spec),
   }
-  execute = _EXECUTE.value
+  execute = F.vae_execute
   if execute is None:
     execute = jax.devices()[0].platform != "cpu"
   if execute:
@@ -61,7 +64,7 @@ def run() -> dict:
     run_once = lambda: run(params, z).block_until_ready()  # noqa: E731
     result["seconds"] = common.time_call(run_once, repeats=min(common.REPEATS.value, 3))
     out = np.asarray(run_once())
-    assert out.shape == (1, _SIZE.value, _SIZE.value, arch.out_channels), out.shape
+    assert out.shape == (1, F.vae_size, F.vae_size, arch.out_channels), out.shape
     peak = common.peak_device_memory()
     result["peak_memory_bytes"] = peak if peak is not None else common.host_peak_rss()
     result["peak_memory_source"] = "device" if peak is not None else "host RSS"

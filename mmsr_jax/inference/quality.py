@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import functools
+import json
 import math
 import os
 import time
@@ -322,7 +323,9 @@ def write_csv(path: str, result: dict, name: str = "ours") -> None:
         w.writerow([m, r["name"]] + ["" if r.get(k) is None else repr(r[k]) for k in keys])
 
 
-def _check_writable(paths: list[str | None], overwrite: bool) -> None:
+def refuse_existing(paths: list[str | None], overwrite: bool) -> None:
+  """FileExistsError for the first of ``paths`` (None: not written) that exists, unless
+  ``overwrite``."""
   for p in paths:
     if p and os.path.exists(p) and not overwrite:
       raise FileExistsError(f"{p} exists; pass --overwrite to replace it")
@@ -339,7 +342,7 @@ def run_and_score(benchmark: str, workdir: str, output: str, *, overwrite: bool 
                                f"test_HR/; {d} is missing")
   lrs = list_images(lr_dir, "benchmark")
   outs = {n: os.path.join(output, n + ".png") for n in lrs}
-  _check_writable(list(outs.values()), overwrite)
+  refuse_existing(list(outs.values()), overwrite)
   match_gt = list_images(gt_dir, "benchmark")
   for n, p in lrs.items():
     if n not in match_gt:
@@ -357,3 +360,17 @@ def run_and_score(benchmark: str, workdir: str, output: str, *, overwrite: bool 
   result["benchmark"] = {"dir": benchmark, "workdir": workdir, "sr_seconds": round(sr_seconds, 3),
                          "sr_seconds_per_image": round(sr_seconds / len(lrs), 3)}
   return result
+
+
+def write_results(result: dict, name: str, table: str, *, json_path: str | None,
+                  csv_path: str | None, md_path: str | None) -> None:
+  """Writes the result as JSON, its per-image scores as CSV and ``table`` (``markdown_table``) as
+  Markdown, each where a path is given; ``name`` labels the evaluated method's rows."""
+  if json_path:
+    with open(json_path, "w") as fh:
+      json.dump(_json_safe(result), fh, indent=1, allow_nan=False)
+  if csv_path:
+    write_csv(csv_path, result, name)
+  if md_path:
+    with open(md_path, "w") as fh:
+      fh.write(table + "\n")

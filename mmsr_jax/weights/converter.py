@@ -299,7 +299,7 @@ def convert_to_folder(kind: str, src: str, dst: str, *, src_config: str = "") ->
   return info
 
 
-def _override_flags(kind: str, dst: str, info: dict) -> list[str]:
+def override_flags(kind: str, dst: str, info: dict) -> list[str]:
   """The command-line overrides that make a config use the converted weights."""
   field = {"vae": "autoencoder.params", "t5": "text.params", "vqgan": "vq.params",
            "pixart": "model.init_from"}[kind]
