@@ -11,21 +11,22 @@ import pytest
 import scipy.ndimage
 
 from mmsr_jax.data import realesrgan as R
+from mmsr_jax.data import realesrgan_params as P
 
 N_DRAWS = 400
 
 
 def _draws(preset, n=N_DRAWS, hw=(64, 64)):
-  return [R.sample_params(np.random.default_rng(i), hw, preset) for i in range(n)]
+  return [P.sample_params(np.random.default_rng(i), hw, preset) for i in range(n)]
 
 
-@pytest.mark.parametrize("preset", [R.REALESRGAN, R.SEESR], ids=lambda p: p.name)
+@pytest.mark.parametrize("preset", [P.REALESRGAN, P.SEESR], ids=lambda p: p.name)
 def test_kernels_sum_to_one_and_families(preset):
   rng = np.random.default_rng(0)
   types = []
   for stage in (preset.first, preset.second):
     for _ in range(300):
-      k, info = R.random_blur_kernel(rng, stage, preset.kernel_range)
+      k, info = P.random_blur_kernel(rng, stage, preset.kernel_range)
       assert k.shape == (21, 21) and k.dtype == np.float32
       np.testing.assert_allclose(k.sum(), 1.0, atol=1e-5)
       assert info["size"] in range(7, 22, 2)
@@ -48,16 +49,16 @@ def test_kernels_sum_to_one_and_families(preset):
   assert 0.05 < share_sinc < 0.15  # p = 0.1
   share_iso = types.count("iso") / (len(types) - types.count("sinc"))
   assert 0.38 < share_iso < 0.52  # p = 0.45
-  assert set(types) == set(R.KERNEL_TYPES) | {"sinc"}
+  assert set(types) == set(P.KERNEL_TYPES) | {"sinc"}
   # Isotropic Gaussian of known sigma: matches the closed form.
-  k = R.gaussian_family_kernel("iso", 21, 2.0, 2.0, 0.0)
+  k = P.gaussian_family_kernel("iso", 21, 2.0, 2.0, 0.0)
   x = np.arange(21) - 10
   g = np.exp(-x ** 2 / 8.0)
   np.testing.assert_allclose(k, np.outer(g, g) / np.outer(g, g).sum(), atol=1e-7)
-  np.testing.assert_allclose(R.sinc_kernel(np.pi / 2, 21).sum(), 1.0, atol=1e-7)
+  np.testing.assert_allclose(P.sinc_kernel(np.pi / 2, 21).sum(), 1.0, atol=1e-7)
 
 
-@pytest.mark.parametrize("preset", [R.REALESRGAN, R.SEESR], ids=lambda p: p.name)
+@pytest.mark.parametrize("preset", [P.REALESRGAN, P.SEESR], ids=lambda p: p.name)
 def test_parameter_ranges(preset):
   draws = _draws(preset, hw=(64, 64))
   for stage, key in ((preset.first, "noise1"), (preset.second, "noise2")):
@@ -92,7 +93,7 @@ def test_parameter_ranges(preset):
   assert set(np.unique(modes)) == {0, 1, 2}
 
 
-@pytest.mark.parametrize("mode", R.RESIZE_MODES)
+@pytest.mark.parametrize("mode", P.RESIZE_MODES)
 @pytest.mark.parametrize("n_in,n_out", [(37, 11), (12, 29), (20, 20), (64, 16)])
 def test_resize_matrix_matches_torch(mode, n_in, n_out):
   torch = pytest.importorskip("torch")
@@ -116,7 +117,7 @@ def test_blur_reflect_matches_scipy(valid, impl, monkeypatch):
   canvas = rng.random((30, 30, 3)).astype(np.float32)
   monkeypatch.setattr(R, "BLUR_IMPL", impl)
   h, w = valid
-  k = R.pad_kernel(R.gaussian_family_kernel("aniso", 9, 2.5, 0.7, 0.6))
+  k = P.pad_kernel(P.gaussian_family_kernel("aniso", 9, 2.5, 0.7, 0.6))
   ih, iw = R.reflect_index(h, 30, 10), R.reflect_index(w, 30, 10)
   got = np.asarray(R._blur(jnp.asarray(canvas), jnp.asarray(k), jnp.asarray(ih),
                            jnp.asarray(iw)))[:h, :w]
@@ -170,17 +171,17 @@ def test_degrader_sizes_quantisation_determinism(preset):
   deg = R.RealESRGANDegrader(preset, scale=4)
   hr = np.stack([_hr(32, 48, s) for s in range(3)])
   params = [deg.sample(np.random.default_rng(100 + i), (32, 48)) for i in range(3)]
-  out = deg(hr, R.stack_params(params))
+  out = deg(hr, P.stack_params(params))
   assert out.shape == (3, 8, 12, 3) and out.dtype == np.float32
   assert 0.0 <= out.min() and out.max() <= 1.0
   np.testing.assert_array_equal(out * 255, np.round(out * 255))
   # Same (seed, example) -> same output, also alone instead of in a batch.
   for i in range(3):
-    alone = deg(hr[i:i + 1], R.stack_params(params[i:i + 1]))
+    alone = deg(hr[i:i + 1], P.stack_params(params[i:i + 1]))
     np.testing.assert_array_equal(alone[0], out[i])
-  np.testing.assert_array_equal(deg(hr, R.stack_params(params)), out)
+  np.testing.assert_array_equal(deg(hr, P.stack_params(params)), out)
   # Different seeds -> different outputs.
-  other = deg(hr, R.stack_params([deg.sample(np.random.default_rng(7 + i), (32, 48))
+  other = deg(hr, P.stack_params([deg.sample(np.random.default_rng(7 + i), (32, 48))
                                   for i in range(3)]))
   assert all(not np.array_equal(a, b) for a, b in zip(out, other))
   # The LR keeps the content: close to the area-downsampled HR on average.

@@ -255,11 +255,11 @@ def test_degradation_split_over_the_local_devices_equals_one_device(monkeypatch)
   """The jitted stages run on every local device (8 fake CPUs here), each on its rows of the
   batch, and give what a single device gives for the same parameters."""
   import jax
-  from mmsr_jax.data import realesrgan
+  from mmsr_jax.data import realesrgan, realesrgan_params
   b, side = 8, 32
   hr = np.random.default_rng(0).random((b, side, side, 3)).astype(np.float32)
-  params = realesrgan.stack_params([realesrgan.sample_params(
-      np.random.default_rng(i), (side, side), realesrgan.REALESRGAN, 4) for i in range(b)])
+  params = realesrgan_params.stack_params([realesrgan_params.sample_params(
+      np.random.default_rng(i), (side, side), realesrgan_params.REALESRGAN, 4) for i in range(b)])
   used = []
   stage = realesrgan._stage_batch  # pylint: disable=protected-access
 

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 from absl import logging
 
-from mmsr_jax.data import images, realesrgan, sources
+from mmsr_jax.data import images, realesrgan, realesrgan_params, sources
 from mmsr_jax.data.modalities import canny
 from mmsr_jax.formats.records import MANIFEST, SHARD_PATTERN, encode_record
 
@@ -370,7 +370,7 @@ def check_options(opts: AnnotateOptions) -> int:
   """The cheap checks of ``opts`` (before any model loads); returns the pixel limit."""
   if not opts.input or not opts.output:
     raise ValueError("--input and --output are required")
-  realesrgan.get_preset(opts.preset)  # validate before anything long
+  realesrgan_params.get_preset(opts.preset)  # validate before anything long
   if opts.shard_size < 1 or opts.batch_size < 1:
     raise ValueError("--shard_size and --batch_size must be >= 1")
   if opts.caption_kind not in CAPTION_KINDS:

@@ -10,7 +10,7 @@ import grain.python as pygrain
 import ml_collections
 import numpy as np
 
-from mmsr_jax.data import realesrgan, sources
+from mmsr_jax.data import realesrgan, realesrgan_params, sources
 from mmsr_jax.data.conditioning import CaptionTokenizer, conditioning_example, context_example
 from mmsr_jax.data.crops import crop, resize_min_side
 from mmsr_jax.data.degrading_loader import DegradedLoader
@@ -139,7 +139,7 @@ class MakeTrainingExample(pygrain.RandomMapTransform):
     ex = context_example(maps, caption, map_size=self.map_size, text_len=self.text_len,
                          tokenizer=self.tokenizer, rendered=rendered)
     ex["hr"] = image.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-    params = realesrgan.sample_params(rng, image.shape[:2], realesrgan.get_preset(
+    params = realesrgan_params.sample_params(rng, image.shape[:2], realesrgan_params.get_preset(
         self.degradation), self.scale)
     ex.update({f"deg_{k}": v for k, v in params.items()})
     return ex

@@ -17,7 +17,7 @@ SPACINGS = ("leading", "trailing")
 GUIDANCE_MODES = ("cfg", "m0cfg", "mcfg")
 
 # The second-order degradation presets of data.degradation (the keys of
-# mmsr_jax/data/realesrgan.py:PRESETS).
+# mmsr_jax/data/realesrgan_params.py:PRESETS).
 DEGRADATION_PRESETS = ("realesrgan", "seesr")
 
 # Largest image any reader decodes by default (8192 x 8192, 201 MB as uint8 RGB; below Pillow's
