@@ -190,7 +190,7 @@ def test_tiled_decode_multi_tile_is_close(tiny_vae):
   max_err = np.abs(tiled - full).max() / scale
   mean_err = np.abs(tiled - full).mean() / scale
   # Measured with this tiny random model (relative to max |output|; raised-cosine blend of
-  # mmsr_jax.tile_grid): max 1.00, mean 0.157. The error is spread over whole tiles, not concentrated at seams: each tile
+  # mmsr_jax.diffusion.tiles): max 1.00, mean 0.157. The error is spread over whole tiles, not concentrated at seams: each tile
   # has its own group-norm statistics and attention context, which a 20-latent-wide random
   # model with 8-latent tiles is very sensitive to. Blend correctness itself is checked
   # exactly by test_tiled_blend_is_exact_for_a_local_map.
