@@ -23,6 +23,8 @@
 # Training resumes from the newest checkpoint in WORKDIR, and a preempted (spot) VM saves and
 # exits cleanly on SIGTERM, so after a preemption: create, setup, train again.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
   echo "usage: $0 {create|setup|train|logs|delete} [--dry-run] [--config.field=value ...]" >&2
@@ -32,15 +34,7 @@ usage() {
 [[ $# -ge 1 ]] || usage
 action=$1
 shift
-dry_run=0
-extra=()
-for arg in "$@"; do
-  if [[ $arg == --dry-run ]]; then
-    dry_run=1
-  else
-    extra+=("$arg")
-  fi
-done
+split_dry_run "$@"
 
 name=${TPU_NAME:-mmsr}
 zone=${TPU_ZONE:-us-west4-a}
@@ -58,32 +52,6 @@ esac
 runtime=${TPU_RUNTIME:-$default_runtime}
 where=(--zone="$zone")
 [[ -n $project ]] && where+=(--project="$project")
-
-# Prints one argument as the shell would need it (only the value of --flag=value is quoted).
-quote() {
-  local arg=$1 prefix=""
-  if [[ $arg =~ ^(--[A-Za-z0-9_.-]+=)(.*)$ ]]; then
-    prefix=${BASH_REMATCH[1]}
-    arg=${BASH_REMATCH[2]}
-  fi
-  if [[ -z $arg || $arg =~ [^A-Za-z0-9_./:=@,+%-] ]]; then
-    arg="'${arg//\'/\'\\\'\'}'"
-  fi
-  printf '%s%s' "$prefix" "$arg"
-}
-
-# Runs a command, or prints it with --dry-run.
-run() {
-  if [[ $dry_run == 1 ]]; then
-    local out=() a
-    for a in "$@"; do
-      out+=("$(quote "$a")")
-    done
-    echo "${out[*]}"
-  else
-    "$@"
-  fi
-}
 
 case $action in
   create)
