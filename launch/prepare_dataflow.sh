@@ -9,15 +9,23 @@
 # Add --dry-run to print the command instead of running it.
 # Settings come from the environment:
 #   DATAFLOW_PROJECT (required), DATAFLOW_REGION (us-central1), DATAFLOW_BUCKET (gs://..., required:
-#   Dataflow's temporary and staging files go under it), DATAFLOW_IMAGE (required: a worker
-#   container with this checkout installed, apache-beam, torch with CUDA and jax[cuda]; Dataflow
-#   GPU workers need a custom container), DATAFLOW_GPU (nvidia-l4), DATAFLOW_GPUS (1),
-#   DATAFLOW_MACHINE (g2-standard-8), DATAFLOW_MAX_WORKERS (100), DATAFLOW_JOB (mmsr-<command>-<time>).
+#   Dataflow's temporary and staging files go under it), DATAFLOW_IMAGE (required: the worker
+#   container of launch/Dockerfile.dataflow, built for GPUs and pushed, see below),
+#   DATAFLOW_GPU (nvidia-l4), DATAFLOW_GPUS (1), DATAFLOW_MACHINE (g2-standard-8),
+#   DATAFLOW_MAX_WORKERS (100), DATAFLOW_JOB (mmsr-<command>-<time>).
+# The worker container (Dataflow GPU workers need a custom one), from the repository root:
+#   docker build -f launch/Dockerfile.dataflow \
+#     --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 --build-arg JAX_EXTRA=cuda12 \
+#     -t REGION-docker.pkg.dev/PROJECT/REPO/mmsr-prepare:TAG .
+#   docker push REGION-docker.pkg.dev/PROJECT/REPO/mmsr-prepare:TAG
+#   DATAFLOW_IMAGE=REGION-docker.pkg.dev/PROJECT/REPO/mmsr-prepare:TAG
 # One SDK process per worker and one thread in it: each loads the models once onto the worker's
 # GPU (several processes would each load them and run out of GPU memory).
 # Beam reruns failed shards itself; after a cancelled job, run the same command again: it
 # writes only the shards that are missing.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
   echo "usage: $0 {annotate|precompute} [--dry-run] [command flags ...]" >&2
@@ -31,19 +39,16 @@ case $what in
   annotate|precompute) ;;
   *) usage ;;
 esac
-dry_run=0
-extra=()
-for arg in "$@"; do
-  if [[ $arg == --dry-run ]]; then
-    dry_run=1
-  else
-    extra+=("$arg")
-  fi
-done
+split_dry_run "$@"
 
 for var in DATAFLOW_PROJECT DATAFLOW_BUCKET DATAFLOW_IMAGE; do
   if [[ -z ${!var:-} ]]; then
-    echo "error: set $var (see the comment at the top of $0)" >&2
+    if [[ $var == DATAFLOW_IMAGE ]]; then
+      echo "error: set DATAFLOW_IMAGE to a worker container built from launch/Dockerfile.dataflow" \
+        "and pushed (the comment at the top of $0 has the docker build and push commands)" >&2
+    else
+      echo "error: set $var (see the comment at the top of $0)" >&2
+    fi
     exit 2
   fi
 done
@@ -71,9 +76,4 @@ if [[ $what == annotate ]]; then
 fi
 cmd+=("${extra[@]}")
 
-if [[ $dry_run == 1 ]]; then
-  printf '%q ' "${cmd[@]}"
-  echo
-else
-  "${cmd[@]}"
-fi
+run "${cmd[@]}"
