@@ -1,13 +1,17 @@
 """annotate and precompute as Apache Beam pipelines (``mmsr_jax.data.beam_prepare``) on the
 local runner: the same records as the single-process loops, bad elements in the rejected output,
 a killed run finished by a rerun with every shard once, a train step from Beam-written shards,
-and the Dataflow launch script's dry run."""
+both pipelines with input and output on a remote (stand-in) filesystem, the Dataflow launch
+script's dry run and its worker container's Dockerfile against the repository."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,15 +24,15 @@ from PIL import Image
 pytest.importorskip("torch")
 pytest.importorskip("apache_beam")
 
+from apache_beam.io.filesystem import BeamIOError, CompressionTypes, FileMetadata  # noqa: E402
+from apache_beam.io.localfilesystem import LocalFileSystem  # noqa: E402
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter  # noqa: E402
 
 from mmsr_jax.data import annotator, beam_prepare  # noqa: E402
 from mmsr_jax.training import encoder_pass_beam  # noqa: E402
 from mmsr_jax.formats.records import list_shards  # noqa: E402
-from mmsr_jax.training import precompute  # noqa: E402
 from tests.test_annotate import _build_models, _images  # noqa: E402
-from tests.test_precompute import _config, _step  # noqa: E402
-from tests.test_vq_train import _write_annotated_shards  # noqa: E402
+from tests.test_precompute import _config, _step, annotated_and_precomputed  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWO_WORKERS = ["--direct_num_workers=2"]
@@ -142,10 +146,7 @@ def test_annotate_cli_refuses_what_is_neither_its_flag_nor_a_beam_option(tmp_pat
 @pytest.fixture(scope="module")
 def pre(tmp_path_factory):
   root = tmp_path_factory.mktemp("pre")
-  _write_annotated_shards(str(root / "ann"))
-  cfg = _config(str(root / "ann"))
-  precompute.precompute_shards(cfg, str(root / "ann"), str(root / "loop"), crops=4,
-                               dtype="float32", log=lambda _: None)
+  cfg = annotated_and_precomputed(root)["cfg"]  # the loop's output in root/pre
   opts = encoder_pass_beam.PrecomputeOptions(str(root / "ann"), str(root / "beam"), crops=4,
                                              dtype="float32")
   summary = encoder_pass_beam.precompute(cfg, opts, TWO_WORKERS, log=lambda _: None)
@@ -154,7 +155,7 @@ def pre(tmp_path_factory):
 
 def test_precompute_pipeline_writes_the_loops_records(pre):
   root = pre["root"]
-  a, b = list_shards(str(root / "loop"), "loop"), list_shards(str(root / "beam"), "beam")
+  a, b = list_shards(str(root / "pre"), "loop"), list_shards(str(root / "beam"), "beam")
   assert [os.path.basename(x) for x in a] == [os.path.basename(x) for x in b]
   for x, y in zip(a, b):
     ra, rb = _records(x), _records(y)
@@ -199,6 +200,203 @@ def test_a_bad_record_is_rejected_and_the_rest_written(pre, tmp_path):
   assert len(_records(shard)) == 2
 
 
+# --- Remote paths ---------------------------------------------------------------------------
+# Inputs and outputs on a filesystem that is not the local disk take the other branch of every
+# path helper in beam_prepare (FileSystems: match, open, create, rename, exists, delete). GCS
+# cannot be reached from the tests, so a Beam FileSystem of its own scheme stands in for it:
+# ``fakegs://bucket/key`` is the file ``ROOT/bucket/key``, with an object store's rules where
+# they differ from a disk's (no folders: only objects exist, a write needs no parent, listing is
+# by key prefix). The pipelines run in this process (one worker, in_memory), where the class is
+# registered.
+
+class _BucketFileSystem(LocalFileSystem):
+  ROOT: str | None = None
+  CALLS: list[tuple[str, str]] = []  # (method, path): which writes went where
+
+  @classmethod
+  def scheme(cls):
+    return "fakegs"
+
+  @classmethod
+  def _disk(cls, path: str) -> str:
+    assert path.startswith("fakegs://") and cls.ROOT, path
+    return os.path.join(cls.ROOT, path[len("fakegs://"):])
+
+  @classmethod
+  def _url(cls, disk: str) -> str:
+    return "fakegs://" + os.path.relpath(disk, cls.ROOT)
+
+  def join(self, basepath, *paths):
+    return "/".join([basepath.rstrip("/"), *paths])
+
+  def split(self, path):
+    head, _, tail = path.rstrip("/").rpartition("/")
+    return head, tail
+
+  def has_dirs(self):
+    return False
+
+  def mkdirs(self, path):
+    pass
+
+  def _list(self, dir_or_prefix):
+    for dirpath, _, names in os.walk(self.ROOT):
+      for n in names:
+        url = self._url(os.path.join(dirpath, n))
+        if url.startswith(dir_or_prefix):
+          yield self.metadata(url)
+
+  def create(self, path, mime_type="application/octet-stream",
+             compression_type=CompressionTypes.AUTO):
+    self.CALLS.append(("create", path))
+    return super().create(self._disk(path), mime_type, compression_type)
+
+  def open(self, path, mime_type="application/octet-stream",
+           compression_type=CompressionTypes.AUTO):
+    self.CALLS.append(("open", path))
+    return super().open(self._disk(path), mime_type, compression_type)
+
+  def _onto(self, name, disk_op, sources, destinations):
+    """``disk_op`` (the local copy or rename) onto objects that need no parent folder."""
+    self.CALLS += [(name, d) for d in destinations]
+    for d in destinations:
+      os.makedirs(os.path.dirname(self._disk(d)), exist_ok=True)
+    disk_op([self._disk(p) for p in sources], [self._disk(p) for p in destinations])
+
+  def copy(self, source_file_names, destination_file_names):
+    self._onto("copy", super().copy, source_file_names, destination_file_names)
+
+  def rename(self, source_file_names, destination_file_names):
+    self._onto("rename", super().rename, source_file_names, destination_file_names)
+
+  def exists(self, path):
+    return os.path.isfile(self._disk(path))  # a "folder" is no object
+
+  def size(self, path):
+    return os.path.getsize(self._disk(path))
+
+  def last_updated(self, path):
+    return os.path.getmtime(self._disk(path))
+
+  def checksum(self, path):
+    return str(self.size(path))
+
+  def metadata(self, path):
+    if not self.exists(path):
+      raise BeamIOError(f"no object {path}")
+    return FileMetadata(path, self.size(path), self.last_updated(path))
+
+  def delete(self, paths):
+    self.CALLS += [("delete", p) for p in paths]
+    for p in paths:
+      if not self.exists(p):
+        raise BeamIOError(f"no object {p}")
+      os.remove(self._disk(p))
+
+
+ONE_WORKER = ["--direct_num_workers=1"]  # in_memory: the pipeline runs in this process
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+  """``fakegs://b/`` over ``tmp_path/gcs/b``; its calls start empty."""
+  monkeypatch.setattr(_BucketFileSystem, "ROOT", str(tmp_path / "gcs"))
+  monkeypatch.setattr(_BucketFileSystem, "CALLS", [])
+  os.makedirs(tmp_path / "gcs" / "b")
+  return tmp_path / "gcs" / "b"
+
+
+def _entries(rec: bytes, name_map=lambda n: n) -> dict:
+  """A record's entries (bytes), its meta decoded and its source name mapped."""
+  with np.load(io.BytesIO(rec), allow_pickle=False) as z:
+    out = {k: z[k].tobytes() for k in z.files}
+  meta = json.loads(out.pop("meta"))
+  return dict(out, meta=dict(meta, name=name_map(meta["name"])))
+
+
+def _objects(root) -> list[str]:
+  return sorted(os.path.relpath(os.path.join(d, n), root)
+                for d, _, names in os.walk(root) for n in names)
+
+
+def _writes_are_atomic(calls) -> None:
+  """Every object was written under a temporary name and renamed onto its own."""
+  assert calls
+  assert all(".tmp-" in p for m, p in calls if m == "create"), calls
+  assert all(".tmp-" not in p for m, p in calls if m == "rename"), calls
+
+
+def test_annotate_with_input_and_output_on_a_remote_filesystem(models, tmp_path, bucket):
+  imgs = _folder_with_bad_files(tmp_path / "imgs")  # 5 good, 2 rejected
+  with open(os.path.join(imgs, "part0", "img0.txt"), "w") as f:
+    f.write("a  sidecar\ncaption")  # read through FileSystems on the remote side
+  # macOS's resource-fork files, which the folder reader skips (not images)
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(os.path.join(imgs, "part1", "._img1.png"))
+  shutil.copytree(imgs, bucket / "imgs")
+  # No caption model: the records carry the sidecar captions.
+  opts = dict(depth=models["depth"], seg=models["seg"], shard_size=2, batch_size=2,
+              max_pixels=5000)
+  quiet = lambda _: None  # noqa: E731
+  local = beam_prepare.annotate(
+      annotator.AnnotateOptions(input=imgs, output=str(tmp_path / "local"), **opts), ONE_WORKER,
+      log=quiet)
+  ropts = annotator.AnnotateOptions(input="fakegs://b/imgs/", output="fakegs://b/ann", **opts)
+  remote = beam_prepare.annotate(ropts, ONE_WORKER, log=quiet)
+  _writes_are_atomic(_BucketFileSystem.CALLS)
+  for k in ("images", "shards", "written", "rejected"):
+    assert remote[k] == local[k], k
+  assert local["written"] == 4 and local["rejected"] == 2
+  # The same shards, record for record; the records name their remote source.
+  to_local = lambda n: n.replace("fakegs://b/imgs", imgs)  # noqa: E731
+  names = sorted(n for n in os.listdir(tmp_path / "local") if n.endswith(".array_record"))
+  objects = _objects(bucket / "ann")
+  assert [n for n in objects if n.endswith(".array_record")] == names
+  for n in names:
+    want = [_entries(r) for r in _records(str(tmp_path / "local" / n))]
+    got = [_entries(r, to_local) for r in _records(str(bucket / "ann" / n))]
+    assert got == want, n
+  assert any(e.get("caption") == b"a sidecar caption" for n in names
+             for e in map(_entries, _records(str(bucket / "ann" / n))))
+  for n in sorted(os.listdir(tmp_path / "local" / "rejected")):
+    want = (tmp_path / "local" / "rejected" / n).read_text()
+    assert (bucket / "ann" / "rejected" / n).read_text() == want.replace(imgs, "fakegs://b/imgs")
+  assert not [n for n in objects if ".tmp-" in n]
+  assert {"manifest.json", "annotate.json"} <= set(objects)
+  # A rerun writes only the missing shard, and clears what a killed attempt left behind.
+  os.remove(bucket / "ann" / names[1])
+  stale = bucket / "ann" / (names[1] + ".tmp-0123456789ab")
+  stale.write_bytes(b"half a shard")
+  _BucketFileSystem.CALLS.clear()
+  again = beam_prepare.annotate(ropts, ONE_WORKER, log=quiet)
+  assert (again["already_done"], again["written"]) == (3, 1)
+  shard_writes = [p for m, p in _BucketFileSystem.CALLS if m == "rename" and
+                  p.endswith(".array_record")]
+  assert shard_writes == ["fakegs://b/ann/" + names[1]]
+  assert not stale.exists()
+  assert not [n for n in _objects(bucket / "ann") if ".tmp-" in n]
+  got = [_entries(r, to_local) for r in _records(str(bucket / "ann" / names[1]))]
+  assert got == [_entries(r) for r in _records(str(tmp_path / "local" / names[1]))]
+
+
+def test_precompute_with_input_and_output_on_a_remote_filesystem(tmp_path, bucket):
+  ref = annotated_and_precomputed(tmp_path)
+  shutil.copytree(ref["ann"], bucket / "ann")
+  opts = encoder_pass_beam.PrecomputeOptions("fakegs://b/ann", "fakegs://b/pre", crops=4,
+                                             dtype="float32")
+  summary = encoder_pass_beam.precompute(ref["cfg"], opts, ONE_WORKER, log=lambda _: None)
+  assert summary["summary"]["written"] == 2
+  _writes_are_atomic(_BucketFileSystem.CALLS)
+  objects = _objects(bucket / "pre")
+  assert not [n for n in objects if ".tmp-" in n]
+  names = sorted(n for n in os.listdir(ref["pre"]) if n.endswith(".array_record"))
+  assert [n for n in objects if n.endswith(".array_record")] == names
+  for n in names:  # the single-process pass's records, byte for byte
+    assert _records(str(bucket / "pre" / n)) == _records(os.path.join(ref["pre"], n))
+  assert {"null_text.npz", "precompute.json"} <= set(objects)
+  again = encoder_pass_beam.precompute(ref["cfg"], opts, ONE_WORKER, log=lambda _: None)
+  assert again["summary"]["written"] == 0
+
+
 def test_dataflow_launch_dry_run_prints_a_valid_command():
   env = dict(os.environ, DATAFLOW_PROJECT="my-proj", DATAFLOW_REGION="us-central1",
              DATAFLOW_BUCKET="gs://my-bucket", DATAFLOW_IMAGE="us-docker.pkg.dev/p/r/mmsr:1")
@@ -224,6 +422,35 @@ def test_dataflow_launch_dry_run_prints_a_valid_command():
                      cwd=REPO, env={"PATH": os.environ["PATH"]}, capture_output=True, text=True,
                      timeout=60)
   assert r.returncode == 2 and "DATAFLOW_PROJECT" in r.stderr
+
+
+def test_dataflow_worker_image_matches_the_repository():
+  """launch/Dockerfile.dataflow is not built here (no Docker daemon, no network); what could
+  drift from the repository is checked instead: its Beam version is requirements-prepare.txt's
+  pin, its Python requirements.txt's, every file it copies or installs from exists and is in
+  its build context, and the launch script and the docs name it."""
+  def read(*parts):
+    with open(os.path.join(REPO, *parts)) as f:
+      return f.read()
+  text = read("launch", "Dockerfile.dataflow").replace("\\\n", " ")
+  lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+  pin = re.search(r"^apache-beam==(\S+)$", read("requirements-prepare.txt"), re.M).group(1)
+  assert f"ARG BEAM_VERSION={pin}" in lines
+  (base,) = [ln for ln in lines if ln.startswith("FROM ")]
+  py = re.fullmatch(r"FROM apache/beam_python(\d+\.\d+)_sdk:\$\{BEAM_VERSION\}", base).group(1)
+  assert f"(Python {py})" in read("requirements.txt").splitlines()[0]
+  copied = [p for ln in lines if ln.startswith("COPY ") for p in ln.split()[1:-1]]
+  assert {"requirements-prepare.txt", "mmsr_jax"} <= set(copied)
+  for p in copied:
+    assert os.path.exists(os.path.join(REPO, p)), p
+  for ln in lines:
+    for req in re.findall(r"requirements[\w-]*\.txt", ln):
+      assert req in copied, ln
+  kept = {ln[1:] for ln in read("launch", "Dockerfile.dataflow.dockerignore").splitlines()
+          if ln.startswith("!")}
+  assert set(copied) <= kept
+  for doc in (("launch", "prepare_dataflow.sh"), ("docs", "training.md")):
+    assert "docker build -f launch/Dockerfile.dataflow" in read(*doc), doc
 
 
 def test_without_a_runner_flag_the_local_runner_uses_every_core():

@@ -42,14 +42,20 @@ def _config(path, **overrides):
       "vq.ids_from": "shards", **overrides})
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-  root = tmp_path_factory.mktemp("pre")
+def annotated_and_precomputed(root) -> dict:
+  """6 annotated records in 2 shards under ``root/ann``, the single-process pass's output of
+  them under ``root/pre`` (4 crops, float32) and the config it ran with: the input and the
+  reference of the precompute tests here and of the Beam pipeline's."""
   _write_annotated_shards(str(root / "ann"))
   cfg = _config(str(root / "ann"))
   encoder_pass.precompute_shards(cfg, str(root / "ann"), str(root / "pre"), crops=4,
                                  dtype="float32", log=lambda _: None)
-  return {"ann": str(root / "ann"), "pre": str(root / "pre")}
+  return {"ann": str(root / "ann"), "pre": str(root / "pre"), "cfg": cfg}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+  return annotated_and_precomputed(tmp_path_factory.mktemp("pre"))
 
 
 def test_the_pass_writes_caption_states_and_latents(shards):

@@ -137,14 +137,28 @@ def list_files(pattern: str) -> list[str]:
 
 
 def remove_stale_attempts(folder: str) -> None:
-  """Deletes the temporary files that killed attempts left in a local output folder."""
-  if not is_local(folder) or not os.path.isdir(folder):
+  """Deletes the temporary files that killed attempts left in an output folder (one run per
+  folder, so none is a live attempt's): on a local disk the staged shards, on a remote
+  filesystem the uploads that were never renamed."""
+  subs = (folder, join(folder, REJECTED_DIR))
+  if not is_local(folder):
+    stale = [p for sub in subs for p in list_files(join(sub, "*.tmp-*"))]
+    if stale:
+      FileSystems.delete(stale)
     return
-  for sub in (folder, os.path.join(folder, REJECTED_DIR)):
+  for sub in subs:
     if os.path.isdir(sub):
       for name in os.listdir(sub):
         if ".tmp-" in name:
           os.remove(os.path.join(sub, name))
+
+
+def is_image_file(path: str) -> bool:
+  """Whether a listed file is an input image, by the rule of ``sources.FolderSource`` (so that
+  a folder gives the same shards on a disk and in a bucket): an image's extension, and not
+  hidden (macOS leaves ``._name.jpg`` resource forks beside copied photos)."""
+  name = path.rstrip("/").rsplit("/", 1)[-1]
+  return name.lower().endswith(sources.IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,13 +310,18 @@ class Progress:
 
 
 def write_shard_outputs(final: str, recs: list[bytes], rejected: list[dict[str, Any]],
-                         output: str, workdir: str, write) -> None:
-  """The shard's rejected list, then the shard itself, each atomically."""
+                        output: str, workdir: str, write, read: int) -> None:
+  """The shard's rejected list, then the shard itself, each atomically; then the counters of
+  the ``read`` inputs it came from."""
   rej = join(output, REJECTED_DIR, os.path.basename(final)[:-len(SHARD_SUFFIX)] + ".jsonl")
   write_text(rej, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejected), workdir)
   local = staging_path(final, workdir)
   write(local, recs)
   publish(local, final)
+  counter("images_read").inc(read)
+  counter("images_written").inc(len(recs))
+  counter("images_rejected").inc(len(rejected))
+  counter("shards_written").inc()
 
 
 def count_rejected(output: str, names: Sequence[str]) -> tuple[int, list[dict[str, Any]]]:
@@ -327,6 +346,42 @@ def set_threads(threads: int | None) -> None:
       pass
 
 
+def write_shards(options, output: str, label: str, elements: list, make_dofn,
+                 finals: Sequence[str], sizes: Sequence[int], names: Sequence[str], log=print,
+                 progress_every: float = 10.0, unit: str = "images") -> dict[str, Any]:
+  """Writes the shards ``finals`` (``sizes`` images or records each) into ``output`` as one
+  pipeline: ``make_dofn(threads)`` (``threads``: torch threads per worker, None on a cluster)
+  takes each of ``elements``, one a shard. The temporary files of killed attempts go first.
+  Nothing runs when ``elements`` is empty. Logs the metrics; returns what the summaries of
+  annotate and precompute share, with the rejected elements of all the shards ``names``."""
+  workers = local_workers(options)
+  start = time.perf_counter()
+  metrics: dict[str, int] = {}
+  if elements:
+    remove_stale_attempts(output)
+    makedirs(join(output, REJECTED_DIR))
+    threads = max(1, (os.cpu_count() or 1) // workers) if workers else None
+    quiet_beam()
+    pipeline = beam.Pipeline(options=options)
+    _ = (pipeline
+         | "Shards" >> beam.Create(elements)
+         | "Spread" >> beam.Reshuffle()  # one shard per worker at a time, not all on the first
+         | label >> beam.ParDo(make_dofn(threads)))
+    with Progress(list(finals), list(sizes), progress_every, log, unit), WorkerThreads(workers):
+      result = pipeline.run()
+      result.wait_until_finish()
+    metrics = query_metrics(result)
+    for line in metrics_lines(metrics, unit):
+      log(line)
+  seconds = time.perf_counter() - start
+  rejected, examples = count_rejected(output, names)
+  log(f"wrote {len(elements)} shards to {output} ({rejected} {unit} rejected in all, listed "
+      f"under {join(output, REJECTED_DIR)})")
+  return {"rejected": rejected, "rejected_examples": examples, "metrics": metrics,
+          "seconds": round(seconds, 3), "workers": workers,
+          "runner": options.get_all_options()["runner"]}
+
+
 # ---------------------------------------------------------------------------------------------
 # annotate
 
@@ -347,8 +402,11 @@ class _Files:
         caption = sources._caption_for(path)  # pylint: disable=protected-access
       elif exists(txt):
         caption = " ".join((read_text(txt) or "").split())
-      return {"name": path, "image": images.read_image(local, self.max_pixels, "--max_pixels"),
-              "depth": None, "seg": None, "caption": caption}
+      try:
+        image = images.read_image(local, self.max_pixels, "--max_pixels")
+      except images.BadImage as e:  # its reason names the input, not the deleted local copy
+        raise images.BadImage(str(e).replace(local, path)) from e
+      return {"name": path, "image": image, "depth": None, "seg": None, "caption": caption}
     finally:
       if local != path:
         os.remove(local)
@@ -383,11 +441,8 @@ class AnnotateShards(beam.DoFn):
     recs, rejected = ann_lib.annotate_indices(self.annotator, source, indices, o,
                                               self.max_pixels)
     final = join(o.output, SHARD_PATTERN.format(shard, self.num_shards))
-    write_shard_outputs(final, recs, rejected, o.output, self.workdir, ann_lib.write_shard)
-    counter("images_read").inc(len(indices))
-    counter("images_written").inc(len(recs))
-    counter("images_rejected").inc(len(rejected))
-    counter("shards_written").inc()
+    write_shard_outputs(final, recs, rejected, o.output, self.workdir, ann_lib.write_shard,
+                        len(indices))
     report_seconds(self.annotator.seconds, self.last)
     yield shard
 
@@ -412,8 +467,7 @@ def annotate(opts: ann_lib.AnnotateOptions, beam_args: Sequence[str] = (), log=p
       files = source.files
     n = len(source)
   else:
-    files = [f for f in list_files(join(opts.input, "**"))
-             if f.lower().endswith(sources.IMAGE_EXTENSIONS)]
+    files = [f for f in list_files(join(opts.input, "**")) if is_image_file(f)]
     if not files:
       raise FileNotFoundError(f"--input={opts.input!r}: no image files found under it")
     n = len(files)
@@ -428,36 +482,14 @@ def annotate(opts: ann_lib.AnnotateOptions, beam_args: Sequence[str] = (), log=p
   names = [SHARD_PATTERN.format(s, num) for s in range(num)]
   todo = [s for s in range(num) if not exists(join(opts.output, names[s]))]
   log(f"{n} images, {num} shards, {num - len(todo)} already done")
-  metrics: dict[str, int] = {}
-  workers = local_workers(options)
-  start = time.perf_counter()
-  if todo:
-    remove_stale_attempts(opts.output)
-    makedirs(join(opts.output, REJECTED_DIR))
-    threads = max(1, (os.cpu_count() or 1) // workers) if workers else None
-    quiet_beam()
-    size = opts.shard_size
-    pipeline = beam.Pipeline(options=options)
-    _ = (pipeline
-         | "Shards" >> beam.Create([(s, _shard_files(files, s, size)) for s in todo])
-         | "Spread" >> beam.Reshuffle()  # one shard per worker at a time, not all on the first
-         | "Annotate" >> beam.ParDo(AnnotateShards(opts, num, n, max_pixels, threads)))
-    with Progress([join(opts.output, names[s]) for s in todo],
-                   [min(size, n - s * size) for s in todo], progress_every, log), \
-        WorkerThreads(workers):
-      result = pipeline.run()
-      result.wait_until_finish()
-    metrics = query_metrics(result)
-  seconds = time.perf_counter() - start
-  rejected, examples = count_rejected(opts.output, names)
+  size = opts.shard_size
+  run = write_shards(
+      options, opts.output, "Annotate",
+      [(s, _shard_files(files, s, size)) for s in todo],
+      lambda threads: AnnotateShards(opts, num, n, max_pixels, threads),
+      [join(opts.output, names[s]) for s in todo], [min(size, n - s * size) for s in todo],
+      names, log, progress_every)
   summary = {"images": n, "shards": num, "already_done": num - len(todo), "written": len(todo),
-             "rejected": rejected, "rejected_examples": examples, "metrics": metrics,
-             "seconds": round(seconds, 3), "workers": workers,
-             "runner": options.get_all_options()["runner"]}
+             **run}
   write_text(join(opts.output, ANNOTATE_SUMMARY), json.dumps(summary, indent=2, sort_keys=True))
-  if todo:
-    for line in metrics_lines(metrics):
-      log(line)
-  log(f"wrote {len(todo)} shards to {opts.output} ({rejected} images rejected in all, listed "
-      f"under {join(opts.output, REJECTED_DIR)})")
   return summary

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from typing import Any, Sequence
 
 import ml_collections
@@ -90,11 +89,8 @@ class PrecomputeShards(beam.DoFn):
         except Exception as e:  # pylint: disable=broad-except
           reject(j, f"encoder failed: {type(e).__name__}: {e}")
     final = bp.join(self.opts.output, os.path.basename(src))
-    bp.write_shard_outputs(final, out, rejected, self.opts.output, self.workdir, pre.write_shard)
-    bp.counter("images_read").inc(len(recs))
-    bp.counter("images_written").inc(len(out))
-    bp.counter("images_rejected").inc(len(rejected))
-    bp.counter("shards_written").inc()
+    bp.write_shard_outputs(final, out, rejected, self.opts.output, self.workdir, pre.write_shard,
+                           len(recs))
     bp.report_seconds(self.seconds, self.last)
     yield final
 
@@ -151,45 +147,24 @@ def precompute(config, opts: PrecomputeOptions, beam_args: Sequence[str] = (), l
     bp.write_text(spath, json.dumps(settings, indent=2))  # binds reruns before any shard exists
   todo = [i for i, f in enumerate(finals) if opts.overwrite or not bp.exists(f)]
   log(f"{sum(counts)} records, {len(files)} shards, {len(files) - len(todo)} already done")
-  metrics: dict[str, int] = {}
-  workers = bp.local_workers(options)
-  start = time.perf_counter()
-  if todo:
-    bp.remove_stale_attempts(opts.output)
-    bp.makedirs(bp.join(opts.output, bp.REJECTED_DIR))
-    firsts = pre.first_indices(counts)
-    # The empty caption's states come from the worker that takes the first shard: the driver
-    # never loads an encoder (T5-XXL alone is tens of GB).
-    null_text = "text" in features and (
-        opts.overwrite or not bp.exists(bp.join(opts.output, NULL_TEXT_FILE)))
-    threads = max(1, (os.cpu_count() or 1) // workers) if workers else None
-    bp.quiet_beam()
-    pipeline = beam.Pipeline(options=options)
-    _ = (pipeline
-         | "Shards" >> beam.Create([(files[i], firsts[i], null_text and i == todo[0])
-                                    for i in todo])
-         | "Spread" >> beam.Reshuffle()
-         | "Precompute" >> beam.ParDo(PrecomputeShards(
-             json.dumps(config.to_dict()), opts, features, crop_size, parts, threads)))
-    with bp.Progress([finals[i] for i in todo], [counts[i] for i in todo], progress_every, log,
-                     "records"), bp.WorkerThreads(workers):
-      result = pipeline.run()
-      result.wait_until_finish()
-    metrics = bp.query_metrics(result)
+  firsts = pre.first_indices(counts)
+  # The empty caption's states come from the worker that takes the first shard: the driver
+  # never loads an encoder (T5-XXL alone is tens of GB).
+  null_text = "text" in features and (
+      opts.overwrite or not bp.exists(bp.join(opts.output, NULL_TEXT_FILE)))
+  config_json = json.dumps(config.to_dict())
+  names = [os.path.basename(f) for f in finals]
+  run = bp.write_shards(
+      options, opts.output, "Precompute",
+      [(files[i], firsts[i], null_text and i == todo[0]) for i in todo],
+      lambda threads: PrecomputeShards(config_json, opts, features, crop_size, parts, threads),
+      [finals[i] for i in todo], [counts[i] for i in todo], names, log, progress_every,
+      "records")
   manifest = bp.read_text(bp.join(in_dir, MANIFEST))
   if manifest is not None and (opts.overwrite or not bp.exists(bp.join(opts.output, MANIFEST))):
     bp.write_text(bp.join(opts.output, MANIFEST), manifest)
-  rejected, examples = bp.count_rejected(opts.output, [os.path.basename(f) for f in finals])
-  summary = dict(settings, shards=[os.path.basename(f) for f in finals],
+  summary = dict(settings, shards=names,
                  summary={"records": sum(counts), "already_done": len(files) - len(todo),
-                          "written": len(todo), "rejected": rejected,
-                          "rejected_examples": examples, "metrics": metrics,
-                          "seconds": round(time.perf_counter() - start, 3), "workers": workers,
-                          "runner": options.get_all_options()["runner"]})
+                          "written": len(todo), **run})
   bp.write_text(spath, json.dumps(summary, indent=2))
-  if todo:
-    for line in bp.metrics_lines(metrics, "records"):
-      log(line)
-  log(f"wrote {len(todo)} shards to {opts.output} ({rejected} records rejected in all, listed "
-      f"under {bp.join(opts.output, bp.REJECTED_DIR)})")
   return summary
