@@ -152,33 +152,8 @@ def make_sample_fn(model: MMSR, conditioner: Conditioner, schedule: diffusion.Sc
       raise ValueError(f"LR {h}x{w} gives a {lr_latent.shape[1:3]} latent; the tile grid was "
                        f"made for {grid.latent_hw}")
     # --- Context per tile (both guidance branches), computed once.
-    ids = _chunked(lambda m: conditioner.modality_ids(frozen, m), (inputs["maps"],), map_batch)
-    present = inputs["present"].astype(bool)
-    per_tile = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731  per image -> per tile
-    temperature = per_tile(inputs["temperature"])
-    if "states" in inputs:
-      states, mask = inputs["states"], inputs["states_mask"]
-      pos_states, pos_mask = states[:b], mask[:b]
-      neg_states, neg_mask = states[b:], mask[b:]
-    else:
-      text = (inputs["text_ids"], inputs["text_mask"])
-      if guided:
-        (n_ids, n_mask), _ = guidance_lib.negative_branch(
-            guidance, text, (inputs["neg_ids"], inputs["neg_mask"]),
-            (inputs["null_ids"], inputs["null_mask"]), present)
-        text = (jnp.concatenate([text[0], n_ids]), jnp.concatenate([text[1], n_mask]))
-      all_states = conditioner.text_states(frozen, *text)
-      pos_states, pos_mask = all_states[:b], text[1][:b]
-      neg_states, neg_mask = all_states[b:], text[1][b:]
-    pos_states, pos_mask = per_tile(pos_states), per_tile(pos_mask)
-    if guided:
-      _, n_present = guidance_lib.negative_branch(guidance, None, None, None, present)
-      states = jnp.concatenate([pos_states, per_tile(neg_states)])
-      mask = jnp.concatenate([pos_mask, per_tile(neg_mask)])
-      present, ids = jnp.concatenate([present, n_present]), jnp.concatenate([ids, ids])
-      temperature = jnp.concatenate([temperature, temperature])
-    else:
-      states, mask = pos_states, pos_mask
+    states, mask, ids, present, temperature = _context_rows(
+        conditioner, frozen, inputs, guidance if guided else "none", n, map_batch)
     rows = states.shape[0]
     padded = -(-rows // shards) * shards
     ctx = model.apply({"params": params}, *(split(_pad_rows(a, padded)) for a in
@@ -218,6 +193,44 @@ def make_sample_fn(model: MMSR, conditioner: Conditioner, schedule: diffusion.Sc
     return jnp.clip(_decode_sample(conditioner, frozen, z, lr_latent), -1.0, 1.0)
 
   return sample
+
+
+def _text_states(conditioner: Conditioner, frozen, inputs: dict, guidance: str, present):
+  """Text states and masks of the positive rows ``[B, ...]`` and of the negative branch's (empty
+  without guidance): given beforehand in ``inputs['states']``, or encoded here from the ids."""
+  b = inputs["lr"].shape[0]
+  if "states" in inputs:
+    states, mask = inputs["states"], inputs["states_mask"]
+    return states[:b], mask[:b], states[b:], mask[b:]
+  text = (inputs["text_ids"], inputs["text_mask"])
+  if guidance != "none":
+    (n_ids, n_mask), _ = guidance_lib.negative_branch(
+        guidance, text, (inputs["neg_ids"], inputs["neg_mask"]),
+        (inputs["null_ids"], inputs["null_mask"]), present)
+    text = (jnp.concatenate([text[0], n_ids]), jnp.concatenate([text[1], n_mask]))
+  all_states = conditioner.text_states(frozen, *text)
+  return all_states[:b], text[1][:b], all_states[b:], text[1][b:]
+
+
+def _context_rows(conditioner: Conditioner, frozen, inputs: dict, guidance: str, n: int,
+                  map_batch: int | None):
+  """What the context encoder takes for every tile of every image (``n`` tiles per image), the
+  positive rows first, then with guidance the negative branch's: text states and masks, the
+  maps' VQ ids, presence and temperatures."""
+  ids = _chunked(lambda m: conditioner.modality_ids(frozen, m), (inputs["maps"],), map_batch)
+  present = inputs["present"].astype(bool)
+  per_tile = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731  per image -> per tile
+  temperature = per_tile(inputs["temperature"])
+  pos_states, pos_mask, neg_states, neg_mask = _text_states(conditioner, frozen, inputs,
+                                                            guidance, present)
+  pos_states, pos_mask = per_tile(pos_states), per_tile(pos_mask)
+  if guidance == "none":
+    return pos_states, pos_mask, ids, present, temperature
+  _, n_present = guidance_lib.negative_branch(guidance, None, None, None, present)
+  states = jnp.concatenate([pos_states, per_tile(neg_states)])
+  mask = jnp.concatenate([pos_mask, per_tile(neg_mask)])
+  present, ids = jnp.concatenate([present, n_present]), jnp.concatenate([ids, ids])
+  return states, mask, ids, present, jnp.concatenate([temperature, temperature])
 
 
 def default_temperature(batch: int, overrides: dict[str, float] | None = None):

@@ -313,46 +313,17 @@ def precompute_records(config, encoders: Encoders, records: Iterable[bytes], *,
 
   def flush():
     t = time.perf_counter()
-    ids_of: list[dict[str, np.ndarray]] = [{} for _ in pending]
-    banks: list[dict[str, np.ndarray] | None] = [None] * len(pending)
-    if "vq" in features:
-      for k in MODALITIES:
-        rows = [(i, p["maps"][k]) for i, p in enumerate(pending) if k in p["maps"]]
-        if rows:
-          ids = vq.encode(k, np.stack([m for _, m in rows]))
-          for (i, _), row_ids in zip(rows, ids):
-            ids_of[i][k] = row_ids
-    if bank_on:
-      for i, p in enumerate(pending):
-        banks[i] = {"boxes": p["boxes"],
-                    "ids": np.zeros((crops, 2, len(MODALITIES), g, g), np.int16),
-                    "present": np.array([k in p["crop_maps"] for k in MODALITIES], np.bool_)}
-    if "vq" in features and bank_on:
-      for k in ("depth", "seg"):
-        rows = [(i, p["crop_maps"][k]) for i, p in enumerate(pending) if k in p["crop_maps"]]
-        if rows:
-          flat = np.concatenate([m.reshape((-1,) + m.shape[2:]) for _, m in rows])
-          ids = encoders.padded(lambda _, x: vq.encode(k, x), None, flat, batch_size)  # noqa: B023
-          for (i, _), row_ids in zip(rows, ids.reshape(len(rows), crops, 2, g, g)):
-            banks[i]["ids"][:, :, MODALITIES.index(k)] = row_ids
+    ids_of, banks = _token_ids(encoders, pending, features, bank_on, crops, g, batch_size)
     if "vq" in features:
       t = clock("vq", t)
     feats: list[dict[str, np.ndarray]] = [{} for _ in pending]
     if "latents" in features:
-      crops_all = np.concatenate([p["hr_crops"].reshape((-1,) + p["hr_crops"].shape[2:])
-                                  for p in pending])
-      lat = encoders.padded(encoders.latent, encoders.params["ae"], crops_all,
-                            max(1, batch_size // 8))
-      lat = lat.reshape(len(pending), crops, 2, *lat.shape[1:])
-      for i in range(len(pending)):
-        feats[i][HR_LATENTS_KEY] = _stored(lat[i], dtype)
+      for f, lat in zip(feats, _hr_latents(encoders, pending, crops, batch_size)):
+        f[HR_LATENTS_KEY] = _stored(lat, dtype)
       t = clock("latents", t)
     if "text" in features:
-      ids = np.stack([p["text"][0] for p in pending])
-      mask = np.stack([p["text"][1] for p in pending])
-      states = np.asarray(encoders.text(encoders.params["text"], ids, mask))
-      for i, m in enumerate(mask):
-        feats[i][TEXT_STATES_KEY] = _stored(states[i, :int(m.sum())], dtype)
+      for f, states in zip(feats, _caption_states(encoders, pending)):
+        f[TEXT_STATES_KEY] = _stored(states, dtype)
       clock("text", t)
     out = []
     for i, p in enumerate(pending):
@@ -388,6 +359,54 @@ def precompute_records(config, encoders: Encoders, records: Iterable[bytes], *,
       yield from flush()
   if pending:
     yield from flush()
+
+
+def _token_ids(encoders: Encoders, pending: list[dict[str, Any]], features, bank_on: bool,
+               crops: int, g: int, batch_size: int):
+  """Per prepared record: the token ids of its whole maps (with feature 'vq'), and its crop bank
+  (with a bank: the boxes, presence, and with 'vq' the ids of each box's depth / seg crops)."""
+  vq = encoders.vq
+  ids_of: list[dict[str, np.ndarray]] = [{} for _ in pending]
+  banks: list[dict[str, np.ndarray] | None] = [None] * len(pending)
+  if "vq" in features:
+    for k in MODALITIES:
+      rows = [(i, p["maps"][k]) for i, p in enumerate(pending) if k in p["maps"]]
+      if rows:
+        ids = vq.encode(k, np.stack([m for _, m in rows]))
+        for (i, _), row_ids in zip(rows, ids):
+          ids_of[i][k] = row_ids
+  if bank_on:
+    for i, p in enumerate(pending):
+      banks[i] = {"boxes": p["boxes"],
+                  "ids": np.zeros((crops, 2, len(MODALITIES), g, g), np.int16),
+                  "present": np.array([k in p["crop_maps"] for k in MODALITIES], np.bool_)}
+  if "vq" in features and bank_on:
+    for k in ("depth", "seg"):
+      rows = [(i, p["crop_maps"][k]) for i, p in enumerate(pending) if k in p["crop_maps"]]
+      if rows:
+        flat = np.concatenate([m.reshape((-1,) + m.shape[2:]) for _, m in rows])
+        ids = encoders.padded(lambda _, x: vq.encode(k, x), None, flat, batch_size)  # noqa: B023
+        for (i, _), row_ids in zip(rows, ids.reshape(len(rows), crops, 2, g, g)):
+          banks[i]["ids"][:, :, MODALITIES.index(k)] = row_ids
+  return ids_of, banks
+
+
+def _hr_latents(encoders: Encoders, pending: list[dict[str, Any]], crops: int,
+                batch_size: int) -> np.ndarray:
+  """The autoencoder latents of every record's bank crops, ``[records, crops, 2 (flip), ...]``."""
+  crops_all = np.concatenate([p["hr_crops"].reshape((-1,) + p["hr_crops"].shape[2:])
+                              for p in pending])
+  lat = encoders.padded(encoders.latent, encoders.params["ae"], crops_all,
+                        max(1, batch_size // 8))
+  return lat.reshape(len(pending), crops, 2, *lat.shape[1:])
+
+
+def _caption_states(encoders: Encoders, pending: list[dict[str, Any]]) -> list[np.ndarray]:
+  """Each record's caption states, its real tokens only."""
+  ids = np.stack([p["text"][0] for p in pending])
+  mask = np.stack([p["text"][1] for p in pending])
+  states = np.asarray(encoders.text(encoders.params["text"], ids, mask))
+  return [states[i, :int(m.sum())] for i, m in enumerate(mask)]
 
 
 def write_null_text(config, encoders: Encoders, path: str, dtype: str) -> None:
