@@ -71,9 +71,9 @@ def define_work_limit_flags() -> None:
 
 
 def work_limits(run_config, max_pixels: int):
-  """The :class:`~mmsr_jax.inference.super_resolver.WorkLimits` of the run's config with the
+  """The :class:`~mmsr_jax.inference.work_limits.WorkLimits` of the run's config with the
   ``--max_*`` flags applied, to check the inputs before the model loads."""
-  from mmsr_jax.inference.super_resolver import WorkLimits
+  from mmsr_jax.inference.work_limits import WorkLimits
   F = flags.FLAGS
   return WorkLimits(run_config, max_pixels=max_pixels, max_tiles=F.max_tiles,
                     max_aspect_ratio=F.max_aspect_ratio)
@@ -89,16 +89,6 @@ def input_limit(workdir: str, max_pixels: int | None) -> int:
   run_config = ckpt_lib.load_config(workdir)
   return image_io.check_limit(run_config.sampling.get(
       "max_input_pixels", image_io.DEFAULT_MAX_INPUT_PIXELS), "config.sampling.max_input_pixels")
-
-
-def refuse_input_overwrite(outputs, inputs, output_flag: str) -> None:
-  """ValueError when one of ``outputs`` is one of ``inputs`` (the same file by its real path).
-  Refused with --overwrite too: an input is never lost."""
-  real = {os.path.realpath(p): p for p in inputs}
-  for out in outputs:
-    if os.path.realpath(out) in real:
-      raise ValueError(f"{output_flag}: {out} would overwrite the input "
-                       f"{real[os.path.realpath(out)]}; choose another output folder")
 
 
 def define_annotator_flags() -> None:

@@ -12,7 +12,6 @@ cell's settings and its box in the picture). The work is done by
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import app, flags
@@ -22,7 +21,9 @@ from mmsr_jax.data import images as image_io
 from mmsr_jax.diffusion.guidance import GUIDANCE_MODES
 from mmsr_jax.formats.records import MODALITIES
 from mmsr_jax.inference import control_grid
-from mmsr_jax.inference.super_resolver import SuperResolver, read_map
+from mmsr_jax.inference.batch_files import refuse_input_overwrite
+from mmsr_jax.inference.super_resolver import SuperResolver
+from mmsr_jax.inference.tile_conditions import read_map
 from mmsr_jax.runtime import checkpoint as ckpt_lib
 
 
@@ -69,8 +70,8 @@ def main(argv):
   if os.path.exists(F.output) and not os.path.isdir(F.output):
     raise NotADirectoryError(f"--output={F.output} exists and is not a folder")
   paths = control_grid.output_paths(F.output, grids, F.input)
-  cli.refuse_input_overwrite(paths.values(), [F.input, *(F[k].value for k in MODALITIES
-                                                          if F[k].value)], f"--output={F.output}")
+  refuse_input_overwrite(paths.values(), [F.input, *(F[k].value for k in MODALITIES
+                                                      if F[k].value)], f"--output={F.output}")
   cli.check_writable(F.output, "--output")
   cli.refuse_existing(paths.values(), F.overwrite)
   cli.lock_if_inside(F.workdir, F.output, "a sampler writing into the run")
@@ -82,32 +83,22 @@ def main(argv):
   settings = dict(guidance=F.guidance, scale=F.scale, steps=F.steps, eta=F.eta, seed=F.seed,
                   strength=F.strength, negative_prompt=F.negative_prompt)
   sr.resolve(**settings)  # bad values fail here, before anything is sampled or written
-  n_cells = sum(len(axes[a]) * len(axes[b]) for g, a, b in
-                (("guidance", "modes", "scales"), ("temperature", "groups", "temperatures"))
-                if g in grids)
   from tqdm import tqdm
-  bar = tqdm(total=n_cells, desc="cells", unit="cell", disable=not F.progress)
+  bar = tqdm(total=control_grid.cell_count(axes, grids), desc="cells", unit="cell",
+             disable=not F.progress)
   figures = control_grid.controls_figures(sr, pic, axes, caption=F.caption, maps=maps,
                                           progress=lambda: bar.update(1), **settings)
   bar.close()
-  os.makedirs(F.output, exist_ok=True)
-  for name, fig in figures.items():
-    fig["image"].save(paths[name], format="PNG")
-    fig["record"]["file"] = os.path.abspath(paths[name])
-  with open(paths["json"], "w") as fh:
-    json.dump({"input": os.path.abspath(F.input), "workdir": os.path.abspath(F.workdir),
-               "checkpoint_step": sr.step, "map_files": {k: F[k].value for k in maps},
-               "files": {k: os.path.abspath(p) for k, p in paths.items()},
-               "grids": {name: fig["record"] for name, fig in figures.items()}}, fh, indent=2)
+  control_grid.write_figures(figures, paths, {
+      "input": os.path.abspath(F.input), "workdir": os.path.abspath(F.workdir),
+      "checkpoint_step": sr.step, "map_files": {k: F[k].value for k in maps}})
   for name, fig in figures.items():
     r = fig["record"]
     print(f"{paths[name]}: {len(r['rows']['values'])} {r['rows']['field']} x "
           f"{len(r['columns']['values'])} {r['columns']['field']}, cells "
           f"{r['cell_size'][1]}x{r['cell_size'][0]}, picture {r['picture_size'][1]}x"
           f"{r['picture_size'][0]}")
-  nulls = sorted({k for fig in figures.values() for c in fig["record"]["cells"]
-                  for k, v in c["settings"]["maps"].items()
-                  if v == "null" and k in axes["groups"]})
+  nulls = control_grid.null_groups(figures, axes["groups"])
   if "temperature" in figures and nulls:
     print(f"note: {', '.join(nulls)} had no map (null tokens); their temperatures act on the null "
           "block. Give --depth/--seg or --annotate_depth/--annotate_seg for the real effect.")

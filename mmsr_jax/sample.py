@@ -18,51 +18,11 @@ from mmsr_jax import cli
 from mmsr_jax.data import images as image_io
 from mmsr_jax.diffusion.guidance import GUIDANCE_MODES
 from mmsr_jax.formats.records import CONTEXT_GROUPS, MODALITIES
-from mmsr_jax.inference.super_resolver import (TEXT_DEVICES, SuperResolver, parse_temperature,
-                                               read_map)
+from mmsr_jax.inference.batch_files import list_inputs, output_paths, sidecar_pairs
+from mmsr_jax.inference.super_resolver import SuperResolver, parse_temperature
+from mmsr_jax.inference.tile_conditions import read_map
 from mmsr_jax.runtime import checkpoint as ckpt_lib
-
-IMAGE_SUFFIXES = image_io.SUFFIXES
-
-
-def list_inputs(path: str) -> list[str]:
-  """The image files of ``--input`` (a file, or a folder's files with an image suffix; what a
-  folder holds besides is named in a note, never skipped silently)."""
-  if os.path.isdir(path):
-    names = sorted(os.listdir(path))
-    files = [os.path.join(path, n) for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
-    if not files:
-      raise FileNotFoundError(f"--input={path}: the folder holds no images {IMAGE_SUFFIXES}")
-    skipped = [n for n in names if not n.lower().endswith(IMAGE_SUFFIXES)]
-    if skipped:
-      shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5
-                                        else "")
-      entries = "entry" if len(skipped) == 1 else "entries"
-      print(f"note: --input={path}: skipped {len(skipped)} {entries} without an image suffix "
-            f"{IMAGE_SUFFIXES}: {shown}", flush=True)
-    return files
-  reason = image_io.missing_file_reason(path)
-  if reason is not None:
-    raise FileNotFoundError(f"--input={path}: "
-                            + ("no such file or folder" if reason == "no such file" else reason))
-  return [path]
-
-
-def output_paths(files: list[str], output: str, other_inputs=()) -> dict[str, str]:
-  """Input -> output PNG path; two inputs that would write the same file, or an output that is
-  an input (an image or one of ``other_inputs``, e.g. map files), are an error."""
-  targets = {f: os.path.join(output, os.path.splitext(os.path.basename(f))[0] + ".png")
-             for f in files}
-  seen: dict[str, str] = {}
-  for f, t in targets.items():
-    if t in seen:
-      raise ValueError(f"{seen[t]} and {f} would both be written to {t}; rename one")
-    seen[t] = f
-  cli.refuse_input_overwrite([p for t in targets.values()
-                              for p in (t, os.path.splitext(t)[0] + ".json")],
-                             [*files, *other_inputs], f"--output={output}")
-  return targets
-
+from mmsr_jax.schema.sr import TEXT_DEVICES
 
 def define_flags() -> None:
   """Flags of the CLI (defined only when run as a program, so importing stays side-effect free)."""
@@ -92,7 +52,7 @@ def main(argv):
     if not F[name].value:
       raise app.UsageError(f"--{name} is required")
   # Every check on the inputs happens before the model is built or compiled.
-  files = list_inputs(F.input)
+  files = list_inputs(F.input, log=lambda s: print(s, flush=True))
   limit = cli.input_limit(F.workdir, F.max_pixels)
   sizes = {}
   for f in files:  # read once to check (decoded again when its turn comes; the header first)
@@ -114,8 +74,7 @@ def main(argv):
     raise NotADirectoryError(f"--output={F.output} exists and is not a folder")
   targets = output_paths(files, F.output, [F[k].value for k in MODALITIES if F[k].value])
   cli.check_writable(F.output, "--output")  # before the model is built
-  cli.refuse_existing([p for t in targets.values()
-                       for p in (t, os.path.splitext(t)[0] + ".json")], F.overwrite)
+  cli.refuse_existing(sidecar_pairs(targets.values()), F.overwrite)
   cli.lock_if_inside(F.workdir, F.output, "a sampler writing into the run")
   annotator = cli.annotator_from_flags()
 

@@ -185,7 +185,7 @@ def _config_only_run(path) -> str:
 
 def test_work_limits_bound_tiles_and_aspect_ratio():
   from configs import tiny
-  from mmsr_jax.inference.super_resolver import WorkLimits, tile_count
+  from mmsr_jax.inference.work_limits import WorkLimits, tile_count
   c = tiny.get_config()
   limits = WorkLimits(c)
   # 0: the tiles of the largest square input, which is allowed exactly.

@@ -25,7 +25,7 @@ from mmsr_jax.diffusion import sampler
 from mmsr_jax.runtime.optimizer import TrainState
 from mmsr_jax.inference.super_resolver import SuperResolver
 from mmsr_jax.inference.super_resolver import parse_temperature
-from mmsr_jax.inference.super_resolver import read_map
+from mmsr_jax.inference.tile_conditions import read_map
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 2
@@ -277,7 +277,7 @@ def test_text_encoder_on_host_matches_and_caches_states(sr):
   assert sr.text_device == "accelerator"  # "auto" on a CPU backend keeps the default path
   assert host.text_device == "cpu" and host.frozen["text"] == {}
   cpu0 = jax.devices("cpu")[0]
-  text_leaves = jax.tree.leaves(host._text_params)
+  text_leaves = jax.tree.leaves(host.host_text.params)
   assert text_leaves and all(x.devices() == {cpu0} for x in text_leaves)
   mesh_devices = set(sr.mesh.devices.flat)
   sampled = jax.tree.leaves((host.params, host.frozen))
@@ -290,12 +290,12 @@ def test_text_encoder_on_host_matches_and_caches_states(sr):
   assert record["text_device"] == "cpu"
   np.testing.assert_allclose(got.rgb, want.rgb, atol=1e-6, rtol=0)
   assert np.abs(want.rgb - 0.5).max() > 0.1
-  assert (host.text_cache_misses, host.text_cache_hits) == (2, 0)  # caption + negative
+  assert (host.host_text.cache_misses, host.host_text.cache_hits) == (2, 0)  # caption + negative
   again, _ = host.upscale(pic, **kw)
   np.testing.assert_array_equal(again.rgb, got.rgb)
-  assert (host.text_cache_misses, host.text_cache_hits) == (2, 2)
+  assert (host.host_text.cache_misses, host.host_text.cache_hits) == (2, 2)
   host.upscale(pic, **dict(kw, guidance="cfg", caption="another"))  # new caption; empty negative
-  assert (host.text_cache_misses, host.text_cache_hits) == (4, 2)
+  assert (host.host_text.cache_misses, host.host_text.cache_hits) == (4, 2)
   with pytest.raises(ValueError, match="text_device='gpu'"):
     SuperResolver(sr.system, sr.params, sr.frozen, text_device="gpu")
 

@@ -13,7 +13,7 @@ from absl import flags
 
 from mmsr_jax.benches import common
 from mmsr_jax.diffusion import sampler
-from mmsr_jax.inference import super_resolver
+from mmsr_jax.inference import text_device
 from mmsr_jax.models import build
 from mmsr_jax.runtime import sharding
 from mmsr_jax.system import System
@@ -105,9 +105,9 @@ class _Setup:
 
 def _text_encoder(config) -> dict:
   """How the memory figures treat the text encoder, and its size (from shapes only)."""
-  n = super_resolver.text_param_bytes(build.conditioner(config))
+  n = text_device.text_param_bytes(build.conditioner(config))
   where = ("on the host CPU (config.sampling.text_device=auto or cpu), so sampling needs no "
-           "accelerator memory for it" if n > super_resolver.AUTO_HOST_TEXT_BYTES else
+           "accelerator memory for it" if n > text_device.AUTO_HOST_TEXT_BYTES else
            "on the accelerator with text_device=auto (small), on the host with text_device=cpu")
   note = (f"excluded from every memory figure (its states are an input); python -m "
           f"mmsr_jax.sample keeps its {n / 2 ** 30:.2f} GiB of weights {where}")

@@ -11,6 +11,7 @@ The command is ``python -m mmsr_jax.controls``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from typing import Any, Callable, Sequence
@@ -327,3 +328,28 @@ def controls_figures(sr, pic: image_io.Picture, axes: dict[str, list], *,
         "cells": [{"row": c.row, "col": c.col, "label": c.label, "box": box, "settings": r}
                   for c, r, (box, _) in zip(cells, records, lay.cells)]}}
   return figures
+
+
+def cell_count(axes: dict[str, list], grids: Sequence[str]) -> int:
+  """The cells of the grids to draw (one sampler call each)."""
+  return sum(len(axes[a]) * len(axes[b]) for g, a, b in
+             (("guidance", "modes", "scales"), ("temperature", "groups", "temperatures"))
+             if g in grids)
+
+
+def write_figures(figures: dict[str, dict], paths: dict[str, str], about: dict[str, Any]) -> None:
+  """Writes each grid picture to its path and one JSON of ``about`` (the input, the run) with
+  every file and every grid's record (its cells' settings and boxes)."""
+  os.makedirs(os.path.dirname(paths["json"]) or ".", exist_ok=True)
+  for name, fig in figures.items():
+    fig["image"].save(paths[name], format="PNG")
+    fig["record"]["file"] = os.path.abspath(paths[name])
+  with open(paths["json"], "w") as fh:
+    json.dump({**about, "files": {k: os.path.abspath(p) for k, p in paths.items()},
+               "grids": {name: fig["record"] for name, fig in figures.items()}}, fh, indent=2)
+
+
+def null_groups(figures: dict[str, dict], groups: Sequence[str]) -> list[str]:
+  """The temperature groups whose map was absent (the null tokens) in some cell."""
+  return sorted({k for fig in figures.values() for c in fig["record"]["cells"]
+                 for k, v in c["settings"]["maps"].items() if v == "null" and k in groups})

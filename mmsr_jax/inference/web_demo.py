@@ -19,9 +19,11 @@ from mmsr_jax.data import images as image_io
 from mmsr_jax.data import modalities
 from mmsr_jax.data.simple_degradation import bicubic_upsample
 from mmsr_jax.formats.records import MODALITIES
-from mmsr_jax.inference.super_resolver import SuperResolver, read_map
+from mmsr_jax.inference.super_resolver import SuperResolver
+from mmsr_jax.inference.tile_conditions import read_map
 
 MAX_SEED = 2 ** 32 - 1  # seeds are 32-bit here so that any seed the page accepts is a valid key
+DEFAULT_BUCKET = 64  # LR pixels: inputs whose sides round up to the same multiple share a compile
 
 
 @dataclasses.dataclass
