@@ -347,6 +347,25 @@ def run(task: Task, workdir: str, *, stop_at: int | None = None, write_report: b
     workdir_lib.release(workdir)
 
 
+def window_record(task: Task, host: list[dict], step: int, seconds: float,
+                  data_wait: float) -> dict[str, float]:
+  """What is logged for a window of steps ending at ``step`` (``host``: each step's metrics,
+  fetched): losses and the gradient norm averaged over it, other scalars at its last step, and
+  its speed (steps and images per second, MFU where known, the wait for data per step)."""
+  n = len(host)
+  sps = n / max(seconds, 1e-9)
+  record = {"step": step}
+  for k in host[-1]:
+    vals = [float(m[k]) for m in host]
+    record[k] = float(np.mean(vals)) if "loss" in k or k == "grad_norm" else vals[-1]
+  record.update(steps_per_s=sps, images_per_s=sps * task.config.batch_size,
+                data_wait_s=data_wait / n, window=n)
+  util = mfu(task, sps)
+  if util is not None:
+    record["mfu"] = util
+  return record
+
+
 def _run(task: Task, workdir: str, *, stop_at: int | None, write_report: bool,
          restore_step: int | None) -> Any:
   config = task.config
@@ -402,17 +421,8 @@ def _run(task: Task, workdir: str, *, stop_at: int | None, write_report: bool,
           raise FloatingPointError(
               f"non-finite loss or gradient norm at step {bad}; the last good checkpoint "
               f"({ckpt.latest_step()}) in {ckpt.directory} is kept")
-        dt = time.time() - t_window
-        sps = steps_in_window / max(dt, 1e-9)
-        record = {"step": step}
-        for k in host[-1]:  # scalars: mean over the window for losses, last value otherwise
-          vals = [float(m[k]) for m in host]
-          record[k] = float(np.mean(vals)) if "loss" in k or k == "grad_norm" else vals[-1]
-        record.update(steps_per_s=sps, images_per_s=sps * config.batch_size,
-                      data_wait_s=data_wait / steps_in_window, window=steps_in_window)
-        util = mfu(task, sps)
-        if util is not None:
-          record["mfu"] = util
+        record = window_record(task, host, step, time.time() - t_window, data_wait)
+        sps = record["steps_per_s"]
         lr = f"  lr {record['lr']:.2e}" if "lr" in record else ""
         log(f"step {step}/{total}  loss {record['loss']:.4f}  grad_norm "
             f"{record['grad_norm']:.3f}{lr}  {sps:.2f} steps/s  ETA "
