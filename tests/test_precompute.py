@@ -93,7 +93,7 @@ def test_step_from_precomputed_features_equals_the_step_computing_them(shards):
   np.testing.assert_array_equal(enc_batch["hr"], sh_batch["hr"])  # the same crops and flips
   np.testing.assert_array_equal(enc_batch["lr"], sh_batch["lr"])
   # The stored latents are the encoder's latents of the batch's own HR crops.
-  want = jax.jit(enc_task.conditioner.encode_image)(enc_task.frozen, enc_batch["hr"])
+  want = jax.jit(enc_task.system.conditioner.encode_image)(enc_task.frozen, enc_batch["hr"])
   np.testing.assert_allclose(sh_batch["hr_latent"], want, atol=1e-5)
   np.testing.assert_allclose(sh_loss, enc_loss, rtol=1e-5)
   flat = lambda t: np.concatenate([np.ravel(a) for a in jax.tree.leaves(t)])  # noqa: E731
