@@ -9,6 +9,7 @@ import sys
 from absl import app, flags, logging
 
 from mmsr_jax.runtime import checkpoint as ckpt_lib
+from mmsr_jax.runtime import topology
 from mmsr_jax.runtime import workdir as workdir_lib
 
 # Errors that describe bad input, a bad setting or a run that cannot go on (a non-finite loss
@@ -129,6 +130,7 @@ def run(main, define_flags=None, pass_unknown: bool = False) -> None:
       return main(argv)
     except USER_ERRORS as e:
       _fail(e.args[0] if isinstance(e, KeyError) and e.args else e)
+  topology.keep_cpu_host_off_libtpu()  # before anything asks JAX for its devices
   try:
     if define_flags is not None:
       define_flags()  # config_flags parses --config.* overrides here

@@ -20,6 +20,7 @@ from mmsr_jax import programs
 from mmsr_jax.models import layers
 from mmsr_jax.runtime import compiled as compiled_lib
 from mmsr_jax.runtime import sharding
+from mmsr_jax.runtime import topology
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny config at 128 px: 256 DiT tokens, so the flash kernel takes the self-attention.
@@ -277,3 +278,25 @@ def test_cpu_paths_never_import_libtpu():
   r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
                      text=True, timeout=300)
   assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+@needs_libtpu
+@pytest.mark.skipif(topology._tpu_chip_attached(), reason="a TPU chip is attached to this host")
+def test_a_command_on_a_cpu_host_does_not_load_libtpu():
+  """With libtpu installed but no TPU, a command must not bring up JAX's TPU backend: libtpu
+  would be loaded into the process and log its metadata-server warnings."""
+  code = ("import sys\n"
+          "from mmsr_jax import cli\n"
+          "def main(argv):\n"
+          "  import jax\n"
+          "  print(jax.devices()[0].platform)\n"
+          "  print('libtpu' in open('/proc/self/maps').read())\n"
+          "cli.run(main)\n")
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TPU_ACCELERATOR_TYPE",
+                                                           "TPU_WORKER_HOSTNAMES")}
+  env["PYTHONPATH"] = REPO
+  r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.split() == ["cpu", "False"], (r.stdout, r.stderr[-2000:])
+  assert "TPU_ACCELERATOR_TYPE" not in r.stderr and "TPU_WORKER_HOSTNAMES" not in r.stderr

@@ -8,9 +8,12 @@ libtpu is imported only when a TPU topology is asked for; the CPU paths never lo
 from __future__ import annotations
 
 import dataclasses
+import glob
+import importlib.util
 import math
 import os
 import re
+import sys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +83,35 @@ def cloud_accelerator_type(name: str) -> str:
   """The Cloud TPU accelerator type of a topology (``v5e:4x4`` -> ``v5litepod-16``)."""
   chip, dims = parse(name)
   return f"{chip.cloud_type}-{math.prod(dims) * chip.cores_per_chip_in_type}"
+
+
+_GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips sit on the PCI bus under Google's vendor id
+_GPU_DEVICE_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd")
+
+
+def _tpu_chip_attached() -> bool:
+  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+    try:
+      if open(vendor).read().strip() == _GOOGLE_PCI_VENDOR:
+        return True
+    except OSError:
+      continue
+  return False
+
+
+def keep_cpu_host_off_libtpu() -> None:
+  """On a host with libtpu installed (``requirements-tpu.txt``, for the ahead-of-time compiles)
+  but no TPU chip and no GPU, keep JAX on the CPU: otherwise its backend discovery loads libtpu,
+  which looks for a TPU metadata server and logs warnings about the accelerator type and the
+  worker hostnames at every command. An explicit ``JAX_PLATFORMS`` is left as it is, and
+  :func:`devices` still builds any slice (libtpu's compile-only client needs no TPU backend)."""
+  if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+    return
+  if _tpu_chip_attached() or any(os.path.exists(d) for d in _GPU_DEVICE_FILES):
+    return
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  if "jax" in sys.modules:  # imported already: its config read the environment then
+    sys.modules["jax"].config.update("jax_platforms", "cpu")
 
 
 def _quiet_libtpu() -> None:
