@@ -1,6 +1,7 @@
 """Assembles MMSR from a config: device mesh, trainable model, frozen encoders and their weights,
 noise schedule, caption tokenizer, and the layout and shardings of the train state. Training,
-sampling and the benchmarks all build through :meth:`System.from_config`."""
+sampling, the programs compiled ahead of time and the speed benches all build through
+:meth:`System.from_config` (the VQ tokenizers' counterpart is ``mmsr_jax/vq_system.py``)."""
 
 from __future__ import annotations
 
