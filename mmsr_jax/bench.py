@@ -1,5 +1,6 @@
 r"""Benchmarks: ``python -m mmsr_jax.bench NAME [--json] [--config=...] [flags]``; each lives in
-``mmsr_jax/benches/<name>.py``. Compare ratios from one run; absolute times only mean something on
+a module of ``mmsr_jax/benches/`` (``BENCHES`` maps the names; a module is named for what it
+times, apart from the commands it measures). Compare ratios from one run; absolute times only mean something on
 an accelerator.
 
 A benchmark module defines its own flags in ``define_flags()`` (called only for the benchmark named
@@ -23,9 +24,9 @@ BENCHES = {
     "vae-tiled": "vae_tiled",  # tiled VAE decode at 2048x2048: time and peak memory
     "data": "data",  # host input pipeline throughput
     "prepare": "prepare",  # annotate / precompute pipelines: Beam workers vs the loop
-    "sample": "sample",  # images/s of the sampler
-    "train": "train",  # step time, images/s, MFU
-    "evaluate": "evaluate",  # PSNR + SSIM + NIQE on two folders of pairs (or synthetic ones)
+    "sample": "sampling_speed",  # images/s of the sampler
+    "train": "train_speed",  # step time, images/s, MFU
+    "evaluate": "metric_speed",  # PSNR + SSIM + NIQE on two folders of pairs (or synthetic ones)
     "suite": "suite",  # the accelerator check: train MFU, cuDNN attention, sampling, one JSON
 }
 

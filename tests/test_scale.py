@@ -483,7 +483,7 @@ def test_analytic_flops_match_xla_cost_analysis():
 
 
 def test_bench_train_reports_step_time_images_per_s_and_mfu():
-  from mmsr_jax.benches import train as bench_train
+  from mmsr_jax.benches import train_speed as bench_train
   c = small_config()
   c.mesh.data = 1
   c.mesh.fsdp = -1

@@ -39,7 +39,7 @@ def _largest_batch(config, devices: int, probe: int) -> tuple[int, dict]:
   memory analysis says fits in 90% of device memory, from one compile at ``probe``."""
   import jax
 
-  from mmsr_jax.benches import train as bench_train
+  from mmsr_jax.benches import train_speed as bench_train
   c = config.copy_and_resolve_references()
   c.batch_size = probe * devices
   probe_result = bench_train.analyze_memory(c)
@@ -56,7 +56,7 @@ def _largest_batch(config, devices: int, probe: int) -> tuple[int, dict]:
 def _train(config) -> dict:
   import jax
 
-  from mmsr_jax.benches import train as bench_train
+  from mmsr_jax.benches import train_speed as bench_train
   F = flags.FLAGS
   n = len(jax.devices())
   per_device, probe = _largest_batch(config, n, F.suite_probe_batch)
@@ -95,7 +95,7 @@ def _attention(config) -> dict:
 
 
 def _sample(config) -> dict:
-  from mmsr_jax.benches import sample as bench_sample
+  from mmsr_jax.benches import sampling_speed as bench_sample
   F = flags.FLAGS
   return bench_sample.measure(config.copy_and_resolve_references(), size=F.suite_sample_size,
                               steps=F.suite_sample_steps, guidance="mcfg", batch=0,
