@@ -66,10 +66,8 @@ class _Setup:
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = len(devices), 1, 1  # data parallel
     config.batch_size = len(devices)  # (only checked by make_mesh; the bench has its own batch)
     self.config = config
-    system = System.from_config(config, devices)
-    self.model, self.conditioner, self.schedule = system.model, system.conditioner, system.schedule
-    self.mesh = system.mesh
-    repl = sharding.replicated(self.mesh)
+    self.system = system = System.from_config(config, devices)
+    repl = sharding.replicated(system.mesh)
     self.params = jax.jit(lambda r: system.init_fn(r).params, out_shardings=repl)(
         jax.random.key(0))
     self.frozen = jax.device_put({**system.frozen_params(("ae", "vq")), "text": {}}, repl)
@@ -80,10 +78,11 @@ class _Setup:
     if size % (s * self.config.autoencoder.factor):
       raise ValueError(f"output size {size} is not a multiple of scale x autoencoder factor")
     grid = sampler.make_grid(self.config, (size // s, size // s))
+    sy = self.system
     fn = sampler.make_sample_fn(
-        self.model, self.conditioner, self.schedule, grid, steps=steps, guidance=guidance,
+        sy.model, sy.conditioner, sy.schedule, grid, steps=steps, guidance=guidance,
         spacing=self.config.sampling.spacing, clip_x0=self.config.sampling.clip_x0,
-        strength=1.0, mesh=self.mesh, tile_batch=tile_batch or None, map_batch=map_batch or None)
+        strength=1.0, mesh=sy.mesh, tile_batch=tile_batch or None, map_batch=map_batch or None)
     return fn, grid
 
   def inputs(self, batch: int, size: int, grid, guided: bool) -> dict:
