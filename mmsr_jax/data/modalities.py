@@ -47,13 +47,62 @@ def canny_edges(lr: np.ndarray, size: int) -> np.ndarray:
 
 
 SEG_LEVELS = 3  # operator segmentation: levels per RGB channel (27 colour classes)
+# Felzenszwalb's graph segmentation at the map size: its scale (larger = bigger regions) and the
+# smallest region kept, in pixels of a 128-pixel map (scaled with the map's area).
+SEG_GRAPH_SCALE = 100.0
+SEG_MIN_REGION_128 = 24
+# Dark-channel haze cue (He et al. 2009): the dark channel's window as a share of the map side,
+# the share of haze removed, and the least transmission (caps the depth).
+DEPTH_WINDOW_FRACTION = 1 / 16
+DEPTH_HAZE_OMEGA = 0.95
+DEPTH_MIN_TRANSMISSION = 0.05
+
+
+def colour_class(rgb: np.ndarray) -> np.ndarray:
+  """The colour class (1 .. SEG_LEVELS**3) of uint8 RGB values ``[..., 3]``."""
+  q = rgb.astype(np.int32) * SEG_LEVELS // 256
+  return 1 + (q[..., 0] * SEG_LEVELS + q[..., 1]) * SEG_LEVELS + q[..., 2]
+
+
+def graph_segmentation(x: np.ndarray) -> np.ndarray:
+  """Felzenszwalb's graph segmentation of a uint8 RGB image, each region labelled with the
+  colour class of its mean colour: the regions follow the image's boundaries, and the labels
+  mean the same in every image (a blue region is blue everywhere), unlike region indices."""
+  from skimage.segmentation import felzenszwalb  # pylint: disable=g-import-not-at-top
+  side = min(x.shape[:2])
+  min_size = max(4, int(round(SEG_MIN_REGION_128 * (side / 128.0) ** 2)))
+  regions = felzenszwalb(x, scale=SEG_GRAPH_SCALE, sigma=0.5, min_size=min_size)
+  n = int(regions.max()) + 1
+  count = np.bincount(regions.ravel(), minlength=n).astype(np.float64)
+  means = np.stack([np.bincount(regions.ravel(), weights=x[..., c].ravel().astype(np.float64),
+                                minlength=n) for c in range(3)], axis=-1)
+  means = np.round(means / np.maximum(count, 1.0)[:, None]).astype(np.uint8)
+  return colour_class(means)[regions].astype(np.int32)
+
+
+def haze_depth(x: np.ndarray) -> np.ndarray:
+  """A classical monocular depth cue in [0, 1] (far = 1): the dark channel prior's haze
+  transmission ``t = 1 - omega * dark(I / A)``, depth ``-log t`` over its largest value. Outdoor
+  scenes grow hazier, so brighter in every channel, with distance; it knows nothing indoors."""
+  img = x.astype(np.float32) / np.float32(255.0)
+  k = max(3, int(round(min(img.shape[:2]) * DEPTH_WINDOW_FRACTION)) | 1)
+  kernel = np.ones((k, k), np.uint8)
+  dark = cv2.erode(img.min(axis=-1), kernel)
+  # The airlight: the mean colour of the haziest 0.1% of pixels (those with the brightest dark
+  # channel), at least a small floor so a dark image does not divide by ~0.
+  n = max(1, dark.size // 1000)
+  idx = np.argpartition(dark.ravel(), -n)[-n:]
+  airlight = np.maximum(img.reshape(-1, 3)[idx].mean(axis=0), np.float32(0.1))
+  dark_norm = cv2.erode((img / airlight).min(axis=-1), kernel)
+  t = np.clip(1.0 - DEPTH_HAZE_OMEGA * dark_norm, DEPTH_MIN_TRANSMISSION, 1.0)
+  return (np.log(t) / np.float32(np.log(DEPTH_MIN_TRANSMISSION))).astype(np.float32)
 
 
 def operator_maps(image: np.ndarray, size: int) -> dict[str, np.ndarray]:
   """Stand-in depth / seg / edge maps made by fixed image operators (no network) from an RGB
   image (uint8, or float in [0, 1]) brought to ``size`` (bicubic up, area down): ``edge`` its
-  Canny edges, ``depth`` its luma in [0, 1] (a crude brightness cue, not a depth estimate),
-  ``seg`` a colour class (each channel cut into :data:`SEG_LEVELS` levels; labels from 1).
+  Canny edges, ``depth`` the dark-channel haze cue (:func:`haze_depth`), ``seg`` a graph
+  segmentation with colour-class labels (:func:`graph_segmentation`; labels from 1).
 
   They carry what the image they are made from carries: from the LR nothing the LR lacks, from
   the HR crop its detail (``config.data.maps_from``: the oracle experiment).
@@ -64,10 +113,8 @@ def operator_maps(image: np.ndarray, size: int) -> dict[str, np.ndarray]:
   if x.shape[:2] != (size, size):
     x = (bicubic_upsample(x, size) if min(x.shape[:2]) < size
          else cv2.resize(x, (size, size), interpolation=cv2.INTER_AREA))
-  luma = cv2.cvtColor(x, cv2.COLOR_RGB2GRAY).astype(np.float32) / np.float32(255.0)
-  q = x.astype(np.int32) * SEG_LEVELS // 256
-  seg = 1 + (q[..., 0] * SEG_LEVELS + q[..., 1]) * SEG_LEVELS + q[..., 2]
-  return {"depth": luma, "seg": seg.astype(np.int32), "edge": canny(x)}
+  x = np.ascontiguousarray(x)
+  return {"depth": haze_depth(x), "seg": graph_segmentation(x), "edge": canny(x)}
 
 
 def colorize_seg(labels: np.ndarray) -> np.ndarray:

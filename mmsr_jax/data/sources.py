@@ -6,6 +6,7 @@ and stops a run when too many are bad.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from typing import Any
 
@@ -25,11 +26,19 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 MIN_CHECKED = 20
 
 
-def _caption_for(path: str) -> str:
+def _caption_for(path: str, name_pattern: str = "") -> str:
+  """The caption of an image file: its sidecar ``.txt``, else, when ``name_pattern`` (a regular
+  expression with one group) matches the file name, that group with underscores as spaces
+  (``config.data.caption_from_name``: scene photos named ``abbey_sun_xyz.jpg`` give "abbey"
+  with ``^(.+?)_sun_``), else empty."""
   txt = os.path.splitext(path)[0] + ".txt"
   if os.path.isfile(txt):
     with open(txt, encoding="utf-8") as f:
       return " ".join(f.read().split())
+  if name_pattern:
+    m = re.match(name_pattern, os.path.basename(path))
+    if m:
+      return " ".join(m.group(1).replace("_", " ").split())
   return ""
 
 
@@ -38,7 +47,7 @@ class FolderSource:
   header claims more than ``max_pixels`` pixels is a BadImage, refused before decoding."""
 
   def __init__(self, root: str, max_pixels: int = DEFAULT_MAX_PIXELS,
-               field: str = "config.data.max_image_pixels"):
+               field: str = "config.data.max_image_pixels", caption_from_name: str = ""):
     if not os.path.isdir(root):
       raise FileNotFoundError(f"config.data.path={root!r}: no such image folder")
     files = []
@@ -51,6 +60,7 @@ class FolderSource:
     self.root = root
     self.files = sorted(files)
     self.max_pixels, self.field = int(max_pixels), field
+    self.caption_from_name = caption_from_name
 
   def __len__(self) -> int:
     return len(self.files)
@@ -59,7 +69,7 @@ class FolderSource:
     path = self.files[int(index)]
     return {"name": path, "image": read_image(path, self.max_pixels, self.field),
             "depth": None, "seg": None,
-            "caption": _caption_for(path)}
+            "caption": _caption_for(path, self.caption_from_name)}
 
   def __repr__(self) -> str:
     return f"FolderSource({self.root!r}, n={len(self)})"
@@ -318,7 +328,7 @@ def make_source(config: ml_collections.ConfigDict, split: str = "train"):
   path = d.get("path", "")
   max_pixels = int(d.get("max_image_pixels", DEFAULT_MAX_PIXELS))
   if name == "folder":
-    inner = FolderSource(path, max_pixels)
+    inner = FolderSource(path, max_pixels, caption_from_name=d.get("caption_from_name", ""))
   elif name == "tfds":
     inner = TfdsSource(path, split=d.get("tfds_split", "train"),
                                data_dir=d.get("tfds_data_dir", "") or None,

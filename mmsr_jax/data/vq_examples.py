@@ -11,13 +11,13 @@ import cv2
 import grain.python as pygrain
 import numpy as np
 
-from mmsr_jax.data import demo
+from mmsr_jax.data import demo, photo_maps
 from mmsr_jax.data.modalities import MODALITIES, canny, crop_maps, render_map
 from mmsr_jax.data.sources import DemoSource, per_process_batch_size
 from mmsr_jax.data.synthetic import synthetic_map
 from mmsr_jax.formats.records import decode_record, list_shards
 
-SOURCES = ("demo", "synthetic", "shards")
+SOURCES = ("demo", "synthetic", "shards", "folder")
 
 
 EVAL_SEED = 4321
@@ -126,6 +126,8 @@ def _train_source(config):
     return DemoSource("train")
   if vt.source == "synthetic":
     return SyntheticRecords()
+  if vt.source == "folder":
+    return photo_maps.train_source(config)
   return ShardRecords(vt.shards, "train", vt.heldout_every)
 
 
@@ -136,8 +138,9 @@ def make_loader(config) -> pygrain.DataLoader:
   sampler = pygrain.IndexSampler(
       num_records=len(source), shard_options=pygrain.ShardByJaxProcess(drop_remainder=True),
       shuffle=True, num_epochs=None, seed=int(config.seed))
-  transform = MakeMapsExample(config.data.map_size, vt.synthetic_fraction,
-                              vt.synthetic_for_missing)
+  transform = (photo_maps.transform(config) if vt.source == "folder" else
+               MakeMapsExample(config.data.map_size, vt.synthetic_fraction,
+                               vt.synthetic_for_missing))
   return pygrain.DataLoader(
       data_source=source, sampler=sampler,
       operations=[transform, pygrain.Batch(per_process_batch_size(config), drop_remainder=True)],
@@ -152,6 +155,8 @@ def heldout_maps(config) -> dict[str, dict[str, Any]]:
   crops each, plus ``eval_synthetic`` synthetic maps per modality.
   """
   vt, size = config.vq_train, int(config.data.map_size)
+  if vt.source == "folder":
+    return photo_maps.heldout_maps(config)
   real: dict[str, list[np.ndarray]] = {k: [] for k in MODALITIES}
   if vt.source == "demo":
     records = demo.load_demo_records("val")

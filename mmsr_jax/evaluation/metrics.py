@@ -209,3 +209,26 @@ def ssim_y_np(pred: np.ndarray, gt: np.ndarray) -> float:
   lum = (2 * mu1 * mu2 + SSIM_C1) / (mu1**2 + mu2**2 + SSIM_C1)
   cs = np.maximum((2 * s12 + SSIM_C2) / (s11 + s22 + SSIM_C2), 0.0)
   return float(np.mean(lum * cs))
+
+
+def edge_f1(pred, true, tolerance: int = 1) -> dict[str, jax.Array]:
+  """Precision, recall and F1 of binary edge maps ``[..., H, W]`` (nonzero = line pixel), the
+  counts pooled over the leading axes. A predicted line pixel is correct when a true one lies
+  within ``tolerance`` pixels (Chebyshev distance), and a true line pixel is recovered when a
+  predicted one does: the usual tolerance of edge benchmarks, since a line drawn one pixel off
+  is not a lost edge. An empty prediction has precision 0, an empty truth recall 0."""
+  p = jnp.asarray(pred) != 0
+  t = jnp.asarray(true) != 0
+  if p.shape != t.shape or p.ndim < 2:
+    raise ValueError(f"edge_f1: maps of shapes {p.shape} and {t.shape}; expected equal [..., H, W]")
+  p = p.reshape((-1,) + p.shape[-2:]).astype(jnp.float32)
+  t = t.reshape((-1,) + t.shape[-2:]).astype(jnp.float32)
+  k = 2 * int(tolerance) + 1
+
+  def dilate(m):
+    return jax.lax.reduce_window(m, 0.0, jax.lax.max, (1, k, k), (1, 1, 1), "SAME")
+
+  precision = jnp.sum(p * dilate(t)) / jnp.maximum(jnp.sum(p), 1.0)
+  recall = jnp.sum(t * dilate(p)) / jnp.maximum(jnp.sum(t), 1.0)
+  f1 = 2 * precision * recall / jnp.maximum(precision + recall, 1e-8)
+  return {"precision": precision, "recall": recall, "f1": f1}

@@ -224,3 +224,19 @@ def niqe(images, *, color: str = "yiq", crop_border: int = 0) -> np.ndarray:
   y = luminance255(x, color)[:, :h, :w]
   feats = np.asarray(niqe_features(y))
   return np.array([score_from_features(f) for f in feats])
+
+
+def pooled_niqe(images, *, color: str = "yiq") -> float:
+  """One NIQE score of a set of images too small for NIQE on their own (it needs two 96x96
+  blocks per image): the blocks of every image (whole blocks from the top-left, as
+  :func:`niqe` crops) pooled into one Gaussian fit against the pristine model. A score of the
+  set's naturalness, not a mean of per-image NIQEs, so not comparable with those."""
+  x = np.asarray(images)
+  if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8:
+    raise ValueError(f"pooled_niqe expects BxHxWx3 uint8 RGB, got {x.dtype} {x.shape}")
+  h, w = (x.shape[1] // BLOCK) * BLOCK, (x.shape[2] // BLOCK) * BLOCK
+  if h == 0 or w == 0 or len(x) * (h // BLOCK) * (w // BLOCK) < 2:
+    raise ValueError(f"pooled NIQE needs at least two {BLOCK}x{BLOCK} blocks in the set; got "
+                     f"{len(x)} images of {x.shape[1]}x{x.shape[2]}")
+  feats = np.asarray(niqe_features(luminance255(x, color)[:, :h, :w]))
+  return score_from_features(feats.reshape(-1, feats.shape[-1]))

@@ -7,6 +7,8 @@ anything runs. ``validate`` checks every value and cross-field rule once.
 
 from __future__ import annotations
 
+import re
+
 import ml_collections
 
 from mmsr_jax.schema import common
@@ -45,6 +47,9 @@ def sr_config() -> ml_collections.ConfigDict:
   c.data.tfds_data_dir = ""  # "" = the TFDS default
   c.data.image_key = ""  # TFDS image feature; "" = "hr" if present, else "image"
   c.data.caption_key = ""  # TFDS caption feature; "" = no caption
+  # Source 'folder': a regular expression with one group that makes a caption of an image's file
+  # name where it has no sidecar .txt (underscores become spaces); "" = none.
+  c.data.caption_from_name = ""
   c.data.eval_path = ""  # folder of held-out images for the report; "" = the demo photos
   c.data.min_image_size = 64  # smaller images are skipped as bad
   c.data.max_bad_fraction = 0.05  # a larger share of bad images stops the run
@@ -271,6 +276,14 @@ def validate(config) -> None:
   ck.choice("data.degradation", DEGRADATIONS)
   ck.integer("data.prefetch", 0)
   ck.choice("data.maps_from", MAPS_FROM)
+  pattern = d.get("caption_from_name", "")
+  if pattern:
+    try:
+      groups = re.compile(pattern).groups
+    except (re.error, TypeError):
+      groups = -1
+    if groups != 1:
+      ck.fail("data.caption_from_name", "a regular expression with exactly one group")
   if d.maps_from != "record" and (d.degradation != "simple" or config.vq.ids_from != "encoder"):
     ck.fail("data.maps_from", "'record' unless config.data.degradation='simple' and "
             "config.vq.ids_from='encoder' (operator maps are made per example on the host)")

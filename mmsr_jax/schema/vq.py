@@ -7,7 +7,7 @@ import ml_collections
 from mmsr_jax.schema import common
 
 TASK = "vq"
-SOURCES = ("demo", "synthetic", "shards")
+SOURCES = ("demo", "synthetic", "shards", "folder")
 CODEBOOKS = ("ema", "loss")
 RECON_LOSSES = ("l1", "l2")
 LPIPS_NETS = ("alex", "vgg")
@@ -35,6 +35,13 @@ def vq_config() -> ml_collections.ConfigDict:
   c.vq_train = ml_collections.ConfigDict(dict(
       source="demo",  # "demo" (+ synthetic maps), "synthetic", or "shards" (annotator output)
       shards="",  # source "shards": a folder or glob of mmsr_jax.annotate shards
+      # source "folder": operator maps (data.modalities.operator_maps) of crop_size crops of the
+      # photos under path; the report's held-out maps come from the photos under eval_path.
+      path="",
+      eval_path="",
+      crop_size=0,  # 0 = data.map_size; the SR config's data.hr_size when maps are made at it
+      lr_fraction=0.0,  # chance to make the maps from the crop degraded x scale (maps_from='lr')
+      scale=4,
       heldout_every=20,  # source "shards": every n-th record is held out for the report
       synthetic_fraction=0.25,  # chance to use a synthetic map where a real one exists
       synthetic_for_missing=True,  # fill modalities a record lacks with synthetic maps
@@ -61,6 +68,9 @@ def vq_config() -> ml_collections.ConfigDict:
       eval_synthetic=24,  # synthetic held-out maps per modality
       eval_crops=4,  # held-out crops per real held-out image
       png_examples=4,  # examples per modality in reconstructions.png
+      # Edge F1 of the report: a line pixel counts within this many pixels (0: exact pixels,
+      # right for tiny maps, where one pixel is a large share of the map).
+      edge_tolerance=0,
   ))
   return c
 
@@ -79,6 +89,14 @@ def validate(config) -> None:
   ck.choice(vt + "source", SOURCES)
   if config.vq_train.source == "shards" and not config.vq_train.shards:
     ck.fail(vt + "shards", "a folder or glob of annotator shards (vq_train.source='shards')")
+  if config.vq_train.source == "folder":
+    for field in ("path", "eval_path"):
+      if not config.vq_train[field]:
+        ck.fail(vt + field, "a folder of photos (vq_train.source='folder')")
+  ck.integer(vt + "crop_size", 0)
+  ck.number(vt + "lr_fraction", 0.0, 1.0)
+  ck.integer(vt + "scale", 1)
+  ck.integer(vt + "edge_tolerance", 0)
   ck.integer(vt + "heldout_every", 2)
   ck.number(vt + "synthetic_fraction", 0.0, 1.0)
   ck.choice(vt + "codebook", CODEBOOKS)

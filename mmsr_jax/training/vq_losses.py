@@ -10,6 +10,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mmsr_jax.evaluation import metrics
+
 Array = jax.Array
 sg = jax.lax.stop_gradient
 
@@ -178,26 +180,11 @@ def edge_pixel_weights(x: Array, is_edge: Array, edge_weight: float) -> Array:
 
 
 def edge_f1(x: Array, x_rec: Array, tolerance: int = 1) -> dict[str, Array]:
-  """Precision, recall and F1 of reconstructed edge maps, pooled over the batch.
-
-  Both maps (``[N, H, W, C]`` in [-1, 1]) are thresholded at 0 (0.5 in [0, 1]) on channel 0. A
-  predicted line pixel is correct when a true one lies within ``tolerance`` pixels (Chebyshev
-  distance), and a true line pixel is recovered when a predicted one does: the usual tolerance of
-  edge-detection benchmarks, since a one-pixel shift of a thin line is not a lost edge.
-  """
-  gt = (x[..., 0] > 0.0).astype(jnp.float32)
-  pred = (x_rec[..., 0].astype(jnp.float32) > 0.0).astype(jnp.float32)
-  k = 2 * int(tolerance) + 1
-
-  def dilate(m):
-    return jax.lax.reduce_window(m, 0.0, jax.lax.max, (1, k, k), (1, 1, 1), "SAME")
-
-  tp_p = jnp.sum(pred * dilate(gt))
-  tp_r = jnp.sum(gt * dilate(pred))
-  precision = tp_p / jnp.maximum(jnp.sum(pred), 1.0)
-  recall = tp_r / jnp.maximum(jnp.sum(gt), 1.0)
-  f1 = 2 * precision * recall / jnp.maximum(precision + recall, 1e-8)
-  return {"precision": precision, "recall": recall, "f1": f1}
+  """Precision, recall and F1 of reconstructed edge maps (``[N, H, W, C]`` in [-1, 1]),
+  thresholded at 0 (0.5 in [0, 1]) on channel 0 and scored by
+  :func:`mmsr_jax.evaluation.metrics.edge_f1` within ``tolerance`` pixels."""
+  return metrics.edge_f1(x_rec[..., 0].astype(jnp.float32) > 0.0, x[..., 0] > 0.0,
+                         tolerance=tolerance)
 
 
 def psnr(x: Array, x_rec: Array) -> Array:
