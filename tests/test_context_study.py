@@ -207,6 +207,14 @@ def test_context_study_end_to_end(tmp_path):
                                   log=logs.append)
   assert sum("read from" in m for m in logs) == 2
   assert again["aggregate"] == report["aggregate"]
+  # The x0 error by checkpoint: one row per kept checkpoint (steps 2 of each run), then read back.
+  rows = context_study.x0_by_step(runs, str(tmp_path / "x0"), log=lambda _: None)["rows"]
+  assert [(r["maps_from"], r["step"]) for r in rows] == [("hr", 2), ("lr", 2)]
+  assert all(np.isclose(r["gap"], r["no_context"] - r["all"]) for r in rows)
+  assert os.path.getsize(str(tmp_path / "x0" / "x0_by_step.png")) > 0
+  again = context_study.x0_by_step(runs, str(tmp_path / "x0"), overwrite=True,
+                                   log=lambda m: pytest.fail(f"evaluated again: {m}"))
+  assert again["rows"] == rows
   with pytest.raises(ValueError, match="one run per"):
     context_study.run_study([runs[0], runs[0]], str(tmp_path / "again"), images=1,
                             paper_steps=1)

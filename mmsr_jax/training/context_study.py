@@ -366,7 +366,8 @@ def x0_by_step(workdirs: list[str], output: str, *, overwrite: bool = False,
   """The x0 error at t = T - 1 with all context and with none, at every checkpoint each run
   keeps: whether the gap (no context - all) grows with training. Writes
   ``output/x0_by_step.json`` and ``output/x0_by_step.png`` (gap against step, one line per run,
-  coloured by map source)."""
+  coloured by map source); each checkpoint's row is kept under ``output/x0_rows/`` and read back
+  by a later call."""
   json_path = os.path.join(output, "x0_by_step.json")
   png_path = os.path.join(output, "x0_by_step.png")
   for p in (json_path, png_path):
@@ -380,6 +381,11 @@ def x0_by_step(workdirs: list[str], output: str, *, overwrite: bool = False,
     ckpt.close()
     photos = None
     for step in steps:
+      kept = os.path.join(output, "x0_rows", f"{os.path.basename(os.path.normpath(w))}-{step}.json")
+      if os.path.isfile(kept):  # computed by an earlier call (checkpoints do not change)
+        with open(kept) as f:
+          rows.append(json.load(f))
+        continue
       run = LoadedRun(w, step=step)
       run.config.unlock()
       run.config.eval.val_batches = int(noise_draws)
@@ -391,6 +397,9 @@ def x0_by_step(workdirs: list[str], output: str, *, overwrite: bool = False,
       rows.append({"workdir": w, "maps_from": run.config.data.get("maps_from", "record"),
                    "seed": int(run.config.seed), "step": int(step), **x0,
                    "gap": x0["no_context"] - x0["all"]})
+      os.makedirs(os.path.dirname(kept), exist_ok=True)
+      with open(kept, "w") as f:
+        json.dump(rows[-1], f)
       log(f"{w} step {step}: x0 error all {x0['all']:.5f}, no context {x0['no_context']:.5f}")
   with open(json_path, "w") as f:
     json.dump(rows, f, indent=2)
