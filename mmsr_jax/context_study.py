@@ -10,7 +10,7 @@ from __future__ import annotations
 from absl import flags
 
 from mmsr_jax import cli
-from mmsr_jax.training.context_study import run_study, x0_by_step
+from mmsr_jax.training.context_ablation import run_study, x0_by_step
 
 
 def define_flags() -> None:

@@ -168,7 +168,7 @@ def _tiny_context_config(train, held, maps_from, seed):
 
 
 def test_context_study_end_to_end(tmp_path):
-  from mmsr_jax.training import context_study, sr_task
+  from mmsr_jax.training import context_ablation as context_study, sr_task
   train = _photos(tmp_path / "train", [f"scene{i}_sun_x.png" for i in range(3)], 64)
   held = _photos(tmp_path / "held", ["h0.png", "h1.png"], 100, seed=1)
   runs = []
