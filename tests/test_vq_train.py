@@ -576,7 +576,8 @@ def test_cli_errors_are_one_clear_line(tmp_path):
                      capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
   assert r.returncode == 2, r.stderr
   assert r.stderr.strip().splitlines()[-1] == (
-      "error: config.vq_train.source='nope': expected one of ('demo', 'synthetic', 'shards')")
+      "error: config.vq_train.source='nope': expected one of "
+      "('demo', 'synthetic', 'shards', 'folder')")
 
 
 def test_tokenize_on_two_beam_workers_writes_what_one_run_writes(crop_bank_shards, tmp_path):
