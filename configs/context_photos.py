@@ -19,9 +19,10 @@ from mmsr_jax.schema.sr import sr_config
 def get_config():
   c = sr_config()
   c.batch_size = 8
-  c.num_train_steps = 800
+  c.num_train_steps = 1500
   c.log_every = 50
-  c.checkpoint_every = 200
+  c.checkpoint_every = 250
+  c.keep_checkpoints = 6  # every checkpoint, for the x0 error by step (context_study --x0_by_step)
   c.optimizer.lr = 5e-4
   c.optimizer.warmup_steps = 50
   c.optimizer.ema_decay = 0.99
@@ -51,6 +52,10 @@ def get_config():
   c.model.context_latents = 64
   c.model.context_depth = 2
   c.model.context_heads = 4
+  # Latents tied to places (an 8x8 grid on the 16x16 map grid). With the paper's free latents
+  # the connector must first break their symmetry to carry where an edge lies, and runs of this
+  # length learned no use of the maps at all (docs/context_experiment.md).
+  c.model.context_latent_positions = True
 
   # Residual diffusion (docs/tiny_demo.md); v prediction at zero terminal SNR, so at t = T - 1
   # the input is pure noise and the x0 the model predicts is what the LR and the context say.

@@ -51,9 +51,9 @@ def test_dit_shapes_dtypes_and_zero_init_output():
     model.apply(params, jnp.ones((1, 7, 8, 10)), jnp.array([0]), ctx[:1])
 
 
-def _context_module():
+def _context_module(**kw):
   return context.MultimodalContext(width=32, codebook_size=16, token_grid=(2, 2), num_latents=4,
-                                   depth=1, num_heads=4)
+                                   depth=1, num_heads=4, **kw)
 
 
 def _context_inputs(seed=0, b=2):
@@ -73,6 +73,33 @@ def test_context_shapes_and_params():
     assert p[f"{name}_null"].value.shape == (4, 32)  # one null vector per token position
     assert p[f"{name}_embed"]["embedding"].value.shape == (16, 32)
   assert p["latents"].value.shape == (4, 32)
+
+
+def test_latent_positions_tie_each_latent_to_its_place_on_the_map_grid(config):
+  from mmsr_jax.models.context import latent_grid_positions
+  from mmsr_jax.models.layers import sincos_2d
+  # 4 latents on a 4x4 map grid: latent (0, 0) sits at map position (0.5, 0.5), between the
+  # tokens of its 2x2 cell; nearest map token by embedding similarity lies in that cell.
+  lat = latent_grid_positions(32, 4, 4, 4)
+  grid = sincos_2d(32, 4, 4)
+  nearest = np.argmax(lat @ grid.T, axis=1)
+  cells = [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+  for k in range(4):
+    assert nearest[k] in cells[k]
+  # The module adds them (and only when asked); the output changes, shapes do not.
+  inputs = _context_inputs()
+  free, placed = _context_module(), _context_module(latent_positions=True)
+  params = jax.jit(free.init)(jax.random.key(0), *inputs)
+  a, b = free.apply(params, *inputs), placed.apply(params, *inputs)
+  assert a.shape == b.shape and np.abs(np.asarray(a - b)).max() > 1e-3
+  with pytest.raises(ValueError, match="square number of latents"):
+    latent_grid_positions(32, 8, 4, 4)
+  config.model.context_latent_positions = True
+  config.model.context_latents = 8
+  with pytest.raises(ValueError, match="config.model.context_latents=8: expected a square"):
+    sr_schema.validate(config)
+  config.model.context_latents = 4
+  sr_schema.validate(config)
 
 
 def test_null_block_used_exactly_when_modality_missing():

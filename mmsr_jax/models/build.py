@@ -69,6 +69,7 @@ def mmsr(config, platform: str | None = None) -> MMSR:
       codebook_size=config.vq.arch.num_vq_embeddings,
       token_grid=(grid, grid), context_latents=mc.context_latents,
       context_depth=mc.context_depth, context_heads=mc.context_heads,
+      context_latent_positions=bool(mc.get("context_latent_positions", False)),
       remat={True: "full", False: "none"}.get(mc.remat, mc.remat), dtype=compute_dtype(config),
       attention=attention(config, platform))
 

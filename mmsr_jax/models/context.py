@@ -5,12 +5,29 @@ cross-attention context. Per-group temperature scales that group's keys (``K / d
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from mmsr_jax.formats.records import CONTEXT_GROUPS, MODALITIES
 from mmsr_jax.models import layers
 
+
+
+def latent_grid_positions(width: int, num_latents: int, gh: int, gw: int) -> np.ndarray:
+  """``[num_latents, width]`` sin-cos positions of a g x g grid of latents (g * g =
+  ``num_latents``), each at its cell's centre in the ``gh x gw`` map grid's integer units, so a
+  latent and the map tokens under it carry near positions."""
+  g = math.isqrt(num_latents)
+  if g * g != num_latents:
+    raise ValueError(f"latent positions need a square number of latents, got {num_latents}")
+  cy = (np.arange(g) + 0.5) * gh / g - 0.5
+  cx = (np.arange(g) + 0.5) * gw / g - 0.5
+  yy, xx = np.meshgrid(cy, cx, indexing="ij")
+  return np.concatenate([layers.sincos_1d(width // 2, xx), layers.sincos_1d(width // 2, yy)],
+                        axis=1).astype(np.float32)
 
 
 class ConnectorBlock(nn.Module):
@@ -43,6 +60,9 @@ class MultimodalContext(nn.Module):
   codebook_size: int
   token_grid: tuple[int, int]  # VQ ids per map, (h, w)
   num_latents: int = 128
+  # Add to latent k of a g x g grid (g * g = num_latents) the sin-cos position of its cell's
+  # centre on the map grid, so latents start out tied to places (the paper's are free).
+  latent_positions: bool = False
   depth: int = 2
   num_heads: int = 8
   mlp_ratio: float = 4.0
@@ -107,6 +127,9 @@ class MultimodalContext(nn.Module):
     context = layers.constrain_tokens(layers.layer_norm("context_norm", dtype=self.dtype)(context))
     latents = layers.param_with_axes(self, "latents", nn.initializers.normal(0.02),
                                      (self.num_latents, self.width), ("latents", "embed"))
+    if self.latent_positions:
+      latents = latents + jnp.asarray(latent_grid_positions(self.width, self.num_latents, gh, gw),
+                                      latents.dtype)
     x = jnp.broadcast_to(latents[None].astype(self.dtype), (b, self.num_latents, self.width))
     blocks = layers.scan_blocks(ConnectorBlock, depth=self.depth, broadcast=3)
     x, _ = blocks(self.width, self.num_heads, self.mlp_ratio, self.dtype, self.attention,

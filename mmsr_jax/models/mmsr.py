@@ -26,6 +26,7 @@ class MMSR(nn.Module):
   context_latents: int
   context_depth: int
   context_heads: int
+  context_latent_positions: bool = False
   remat: str = "none"
   dtype: jnp.dtype = jnp.float32
   attention: str = "xla"
@@ -34,7 +35,8 @@ class MMSR(nn.Module):
   def setup(self):
     self.context = context_lib.MultimodalContext(
         width=self.width, codebook_size=self.codebook_size, token_grid=self.token_grid,
-        num_latents=self.context_latents, depth=self.context_depth,
+        num_latents=self.context_latents, latent_positions=self.context_latent_positions,
+        depth=self.context_depth,
         num_heads=self.context_heads, mlp_ratio=self.mlp_ratio, dtype=self.dtype,
         attention=self.attention)
     self.dit = dit_lib.DiT(

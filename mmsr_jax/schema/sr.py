@@ -7,6 +7,7 @@ anything runs. ``validate`` checks every value and cross-field rule once.
 
 from __future__ import annotations
 
+import math
 import re
 
 import ml_collections
@@ -103,6 +104,9 @@ def sr_config() -> ml_collections.ConfigDict:
   c.model.context_latents = 128
   c.model.context_depth = 2
   c.model.context_heads = 16
+  # Tie the connector's latents to places: a square grid of them, each starting at its cell's
+  # sin-cos position on the map grid (models/context.py). False is the paper's free latents.
+  c.model.context_latent_positions = False
   c.model.init_from = ""  # a folder from mmsr_jax.convert --kind=pixart
   # A train step compiled ahead of time for this slice (python -m mmsr_jax.aot
   # --save_executable=PATH): loaded instead of compiling when it is the same program.
@@ -325,6 +329,11 @@ def validate(config) -> None:
   ck.choice("model.remat", REMAT)
   ck.choice("model.attention", ATTENTION)
   ck.integer("model.context_latents", 1)
+  if m.get("context_latent_positions", False):
+    g = math.isqrt(m.context_latents)
+    if g * g != m.context_latents:
+      ck.fail("model.context_latents", "a square number (a g x g grid) when "
+              "model.context_latent_positions=True")
   ck.number("model.mlp_ratio", 0.0, lo_open=True)
   ck.number("model.pos_interpolation_scale", 0.0, lo_open=True)
   ck.integer("encode_passes", 1)
