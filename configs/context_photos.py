@@ -52,10 +52,11 @@ def get_config():
   c.model.context_latents = 64
   c.model.context_depth = 2
   c.model.context_heads = 4
-  # Latents tied to places (an 8x8 grid on the 16x16 map grid). With the paper's free latents
-  # the connector must first break their symmetry to carry where an edge lies, and runs of this
-  # length learned no use of the maps at all (docs/context_experiment.md).
-  c.model.context_latent_positions = True
+  # Each place's map tokens also go straight to the DiT token over it (model.context_spatial).
+  # Through the paper's connector alone (free latents, or latents tied to places with
+  # model.context_latent_positions) runs of this length learned no use of the maps: its
+  # attention over the 800 context tokens still averaged them away (docs/context_experiment.md).
+  c.model.context_spatial = True
 
   # Residual diffusion (docs/tiny_demo.md); v prediction at zero terminal SNR, so at t = T - 1
   # the input is pure noise and the x0 the model predicts is what the LR and the context say.

@@ -102,6 +102,49 @@ def test_latent_positions_tie_each_latent_to_its_place_on_the_map_grid(config):
   sr_schema.validate(config)
 
 
+def _randomised(params, seed=1):
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(tree, [0.3 * jax.random.normal(k, x.shape, x.dtype)
+                                   for k, x in zip(keys, leaves)])
+
+
+def test_spatial_path_keeps_each_place_in_its_own_denoiser_token(config):
+  # 4x4 map tokens pooled onto a 2x2 denoiser grid: the context grows by 4 rows, silent at init.
+  mod = context.MultimodalContext(width=32, codebook_size=16, token_grid=(4, 4), num_latents=4,
+                                  depth=1, num_heads=4, spatial_grid=2)
+  text, mask, _, present = _context_inputs()
+  ids = jax.random.randint(jax.random.key(3), (2, 3, 4, 4), 0, 16)
+  params = jax.jit(mod.init)(jax.random.key(0), text, mask, ids, present)
+  out = mod.apply(params, text, mask, ids, present)
+  assert out.shape == (2, 4 + 4, 32)
+  np.testing.assert_array_equal(out[:, 4:], 0.0)
+  params = _randomised(params)
+  # An edge id changed at map place (3, 0) moves denoiser cell (1, 0) = row 2 of the path only.
+  moved = ids.at[:, 2, 3, 0].set((ids[:, 2, 3, 0] + 1) % 16)
+  a = np.asarray(mod.apply(params, text, mask, ids, present))
+  b = np.asarray(mod.apply(params, text, mask, moved, present))
+  change = np.abs(a - b).max(axis=(0, 2))
+  assert change[4 + 2] > 1e-3
+  np.testing.assert_array_equal(change[[4, 5, 7]], 0.0)
+  # The DiT adds the path to its patch tokens: the MMSR built from the config uses it.
+  config.model.context_spatial = True
+  sr_schema.validate(config)
+  model = build.mmsr(config)
+  cond = build.conditioner(config)
+  inputs = dummy_inputs(config, cond, batch=2)
+  mparams = _randomised(jax.jit(model.init)(jax.random.key(0), *inputs))
+  ctx = model.apply(mparams, *inputs[3:], method=MMSR.encode_context)
+  grid = config.data.hr_size // config.autoencoder.factor // config.model.patch_size
+  assert ctx.shape == (2, config.model.context_latents + grid ** 2, config.model.width)
+  den = lambda c: model.apply(mparams, *inputs[:3], c, method=MMSR.denoise)  # noqa: E731
+  kick = jax.random.normal(jax.random.key(5), ctx.shape[-1:])  # not a constant: LN removes one
+  assert np.abs(np.asarray(den(ctx) - den(ctx.at[:, -1].add(kick)))).max() > 1e-2
+  config.data.map_size = 24  # 6x6 map tokens onto the 4x4 DiT grid
+  with pytest.raises(ValueError, match="config.model.context_spatial=True: expected False"):
+    sr_schema.validate(config)
+
+
 def test_null_block_used_exactly_when_modality_missing():
   mod = _context_module()
   text, mask, ids, present = _context_inputs()

@@ -70,6 +70,7 @@ def mmsr(config, platform: str | None = None) -> MMSR:
       token_grid=(grid, grid), context_latents=mc.context_latents,
       context_depth=mc.context_depth, context_heads=mc.context_heads,
       context_latent_positions=bool(mc.get("context_latent_positions", False)),
+      context_spatial_grid=latent // mc.patch_size if mc.get("context_spatial", False) else 0,
       remat={True: "full", False: "none"}.get(mc.remat, mc.remat), dtype=compute_dtype(config),
       attention=attention(config, platform))
 

@@ -63,6 +63,10 @@ class MultimodalContext(nn.Module):
   # Add to latent k of a g x g grid (g * g = num_latents) the sin-cos position of its cell's
   # centre on the map grid, so latents start out tied to places (the paper's are free).
   latent_positions: bool = False
+  # > 0: also pool each place's map tokens onto the denoiser's token grid (this many tokens per
+  # side) and append them to the output, for the DiT to add to its tokens (the paper has no such
+  # path: there the maps reach the DiT only through the latents' cross-attention).
+  spatial_grid: int = 0
   depth: int = 2
   num_heads: int = 8
   mlp_ratio: float = 4.0
@@ -71,7 +75,8 @@ class MultimodalContext(nn.Module):
 
   @nn.compact
   def __call__(self, text_states, text_mask, ids, present, temperature=None):
-    """Returns the ``[B, num_latents, width]`` context.
+    """Returns the ``[B, num_latents, width]`` context (``[B, num_latents + spatial_grid ** 2,
+    width]`` with the spatial path: its last rows are the per-place map tokens).
 
     Args:
       text_states: ``[B, L, D_text]`` frozen text-encoder states.
@@ -114,6 +119,7 @@ class MultimodalContext(nn.Module):
       tok = jnp.where(present[:, m, None, None], tok, null[None].astype(self.dtype))
       blocks.append(tok)
       masks.append(jnp.ones((b, n), bool))
+    spatial = self._spatial(blocks[1:], gh, gw) if self.spatial_grid else None
     context = jnp.concatenate(blocks, axis=1)
     context_mask = jnp.concatenate(masks, axis=1)
 
@@ -134,4 +140,19 @@ class MultimodalContext(nn.Module):
     blocks = layers.scan_blocks(ConnectorBlock, depth=self.depth, broadcast=3)
     x, _ = blocks(self.width, self.num_heads, self.mlp_ratio, self.dtype, self.attention,
                   name="blocks")(x, context, context_mask, key_scale)
-    return layers.layer_norm("norm_out", dtype=self.dtype)(x)
+    x = layers.layer_norm("norm_out", dtype=self.dtype)(x)
+    return x if spatial is None else jnp.concatenate([x, spatial], axis=1)
+
+  def _spatial(self, map_tokens, gh, gw):
+    """``[B, g * g, width]``: the modalities' tokens summed per place, averaged over each
+    denoiser token's cell, normalised and projected (zero-initialised, so the path starts
+    silent)."""
+    g = self.spatial_grid
+    if gh % g or gw % g:
+      raise ValueError(f"the {gh}x{gw} map token grid does not pool onto the denoiser's "
+                       f"{g}x{g} token grid")
+    b = map_tokens[0].shape[0]
+    x = sum(map_tokens).reshape(b, g, gh // g, g, gw // g, self.width).mean(axis=(2, 4))
+    x = layers.layer_norm("spatial_norm", dtype=self.dtype)(x.reshape(b, g * g, self.width))
+    return layers.dense(self.width, ("embed", "embed_out"), name="spatial_proj", dtype=self.dtype,
+                        kernel_init=nn.initializers.zeros)(x)

@@ -69,6 +69,9 @@ class DiT(nn.Module):
   mlp_ratio: float = 4.0
   pos_base_size: int | None = None  # training grid (tokens per side); None = integer positions
   pos_interpolation_scale: float = 1.0
+  # The context's last rows are this many per-place tokens (models/context.py, spatial_grid),
+  # added to the patch tokens; the rest is cross-attended. 0: all of it is cross-attended.
+  spatial_tokens: int = 0
   remat: str = "none"  # one of config.choices.REMAT
   dtype: layers.Dtype = jnp.float32
   attention: str = "xla"  # a resolved kernel (layers.resolve_attention)
@@ -89,6 +92,13 @@ class DiT(nn.Module):
     )(x.astype(self.dtype))
     pos = layers.sincos_2d(self.width, gh, gw, self.pos_base_size, self.pos_interpolation_scale)
     tokens = tokens.reshape(b, gh * gw, self.width) + jnp.asarray(pos, self.dtype)[None]
+    context = context.astype(self.dtype)
+    if self.spatial_tokens:
+      if self.spatial_tokens != gh * gw:
+        raise ValueError(f"the context carries {self.spatial_tokens} per-place tokens but the "
+                         f"DiT input has {gh}x{gw} patches")
+      tokens = tokens + context[:, -self.spatial_tokens:]
+      context = context[:, :-self.spatial_tokens]
     tokens = layers.constrain_tokens(tokens)
 
     # adaLN-single: one shared projection of the timestep embedding to six modulations.
@@ -96,7 +106,6 @@ class DiT(nn.Module):
     t_mod = layers.dense(6 * self.width, ("embed", "embed_out"), name="adaln_single",
                          dtype=self.dtype, kernel_init=nn.initializers.zeros)(nn.silu(t_emb))
 
-    context = context.astype(self.dtype)
     blocks = layers.scan_blocks(DiTBlock, depth=self.depth, remat=self.remat, broadcast=3)
     tokens, _ = blocks(self.width, self.num_heads, self.mlp_ratio, self.dtype, self.attention,
                        name="blocks")(tokens, t_mod, context, context_mask)

@@ -27,6 +27,7 @@ class MMSR(nn.Module):
   context_depth: int
   context_heads: int
   context_latent_positions: bool = False
+  context_spatial_grid: int = 0  # > 0: the per-place map path (models/context.py)
   remat: str = "none"
   dtype: jnp.dtype = jnp.float32
   attention: str = "xla"
@@ -36,14 +37,14 @@ class MMSR(nn.Module):
     self.context = context_lib.MultimodalContext(
         width=self.width, codebook_size=self.codebook_size, token_grid=self.token_grid,
         num_latents=self.context_latents, latent_positions=self.context_latent_positions,
-        depth=self.context_depth,
+        spatial_grid=self.context_spatial_grid, depth=self.context_depth,
         num_heads=self.context_heads, mlp_ratio=self.mlp_ratio, dtype=self.dtype,
         attention=self.attention)
     self.dit = dit_lib.DiT(
         out_channels=self.latent_channels, width=self.width, depth=self.depth,
         num_heads=self.num_heads, patch_size=self.patch_size, mlp_ratio=self.mlp_ratio,
         pos_base_size=self.pos_base_size, pos_interpolation_scale=self.pos_interpolation_scale,
-        remat=self.remat, dtype=self.dtype,
+        spatial_tokens=self.context_spatial_grid ** 2, remat=self.remat, dtype=self.dtype,
         attention=self.attention)
 
   def encode_context(self, text_states, text_mask, ids, present, temperature=None):

@@ -107,6 +107,10 @@ def sr_config() -> ml_collections.ConfigDict:
   # Tie the connector's latents to places: a square grid of them, each starting at its cell's
   # sin-cos position on the map grid (models/context.py). False is the paper's free latents.
   c.model.context_latent_positions = False
+  # Also give the DiT each place's map tokens, pooled onto its token grid and added to its patch
+  # tokens (models/context.py). Not in the paper, where the maps reach the DiT only through the
+  # connector's latents; the context experiment (docs/context_experiment.md) compares both.
+  c.model.context_spatial = False
   c.model.init_from = ""  # a folder from mmsr_jax.convert --kind=pixart
   # A train step compiled ahead of time for this slice (python -m mmsr_jax.aot
   # --save_executable=PATH): loaded instead of compiling when it is the same program.
@@ -329,6 +333,12 @@ def validate(config) -> None:
   ck.choice("model.remat", REMAT)
   ck.choice("model.attention", ATTENTION)
   ck.integer("model.context_latents", 1)
+  if m.get("context_spatial", False):
+    dit_grid = config.data.hr_size // config.autoencoder.factor // m.patch_size
+    map_grid = token_grid(config)
+    if map_grid % dit_grid:
+      ck.fail("model.context_spatial", f"False: the {map_grid}x{map_grid} map token grid does "
+              f"not pool onto the DiT's {dit_grid}x{dit_grid} token grid")
   if m.get("context_latent_positions", False):
     g = math.isqrt(m.context_latents)
     if g * g != m.context_latents:
