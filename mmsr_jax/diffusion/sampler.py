@@ -22,6 +22,7 @@ from mmsr_jax.diffusion import schedule as diffusion
 from mmsr_jax.diffusion.tiles import VAE_TILE, TileGrid, vae_tiled
 from mmsr_jax.formats.records import CONTEXT_GROUPS, MODALITIES
 from mmsr_jax.models import autoencoder as ae_lib
+from mmsr_jax.models import layers
 from mmsr_jax.models.conditioner import Conditioner
 from mmsr_jax.models.mmsr import MMSR
 from mmsr_jax.runtime import sharding
@@ -55,28 +56,16 @@ def num_shards(mesh) -> int:
   return n // sharding.batch_sharding(mesh).shard_shape((n,))[0]
 
 
-def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
-  """Pads the batch dimension to ``rows`` by repeating the last row (results are dropped)."""
-  extra = rows - x.shape[0]
-  if not extra:
-    return x
-  return jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)])
-
-
 def _chunked(fn: Callable, args: tuple, cap: int | None, multiple: int = 1):
-  """``fn(*args)`` over the leading dimension in sequential chunks of at most about ``cap`` rows
-  (equal chunks, each a multiple of ``multiple``; one ``lax.map``, so only one chunk's activations
-  are live); all rows at once when ``cap`` is None or not smaller than the row count (then
-  exactly ``fn(*args)``)."""
+  """``fn(*args)`` over the leading dimension in sequential equal chunks of at most about ``cap``
+  rows, each a multiple of ``multiple``; all rows at once when ``cap`` is None or not smaller than
+  the row count (then exactly ``fn(*args)``)."""
   rows = args[0].shape[0]
   if cap is None or rows <= cap:
     return fn(*args)
   k = -(-rows // cap)
   chunk = -(-(-(-rows // k)) // multiple) * multiple
-  k = -(-rows // chunk)
-  stacked = tuple(_pad_rows(a, k * chunk).reshape(k, chunk, *a.shape[1:]) for a in args)
-  out = jax.lax.map(lambda xs: fn(*xs), stacked)
-  return out.reshape(k * chunk, *out.shape[2:])[:rows]
+  return layers.map_rows(fn, args, chunk)
 
 
 def _encode(conditioner: Conditioner, frozen, x: jax.Array) -> jax.Array:
@@ -156,11 +145,11 @@ def make_sample_fn(model: MMSR, conditioner: Conditioner, schedule: diffusion.Sc
         conditioner, frozen, inputs, guidance if guided else "none", n, map_batch)
     rows = states.shape[0]
     padded = -(-rows // shards) * shards
-    ctx = model.apply({"params": params}, *(split(_pad_rows(a, padded)) for a in
+    ctx = model.apply({"params": params}, *(split(layers.pad_rows(a, padded)) for a in
                                             (states, mask, ids, present, temperature)),
                       method=MMSR.encode_context)
     lr_tiles = grid.gather(lr_latent)
-    lr_rows = split(_pad_rows(jnp.concatenate([lr_tiles, lr_tiles]) if guided else lr_tiles,
+    lr_rows = split(layers.pad_rows(jnp.concatenate([lr_tiles, lr_tiles]) if guided else lr_tiles,
                               padded))
     wts = jnp.asarray(weights)
 
@@ -173,7 +162,7 @@ def make_sample_fn(model: MMSR, conditioner: Conditioner, schedule: diffusion.Sc
         zt, tt = jnp.concatenate([zt, zt]), jnp.concatenate([tt, tt])
       dit = lambda z_, t_, l_, c_: model.apply(  # noqa: E731
           {"params": params}, split(z_), t_, split(l_), split(c_), method=MMSR.denoise)
-      out = _chunked(dit, (_pad_rows(zt, padded), _pad_rows(tt, padded), lr_rows, ctx),
+      out = _chunked(dit, (layers.pad_rows(zt, padded), layers.pad_rows(tt, padded), lr_rows, ctx),
                      tile_batch, shards)[:rows]
       if guided:
         half = rows // 2

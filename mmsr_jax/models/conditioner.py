@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from mmsr_jax.formats.records import MODALITIES
 from mmsr_jax.models import autoencoder as ae_lib
+from mmsr_jax.models import layers
 from mmsr_jax.models import t5 as t5_lib
 from mmsr_jax.models import vqgan as vqgan_lib
 
@@ -69,17 +70,11 @@ class Conditioner:
     return self.text_encoder.apply({"params": params["text"]}, ids, mask)
 
   def _in_passes(self, fn, x):
-    """``fn`` over the batch ``x`` in sequential passes (a ``lax.map``; as many as the greatest
-    common divisor of the batch and :attr:`encode_passes`), with the same result. Pass ``j``
-    takes images ``j, j + passes, ...``, so each pass spreads over every device of a
-    batch-sharded array rather than over a block of them."""
-    b = x.shape[0]
-    n = math.gcd(b, max(1, self.encode_passes))
-    if n == 1:
-      return fn(x)
-    xs = jnp.moveaxis(x.reshape(b // n, n, *x.shape[1:]), 1, 0)
-    ys = jax.lax.map(fn, xs)
-    return jnp.moveaxis(ys, 0, 1).reshape(b, *ys.shape[2:])
+    """``fn`` over the batch ``x`` in sequential passes, as many as the greatest common divisor
+    of the batch and :attr:`encode_passes` (interleaved rows, so each pass spreads over every
+    device of a batch-sharded array); the same result."""
+    n = math.gcd(x.shape[0], max(1, self.encode_passes))
+    return layers.map_rows(fn, (x,), x.shape[0] // n, interleave=True)
 
   def modality_ids(self, params, maps):
     """``maps [B, 3, M, M, 3]`` in [-1, 1] -> VQ ids ``[B, 3, M/f, M/f]``."""

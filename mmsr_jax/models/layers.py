@@ -266,3 +266,34 @@ class Mlp(nn.Module):
     x = dense(self.hidden, ("embed", "mlp"), name="fc1", dtype=self.dtype)(x)
     x = nn.gelu(x, approximate=True)
     return dense(self.width, ("mlp", "embed"), name="fc2", dtype=self.dtype)(x)
+
+
+def pad_rows(x: jax.Array, rows: int) -> jax.Array:
+  """Pads the leading dimension to ``rows`` by repeating the last row (results are dropped)."""
+  extra = rows - x.shape[0]
+  if not extra:
+    return x
+  return jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)])
+
+
+def map_rows(fn, args: tuple, chunk: int, *, interleave: bool = False) -> jax.Array:
+  """``fn(*args)`` for a row-wise ``fn``, run over the leading dimension in sequential passes of
+  ``chunk`` rows (one ``lax.map``, so only one pass's activations are live); the same result.
+
+  Rows are padded to a whole number of passes by repeating the last. ``interleave``: pass ``j``
+  takes rows ``j, j + k, ...`` (``k`` passes), so that each pass of a batch-sharded array spreads
+  over every device rather than over a block of them.
+  """
+  rows = args[0].shape[0]
+  k = -(-rows // chunk)
+  if k <= 1:
+    return fn(*args)
+  def split(a):
+    a = pad_rows(a, k * chunk)
+    if interleave:
+      return jnp.moveaxis(a.reshape(chunk, k, *a.shape[1:]), 1, 0)
+    return a.reshape(k, chunk, *a.shape[1:])
+  out = jax.lax.map(lambda xs: fn(*xs), tuple(split(a) for a in args))
+  if interleave:
+    out = jnp.moveaxis(out, 0, 1)
+  return out.reshape(k * chunk, *out.shape[2:])[:rows]
