@@ -215,6 +215,16 @@ def test_context_study_end_to_end(tmp_path):
   again = context_study.x0_by_step(runs, str(tmp_path / "x0"), overwrite=True,
                                    log=lambda m: pytest.fail(f"evaluated again: {m}"))
   assert again["rows"] == rows
+  # How much each run depends on its context, beside the x0 error of predicting 0.
+  sens = context_study.context_sensitivity(runs, str(tmp_path / "sens"), photos=1,
+                                           log=lambda _: None)
+  assert [r["maps_from"] for r in sens] == ["hr", "lr"] and sens[0]["tiles"] == 4
+  for r in sens:
+    assert r["context_change_nulled"] > 0 and len(r["output_change"]) == 3
+    assert np.isfinite(r["x0_zero_predictor"]) and r["x0_zero_predictor"] > 0
+    assert set(r["x0_mse_tmax"]) == {"all", "no_context"}
+  with pytest.raises(ValueError, match="overwrite"):
+    context_study.context_sensitivity(runs, str(tmp_path / "sens"), photos=1)
   with pytest.raises(ValueError, match="one run per"):
     context_study.run_study([runs[0], runs[0]], str(tmp_path / "again"), images=1,
                             paper_steps=1)

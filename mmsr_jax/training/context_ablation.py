@@ -423,3 +423,71 @@ def x0_by_step(workdirs: list[str], output: str, *, overwrite: bool = False,
   fig.savefig(png_path, dpi=90)
   plt.close(fig)
   return {"rows": rows}
+
+
+def context_sensitivity(workdirs: list[str], output: str, *, overwrite: bool = False,
+                        photos: int = 16, log=print) -> list[dict[str, Any]]:
+  """How much each run's newest checkpoint depends on its context, on the tiles of ``photos``
+  evenly spaced held-out photos: the relative change (``|a - b| / |b|``) of the context array and
+  of the denoiser's output at t = T - 1, T / 2 and T / 10 (one noise draw) when every condition
+  is nulled, and when each tile gets another tile's maps; beside it the x0 error at T - 1 with all
+  context and none, and the mean square of the target, the x0 error of predicting 0. Writes
+  ``output/sensitivity.json``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mmsr_jax.diffusion import sampler  # pylint: disable=g-import-not-at-top
+  from mmsr_jax.formats.records import MODALITIES  # pylint: disable=g-import-not-at-top
+  from mmsr_jax.models.mmsr import MMSR  # pylint: disable=g-import-not-at-top
+  path = os.path.join(output, "sensitivity.json")
+  if os.path.exists(path) and not overwrite:
+    raise ValueError(f"{path} exists; pass --overwrite to replace it")
+  os.makedirs(output, exist_ok=True)
+  rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))  # noqa: E731
+  rows = []
+  for w in workdirs:
+    run = LoadedRun(w)
+    cfg, s = run.config, run.system
+    held = heldout_tiles(cfg, s.tokenizer)
+    examples = [ex for i in subset(len(held), photos) for ex in held[i]]
+    inputs = {name: sampler.make_inputs(examples, s.tokenizer, cfg,
+                                        enabled=sr_report.setting_switches(name))
+              for name in ("all", "no_context")}
+    first, frozen = inputs["all"], run.eval_frozen()
+    c = s.conditioner(frozen, {"lr": first["lr"], "text_ids": first["text_ids"],
+                               "text_mask": first["text_mask"],
+                               **{m: first["maps"][:, i] for i, m in enumerate(MODALITIES)}})
+    other = jnp.roll(c["ids"], 1, axis=0)  # each tile with its neighbour's maps
+
+    def context(name, ids):
+      return s.model.apply({"params": run.params}, c["text_states"], c["text_mask"], ids,
+                           inputs[name]["present"], method=MMSR.encode_context)
+    ctx, null, swapped = context("all", c["ids"]), context("no_context", c["ids"]), context(
+        "all", other)
+    z = jax.random.normal(jax.random.key(0), c["lr_latent"].shape)
+    t_max = s.schedule.num_timesteps - 1
+    row = {"workdir": w, "step": run.step, "maps_from": cfg.data.get("maps_from", "record"),
+           "seed": int(cfg.seed), "tiles": len(examples),
+           "context_change_nulled": rel(null, ctx), "context_change_swapped": rel(swapped, ctx),
+           "output_change": {}}
+    for t in (t_max, t_max // 2, t_max // 10):
+      tt = jnp.full((len(examples),), t, jnp.int32)
+      den = lambda cc: s.model.apply({"params": run.params}, z, tt, c["lr_latent"], cc,  # noqa: E731,B023
+                                     method=MMSR.denoise)
+      ref = den(ctx)
+      row["output_change"][str(t)] = {"nulled": rel(den(null), ref),
+                                      "swapped": rel(den(swapped), ref)}
+    hr = jnp.asarray(np.stack([ex["hr"] for ex in examples]))
+    target = s.conditioner.diffusion_target(frozen, hr, c["lr_latent"])
+    row["x0_zero_predictor"] = float(jnp.mean(jnp.square(target)))
+    cfg.unlock()
+    cfg.eval.val_batches = 2
+    row["x0_mse_tmax"] = sr_report.val_losses(cfg, run, run.params, examples,
+                                              settings=("all", "no_context"), t=t_max,
+                                              x0_error=True)
+    log(f"{w} step {run.step}: context array changes {row['context_change_nulled']:.3g} "
+        f"nulled; denoiser output at t={t_max} {row['output_change'][str(t_max)]['nulled']:.3g}; "
+        f"x0 error {row['x0_mse_tmax']['all']:.5f} (predicting 0: {row['x0_zero_predictor']:.5f})")
+    rows.append(row)
+  with open(path, "w") as f:
+    json.dump(rows, f, indent=2)
+  return rows
