@@ -159,7 +159,7 @@ def _tiny_context_config(train, held, maps_from, seed):
       "seed": seed, "batch_size": 4, "num_train_steps": 2, "log_every": 1,
       "checkpoint_every": 2, "optimizer.warmup_steps": 1,
       "data.path": train, "data.eval_path": held, "data.maps_from": maps_from,
-      "data.hr_size": 48, "data.eval_size": 48, "data.map_size": 16, "text.max_length": 16,
+      "data.hr_size": 48, "data.eval_size": 48, "data.map_size": 24, "text.max_length": 16,
       "vq.params": "", "vq.arch.block_out_channels": (8, 16, 16), "vq.arch.latent_channels": 8,
       "vq.arch.vq_embed_dim": 8, "vq.arch.num_vq_embeddings": 32,
       "model.width": 32, "model.depth": 1, "model.num_heads": 2, "model.context_latents": 4,
