@@ -149,8 +149,8 @@ def make_sample_fn(model: MMSR, conditioner: Conditioner, schedule: diffusion.Sc
                                             (states, mask, ids, present, temperature)),
                       method=MMSR.encode_context)
     lr_tiles = grid.gather(lr_latent)
-    lr_rows = split(layers.pad_rows(jnp.concatenate([lr_tiles, lr_tiles]) if guided else lr_tiles,
-                              padded))
+    lr_rows = split(layers.pad_rows(
+        jnp.concatenate([lr_tiles, lr_tiles]) if guided else lr_tiles, padded))
     wts = jnp.asarray(weights)
 
     def denoise(z, t):
@@ -162,8 +162,8 @@ def make_sample_fn(model: MMSR, conditioner: Conditioner, schedule: diffusion.Sc
         zt, tt = jnp.concatenate([zt, zt]), jnp.concatenate([tt, tt])
       dit = lambda z_, t_, l_, c_: model.apply(  # noqa: E731
           {"params": params}, split(z_), t_, split(l_), split(c_), method=MMSR.denoise)
-      out = _chunked(dit, (layers.pad_rows(zt, padded), layers.pad_rows(tt, padded), lr_rows, ctx),
-                     tile_batch, shards)[:rows]
+      out = _chunked(dit, (layers.pad_rows(zt, padded), layers.pad_rows(tt, padded), lr_rows,
+                           ctx), tile_batch, shards)[:rows]
       if guided:
         half = rows // 2
         out = guidance_lib.combine(out[:half], out[half:], scale)

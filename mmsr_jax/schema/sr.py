@@ -334,7 +334,7 @@ def validate(config) -> None:
   ck.choice("model.attention", ATTENTION)
   ck.integer("model.context_latents", 1)
   if m.get("context_spatial", False):
-    dit_grid = config.data.hr_size // config.autoencoder.factor // m.patch_size
+    dit_grid = latent_size(config) // m.patch_size
     map_grid = token_grid(config)
     if map_grid % dit_grid:
       ck.fail("model.context_spatial", f"False: the {map_grid}x{map_grid} map token grid does "

@@ -23,14 +23,19 @@ import time
 import zlib
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mmsr_jax.data import sources
 from mmsr_jax.data.sr_examples import build_example
 from mmsr_jax.data.modalities import canny
 from mmsr_jax.data.simple_degradation import bicubic_upsample
+from mmsr_jax.diffusion import sampler
 from mmsr_jax.evaluation import metrics, niqe
+from mmsr_jax.formats.records import MODALITIES
 from mmsr_jax.inference.super_resolver import SuperResolver
+from mmsr_jax.models.mmsr import MMSR
 from mmsr_jax.runtime import checkpoint as ckpt_lib
 from mmsr_jax.training import sr_report
 
@@ -46,7 +51,6 @@ class LoadedRun:
   trainer (``system``, ``eval_frozen``)."""
 
   def __init__(self, workdir: str, devices=None, step: int | None = None):
-    import jax  # pylint: disable=g-import-not-at-top
     sr = SuperResolver.from_workdir(workdir, step=step, devices=devices or jax.devices()[:1],
                                     text_device="accelerator")
     self.workdir, self.step, self.config = workdir, sr.step, sr.config
@@ -433,11 +437,6 @@ def context_sensitivity(workdirs: list[str], output: str, *, overwrite: bool = F
   is nulled, and when each tile gets another tile's maps; beside it the x0 error at T - 1 with all
   context and none, and the mean square of the target, the x0 error of predicting 0. Writes
   ``output/sensitivity.json``."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from mmsr_jax.diffusion import sampler  # pylint: disable=g-import-not-at-top
-  from mmsr_jax.formats.records import MODALITIES  # pylint: disable=g-import-not-at-top
-  from mmsr_jax.models.mmsr import MMSR  # pylint: disable=g-import-not-at-top
   path = os.path.join(output, "sensitivity.json")
   if os.path.exists(path) and not overwrite:
     raise ValueError(f"{path} exists; pass --overwrite to replace it")
@@ -471,11 +470,13 @@ def context_sensitivity(workdirs: list[str], output: str, *, overwrite: bool = F
            "output_change": {}}
     for t in (t_max, t_max // 2, t_max // 10):
       tt = jnp.full((len(examples),), t, jnp.int32)
-      den = lambda cc: s.model.apply({"params": run.params}, z, tt, c["lr_latent"], cc,  # noqa: E731,B023
-                                     method=MMSR.denoise)
-      ref = den(ctx)
-      row["output_change"][str(t)] = {"nulled": rel(den(null), ref),
-                                      "swapped": rel(den(swapped), ref)}
+
+      def denoise(cc, tt=tt):
+        return s.model.apply({"params": run.params}, z, tt, c["lr_latent"], cc,
+                             method=MMSR.denoise)
+      ref = denoise(ctx)
+      row["output_change"][str(t)] = {"nulled": rel(denoise(null), ref),
+                                      "swapped": rel(denoise(swapped), ref)}
     hr = jnp.asarray(np.stack([ex["hr"] for ex in examples]))
     target = s.conditioner.diffusion_target(frozen, hr, c["lr_latent"])
     row["x0_zero_predictor"] = float(jnp.mean(jnp.square(target)))
