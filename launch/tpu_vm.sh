@@ -19,7 +19,8 @@
 #   AOT_CHECK (1: before creating the VM, compile CONFIG's train step for TPU_TYPE on this
 #   machine with python -m mmsr_jax.aot and refuse a config that does not fit; needs
 #   pip install -r requirements-tpu.txt here, and takes minutes for the research configs).
-# Overrides given to create (--config.field=value) go to that check, as they go to train.
+# Overrides given to create (--config.field=value) go to that check, as they go to train; the
+# remat that docs/tpu.md's table needs for CONFIG on TPU_TYPE comes first (see below).
 # Training resumes from the newest checkpoint in WORKDIR, and a preempted (spot) VM saves and
 # exits cleanly on SIGTERM, so after a preemption: create, setup, train again.
 set -euo pipefail
@@ -50,6 +51,14 @@ case $accelerator in
   *) default_runtime=tpu-ubuntu2204-base ;;
 esac
 runtime=${TPU_RUNTIME:-$default_runtime}
+# Per config and slice, from docs/tpu.md's table: remat 'dots' where the step fits with it,
+# 'full' where it does not. These go before the command line's overrides (the last one wins),
+# to the fit check and to training alike. The mesh needs no entry: mesh.fsdp=-1 takes the
+# widest FSDP axis the model's widths divide (DiT-XL on 256 chips: data=2, fsdp=128).
+case "$(basename "$config" .py):$accelerator" in
+  dit_xl:v5litepod-16|dit_xl:v5e-16|dit_l:v6e-4|dit_xl:v6e-4|dit_l:v4-8|dit_xl:v4-8)
+    extra=(--config.model.remat=full "${extra[@]}") ;;
+esac
 where=(--zone="$zone")
 [[ -n $project ]] && where+=(--project="$project")
 

@@ -7,6 +7,7 @@ finds the largest per-chip batch that fits by compile bisection.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable
 
@@ -117,6 +118,12 @@ def compile_report(program: str, build: Callable[[], tuple], devices, *,
       "hbm_bytes": chip.hbm_bytes if chip else None,
       "attention": built[3].model.attention, "remat": config.model.remat,
       "mesh": {k: int(v) for k, v in built[3].mesh.shape.items()}}
+  whole = sharding.unsharded_params(built[3].boxed_params, built[3].mesh)
+  if whole:  # the mesh splits these over an axis their width does not divide: whole on each chip
+    report["unsharded_params"] = {
+        "count": len(whole),
+        "bytes": sum(math.prod(a.shape) * a.dtype.itemsize for a in whole.values()),
+        "example": next(iter(whole))}
   t0 = time.perf_counter()
   lowered = fn.lower(*args)
   try:

@@ -9,6 +9,7 @@ import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
+from absl import logging
 import jax
 import jax.numpy as jnp
 
@@ -44,10 +45,10 @@ class System:
   @classmethod
   def from_config(cls, config, devices=None) -> "System":
     sr_schema.validate(config)
-    mesh = sharding.make_mesh(config, devices)
-    # The mesh's devices, not this process's backend, say what the program is compiled for
+    devices = list(jax.devices() if devices is None else devices)
+    # The devices, not this process's backend, say what the program is compiled for
     # (ahead-of-time compiles for a TPU slice run on a CPU host).
-    model = build.mmsr(config, mesh.devices.flat[0].platform)
+    model = build.mmsr(config, devices[0].platform)
     conditioner = build.conditioner(config)
     tx, lr_fn = make_optimizer(config)
     inputs = dummy_inputs(config, conditioner)
@@ -58,6 +59,9 @@ class System:
 
     boxed = jax.eval_shape(lambda r: model.init(r, *inputs)["params"], jax.random.key(0))
     abstract = jax.eval_shape(init_fn, jax.random.key(0))
+    # The parameters' widths size the FSDP axis of ``mesh.fsdp=-1`` (sharding.mesh_shape).
+    mesh = sharding.make_mesh(config, devices, params=boxed)
+    _log_mesh(config, mesh, boxed)
     p_sh = sharding.param_shardings(boxed, mesh)
     state_sharding = TrainState(
         step=sharding.replicated(mesh), params=p_sh,
@@ -88,6 +92,24 @@ class System:
     host = {k: jax.device_put(frozen.pop(k), jax.devices("cpu")[0]) for k in host_parts}
     placed = sharding.put(frozen, sharding.frozen_shardings(frozen, self.mesh))
     return {**placed, **host}
+
+
+def _log_mesh(config, mesh, boxed) -> None:
+  """One line when ``fsdp=-1`` gave up chips to ``data`` and a warning when parameters stay
+  whole on every chip of an axis their rule splits them over (an explicit mesh whose FSDP axis
+  does not divide the model's widths)."""
+  shape = dict(mesh.shape)
+  if int(config.mesh.fsdp) == -1 and shape["data"] != max(int(config.mesh.data), 1):
+    logging.warning("mesh: data=%d fsdp=%d tensor=%d (fsdp=-1 over %d chips: the model's widths "
+                 "shard over %d at most)", shape["data"], shape["fsdp"], shape["tensor"],
+                 mesh.size, shape["fsdp"])
+  whole = sharding.unsharded_params(boxed, mesh)
+  if whole:
+    path, leaf = next(iter(whole.items()))
+    logging.warning("mesh data=%d fsdp=%d tensor=%d: %d parameters (e.g. %s %s) do not divide "
+                    "by their axis and are replicated on every chip; mesh.fsdp=-1 picks an "
+                    "FSDP axis their widths divide", shape["data"], shape["fsdp"],
+                    shape["tensor"], len(whole), path, tuple(leaf.shape))
 
 
 def frozen_params(config, conditioner: Conditioner, parts=tuple(FROZEN_FIELDS)) -> dict:

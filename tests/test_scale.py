@@ -68,6 +68,37 @@ def test_mesh_shape_from_config():
     sharding.make_mesh(c, jax.devices())
 
 
+def _boxed(**widths):
+  """Abstract parameters with logical names: ``name=(shape, names)``."""
+  import flax.linen as nn
+  return {k: nn.LogicallyPartitioned(jax.ShapeDtypeStruct(shape, jnp.float32), names)
+          for k, (shape, names) in widths.items()}
+
+
+def test_fsdp_fill_takes_the_widest_axis_the_model_widths_divide():
+  c = small_config()
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+  # DiT-XL's widths: 1152 divides by 128, not by 256.
+  xl = _boxed(qkv=((1152, 3456), ("embed", "heads")), mlp=((1152, 4608), ("embed", "mlp")),
+              bias=((1152,), ("embed_out",)))
+  assert sharding.mesh_shape(c, 256) == (1, 256, 1)  # without the widths: -1 is the rest
+  assert sharding.mesh_shape(c, 256, xl) == (2, 128, 1)
+  assert sharding.mesh_shape(c, 16, xl) == (1, 16, 1)
+  large = _boxed(mlp=((1024, 4096), ("embed", "mlp")), odd=((3, 5), ("embed", "mlp")))
+  assert sharding.mesh_shape(c, 256, large) == (1, 256, 1)  # a tiny odd leaf does not decide
+  c.mesh.data, c.mesh.fsdp = -1, 256  # an explicit FSDP axis is kept, and reported
+  assert sharding.mesh_shape(c, 256, xl) == (1, 256, 1)
+  per_chip = {d: sharding.param_bytes_per_chip(xl, {"data": 256 // d, "fsdp": d, "tensor": 1})
+              for d in (128, 256)}
+  assert per_chip[256] == 4 * (1152 * 3456 + 1152 * 4608 + 1152)  # nothing split
+  assert per_chip[128] == 4 * (1152 * 3456 + 1152 * 4608) // 128 + 4 * 1152
+  c.mesh.data, c.mesh.fsdp, c.batch_size = 1, 8, 8
+  mesh = sharding.make_mesh(c, jax.devices())
+  whole = sharding.unsharded_params(
+      _boxed(a=((12, 16), ("embed", "mlp")), b=((16, 12), ("embed", "mlp"))), mesh)
+  assert list(whole) == ["['a']"] and whole["['a']"].shape == (12, 16)
+
+
 def test_every_parameter_has_logical_axes_and_fsdp_shards_it():
   c = small_config()
   c.mesh.data, c.mesh.fsdp = 1, 8
@@ -545,6 +576,14 @@ def test_tpu_vm_dry_runs_print_the_gcloud_commands():
   r = _sh("launch/tpu_vm.sh", "train", "--dry-run", "--config.batch_size=512",
           env=dict(env, CONFIG="configs/dit_xl.py"))
   assert "--config=configs/dit_xl.py" in r.stdout and "--config.batch_size=512" in r.stdout
+  # The table's remat for a config that needs 'full' on that slice, before the user's overrides.
+  r = _sh("launch/tpu_vm.sh", "create", "--dry-run",
+          env=dict(env, CONFIG="configs/dit_xl.py", TPU_TYPE="v6e-4"))
+  assert r.stdout.startswith("python3 -m mmsr_jax.aot --config=configs/dit_xl.py --topology=v6e-4 "
+                             "--count_flops=model --require_fit --config.model.remat=full\n")
+  r = _sh("launch/tpu_vm.sh", "train", "--dry-run", "--config.model.remat=dots",
+          env=dict(env, CONFIG="configs/dit_l.py", TPU_TYPE="v4-8"))
+  assert "--config.model.remat=full --config.model.remat=dots" in r.stdout
   r = _sh("launch/tpu_vm.sh", "create", "--dry-run", env=dict(env, TPU_SPOT="1"))
   assert r.stdout.strip().endswith("--spot")
   r = _sh("launch/tpu_vm.sh", "create", "--dry-run", env=dict(env, AOT_CHECK="0"))

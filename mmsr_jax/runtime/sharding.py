@@ -28,8 +28,15 @@ RULES = (
 DEFAULT_RULES = RULES  # kept for callers of the data-parallel era
 
 
-def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
-  """``(data, fsdp, tensor)`` sizes from ``config.mesh``; at most one of them may be -1."""
+def mesh_shape(config, num_devices: int, params=None, rules=RULES) -> tuple[int, int, int]:
+  """``(data, fsdp, tensor)`` sizes from ``config.mesh``; at most one of them may be -1.
+
+  ``fsdp=-1`` with the model's abstract ``params`` (boxed, with logical names) takes the largest
+  FSDP axis the model's widths allow: of the divisors of what is left, the one that leaves the
+  fewest parameter bytes on each chip (a width the axis does not divide stays whole on every
+  chip), the rest of the chips going to ``data``. Both axes split the batch, so the per-chip batch
+  is the same either way. DiT-XL's width 1152 divides by 128, not 256: on 256 chips it gets
+  ``data=2, fsdp=128`` rather than 256-way FSDP that would shard nothing."""
   sizes = {a: int(config.mesh.get(a, 1)) for a in MESH_AXES}
   fill = [a for a, s in sizes.items() if s == -1]  # at most one (config.schema.validate)
   known = math.prod(s for s in sizes.values() if s > 0)
@@ -38,6 +45,13 @@ def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
       raise ValueError(f"config.mesh: {num_devices} devices are not divisible by the fixed axes "
                        f"({' x '.join(f'{a}={s}' for a, s in sizes.items() if s > 0)})")
     sizes[fill[0]] = num_devices // known
+    if fill == ["fsdp"] and params is not None and sizes["fsdp"] > 1:
+      n = sizes["fsdp"]
+      # Ties keep the widest FSDP axis (what -1 says), so a model that shards anyway is unchanged.
+      best = min((d for d in range(n, 0, -1) if n % d == 0),
+                 key=lambda d: param_bytes_per_chip(params, {**sizes, "fsdp": d}, rules))
+      sizes["data"] *= n // best
+      sizes["fsdp"] = best
   if math.prod(sizes.values()) != num_devices:
     raise ValueError(f"config.mesh: data={sizes['data']} x fsdp={sizes['fsdp']} x "
                      f"tensor={sizes['tensor']} needs {math.prod(sizes.values())} devices but "
@@ -45,11 +59,11 @@ def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
   return sizes["data"], sizes["fsdp"], sizes["tensor"]
 
 
-def make_mesh(config, devices=None) -> Mesh:
+def make_mesh(config, devices=None, params=None) -> Mesh:
   """The ``('data', 'fsdp', 'tensor')`` mesh over ``devices`` (default: every device of every
-  process), checked against ``config.batch_size``."""
+  process), checked against ``config.batch_size``; ``params`` as in :func:`mesh_shape`."""
   devices = list(jax.devices() if devices is None else devices)
-  shape = mesh_shape(config, len(devices))
+  shape = mesh_shape(config, len(devices), params)
   split = shape[0] * shape[1]
   if config.batch_size % split:
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {split} "
@@ -80,14 +94,48 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
-  """Drops the mesh axes of any dimension they do not divide (that dimension is replicated)."""
+def _fit(spec: P, shape: tuple[int, ...], axis_sizes) -> P:
+  """Drops the mesh axes of any dimension they do not divide (that dimension is replicated);
+  ``axis_sizes`` maps mesh axis names to sizes (``mesh.shape``)."""
   out = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    size = math.prod(mesh.shape[a] for a in names)
+    size = math.prod(axis_sizes[a] for a in names)
     out.append(axes if names and dim % size == 0 else None)
   return P(*out)
+
+
+def _boxed_leaves(boxed_params):
+  return jax.tree_util.tree_leaves_with_path(
+      boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def _split(spec: P, axis_sizes) -> int:
+  return math.prod(axis_sizes[a] for axes in spec if axes
+                   for a in ((axes,) if isinstance(axes, str) else axes))
+
+
+def param_bytes_per_chip(boxed_params, axis_sizes, rules=RULES) -> int:
+  """Bytes of one copy of the parameters that each chip holds under ``rules`` on a mesh of
+  ``axis_sizes`` (no mesh needed: this is how :func:`mesh_shape` compares meshes)."""
+  total = 0
+  for _, leaf in _boxed_leaves(boxed_params):
+    spec = _fit(nn.logical_to_mesh_axes(leaf.names, rules), leaf.value.shape, axis_sizes)
+    total += (math.prod(leaf.value.shape) * leaf.value.dtype.itemsize
+              // _split(spec, axis_sizes))
+  return total
+
+
+def unsharded_params(boxed_params, mesh: Mesh, rules=RULES) -> dict:
+  """The parameters (path -> abstract array) whose logical names ask for a mesh axis of more than one
+  device that their width does not divide: they stay whole on every chip of that axis."""
+  out = {}
+  for path, leaf in _boxed_leaves(boxed_params):
+    asked = nn.logical_to_mesh_axes(leaf.names, rules)
+    got = _fit(asked, leaf.value.shape, mesh.shape)
+    if _split(got, mesh.shape) < _split(asked, mesh.shape):
+      out[jax.tree_util.keystr(path)] = leaf.value
+  return out
 
 
 def param_shardings(boxed_abstract_params, mesh: Mesh, rules=RULES):
@@ -101,7 +149,7 @@ def param_shardings(boxed_abstract_params, mesh: Mesh, rules=RULES):
       raise ValueError(f"parameter {jax.tree_util.keystr(path)} has no logical axis names; "
                        "declare it with nn.with_logical_partitioning")
     spec = nn.logical_to_mesh_axes(leaf.names, rules)
-    return NamedSharding(mesh, _fit(spec, leaf.value.shape, mesh))
+    return NamedSharding(mesh, _fit(spec, leaf.value.shape, mesh.shape))
   return jax.tree_util.tree_map_with_path(
       leaf_spec, boxed_abstract_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
