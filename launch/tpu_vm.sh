@@ -56,7 +56,7 @@ runtime=${TPU_RUNTIME:-$default_runtime}
 # to the fit check and to training alike. The mesh needs no entry: mesh.fsdp=-1 takes the
 # widest FSDP axis the model's widths divide (DiT-XL on 256 chips: data=2, fsdp=128).
 case "$(basename "$config" .py):$accelerator" in
-  dit_xl:v5litepod-16|dit_xl:v5e-16|dit_l:v6e-4|dit_xl:v6e-4|dit_l:v4-8|dit_xl:v4-8)
+  dit_xl:v5litepod-16|dit_xl:v5e-16|dit_l:v6e-4|dit_xl:v6e-4|dit_b:v4-8|dit_l:v4-8|dit_xl:v4-8)
     extra=(--config.model.remat=full "${extra[@]}") ;;
 esac
 where=(--zone="$zone")
