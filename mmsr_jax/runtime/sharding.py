@@ -25,7 +25,6 @@ RULES = (
     # activations
     ("batch", BATCH_AXES), ("length", None), ("act_embed", None),
 )
-DEFAULT_RULES = RULES  # kept for callers of the data-parallel era
 
 
 def mesh_shape(config, num_devices: int, params=None, rules=RULES) -> tuple[int, int, int]:
