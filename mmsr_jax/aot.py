@@ -1,5 +1,6 @@
-r"""Compiles a config's train step or sampler ahead of time for a TPU slice (or this host), with
-no TPU and no weights, and reports whether it fits and what it costs per chip.
+r"""Compiles a config's train step or sampler ahead of time for a TPU slice or a set of NVIDIA
+GPUs (or this host), with neither attached and no weights, and reports whether it fits and what
+it costs per chip.
 
   python -m mmsr_jax.aot --config=configs/dit_l.py --topology=v5e:4x4
   python -m mmsr_jax.aot --config=configs/dit_l.py --topology=v5e:4x4 --search_batch
@@ -9,7 +10,8 @@ no TPU and no weights, and reports whether it fits and what it costs per chip.
       # (--config.compiled_step=PATH) and skips its compile
 
 Topologies: GENERATION:AxB[xC] with v4, v5e, v5 / v5p, v6e (libtpu describes the slice;
-install requirements-tpu.txt), or ``host`` for this process's devices. Figures per chip;
+install requirements-tpu.txt), GPU:[HOSTSx]N with a100, h100, h200 (JAX's CUDA plugin describes
+them; install requirements-gpu.txt), or ``host`` for this process's devices. Figures per chip;
 the roofline step time and MFU are projections from the chip's published peak and bandwidth.
 """
 
@@ -32,13 +34,17 @@ def define_flags() -> None:
       "config", "configs/tiny.py", "Config file (ml_collections); override fields with "
       "--config.field=value.", lock_config=False)
   flags.DEFINE_string("topology", None, "The slice to compile for, e.g. v5e:4x4, v4:2x2x1, "
-                      "v5:2x2x1, v6e:2x2, v5e:16x16; 'host' = this process's devices.")
+                      "v5:2x2x1, v6e:2x2, v5e:16x16; GPUs: h100:8 (one host of 8), h200:2x8; "
+                      "'host' = this process's devices.")
   flags.DEFINE_enum("program", "train", list(programs.PROGRAMS), "The train step or the sampler.")
   flags.DEFINE_string("json", None, "Also write the report to this JSON file.")
   flags.DEFINE_bool("search_batch", False, "Find the largest per-chip batch that fits by "
                     "compile bisection (train: the step; sample: images per chip).")
   flags.DEFINE_integer("search_limit", 256, "Largest per-chip batch the search tries.",
                        lower_bound=1)
+  flags.DEFINE_integer("search_step", None, "The search tries only multiples of this (train: "
+                       "default the config's encode_passes, which a per-chip batch should be a "
+                       "multiple of; sample: 1).", lower_bound=1)
   flags.DEFINE_integer("per_chip_batch", None, "Per-chip batch (train: default the config's "
                        "batch_size / chips; sample: default 1).", lower_bound=1)
   flags.DEFINE_integer("sample_size", 512, "Sampler output side in pixels.", lower_bound=1)
@@ -152,7 +158,8 @@ def main(argv) -> None:
   if _F.search_batch:
     best, tried = programs.search_batch(
         lambda b: report if b == default_batch else one(b)[0], start=default_batch,
-        limit=_F.search_limit)
+        limit=_F.search_limit, step=_F.search_step or (
+            config.get("encode_passes", 1) if _F.program == "train" else 1))
     result["largest_per_chip_batch"] = best
     result["search"] = [{k: r.get(k) for k in ("per_chip_batch", "fits", "peak_bytes",
                                                "wanted_bytes", "compile_s")} for r in tried]

@@ -130,7 +130,7 @@ def run(main, define_flags=None, pass_unknown: bool = False) -> None:
       return main(argv)
     except USER_ERRORS as e:
       _fail(e.args[0] if isinstance(e, KeyError) and e.args else e)
-  topology.keep_cpu_host_off_libtpu()  # before anything asks JAX for its devices
+  topology.keep_accelerator_less_host_on_cpu()  # before anything asks JAX for its devices
   try:
     if define_flags is not None:
       define_flags()  # config_flags parses --config.* overrides here

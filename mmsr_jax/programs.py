@@ -127,7 +127,7 @@ def compile_report(program: str, build: Callable[[], tuple], devices, *,
   t0 = time.perf_counter()
   lowered = fn.lower(*args)
   try:
-    compiled = lowered.compile()
+    compiled = lowered.compile(topology.compiler_options(devices) or None)
   except Exception as e:  # XLA reports a program over the chip's memory as RESOURCE_EXHAUSTED
     oom = compiled_lib.out_of_memory(e)
     if oom is None:
@@ -138,7 +138,9 @@ def compile_report(program: str, build: Callable[[], tuple], devices, *,
   report["compile_s"] = time.perf_counter() - t0
   mem = compiled_lib.memory(compiled)
   report.update(mem)
-  limit = chip.hbm_bytes if chip else None
+  limit = chip.usable_bytes() if chip else None
+  if chip and limit != chip.hbm_bytes:
+    report["limit_bytes"] = limit
   # XLA's own check is the compile itself; the sum of its sizes can exceed the chip where XLA
   # shares memory between them, so `fits` also asks the sum to be within the chip (conservative)
   report["xla_accepts"] = True
@@ -217,39 +219,48 @@ def sample_flops(devices, per_chip_batch: int, steps: int, guided: bool) -> Call
 
 
 def search_batch(try_batch: Callable[[int], dict], *, start: int = 1,
-                 limit: int = 1024) -> tuple[int, list[dict]]:
+                 limit: int = 1024, step: int = 1) -> tuple[int, list[dict]]:
   """The largest per-chip batch in ``[1, limit]`` whose report fits, by compiles
-  (``try_batch(b)`` compiles and reports). From ``start`` it doubles (or halves) to a bracket,
-  then narrows it, each next batch predicted from the bytes the bracket's two ends used or
-  wanted (memory grows about linearly with the batch) and kept strictly inside the bracket, so
-  the answer is exact whatever the prediction. 0 when even a batch of 1 does not fit."""
+  (``try_batch(b)`` compiles and reports), trying only multiples of ``step`` (a train step whose
+  frozen encoders run in k interleaved passes wants a per-chip batch that k divides: otherwise
+  XLA moves the whole batch between chips around the passes, and memory jumps). From ``start``
+  it doubles (or halves) to a bracket, then narrows it, each next batch predicted from the bytes
+  the bracket's two ends used or wanted (memory grows about linearly with the batch) and kept
+  strictly inside the bracket, so the answer is exact whatever the prediction. 0 when even a
+  batch of ``step`` does not fit."""
   tried: dict[int, dict] = {}
+  step = max(1, step)
 
-  def fits(b: int) -> bool:
-    if b not in tried:
-      tried[b] = try_batch(b)
-    return bool(tried[b]["fits"])
+  # the search runs over m, the batch in units of `step`
+  def fits(m: int) -> bool:
+    if m * step not in tried:
+      tried[m * step] = try_batch(m * step)
+    return bool(tried[m * step]["fits"])
 
-  def used(b: int) -> float | None:
-    r = tried[b]
+  def used(m: int) -> float | None:
+    r = tried[m * step]
     return r.get("peak_bytes") if r["fits"] else r.get("wanted_bytes", r.get("peak_bytes"))
 
-  b = max(1, min(start, limit))
-  if fits(b):
-    lo, hi = b, None
+  def result(m: int) -> tuple[int, list[dict]]:
+    return m * step, [tried[k] for k in sorted(tried)]
+
+  top = max(1, limit // step)
+  m = max(1, min(-(-start // step), top))
+  if fits(m):
+    lo, hi = m, None
     while hi is None:
-      if lo == limit:
-        return lo, [tried[k] for k in sorted(tried)]
-      nxt = min(lo * 2, limit)
+      if lo == top:
+        return result(lo)
+      nxt = min(lo * 2, top)
       if fits(nxt):
         lo = nxt
       else:
         hi = nxt
   else:
-    hi, lo = b, None
+    hi, lo = m, None
     while lo is None:
       if hi == 1:
-        return 0, [tried[k] for k in sorted(tried)]
+        return result(0)
       nxt = hi // 2
       if fits(nxt):
         lo = nxt
@@ -258,7 +269,7 @@ def search_batch(try_batch: Callable[[int], dict], *, start: int = 1,
   while hi - lo > 1:
     mid = (lo + hi) // 2
     u_lo, u_hi = used(lo), used(hi)
-    cap = tried[hi].get("limit_bytes") or tried[hi].get("hbm_bytes")
+    cap = tried[hi * step].get("limit_bytes") or tried[hi * step].get("hbm_bytes")
     if u_lo is not None and u_hi is not None and cap and u_hi > u_lo:
       guess = lo + int((cap - u_lo) / ((u_hi - u_lo) / (hi - lo)))
       mid = min(max(guess, lo + 1), hi - 1)
@@ -266,4 +277,4 @@ def search_batch(try_batch: Callable[[int], dict], *, start: int = 1,
       lo = mid
     else:
       hi = mid
-  return lo, [tried[k] for k in sorted(tried)]
+  return result(lo)

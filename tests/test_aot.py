@@ -37,6 +37,9 @@ def _libtpu() -> bool:
 
 needs_libtpu = pytest.mark.skipif(not _libtpu(), reason="libtpu not installed (pip install -r "
                                   "requirements-tpu.txt)")
+needs_cuda_plugin = pytest.mark.skipif(
+    topology._cuda_plugin() is None,
+    reason="JAX's CUDA plugin not installed (pip install -r requirements-gpu.txt)")
 
 
 def _aot(tmp_path, *args, name="report.json"):
@@ -64,7 +67,7 @@ def test_tiny_train_step_compiles_for_v5e_2x2_with_flash_under_shard_map(tmp_pat
   assert set(rep["collectives"]) == set(compiled_lib.COLLECTIVES)
   assert rep["collectives"]["all-reduce"]["count"] > 0  # data-parallel gradients
   assert 0 < rep["projected_mfu"] <= 1
-  assert "not measured on a TPU" in rep["projection"]
+  assert "not measured on the chip" in rep["projection"]
   assert "fits: True" in out
 
 
@@ -106,6 +109,48 @@ def test_auto_attention_and_the_mesh_order_follow_the_target_devices():
   assert topology.cloud_accelerator_type("v4:2x2x1") == "v4-8"
   with pytest.raises(ValueError, match="GENERATION"):
     topology.parse("v9:2x2")
+
+
+def test_gpu_names_describe_the_part_to_xla(monkeypatch):
+  chip, dims = topology.parse("h100:8")
+  assert chip.name == "h100" and chip.gpu and dims == (1, 8)
+  assert topology.parse("h200:2x8")[1] == (2, 8)
+  with pytest.raises(ValueError, match="GPU:"):
+    topology.parse("h100:")
+  target = topology.gpu_target_config(topology.GPUS["h100"])
+  assert "core_count: 132 " in target and f"device_memory_size: {81559 * 2 ** 20} " in target
+  assert "cuda_compute_capability { major: 9 minor: 0 }" in target
+  assert 'device_description_str: "NVIDIA H100 80GB HBM3"' in target
+
+  class Gpu:
+    device_kind, platform = "NVIDIA H200", "gpu"
+  assert topology.chip_of([Gpu()]) is topology.GPUS["h200"].chip
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  assert topology.GPUS["h100"].chip.usable_bytes() == int(0.75 * 81559 * 2 ** 20)
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+  assert topology.GPUS["h100"].chip.usable_bytes() == int(0.9 * 81559 * 2 ** 20)
+  assert topology.CHIPS["v5e"].usable_bytes() == 16 * 2 ** 30
+
+
+@needs_cuda_plugin
+def test_tiny_train_step_compiles_for_gpus_with_cudnn_attention_split_by_the_mesh(tmp_path):
+  """Four H100s described to XLA's CUDA compiler without a GPU: ``auto`` attention is cuDNN's
+  fused kernel, and under FSDP each GPU's kernel call takes its own quarter of the batch (XLA
+  partitions the kernel; nothing gathers the batch around it)."""
+  hlo = tmp_path / "step.hlo"
+  rep, out = _aot(tmp_path, *TINY, "--topology=h100:4", "--count_flops=model",
+                  "--config.mesh.data=1", "--config.mesh.fsdp=-1",
+                  "--config.compute_dtype=bfloat16", f"--hlo={hlo}")
+  assert rep["device_kind"] == "NVIDIA H100 80GB HBM3" and rep["devices"] == 4
+  assert rep["attention"] == "cudnn" and rep["fits"] is True
+  assert rep["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and rep["per_chip_batch"] == 4
+  assert rep["limit_bytes"] < rep["hbm_bytes"]  # JAX's allocator share of the GPU
+  assert rep["collectives"]["all-gather"]["count"] > 0  # FSDP gathers the weights
+  import re
+  text = hlo.read_text()
+  calls = re.findall(r"= \((\w+)\[(\d+),[^=]*?custom-call\([^\n]*__cudnn\$fmha", text)
+  assert calls and {int(b) for _, b in calls} == {4}, calls  # 16 images, 4 per GPU
+  assert "fits: True" in out
 
 
 @pytest.mark.parametrize("mesh_shape", [(2, 1, 2), (1, 2, 2)])
@@ -169,6 +214,18 @@ def test_batch_search_finds_the_largest_fitting_batch_in_few_compiles():
     assert len(set(calls)) <= 9, calls
     assert [r["per_chip_batch"] for r in tried] == sorted(r["per_chip_batch"] for r in tried)
 
+  # A batch that the encode passes do not divide makes XLA move the batch between chips: with
+  # `step` the search tries only multiples of it, so such a batch cannot stop it early.
+  def passes(b):
+    r = fake(1e9, 0.3e9)[0](b)
+    return r if b % 4 == 0 else {"per_chip_batch": b, "fits": False, "wanted_bytes": 40e9,
+                                 "limit_bytes": limit}
+  best, tried = programs.search_batch(passes, start=16, limit=1024, step=4)
+  assert best == int((limit - 1e9) // 0.3e9) // 4 * 4
+  assert all(r["per_chip_batch"] % 4 == 0 for r in tried)
+  assert programs.search_batch(passes, start=6, limit=1024, step=4)[0] == best
+  assert programs.search_batch(passes, start=16, limit=1024)[0] < best
+
 
 def test_collectives_in_a_loop_body_count_its_trip_count():
   hlo = """HloModule m, is_scheduled=true
@@ -200,6 +257,12 @@ ENTRY %main (x: bf16[8,128]) -> bf16[8,128] {
   assert got["all-reduce"] == {"instructions": 1, "count": 24, "bytes": 24 * 16 * 4}
   assert got["reduce-scatter"] == {"instructions": 1, "count": 1, "bytes": 8 * 4}
   assert got["all-to-all"]["count"] == got["collective-permute"]["count"] == 0
+  # XLA:GPU keeps the bound in a fused compare and records the trip count on the loop instead.
+  gpu = (hlo.replace("%c = s32[]{:T(128)} constant(24)", "%c = s32[] parameter(1)")
+         .replace("condition=%cond, body=%body",
+                  'condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"12"}}'))
+  got = compiled_lib.collectives(gpu)
+  assert got["all-gather"]["count"] == got["all-reduce"]["count"] == 12
 
 
 def test_out_of_memory_messages_give_the_bytes():

@@ -25,6 +25,7 @@ _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+(" + "|".join(COL
                     + r")(-start)?\(")
 _WHILE = re.compile(r"\bwhile\(.*?condition=%?([\w.\-]+),\s*body=%?([\w.\-]+)")
 _BOUND_CONST = re.compile(r"[su]32\[\]\S*\s+constant\((\d+)\)")
+_KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _CALLED = re.compile(r"(?:to_apply|calls|body|condition|true_computation|false_computation)"
                      r"=%?([\w.\-]+)|(?:branch_computations|called_computations|calls)=\{([^}]*)\}")
 
@@ -81,16 +82,19 @@ def _computations(lines: list[str]) -> dict[str, list[str]]:
 
 def _multipliers(comps: dict[str, list[str]]) -> dict[str, int]:
   """How many times each computation runs per call of the entry: a while loop's body runs its
-  trip count, read from the integer bound its condition compares the counter with (the scanned
-  layer stacks count from 0 to their depth, XLA's windowed collective matmuls from 0 to the
-  number of shards); nested loops multiply."""
+  trip count, the one XLA records on the loop (``known_trip_count``, XLA:GPU) or else the integer
+  bound its condition compares the counter with (the scanned layer stacks count from 0 to their
+  depth, XLA's windowed collective matmuls from 0 to the number of shards); nested loops
+  multiply."""
   trips, calls = {}, {}
   for name, body in comps.items():
     calls[name] = []
     for line in body:
       w = _WHILE.search(line)
       if w:
-        bounds = [int(c) for c in _BOUND_CONST.findall("\n".join(comps.get(w.group(1), [])))]
+        known = _KNOWN_TRIPS.search(line)
+        bounds = ([int(known.group(1))] if known else
+                  [int(c) for c in _BOUND_CONST.findall("\n".join(comps.get(w.group(1), [])))])
         trips[w.group(2)] = max(bounds) if bounds else 1
       for one, many in _CALLED.findall(line):
         calls[name].extend(c.strip().lstrip("%") for c in (one or many).split(",") if c.strip())
@@ -155,5 +159,5 @@ def roofline(*, flops_per_chip: float, model_flops_per_chip: float | None, mem: 
     out["projected_mfu"] = model_flops_per_chip / (step_s * chip.peak_bf16_flops)
   out.update(peak_bf16_flops_per_chip=chip.peak_bf16_flops, hbm_bytes_per_s=chip.hbm_bytes_per_s,
              projection="roofline from the chip's published bf16 peak and HBM bandwidth (an "
-                        "upper bound on speed); not measured on a TPU")
+                        "upper bound on speed); not measured on the chip")
   return out
