@@ -232,13 +232,16 @@ def search_batch(try_batch: Callable[[int], dict], *, start: int = 1,
   step = max(1, step)
 
   # the search runs over m, the batch in units of `step`
-  def fits(m: int) -> bool:
+  def report(m: int) -> dict:
     if m * step not in tried:
       tried[m * step] = try_batch(m * step)
-    return bool(tried[m * step]["fits"])
+    return tried[m * step]
+
+  def fits(m: int) -> bool:
+    return bool(report(m)["fits"])
 
   def used(m: int) -> float | None:
-    r = tried[m * step]
+    r = report(m)
     return r.get("peak_bytes") if r["fits"] else r.get("wanted_bytes", r.get("peak_bytes"))
 
   def result(m: int) -> tuple[int, list[dict]]:
@@ -269,7 +272,7 @@ def search_batch(try_batch: Callable[[int], dict], *, start: int = 1,
   while hi - lo > 1:
     mid = (lo + hi) // 2
     u_lo, u_hi = used(lo), used(hi)
-    cap = tried[hi * step].get("limit_bytes") or tried[hi * step].get("hbm_bytes")
+    cap = report(hi).get("limit_bytes") or report(hi).get("hbm_bytes")
     if u_lo is not None and u_hi is not None and cap and u_hi > u_lo:
       guess = lo + int((cap - u_lo) / ((u_hi - u_lo) / (hi - lo)))
       mid = min(max(guess, lo + 1), hi - 1)

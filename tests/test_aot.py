@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -146,7 +147,6 @@ def test_tiny_train_step_compiles_for_gpus_with_cudnn_attention_split_by_the_mes
   assert rep["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and rep["per_chip_batch"] == 4
   assert rep["limit_bytes"] < rep["hbm_bytes"]  # JAX's allocator share of the GPU
   assert rep["collectives"]["all-gather"]["count"] > 0  # FSDP gathers the weights
-  import re
   text = hlo.read_text()
   calls = re.findall(r"= \((\w+)\[(\d+),[^=]*?custom-call\([^\n]*__cudnn\$fmha", text)
   assert calls and {int(b) for _, b in calls} == {4}, calls  # 16 images, 4 per GPU

@@ -136,6 +136,10 @@ _GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips sit on the PCI bus under Google's ven
 _GPU_DEVICE_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd")
 
 
+def _gpu_attached() -> bool:
+  return any(os.path.exists(d) for d in _GPU_DEVICE_FILES)
+
+
 def _tpu_chip_attached() -> bool:
   for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
     try:
@@ -166,7 +170,7 @@ def keep_accelerator_less_host_on_cpu() -> None:
     return
   if importlib.util.find_spec("libtpu") is None and _cuda_plugin() is None:
     return
-  if _tpu_chip_attached() or any(os.path.exists(d) for d in _GPU_DEVICE_FILES):
+  if _tpu_chip_attached() or _gpu_attached():
     return
   os.environ["JAX_PLATFORMS"] = "cpu"
   if "jax" in sys.modules:  # imported already: its config read the environment then
@@ -239,9 +243,9 @@ def _gpu_devices(name: str) -> list:
 def compiler_options(devs) -> dict:
   """XLA options a compile for ``devs`` needs on this host. GPUs described without one attached
   (:func:`devices`) take cuBLAS for every matmul: XLA's Triton GEMM fusions pick their tiles by
-  autotuning on the device, and without one some fail to tile. A run on the GPUs may fuse a few
-  matmuls differently; the memory and collectives are the same program's otherwise."""
-  if devs and devs[0].platform == "gpu" and not any(os.path.exists(d) for d in _GPU_DEVICE_FILES):
+  autotuning on the device, and without one some fail to tile. A run on the GPUs may fuse some
+  matmuls with Triton instead, so its temporaries may differ a little from this compile's."""
+  if devs and devs[0].platform == "gpu" and not _gpu_attached():
     return {"xla_gpu_enable_triton_gemm": False}
   return {}
 
